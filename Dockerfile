@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Multi-stage: build the virtualenv from the same lock file as `make`, run as non-root.
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+RUN python -m venv /opt/venv
+COPY requirements.lock pyproject.toml README.md ./
+RUN /opt/venv/bin/pip install -r requirements.lock
+COPY worker ./worker
+COPY tasks ./tasks
+COPY storage_backends ./storage_backends
+COPY db ./db
+COPY api ./api
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
+
+FROM python:3.11-slim-bookworm AS runtime
+RUN groupadd --system --gid 10001 ocore \
+    && useradd --system --uid 10001 --gid ocore --home-dir /var/lib/ocore --create-home ocore
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    OCORE_DATA_DIR=/var/lib/ocore \
+    PROMETHEUS_MULTIPROC_DIR=/var/lib/ocore/metrics
+USER ocore
+WORKDIR /var/lib/ocore
+EXPOSE 8080 9808
+HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)"]
+ENTRYPOINT ["ocore-storage"]
+CMD ["worker"]

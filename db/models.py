@@ -1,0 +1,329 @@
+"""The schema shared with the oCore API tier (documented in docs/schema.md).
+
+UUID primary keys, UTC timestamps. The eight archivable entity types (and snapshots)
+carry ``deleted_at``: ordinary queries never see soft-deleted rows (see
+:mod:`db.softdelete`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from db.types import UTCDateTime, utcnow
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ACTIVE_JOB_STATUSES = ("queued", "running")
+TERMINAL_JOB_STATUSES = ("succeeded", "partial", "guarded", "failed")
+JOB_TYPES = ("scan", "scan_cleanup", "orphan_cleanup", "purge")
+DESTINATION_KINDS = ("s3", "gcs", "sftp", "local")
+#: Record statuses; only ``completed`` is a terminal success (SAFETY rule 14).
+RECORD_STATUSES = ("pending", "running", "completed", "failed")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SoftDeleteMixin:
+    """``deleted_at`` set means archived: hidden from ordinary queries, restorable."""
+
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+
+
+class Organization(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "organizations"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(200))
+
+
+class User(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "users"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    email: Mapped[str] = mapped_column(String(320))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(20), default="member")
+
+
+class Project(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "projects"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+
+
+class Environment(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "environments"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    project_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+
+
+class Server(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "servers"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+
+
+class Instance(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "instances"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    environment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("environments.id", ondelete="CASCADE"), index=True
+    )
+    server_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("servers.id", ondelete="SET NULL"), index=True, default=None
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    engine: Mapped[str] = mapped_column(String(40), default="postgres")
+
+
+class Domain(SoftDeleteMixin, TimestampMixin, Base):
+    __tablename__ = "domains"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    environment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("environments.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+
+
+class BackupDestination(TimestampMixin, Base):
+    """Where backups go. Credentials are a reference, never a secret (see README)."""
+
+    __tablename__ = "backup_destinations"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="RESTRICT"), index=True
+    )
+    project_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="SET NULL"), index=True, default=None
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(10))
+    #: S3/GCS endpoint URL, or ``host:port`` for SFTP; empty for the provider default.
+    endpoint: Mapped[str] = mapped_column(String(500), default="")
+    #: Bucket (S3, GCS) or base directory (SFTP, local).
+    bucket: Mapped[str] = mapped_column(String(500))
+    region: Mapped[str] = mapped_column(String(64), default="")
+    #: Normalised: '' or segments ending in '/'. Paths of records are relative to it.
+    root_prefix: Mapped[str] = mapped_column(String(1024), default="")
+    credentials_ref: Mapped[str] = mapped_column(String(200), default="")
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    retention_days: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class _RecordMixin(SoftDeleteMixin, TimestampMixin):
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    #: One file, or a directory of files when it ends in '/'.
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(20), default="completed")
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    deleted_reason: Mapped[str | None] = mapped_column(String(200), default=None)
+
+
+class Backup(_RecordMixin, Base):
+    __tablename__ = "backups"
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="RESTRICT"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200), default="")
+    __table_args__ = (Index("ix_backups_destination_path", "destination_id", "path"),)
+
+
+class Snapshot(_RecordMixin, Base):
+    __tablename__ = "snapshots"
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="RESTRICT"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200), default="")
+    __table_args__ = (Index("ix_snapshots_destination_path", "destination_id", "path"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    type: Mapped[str] = mapped_column(String(20))
+    destination_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="SET NULL"), index=True, default=None
+    )
+    location_key: Mapped[str] = mapped_column(String(2100))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    phase: Mapped[str] = mapped_column(String(40), default="queued")
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    requested_by: Mapped[str] = mapped_column(String(200), default="system")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    __table_args__ = (
+        # SAFETY rule 19: one active job per type and storage location.
+        Index(
+            "uq_jobs_active_per_location",
+            "type",
+            "location_key",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+
+class StorageAnalytics(Base):
+    """One row per scan."""
+
+    __tablename__ = "storage_analytics"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    status: Mapped[str] = mapped_column(String(20), default="succeeded")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    total_files: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    linked_files: Mapped[int] = mapped_column(BigInteger, default=0)
+    linked_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    orphan_files: Mapped[int] = mapped_column(BigInteger, default=0)
+    orphan_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    missing_records: Mapped[int] = mapped_column(BigInteger, default=0)
+    ambiguous_files: Mapped[int] = mapped_column(BigInteger, default=0)
+    duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class DeletionAudit(Base):
+    """Every deleted file (SAFETY rule 9). ``state`` pending → deleted | failed | kept."""
+
+    __tablename__ = "deletion_audit"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    destination_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="SET NULL"), index=True
+    )
+    location_key: Mapped[str] = mapped_column(String(2100), default="")
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    last_modified: Mapped[datetime | None] = mapped_column(default=None)
+    etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    reason: Mapped[str] = mapped_column(String(20))  # orphan | purge | manual
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True, default=None)
+    actor: Mapped[str] = mapped_column(String(200), default="system")
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    __table_args__ = (UniqueConstraint("job_id", "destination_id", "path"),)
+
+
+class LocationLock(Base):
+    """Per-location exclusive lock with a fencing token (SAFETY rules 8, 19)."""
+
+    __tablename__ = "location_locks"
+    location_key: Mapped[str] = mapped_column(String(2100), primary_key=True)
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class PendingDeletion(Base):
+    """Remote files owed a delete by a purge (SAFETY rule 17): written in the purge's
+    transaction, removed when the purge job has deleted the file."""
+
+    __tablename__ = "pending_deletions"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="CASCADE"), index=True
+    )
+    path: Mapped[str] = mapped_column(String(1024))
+    record_type: Mapped[str] = mapped_column(String(20))
+    record_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    actor: Mapped[str] = mapped_column(String(200), default="system")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+ARCHIVABLE: dict[str, type[Base]] = {
+    "organizations": Organization,
+    "users": User,
+    "projects": Project,
+    "environments": Environment,
+    "instances": Instance,
+    "servers": Server,
+    "domains": Domain,
+    "backups": Backup,
+}
+
+
+class CleanupCandidate(Base):
+    """The stored plan of an orphan cleanup (SAFETY rule 11) and its work queue.
+
+    ``state``: planned → deleted | failed | kept (re-check found a link).
+    """
+
+    __tablename__ = "cleanup_candidates"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_modified: Mapped[datetime | None] = mapped_column(default=None)
+    etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    state: Mapped[str] = mapped_column(String(20), default="planned")
+    __table_args__ = (
+        UniqueConstraint("job_id", "path"),
+        Index("ix_cleanup_candidates_job_state", "job_id", "state", "id"),
+    )

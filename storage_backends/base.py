@@ -1,0 +1,178 @@
+"""The storage contract every backend implements.
+
+Vocabulary follows fsspec (walk, browse, stat, read, upload, delete). All paths are
+relative to the destination's root prefix, which the backend owns. Where backends
+disagree, the docstrings say so.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO
+
+from storage_backends.paths import validate_path, validate_prefix
+
+#: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
+PAGE_SIZE = 1000
+#: S3 DeleteObjects accepts at most this many keys (SAFETY rule 10).
+MAX_DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One remote file.
+
+    - ``path``: relative to the root prefix, exactly as the server listed it.
+    - ``size``: bytes.
+    - ``last_modified``: timezone-aware UTC from the server; ``None`` when the server
+      gave none (such a file is never an orphan-cleanup candidate, SAFETY rule 6).
+    - ``etag``: the server's entity tag (S3/GCS); ``None`` on SFTP and local.
+    - ``storage_class``: S3/GCS storage class; ``None`` where the backend has none.
+    """
+
+    path: str
+    size: int
+    last_modified: datetime | None
+    etag: str | None = None
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BrowseEntry:
+    """One entry of a one-level listing: a file, or a sub-folder (``is_dir``)."""
+
+    name: str
+    path: str
+    is_dir: bool
+    size: int | None = None
+    last_modified: datetime | None = None
+
+
+@dataclass(slots=True)
+class BrowsePage:
+    entries: list[BrowseEntry]
+    #: Opaque continuation token; ``None`` on the last page.
+    next_cursor: str | None = None
+
+
+@dataclass(slots=True)
+class DeleteResult:
+    """Per-key outcome of :meth:`StorageBackend.delete_many`.
+
+    A key that was already gone counts as deleted (SAFETY rule 10).
+    """
+
+    deleted: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartUpload:
+    """An incomplete multipart upload (S3 only)."""
+
+    path: str
+    upload_id: str
+    initiated: datetime | None
+    size: int
+
+
+#: ``hook(operation, outcome, seconds)`` receives every backend request (metrics).
+RequestHook = Callable[[str, str, float], None]
+
+
+class StorageBackend(abc.ABC):
+    """A destination's storage, rooted at its root prefix."""
+
+    kind: str = "abstract"
+
+    def __init__(self, root: str = "") -> None:
+        self.root = root
+        self.request_hook: RequestHook | None = None
+        self.retries = 0
+
+    # -- instrumentation -------------------------------------------------------------
+    def _record(self, operation: str, outcome: str, started: float) -> None:
+        if self.request_hook is not None:
+            self.request_hook(operation, outcome, time.perf_counter() - started)
+
+    # -- listing ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+        """Yield every file under ``prefix`` in pages, streaming.
+
+        Each file is yielded exactly once. Order is backend-specific (S3 lists in byte
+        order, SFTP directories are unsorted): callers must not rely on it. Raises a
+        :class:`~storage_backends.errors.StorageError` if the listing cannot complete;
+        a caller that saw an error must treat the listing as partial (SAFETY rule 13).
+        """
+
+    @abc.abstractmethod
+    def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
+        """One level under ``prefix``: files and sub-folders, ``limit`` at a time."""
+
+    @abc.abstractmethod
+    def stat(self, path: str) -> ObjectInfo:
+        """Metadata of one file; :class:`NotFoundError` if it does not exist."""
+
+    # -- data ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """Stream a file's content."""
+
+    def download_url(self, path: str, expires_seconds: int = 900) -> str | None:
+        """A time-limited URL, or ``None`` where the backend cannot sign (SFTP, local)."""
+        return None
+
+    @abc.abstractmethod
+    def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        """Write ``stream`` to ``path`` atomically: a failure leaves nothing at ``path``."""
+
+    # -- deletion --------------------------------------------------------------------
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Delete one file; a missing file is not an error."""
+
+    def delete_many(self, paths: Iterable[str]) -> DeleteResult:
+        """Delete up to :data:`MAX_DELETE_BATCH` files, reporting each key's outcome."""
+        keys = list(paths)
+        if len(keys) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
+        result = DeleteResult()
+        for key in keys:
+            try:
+                self.delete(key)
+            except Exception as err:  # per-key outcome, reported not raised
+                result.errors[key] = f"{type(err).__name__}: {err}"
+            else:
+                result.deleted.append(key)
+        return result
+
+    # -- multipart (S3) --------------------------------------------------------------
+    def list_multipart_uploads(self) -> Iterator[MultipartUpload]:
+        """Incomplete multipart uploads under the root; none where unsupported."""
+        return iter(())
+
+    def abort_multipart_upload(self, path: str, upload_id: str) -> None:
+        raise NotImplementedError(f"{self.kind} has no multipart uploads")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections."""
+
+    def __enter__(self) -> StorageBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers for implementations -------------------------------------------------
+    @staticmethod
+    def check_path(path: str) -> str:
+        return validate_path(path)
+
+    @staticmethod
+    def check_prefix(prefix: str) -> str:
+        return validate_prefix(prefix)

@@ -1,0 +1,31 @@
+"""One small error hierarchy for every backend.
+
+Backends translate their library's errors at the boundary (``raise ... from err``) so that
+jobs and the API never see a boto3, google-cloud or paramiko exception.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of every storage error."""
+
+
+class NotFoundError(FileNotFoundError, StorageError):
+    """The object or prefix does not exist."""
+
+
+class PermissionDeniedError(PermissionError, StorageError):
+    """Credentials are wrong or lack the permission for this operation."""
+
+
+class TransientStorageError(StorageError):
+    """Retryable: throttling, 5xx, timeouts, dropped connections."""
+
+
+class InvalidPathError(ValueError, StorageError):
+    """The path is unsafe or malformed; rejected before any I/O."""
+
+
+class BackendUnavailableError(StorageError):
+    """The backend cannot be used (missing optional dependency, bad configuration)."""

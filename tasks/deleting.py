@@ -1,0 +1,186 @@
+"""The one way files are deleted by jobs: fenced, re-checked, audited batches.
+
+For each batch of at most 1,000 keys (SAFETY rule 10):
+1. one transaction: fence check of the location lock (rule 8), exact re-check of the
+   links against the database (rule 7), audit rows written as ``pending`` (rule 9);
+2. the storage delete, sending back exactly the listed keys (rule 5);
+3. one transaction: audit rows become ``deleted`` or ``failed``, and the caller's own
+   bookkeeping (plan rows, pending deletions) is updated.
+A crash between the steps is repaired by running the job again (rule 20): pending audit
+rows are reused, never duplicated, and a key already gone counts as deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import BackupDestination, DeletionAudit
+from db.session import db_now
+from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
+from tasks.linking import find_links
+from worker.jobs import location_key
+from worker.locks import Lease, check_and_renew
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Doomed:
+    """A file a job intends to delete, with what the listing said about it."""
+
+    path: str
+    size: int | None = None
+    last_modified: datetime | None = None
+    etag: str | None = None
+
+
+@dataclass
+class BatchOutcome:
+    deleted: list[Doomed] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)  # a record links it now
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(d.size or 0 for d in self.deleted)
+
+
+#: finalize(session, outcome) runs inside the closing transaction of a batch
+Finalize = Callable[[Session, BatchOutcome], None]
+
+
+@dataclass
+class DeleteContext:
+    session: Session
+    backend: StorageBackend
+    dest: BackupDestination
+    lease: Lease
+    lease_seconds: int
+    reason: str  # orphan | purge
+    job_id: uuid.UUID
+    actor: str
+    destinations: list[BackupDestination] | None = None
+
+
+def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize) -> BatchOutcome:
+    """Delete one batch under the fence; see the module docstring."""
+    if len(items) > MAX_DELETE_BATCH:
+        raise ValueError(f"a batch holds at most {MAX_DELETE_BATCH} keys")
+    session = ctx.session
+    outcome = BatchOutcome()
+    by_path = {d.path: d for d in items}
+    # 1. fence + re-check + pending audit rows, one transaction
+    check_and_renew(session, ctx.lease, ctx.lease_seconds)
+    links = find_links(session, ctx.dest, list(by_path), destinations=ctx.destinations)
+    outcome.kept = [p for p, refs in links.items() if refs]
+    doomed = [by_path[p] for p in by_path if not links[p]]
+    existing = set(
+        session.scalars(
+            select(DeletionAudit.path).where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.path.in_([d.path for d in doomed]),
+            )
+        )
+    )
+    loc = location_key(ctx.dest)
+    for d in doomed:
+        if d.path not in existing:
+            session.add(
+                DeletionAudit(
+                    destination_id=ctx.dest.id,
+                    location_key=loc,
+                    path=d.path,
+                    size_bytes=d.size,
+                    last_modified=d.last_modified,
+                    etag=d.etag,
+                    reason=ctx.reason,
+                    job_id=ctx.job_id,
+                    actor=ctx.actor,
+                    state="pending",
+                )
+            )
+    session.commit()
+    if outcome.kept:
+        log.info("kept %d file(s) a record links since planning", len(outcome.kept))
+    # 2. the storage delete
+    if doomed:
+        result = ctx.backend.delete_many([d.path for d in doomed])
+        outcome.failed = dict(result.errors)
+        outcome.deleted = [d for d in doomed if d.path not in result.errors]
+    # 3. close the audit rows and the caller's bookkeeping, one transaction
+    now = db_now(session)
+    _set_audit(session, ctx, [d.path for d in outcome.deleted], state="deleted", at=now)
+    for path, err in outcome.failed.items():
+        session.execute(
+            update(DeletionAudit)
+            .where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.path == path,
+            )
+            .values(state="failed", error=err[:2000])
+        )
+    if outcome.kept:  # a pending row from an earlier attempt whose file a record now links
+        session.execute(
+            update(DeletionAudit)
+            .where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.path.in_(outcome.kept),
+                DeletionAudit.state == "pending",
+            )
+            .values(state="kept")
+        )
+    finalize(session, outcome)
+    session.commit()
+    return outcome
+
+
+def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
+    """Finish the batches an earlier attempt of this job left half done (rule 20):
+    every ``pending`` audit row is re-checked and its key deleted again (a key
+    already gone counts as deleted). Returns how many rows were repaired."""
+    repaired = 0
+    while True:
+        rows = ctx.session.execute(
+            select(
+                DeletionAudit.path,
+                DeletionAudit.size_bytes,
+                DeletionAudit.last_modified,
+                DeletionAudit.etag,
+            )
+            .where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.state == "pending",
+            )
+            .limit(MAX_DELETE_BATCH)
+        ).all()
+        ctx.session.commit()
+        if not rows:
+            return repaired
+        delete_batch(ctx, [Doomed(p, s, m, e) for p, s, m, e in rows], finalize)
+        repaired += len(rows)
+
+
+def _set_audit(
+    session: Session, ctx: DeleteContext, paths: list[str], *, state: str, at: datetime
+) -> None:
+    for i in range(0, len(paths), 500):
+        session.execute(
+            update(DeletionAudit)
+            .where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.path.in_(paths[i : i + 500]),
+            )
+            .values(state=state, deleted_at=at, error=None)
+        )

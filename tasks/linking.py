@@ -1,0 +1,294 @@
+"""Which remote files are linked to a record (SAFETY rules 1-5), at any scale.
+
+The :class:`LinkIndex` holds, for every record of every destination overlapping the one
+being scanned (soft-deleted, pending and failed records included), a 64-bit hash of its
+absolute key in sorted numpy arrays: about 12 bytes a record, never the records
+themselves. A hash collision can only make an orphan look linked, so it fails closed;
+and every delete batch re-checks its keys exactly against the database (rule 7).
+
+Keys are compared as absolute keys (destination root + record path), so records of a
+destination with a different but overlapping root protect the same files.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, unquote
+
+import numpy as np
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from db.models import Backup, BackupDestination, Snapshot
+from storage_backends.paths import normalize_root, roots_overlap
+
+RECORD_MODELS: tuple[Any, ...] = (Backup, Snapshot)
+_SLASHES = re.compile(r"/{2,}")
+YIELD_PER = 10_000
+
+
+def loose(key: str) -> str:
+    """The loose form of a key (rule 4): URL-decoded once, NFC, case-folded, with
+    leading '/' removed and runs of '/' collapsed."""
+    text = unquote(key)
+    text = unicodedata.normalize("NFC", text).casefold()
+    return _SLASHES.sub("/", text).lstrip("/")
+
+
+def ancestors(key: str) -> Iterator[str]:
+    """Every directory prefix of ``key`` (``a/b/c`` -> ``a/``, ``a/b/``), shortest first.
+    A key ending in '/' is its own last ancestor."""
+    pos = key.find("/")
+    while pos != -1:
+        yield key[: pos + 1]
+        pos = key.find("/", pos + 1)
+
+
+def overlapping_destinations(session: Session, dest: BackupDestination) -> list[BackupDestination]:
+    """Destinations whose storage location overlaps ``dest`` (itself included)."""
+    mine = normalize_root(dest.root_prefix or "")
+    rows = session.scalars(
+        select(BackupDestination).where(
+            BackupDestination.kind == dest.kind,
+            BackupDestination.endpoint == dest.endpoint,
+            BackupDestination.bucket == dest.bucket,
+        )
+    ).all()
+    return [d for d in rows if roots_overlap(normalize_root(d.root_prefix or ""), mine)]
+
+
+class _HashTable:
+    """Sorted unique int64 hashes with an owner index and a 'seen' flag each."""
+
+    def __init__(self, hashes: array[int], owners: array[int]) -> None:
+        h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
+        o = np.frombuffer(owners, dtype=np.int32) if len(owners) else np.zeros(0, np.int32)
+        order = np.argsort(h, kind="stable")
+        h, o = h[order], o[order]
+        keep = np.ones(len(h), dtype=bool)
+        if len(h) > 1:
+            keep[1:] = h[1:] != h[:-1]
+        self.h = h[keep]
+        self.owner = o[keep]
+        self.seen = np.zeros(len(self.h), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.h)
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """Positions of ``hashes`` in the table, -1 where absent."""
+        if len(self.h) == 0:
+            return np.full(len(hashes), -1, dtype=np.int64)
+        pos = np.searchsorted(self.h, hashes)
+        clipped = np.minimum(pos, len(self.h) - 1)
+        return np.where(self.h[clipped] == hashes, clipped, -1)
+
+    def find(self, key_hash: int) -> int:
+        if len(self.h) == 0:
+            return -1
+        pos = int(np.searchsorted(self.h, key_hash))
+        if pos < len(self.h) and self.h[pos] == key_hash:
+            return pos
+        return -1
+
+
+@dataclass(slots=True)
+class Classified:
+    """Outcome for one page of files: owner instance index (-1: not linked) and whether
+    the link is only ambiguous (rule 4)."""
+
+    owner: np.ndarray
+    ambiguous: np.ndarray
+
+
+class LinkIndex:
+    """Hashes of every record key that can link files under one destination."""
+
+    def __init__(self, session: Session, dest: BackupDestination) -> None:
+        self.dest = dest
+        self.root = normalize_root(dest.root_prefix or "")
+        self.destinations = overlapping_destinations(session, dest)
+        self.instances: list[uuid.UUID] = []
+        self.built_at: datetime | None = None
+        self.record_count = 0
+        inst_index: dict[uuid.UUID, int] = {}
+        files_h, files_o, dirs_h, dirs_o = array("q"), array("i"), array("q"), array("i")
+        lfiles_h, ldirs_h = array("q"), array("q")
+        for d_root, path, instance_id in self._stream(session):
+            owner = inst_index.get(instance_id)
+            if owner is None:
+                owner = inst_index[instance_id] = len(self.instances)
+                self.instances.append(instance_id)
+            key = d_root + path
+            if key.endswith("/"):
+                dirs_h.append(hash(key))
+                dirs_o.append(owner)
+                ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
+            else:
+                files_h.append(hash(key))
+                files_o.append(owner)
+                lfiles_h.append(hash(loose(key)))
+            self.record_count += 1
+        self.files = _HashTable(files_h, files_o)
+        self.dirs = _HashTable(dirs_h, dirs_o)
+        zeros = array("i", bytes(4 * len(lfiles_h)))
+        self.loose_files = _HashTable(lfiles_h, zeros)
+        self.loose_dirs = _HashTable(ldirs_h, array("i", bytes(4 * len(ldirs_h))))
+
+    def _stream(self, session: Session) -> Iterator[tuple[str, str, uuid.UUID]]:
+        for d in self.destinations:
+            d_root = normalize_root(d.root_prefix or "")
+            for model in RECORD_MODELS:
+                stmt = (
+                    select(model.path, model.instance_id)
+                    .where(model.destination_id == d.id)
+                    .execution_options(include_deleted=True, yield_per=YIELD_PER)
+                )
+                for path, instance_id in session.execute(stmt):
+                    yield d_root, path, instance_id
+
+    # -- files -------------------------------------------------------------------------
+    def classify(self, rel_paths: Sequence[str], *, loose_all: bool = False) -> Classified:
+        """Link a page of listed files (paths relative to the root)."""
+        n = len(rel_paths)
+        keys = [self.root + p for p in rel_paths] if self.root else list(rel_paths)
+        hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=n)
+        pos = self.files.lookup(hashes)
+        found = pos >= 0
+        self.files.seen[pos[found]] = True
+        owner = np.full(n, -1, dtype=np.int32)
+        owner[found] = self.files.owner[pos[found]]
+        ambiguous = np.zeros(n, dtype=bool)
+        check_dirs = len(self.dirs) > 0
+        for i in np.flatnonzero(~found).tolist() if check_dirs else []:
+            for anc in ancestors(keys[i]):
+                j = self.dirs.find(hash(anc))
+                if j >= 0:
+                    self.dirs.seen[j] = True
+                    owner[i] = int(self.dirs.owner[j])
+                    break
+        targets = range(n) if loose_all else np.flatnonzero(owner < 0).tolist()
+        for i in targets:
+            if self._loose_match(keys[i]) and owner[i] < 0:
+                ambiguous[i] = True
+        return Classified(owner, ambiguous)
+
+    def _loose_match(self, key: str) -> bool:
+        lk = loose(key)
+        hit = False
+        for candidate in {lk, lk.rstrip("/")}:
+            j = self.loose_files.find(hash(candidate))
+            if j >= 0:
+                self.loose_files.seen[j] = True
+                hit = True
+        if len(self.loose_dirs):
+            for anc in ancestors(lk):
+                j = self.loose_dirs.find(hash(anc))
+                if j >= 0:
+                    self.loose_dirs.seen[j] = True
+                    hit = True
+        return hit
+
+    # -- records -----------------------------------------------------------------------
+    def record_present(self, path: str) -> bool:
+        """After a complete listing: was any file of this own-destination record seen,
+        exactly or loosely (a loose sighting keeps the record, rule 4)?"""
+        key = self.root + path
+        if key.endswith("/"):
+            j = self.dirs.find(hash(key))
+            lj = self.loose_dirs.find(hash(loose(key).rstrip("/") + "/"))
+            return bool((j >= 0 and self.dirs.seen[j]) or (lj >= 0 and self.loose_dirs.seen[lj]))
+        j = self.files.find(hash(key))
+        lj = self.loose_files.find(hash(loose(key)))
+        return bool((j >= 0 and self.files.seen[j]) or (lj >= 0 and self.loose_files.seen[lj]))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRef:
+    """A record that references a file."""
+
+    type: str  # "backup" | "snapshot"
+    id: uuid.UUID
+    destination_id: uuid.UUID
+    path: str
+    deleted: bool
+    ambiguous: bool
+
+
+def _loose_variants(rel: str) -> set[str]:
+    out: set[str] = set()
+    for form in ("NFC", "NFD"):
+        base = unicodedata.normalize(form, rel)
+        for v in (base, unquote(base), quote(base, safe="/")):
+            v = _SLASHES.sub("/", v).lower()
+            out.update({v, "/" + v})
+    return out
+
+
+def find_links(
+    session: Session,
+    dest: BackupDestination,
+    paths: Iterable[str],
+    *,
+    loose_check: bool = True,
+    destinations: list[BackupDestination] | None = None,
+) -> dict[str, list[LinkRef]]:
+    """Records of overlapping destinations that reference each path (relative to
+    ``dest``'s root), exactly, through a directory record, or (``loose_check``) after
+    loose normalisation. Queries the database directly: this is the exact re-check
+    that runs before every delete (rule 7). Soft-deleted records count (rule 2)."""
+    wanted = list(dict.fromkeys(paths))
+    out: dict[str, list[LinkRef]] = {p: [] for p in wanted}
+    if not wanted:
+        return out
+    root = normalize_root(dest.root_prefix or "")
+    dests = destinations if destinations is not None else overlapping_destinations(session, dest)
+    for d in dests:
+        d_root = normalize_root(d.root_prefix or "")
+        by_rel: dict[str, list[tuple[str, bool]]] = {}
+        for p in wanted:
+            key = root + p
+            if not key.startswith(d_root):
+                continue
+            rel = key[len(d_root) :]
+            for cand in (rel, *ancestors(rel)):
+                by_rel.setdefault(cand, []).append((p, False))
+            if loose_check:
+                for v in _loose_variants(rel):
+                    by_rel.setdefault(v, []).append((p, True))
+        if not by_rel:
+            continue
+        exact_keys = list(by_rel)
+        for model in RECORD_MODELS:
+            kind = "backup" if model is Backup else "snapshot"
+            for i in range(0, len(exact_keys), 500):
+                chunk = exact_keys[i : i + 500]
+                conds = [model.path.in_(chunk)]
+                if loose_check:
+                    conds.append(func.lower(model.path).in_(chunk))
+                stmt = (
+                    select(model.id, model.path, model.deleted_at)
+                    .where(model.destination_id == d.id, or_(*conds))
+                    .execution_options(include_deleted=True)
+                )
+                for rid, rpath, deleted_at in session.execute(stmt):
+                    hits = by_rel.get(rpath, []) + (
+                        by_rel.get(rpath.lower(), []) if loose_check else []
+                    )
+                    seen: set[str] = set()
+                    # exact hits first, so a path is reported exact when it is both
+                    for p, is_loose in sorted(hits, key=lambda h: h[1]):
+                        if p in seen:
+                            continue
+                        seen.add(p)
+                        out[p].append(
+                            LinkRef(kind, rid, d.id, rpath, deleted_at is not None, is_loose)
+                        )
+    return out

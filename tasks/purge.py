@@ -1,0 +1,128 @@
+"""Purge: delete the remote files of hard-deleted backups and snapshots.
+
+The purge transaction (:func:`db.archive.purge`) left one ``pending_deletions`` row per
+record; this job deletes those files (every file under a directory record) through the
+fenced, re-checked, audited batches of :mod:`tasks.deleting`, and removes each pending
+row in the transaction that closes its deletion (SAFETY rule 17). A file that another
+record still links is kept (rule 1) and its pending row dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from db.models import BackupDestination, Job, PendingDeletion
+from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
+from storage_backends.errors import InvalidPathError, NotFoundError
+from storage_backends.paths import validate_path
+from tasks.deleting import (
+    BatchOutcome,
+    DeleteContext,
+    Doomed,
+    Finalize,
+    delete_batch,
+    repair_pending,
+)
+from tasks.linking import overlapping_destinations
+from tasks.outcome import JobOutcome
+from tasks.scan import Progress
+from worker.locks import Lease
+from worker.settings import Settings
+
+
+def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
+    """The files a record names, in batches; nothing if the record's file is gone."""
+    if path.endswith("/"):
+        for page in backend.walk(path):
+            for i in range(0, len(page), MAX_DELETE_BATCH):
+                yield [
+                    Doomed(o.path, o.size, o.last_modified, o.etag)
+                    for o in page[i : i + MAX_DELETE_BATCH]
+                ]
+        return
+    try:
+        info = backend.stat(path)
+    except NotFoundError:
+        return
+    yield [Doomed(info.path, info.size, info.last_modified, info.etag)]
+
+
+def run_purge(
+    session: Session,
+    backend: StorageBackend,
+    dest: BackupDestination,
+    settings: Settings,
+    job: Job,
+    lease: Lease,
+    progress: Progress | None = None,
+) -> JobOutcome:
+    ctx = DeleteContext(
+        session=session,
+        backend=backend,
+        dest=dest,
+        lease=lease,
+        lease_seconds=settings.lock_lease_seconds,
+        reason="purge",
+        job_id=job.id,
+        actor=job.requested_by,
+        destinations=overlapping_destinations(session, dest),
+    )
+    totals = {"records": 0, "deleted_files": 0, "bytes_freed": 0, "failed_files": 0}
+    totals["kept_linked"] = 0
+    totals["invalid_paths"] = 0
+    done: set[uuid.UUID] = set()
+
+    def count(s: Session, out: BatchOutcome) -> None:
+        totals["deleted_files"] += len(out.deleted)
+        totals["bytes_freed"] += out.bytes_freed
+        totals["failed_files"] += len(out.failed)
+        totals["kept_linked"] += len(out.kept)
+
+    repair_pending(ctx, count)
+    while True:
+        rows = session.execute(
+            select(PendingDeletion.id, PendingDeletion.path)
+            .where(PendingDeletion.destination_id == dest.id, PendingDeletion.id.not_in(done))
+            .order_by(PendingDeletion.created_at, PendingDeletion.id)
+            .limit(100)
+        ).all()
+        if not rows:
+            break
+        for pending_id, path in rows:
+            done.add(pending_id)
+            failed = _purge_one(ctx, backend, pending_id, path, totals, count)
+            totals["records"] += 0 if failed else 1
+            if progress:
+                progress("deleting", totals["deleted_files"])
+    status = "partial" if totals["failed_files"] else "succeeded"
+    return JobOutcome(status, totals)
+
+
+def _purge_one(
+    ctx: DeleteContext,
+    backend: StorageBackend,
+    pending_id: uuid.UUID,
+    path: str,
+    totals: dict[str, int],
+    count: Finalize,
+) -> bool:
+    """Delete one pending record's files; drop its row when none failed."""
+    session = ctx.session
+    try:
+        validate_path(path, allow_dir=True)
+    except InvalidPathError:
+        # An unsafe path is never sent to storage; keep the row for an operator.
+        totals["invalid_paths"] += 1
+        return True
+    failures = 0
+    for batch in _files_of(backend, path):
+        out = delete_batch(ctx, batch, count)
+        failures += len(out.failed)
+    if failures == 0:
+        session.execute(delete(PendingDeletion).where(PendingDeletion.id == pending_id))
+        session.commit()
+    return failures > 0

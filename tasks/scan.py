@@ -1,0 +1,206 @@
+"""Scan: walk a destination once, streaming, and write one analytics row."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import BackupDestination, Environment, Instance, Project, StorageAnalytics
+from db.session import db_now
+from storage_backends.base import ObjectInfo, StorageBackend
+from storage_backends.errors import StorageError
+from tasks.analytics import ScanStats
+from tasks.linking import RECORD_MODELS, YIELD_PER, LinkIndex
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: progress(phase, objects_listed)
+Progress = Callable[[str, int], None]
+#: receives each page's orphan-cleanup candidates
+CandidateSink = Callable[[list[ObjectInfo]], None]
+MISSING_SAMPLE = 20
+
+
+@dataclass
+class ScanResult:
+    analytics: StorageAnalytics
+    index: LinkIndex
+    started_at: datetime
+    listing_complete: bool
+    error: str | None = None
+    stale_candidates: list[uuid.UUID] = field(default_factory=list)
+    own_live_records: int = 0
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        a = self.analytics
+        return {
+            "analytics_id": str(a.id),
+            "listing_complete": self.listing_complete,
+            "total_files": a.total_files,
+            "total_bytes": a.total_bytes,
+            "linked_files": a.linked_files,
+            "orphan_files": a.orphan_files,
+            "orphan_bytes": a.orphan_bytes,
+            "missing_records": a.missing_records,
+            "ambiguous_files": a.ambiguous_files,
+            "duration_seconds": round(a.duration_seconds, 3),
+            "error": self.error,
+        }
+
+
+def _retention(dest: BackupDestination, settings: Settings, override: int | None) -> int:
+    return max(1, override or dest.retention_days or settings.retention_days)
+
+
+def _attribution(session: Session, stats: ScanStats, index: LinkIndex) -> dict[str, Any]:
+    """Bytes of linked files by instance, environment, project, organization."""
+    per_instance = stats.owner_bytes(index.instances)
+    if not per_instance:
+        return {"instances": [], "environments": [], "projects": [], "organizations": []}
+    rows = session.execute(
+        select(Instance.id, Instance.name, Environment.id, Project.id, Project.organization_id)
+        .join(Environment, Environment.id == Instance.environment_id)
+        .join(Project, Project.id == Environment.project_id)
+        .where(Instance.id.in_(list(per_instance)[:10_000]))
+        .execution_options(include_deleted=True)
+    ).all()
+    levels: dict[str, dict[str, list[int]]] = {
+        "instances": {},
+        "environments": {},
+        "projects": {},
+        "organizations": {},
+    }
+    for inst_id, _name, env_id, proj_id, org_id in rows:
+        tally = per_instance[inst_id]
+        for level, key in (
+            ("instances", inst_id),
+            ("environments", env_id),
+            ("projects", proj_id),
+            ("organizations", org_id),
+        ):
+            acc = levels[level].setdefault(str(key), [0, 0])
+            acc[0] += tally.files
+            acc[1] += tally.bytes
+    return {
+        level: sorted(
+            ({"id": k, "files": v[0], "bytes": v[1]} for k, v in table.items()),
+            key=lambda d: -int(d["bytes"]),  # type: ignore[call-overload]
+        )[:100]
+        for level, table in levels.items()
+    }
+
+
+def _missing_records(
+    session: Session, dest: BackupDestination, index: LinkIndex, cutoff: datetime
+) -> tuple[list[uuid.UUID], int]:
+    """Own live, completed records created before ``cutoff`` none of whose files were
+    seen (exactly or loosely), and the count of own live records. Streams."""
+    stale: list[uuid.UUID] = []
+    live = 0
+    for model in RECORD_MODELS:
+        stmt = (
+            select(model.id, model.path, model.status, model.created_at)
+            .where(model.destination_id == dest.id)
+            .execution_options(yield_per=YIELD_PER)
+        )
+        for rid, path, status, created in session.execute(stmt):
+            live += 1
+            if status != "completed" or created >= cutoff:
+                continue
+            if not index.record_present(path):
+                stale.append(rid)
+    return stale, live
+
+
+def run_scan(
+    session: Session,
+    backend: StorageBackend,
+    dest: BackupDestination,
+    settings: Settings,
+    *,
+    job_id: uuid.UUID | None = None,
+    retention_days: int | None = None,
+    progress: Progress | None = None,
+    on_candidates: CandidateSink | None = None,
+    loose_all: bool = False,
+) -> ScanResult:
+    """Walk ``dest`` once and write an analytics row (committed).
+
+    The listing is never held in memory: each page is linked against the
+    :class:`LinkIndex` and counted, then dropped. A listing error is recorded and the
+    result says ``listing_complete=False``; callers must not remove anything then
+    (SAFETY rule 13).
+    """
+    t0 = time.perf_counter()
+    started = db_now(session)
+    index = LinkIndex(session, dest)
+    session.commit()  # end the read transaction; the walk may be long
+    stats = ScanStats(now=started, retention_days=_retention(dest, settings, retention_days))
+    listed = 0
+    error: str | None = None
+    last_report = time.monotonic()
+    if progress:
+        progress("listing", 0)
+    try:
+        for page in backend.walk(""):
+            classified = index.classify([o.path for o in page], loose_all=loose_all)
+            candidates = stats.add_page(page, classified.owner, classified.ambiguous)
+            if on_candidates and candidates:
+                on_candidates(candidates)
+            listed += len(page)
+            if progress and time.monotonic() - last_report > 2:
+                progress("listing", listed)
+                last_report = time.monotonic()
+        stats.add_multipart(list(backend.list_multipart_uploads()))
+    except StorageError as err:
+        error = f"listing failed after {listed} objects: {type(err).__name__}: {err}"
+        log.warning("scan of %s: %s", dest.id, error)
+    complete = error is None
+    if progress:
+        progress("reconciling", listed)
+    grace = timedelta(hours=settings.scan_grace_hours)
+    stale, live = _missing_records(session, dest, index, started - grace)
+    if not complete:
+        stale = []  # an interrupted listing proves nothing missing
+    duration = time.perf_counter() - t0
+    missing = {
+        "count": len(stale) if complete else None,
+        "sample_ids": [str(r) for r in stale[:MISSING_SAMPLE]],
+        "grace_hours": settings.scan_grace_hours,
+    }
+    attribution = _attribution(session, stats, index)
+    details = stats.details(settings.analytics_top_prefixes, attribution, missing)
+    details["objects_per_second"] = round(listed / duration, 1) if duration > 0 else None
+    details["listing_complete"] = complete
+    details["error"] = error
+    row = StorageAnalytics(
+        id=uuid.uuid4(),
+        destination_id=dest.id,
+        job_id=job_id,
+        status="succeeded" if complete else "partial",
+        started_at=started,
+        finished_at=db_now(session),
+        total_files=stats.total.files,
+        total_bytes=stats.total.bytes,
+        linked_files=stats.linked.files,
+        linked_bytes=stats.linked.bytes,
+        orphan_files=stats.orphans.files,
+        orphan_bytes=stats.orphans.bytes,
+        missing_records=len(stale),
+        ambiguous_files=stats.ambiguous.files,
+        duration_seconds=duration,
+        details=details,
+    )
+    session.add(row)
+    session.commit()
+    return ScanResult(row, index, started, complete, error, stale, live)

@@ -1,0 +1,45 @@
+"""The demo runs end to end through a real Celery worker on the embedded default."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from worker.demo import FILES, run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_deletes_exactly_the_old_orphans(tmp_path, monkeypatch):
+    for var in ("OCORE_DATABASE_URL", "OCORE_BROKER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    out = io.StringIO()
+    result = run_demo(tmp_path / "demo", Console(file=out, width=160))
+    assert result["scan_status"] == "succeeded"
+    assert result["cleanup_status"] == "succeeded"
+    assert sorted(result["deleted"]) == [
+        "acme/legacy/dump-2025.sql.gz",
+        "acme/shop-db/2026/06/01/backup-0601.tar.gz",
+        "acme/shop-db/tmp/upload-7f3a.part",
+    ]
+    root = tmp_path / "demo" / "storage" / "backups"
+    on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    expected_kept = sorted(p for p, _, _ in FILES if p not in result["deleted"])
+    assert on_disk == expected_kept
+    assert "acme/shop-db/2026/07/01/Backup-0701.tar.gz" in on_disk  # ambiguous: kept
+    assert "acme/shop-db/2026/11/20/backup-1120.tar.gz" in on_disk  # too new: kept
+    assert result["analytics"] == {
+        "total_files": 12,
+        "linked_files": 7,
+        "orphan_files": 4,
+        "missing_records": 1,
+        "ambiguous_files": 1,
+    }
+    printed = out.getvalue()
+    assert "Storage analytics" in printed and "Deleted by orphan cleanup" in printed
+    assert Path(tmp_path / "demo" / "worker.log").exists()
+    assert os.environ.get("OCORE_DATABASE_URL") is None
