@@ -11,7 +11,7 @@ COPY tasks ./tasks
 COPY storage_backends ./storage_backends
 COPY db ./db
 COPY api ./api
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
+RUN /opt/venv/bin/pip install --no-deps .
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 ocore \

@@ -12,6 +12,7 @@ from celery import Task
 from celery.exceptions import MaxRetriesExceededError
 from sqlalchemy import select
 
+import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
 from db.models import BackupDestination, Job, PendingDeletion
 from db.session import get_engine, session_scope
 from worker.celery_app import app, send

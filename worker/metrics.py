@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+#: Bounded label values (db.models.JOB_TYPES, TERMINAL_JOB_STATUSES): listed here so the
+#: series exist at 0 from the start (see :func:`init_series`).
+JOB_TYPES = ("scan", "scan_cleanup", "orphan_cleanup", "purge")
+OUTCOMES = ("succeeded", "partial", "guarded", "failed")
+
 JOBS_ENQUEUED = Counter("ocore_jobs_enqueued_total", "Jobs enqueued", ["type"])
 JOBS_STARTED = Counter("ocore_jobs_started_total", "Job attempts started", ["type"])
 JOBS_FINISHED = Counter(
@@ -82,3 +87,22 @@ LAST_CLEANUP = Gauge(
     ["destination"],
     multiprocess_mode="mostrecent",
 )
+
+
+def init_series() -> None:
+    """Create the job series at 0 so that ``increase()`` sees their first event.
+
+    Prometheus cannot tell an increase from a series that appears with the value 1 (the
+    first failure after a restart): alerts on ``increase(...)`` would miss it.
+    """
+    for job_type in JOB_TYPES:
+        JOBS_ENQUEUED.labels(job_type)
+        JOBS_STARTED.labels(job_type)
+        JOB_DURATION.labels(job_type)
+        JOBS_IN_PROGRESS.labels(job_type)
+        GUARDED.labels(job_type)
+        for outcome in OUTCOMES:
+            JOBS_FINISHED.labels(job_type, outcome)
+
+
+init_series()

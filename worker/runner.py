@@ -32,6 +32,7 @@ from tasks.scan_cleanup import run_scan_cleanup
 from worker import metrics
 from worker.jobs import DESTRUCTIVE, bucket_key
 from worker.locks import Lease, LockLost, acquire, release
+from worker.logging import job_context, set_phase
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -209,46 +210,52 @@ def _execute(
     lease: Lease | None,
     backend_factory: BackendFactory,
 ) -> JobOutcome | None:
-    t0 = time.perf_counter()
-    metrics.JOBS_IN_PROGRESS.labels(job.type).inc()
-    try:
-        with backend_factory(dest, settings) as backend:
-            backend.request_hook = _backend_hook(dest.kind)
-            outcome = _dispatch(
-                session, backend, dest, settings, job, lease, _progress_writer(session, job)
-            )
-    except LockLost as err:
-        session.rollback()
-        assert lease is not None
-        _on_lock_lost(engine, job, lease, err)
-        return None
-    except (TransientStorageError, DBAPIError) as err:
-        session.rollback()
-        msg = f"{type(err).__name__}: {err}"[:2000]
-        _set(engine, job.id, status="queued", phase="retrying", error=msg)
-        metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
-        raise RetryableJobError(msg) from err
-    except StorageError as err:
-        session.rollback()
-        outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
-    except Exception as err:
-        session.rollback()
-        log.exception("job %s failed", job.id)
-        outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
-    finally:
-        metrics.JOBS_IN_PROGRESS.labels(job.type).dec()
-    _set(
-        engine,
-        job.id,
-        status=outcome.status,
-        phase="done" if outcome.status != "failed" else "failed",
-        result=outcome.result,
-        error=outcome.error,
-        finished_at=utcnow(),
-    )
-    _record_metrics(job, dest, outcome, time.perf_counter() - t0)
-    log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
-    return outcome
+    # Every log line of the job carries its ids and phase (worker.logging).
+    with job_context(job_id=job.id, job_type=job.type, destination_id=dest.id):
+        write = _progress_writer(session, job)
+
+        def progress(phase: str, count: int) -> None:
+            set_phase(phase)
+            write(phase, count)
+
+        t0 = time.perf_counter()
+        metrics.JOBS_IN_PROGRESS.labels(job.type).inc()
+        try:
+            with backend_factory(dest, settings) as backend:
+                backend.request_hook = _backend_hook(dest.kind)
+                outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
+        except LockLost as err:
+            session.rollback()
+            assert lease is not None
+            _on_lock_lost(engine, job, lease, err)
+            return None
+        except (TransientStorageError, DBAPIError) as err:
+            session.rollback()
+            msg = f"{type(err).__name__}: {err}"[:2000]
+            _set(engine, job.id, status="queued", phase="retrying", error=msg)
+            metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
+            raise RetryableJobError(msg) from err
+        except StorageError as err:
+            session.rollback()
+            outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
+        except Exception as err:
+            session.rollback()
+            log.exception("job %s failed", job.id)
+            outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
+        finally:
+            metrics.JOBS_IN_PROGRESS.labels(job.type).dec()
+        _set(
+            engine,
+            job.id,
+            status=outcome.status,
+            phase="done" if outcome.status != "failed" else "failed",
+            result=outcome.result,
+            error=outcome.error,
+            finished_at=utcnow(),
+        )
+        _record_metrics(job, dest, outcome, time.perf_counter() - t0)
+        log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
+        return outcome
 
 
 def _backend_hook(kind: str) -> Callable[[str, str, float], None]:
