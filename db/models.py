@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -176,7 +177,11 @@ class Backup(_RecordMixin, Base):
         ForeignKey("backup_destinations.id", ondelete="RESTRICT"), index=True
     )
     name: Mapped[str] = mapped_column(String(200), default="")
-    __table_args__ = (Index("ix_backups_destination_path", "destination_id", "path"),)
+    __table_args__ = (
+        Index("ix_backups_destination_path", "destination_id", "path"),
+        # loose re-check before deletes (SAFETY rule 4, tasks/linking.find_links)
+        Index("ix_backups_destination_lower_path", "destination_id", func.lower(text("path"))),
+    )
 
 
 class Snapshot(_RecordMixin, Base):
@@ -188,7 +193,10 @@ class Snapshot(_RecordMixin, Base):
         ForeignKey("backup_destinations.id", ondelete="RESTRICT"), index=True
     )
     name: Mapped[str] = mapped_column(String(200), default="")
-    __table_args__ = (Index("ix_snapshots_destination_path", "destination_id", "path"),)
+    __table_args__ = (
+        Index("ix_snapshots_destination_path", "destination_id", "path"),
+        Index("ix_snapshots_destination_lower_path", "destination_id", func.lower(text("path"))),
+    )
 
 
 class Job(Base):

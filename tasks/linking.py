@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Backup, BackupDestination, Snapshot
@@ -243,52 +243,54 @@ def find_links(
     """Records of overlapping destinations that reference each path (relative to
     ``dest``'s root), exactly, through a directory record, or (``loose_check``) after
     loose normalisation. Queries the database directly: this is the exact re-check
-    that runs before every delete (rule 7). Soft-deleted records count (rule 2)."""
+    that runs before every delete (rule 7). Soft-deleted records count (rule 2).
+
+    Exact keys use the ``(destination_id, path)`` index; loose variants (NFC/NFD,
+    URL-decoded or encoded once, '//' collapsed, leading '/', lower case) the
+    ``(destination_id, lower(path))`` expression index."""
     wanted = list(dict.fromkeys(paths))
     out: dict[str, list[LinkRef]] = {p: [] for p in wanted}
     if not wanted:
         return out
     root = normalize_root(dest.root_prefix or "")
     dests = destinations if destinations is not None else overlapping_destinations(session, dest)
+    found: set[tuple[str, uuid.UUID]] = set()
     for d in dests:
         d_root = normalize_root(d.root_prefix or "")
-        by_rel: dict[str, list[tuple[str, bool]]] = {}
+        exact: dict[str, list[str]] = {}
+        fuzzy: dict[str, list[str]] = {}
         for p in wanted:
             key = root + p
             if not key.startswith(d_root):
                 continue
             rel = key[len(d_root) :]
             for cand in (rel, *ancestors(rel)):
-                by_rel.setdefault(cand, []).append((p, False))
+                exact.setdefault(cand, []).append(p)
             if loose_check:
                 for v in _loose_variants(rel):
-                    by_rel.setdefault(v, []).append((p, True))
-        if not by_rel:
-            continue
-        exact_keys = list(by_rel)
-        for model in RECORD_MODELS:
-            kind = "backup" if model is Backup else "snapshot"
-            for i in range(0, len(exact_keys), 500):
-                chunk = exact_keys[i : i + 500]
-                conds = [model.path.in_(chunk)]
-                if loose_check:
-                    conds.append(func.lower(model.path).in_(chunk))
-                stmt = (
-                    select(model.id, model.path, model.deleted_at)
-                    .where(model.destination_id == d.id, or_(*conds))
-                    .execution_options(include_deleted=True)
-                )
-                for rid, rpath, deleted_at in session.execute(stmt):
-                    hits = by_rel.get(rpath, []) + (
-                        by_rel.get(rpath.lower(), []) if loose_check else []
-                    )
-                    seen: set[str] = set()
-                    # exact hits first, so a path is reported exact when it is both
-                    for p, is_loose in sorted(hits, key=lambda h: h[1]):
-                        if p in seen:
-                            continue
-                        seen.add(p)
-                        out[p].append(
-                            LinkRef(kind, rid, d.id, rpath, deleted_at is not None, is_loose)
-                        )
+                    fuzzy.setdefault(v, []).append(p)
+        for table, is_loose in ((exact, False), (fuzzy, True)):
+            for rid, rpath, deleted, kind in _records_matching(session, d, table, is_loose):
+                lookup = rpath.lower() if is_loose else rpath
+                for p in table.get(lookup, []):
+                    if (p, rid) not in found:
+                        found.add((p, rid))
+                        out[p].append(LinkRef(kind, rid, d.id, rpath, deleted, is_loose))
     return out
+
+
+def _records_matching(
+    session: Session, d: BackupDestination, keys: dict[str, list[str]], lower: bool
+) -> Iterator[tuple[uuid.UUID, str, bool, str]]:
+    names = list(keys)
+    for model in RECORD_MODELS:
+        kind = "backup" if model is Backup else "snapshot"
+        column = func.lower(model.path) if lower else model.path
+        for i in range(0, len(names), 1000):
+            stmt = (
+                select(model.id, model.path, model.deleted_at)
+                .where(model.destination_id == d.id, column.in_(names[i : i + 1000]))
+                .execution_options(include_deleted=True)
+            )
+            for rid, rpath, deleted_at in session.execute(stmt):
+                yield rid, rpath, deleted_at is not None, kind

@@ -108,16 +108,18 @@ def _write_files(root: Path) -> None:
         os.utime(target, (stamp, stamp))
 
 
-def _wait(engine: Any, job_id: uuid.UUID, timeout: float = 120) -> Job:
+def _wait(engine: Any, job_id: uuid.UUID, worker: Any, timeout: float = 120) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the Celery worker exited with status {worker.returncode}")
         with Session(engine) as s:
             job = s.get(Job, job_id)
             if job is not None and job.status in TERMINAL_JOB_STATUSES:
                 s.expunge(job)
                 return job
         time.sleep(0.2)
-    raise RuntimeError(f"job {job_id} did not finish within {timeout:.0f}s; see the worker log")
+    raise RuntimeError(f"job {job_id} did not finish within {timeout:.0f}s")
 
 
 def run_demo(base: Path, console: Console) -> dict[str, Any]:
@@ -151,7 +153,9 @@ def run_demo(base: Path, console: Console) -> dict[str, Any]:
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            return _run_jobs(engine, settings, env, console)
+            return _run_jobs(engine, settings, env, console, worker)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; see the worker log {log_path}") from None
         finally:
             worker.terminate()
             try:
@@ -174,10 +178,10 @@ def _enqueue(engine: Any, env: dict[str, str], job_type: str, params: dict[str, 
 
 
 def _run_jobs(
-    engine: Any, settings: Settings, env: dict[str, str], console: Console
+    engine: Any, settings: Settings, env: dict[str, str], console: Console, worker: Any
 ) -> dict[str, Any]:
     scan_id = _enqueue(engine, env, "scan", {})
-    scan = _wait(engine, scan_id)
+    scan = _wait(engine, scan_id, worker)
     console.print(f"[bold]4.[/] scan job {scan_id}: [green]{scan.status}[/]")
     from db.models import StorageAnalytics
 
@@ -188,12 +192,12 @@ def _run_jobs(
         assert row is not None
         _print_analytics(console, row)
     clean_id = _enqueue(engine, env, "orphan_cleanup", {"retention_days": 30})
-    cleanup = _wait(engine, clean_id)
+    cleanup = _wait(engine, clean_id, worker)
     console.print(f"[bold]5.[/] orphan cleanup job {clean_id}: [green]{cleanup.status}[/]")
     with Session(engine) as s:
         audit = s.scalars(select(DeletionAudit).order_by(DeletionAudit.path)).all()
     deleted = [a.path for a in audit if a.state == "deleted"]
-    kept = _kept(settings, deleted)
+    kept = _kept(settings.data_dir.parent / "storage" / "backups")
     _print_outcome(console, audit, kept)
     return {
         "scan_status": scan.status,
@@ -211,11 +215,12 @@ def _run_jobs(
     }
 
 
-def _kept(settings: Settings, deleted: list[str]) -> dict[str, str]:
+def _kept(root: Path) -> dict[str, str]:
+    """Files still on disk, and why the cleanup left them."""
     kept: dict[str, str] = {}
     linked = {p for p, *_ in RECORDS}
     for path, age, _ in FILES:
-        if path in deleted:
+        if not (root / path).exists():
             continue
         if path in linked or any(path.startswith(p) for p in linked if p.endswith("/")):
             kept[path] = "linked to a record"
