@@ -50,11 +50,23 @@ class LocalBackend(StorageBackend):
         self.top = self.base / root if root else self.base
 
     def _abs(self, path: str) -> Path:
+        """The absolute path, refusing any symlink on the way (a linked parent folder
+        would lead out of the root). A missing component is fine (upload creates it)."""
+        current = self.top
+        segments = path.rstrip("/").split("/") if path else []
+        # a directory path (browse/walk prefix) has its last segment checked too
+        for segment in segments if path.endswith("/") else segments[:-1]:
+            current = current / segment
+            try:
+                if stat_mod.S_ISLNK(current.lstat().st_mode):
+                    raise InvalidPathError(f"{path!r} passes through a symbolic link")
+            except FileNotFoundError:
+                break
         return self.top / path
 
     def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[ObjectInfo]]:
         prefix = self.check_prefix(prefix)
-        start = self.top / prefix if prefix else self.top
+        start = self._abs(prefix) if prefix else self.top
         if not start.is_dir():
             return
         page: list[ObjectInfo] = []
@@ -91,7 +103,7 @@ class LocalBackend(StorageBackend):
 
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
         prefix = self.check_prefix(prefix)
-        directory = self.top / prefix if prefix else self.top
+        directory = self._abs(prefix) if prefix else self.top
         after = _decode_cursor(cursor) if cursor else None
         try:
             names = sorted(

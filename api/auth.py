@@ -1,0 +1,183 @@
+"""Bearer JWT on every ``/api`` route, and who may reach what.
+
+Keys come from the settings: ``jwt_secret`` for HS* algorithms, ``jwt_public_key`` (PEM)
+for RS*/ES*/PS*. Only the algorithms listed in ``jwt_algorithms`` are accepted, and the
+key is chosen by the algorithm family, so an HS256 token signed with the RS public key
+(the classic confusion attack) never meets that key as an HMAC secret. ``exp`` is
+required; ``nbf`` is honoured; ``iss``/``aud`` are checked when configured.
+
+Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member).
+A member reaches only its organization's destinations, projects and jobs; anything
+else is a 404 that says nothing about whether it exists. Admins reach everything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from flask import Flask, g, request
+from sqlalchemy import select
+
+from api.context import db, settings
+from api.errors import ApiError, not_found
+from db.models import BackupDestination, Job, Project
+from worker.settings import Settings
+
+ROLES = ("admin", "member")
+#: Routes under /api that need no token.
+PUBLIC_PATHS = frozenset({"/api/openapi.json"})
+ASYMMETRIC_PREFIXES = ("RS", "ES", "PS", "Ed")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller."""
+
+    sub: str
+    org: uuid.UUID
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _unauthorized(message: str, invalid: bool = True) -> ApiError:
+    challenge = 'Bearer realm="ocore"'
+    if invalid:
+        challenge += ', error="invalid_token"'
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
+
+
+def _key_for(alg: str, cfg: Settings) -> str:
+    if alg.startswith("HS"):
+        if not cfg.jwt_secret:
+            raise _unauthorized("no HMAC secret is configured")
+        return cfg.jwt_secret
+    if alg.startswith(ASYMMETRIC_PREFIXES):
+        if not cfg.jwt_public_key:
+            raise _unauthorized("no public key is configured")
+        return cfg.jwt_public_key
+    raise _unauthorized(f"algorithm {alg!r} is not accepted")
+
+
+def decode_token(token: str, cfg: Settings) -> dict[str, Any]:
+    """Verify a token against the settings and return its claims (401 on any failure)."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as err:
+        raise _unauthorized(f"malformed token: {err}") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in cfg.jwt_algorithms or alg.lower() == "none":
+        raise _unauthorized(f"algorithm {alg!r} is not accepted")
+    options: Any = {"require": ["exp", "sub"], "verify_aud": bool(cfg.jwt_audience)}
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            _key_for(alg, cfg),
+            algorithms=[alg],
+            options=options,
+            audience=cfg.jwt_audience or None,
+            issuer=cfg.jwt_issuer or None,
+        )
+    except jwt.ExpiredSignatureError:
+        raise _unauthorized("token expired") from None
+    except (jwt.PyJWTError, ValueError, TypeError) as err:
+        # InvalidKeyError, bad signature, missing claim, wrong iss/aud, nbf in the future
+        raise _unauthorized(f"invalid token: {err}") from None
+    return claims
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    """Check the claims this service relies on."""
+    sub, org, role = claims.get("sub"), claims.get("org"), claims.get("role")
+    if not isinstance(sub, str) or not sub:
+        raise _unauthorized("claim 'sub' must be a non-empty string")
+    try:
+        org_id = uuid.UUID(org) if isinstance(org, str) else None
+    except ValueError:
+        org_id = None
+    if org_id is None:
+        raise _unauthorized("claim 'org' must be an organization uuid")
+    if role not in ROLES:
+        raise _unauthorized(f"claim 'role' must be one of {', '.join(ROLES)}")
+    return Principal(sub=sub, org=org_id, role=role)
+
+
+def _bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    if not header:
+        raise _unauthorized("missing Authorization: Bearer token", invalid=False)
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token
+
+
+def authenticate() -> None:
+    """``before_request``: every /api route except the public ones needs a valid token."""
+    if request.method == "OPTIONS":
+        return
+    path = request.path
+    if not (path == "/api" or path.startswith("/api/")) or path in PUBLIC_PATHS:
+        return
+    g.principal = principal_from_claims(decode_token(_bearer_token(), settings()))
+
+
+def current_principal() -> Principal:
+    """The caller of this request (set by :func:`authenticate`)."""
+    principal: Principal | None = g.get("principal")
+    if principal is None:  # pragma: no cover - authenticate() ran first
+        raise _unauthorized("not authenticated", invalid=False)
+    return principal
+
+
+def require_admin() -> Principal:
+    """403 unless the caller is an admin."""
+    principal = current_principal()
+    if not principal.is_admin:
+        raise ApiError(403, "forbidden", "this endpoint needs the admin role")
+    return principal
+
+
+def can_reach(organization_id: uuid.UUID | None) -> bool:
+    """May the caller see an object of this organization?"""
+    principal = current_principal()
+    return principal.is_admin or (organization_id is not None and organization_id == principal.org)
+
+
+def load_destination(dest_id: uuid.UUID) -> BackupDestination:
+    """The destination if the caller may reach it, else 404 (before any storage call)."""
+    dest = db().get(BackupDestination, dest_id)
+    if dest is None or not can_reach(dest.organization_id):
+        raise not_found(f"destination {dest_id} not found")
+    return dest
+
+
+def load_project(project_id: uuid.UUID) -> Project:
+    """The (live) project if the caller may reach it, else 404."""
+    project = db().scalars(select(Project).where(Project.id == project_id)).first()
+    if project is None or not can_reach(project.organization_id):
+        raise not_found(f"project {project_id} not found")
+    return project
+
+
+def load_job(job_id: uuid.UUID) -> Job:
+    """The job if the caller may reach its destination, else 404."""
+    job = db().get(Job, job_id)
+    org: uuid.UUID | None = None
+    if job is not None and job.destination_id is not None:
+        dest = db().get(BackupDestination, job.destination_id)
+        org = dest.organization_id if dest is not None else None
+    if job is None or not (current_principal().is_admin or can_reach(org)):
+        raise not_found(f"job {job_id} not found")
+    return job
+
+
+def init_app(app: Flask) -> None:
+    """Authenticate every /api request before its view runs."""
+    app.before_request(authenticate)

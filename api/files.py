@@ -1,0 +1,141 @@
+"""File operations behind the storage endpoints: links, download, delete, upload."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+from flask import Response, stream_with_context
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from db.models import BackupDestination, DeletionAudit
+from db.session import db_now
+from storage_backends.base import ObjectInfo, StorageBackend
+from tasks.linking import LinkRef, find_links
+from worker.jobs import location_key
+
+_UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
+CHUNK_SIZE = 1024 * 1024
+
+
+def link_to_dict(link: LinkRef) -> dict[str, Any]:
+    """A record that references a file, as the API shows it."""
+    return {
+        "type": link.type,
+        "id": str(link.id),
+        "destination_id": str(link.destination_id),
+        "path": link.path,
+        "deleted": link.deleted,
+        "ambiguous": link.ambiguous,
+    }
+
+
+def refuse_if_linked(session: Session, dest: BackupDestination, path: str, action: str) -> None:
+    """409 naming the records when any record (live, soft-deleted or only ambiguously)
+    references ``path`` (SAFETY rules 1-4)."""
+    links = find_links(session, dest, [path]).get(path, [])
+    if not links:
+        return
+    names = ", ".join(
+        f"{ref.type} {ref.id}"
+        + (" (soft-deleted)" if ref.deleted else "")
+        + (" (ambiguous match)" if ref.ambiguous else "")
+        for ref in links
+    )
+    raise ApiError(
+        409,
+        "file_linked",
+        f"refusing to {action} {path!r}: it is referenced by {names}",
+        extra={"links": [link_to_dict(ref) for ref in links]},
+    )
+
+
+def content_disposition(path: str) -> str:
+    """``attachment`` with an ASCII-only ``filename`` and the exact RFC 5987 ``filename*``."""
+    name = path.rsplit("/", 1)[-1] or "download"
+    ascii_name = _UNSAFE_ASCII.sub("_", name).strip() or "download"
+    encoded = quote(name, safe="!#$&+-.^_`|~")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{encoded}"
+
+
+def stream_file(backend: StorageBackend, info: ObjectInfo) -> Response:
+    """Stream a file chunk by chunk (never read whole); the backend closes at the end.
+
+    The first chunk is read before the response starts, so that a failure to open the
+    file still becomes a proper JSON error.
+    """
+    chunks = backend.read_chunks(info.path, CHUNK_SIZE)
+    try:
+        first = next(chunks, b"")
+    except BaseException:
+        backend.close()
+        raise
+
+    def generate() -> Iterator[bytes]:
+        try:
+            if first:
+                yield first
+            yield from chunks
+        finally:
+            backend.close()
+
+    response = Response(stream_with_context(generate()), mimetype="application/octet-stream")
+    response.headers["Content-Disposition"] = content_disposition(info.path)
+    response.headers["Content-Length"] = str(info.size)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def delete_with_audit(
+    session: Session,
+    backend: StorageBackend,
+    dest: BackupDestination,
+    info: ObjectInfo,
+    actor: str,
+) -> DeletionAudit:
+    """Re-check links, record the audit row, delete, mark it deleted (SAFETY rules 7, 9).
+
+    The audit row is committed as ``pending`` before the delete, so a crash in between
+    still leaves a trace; a failed delete marks it ``failed`` and re-raises.
+    """
+    refuse_if_linked(session, dest, info.path, "delete")
+    audit = DeletionAudit(
+        destination_id=dest.id,
+        location_key=location_key(dest),
+        path=info.path,
+        size_bytes=info.size,
+        last_modified=info.last_modified,
+        etag=info.etag,
+        reason="manual",
+        actor=actor,
+        state="pending",
+    )
+    session.add(audit)
+    session.commit()
+    try:
+        backend.delete(info.path)
+    except Exception as err:
+        audit.state = "failed"
+        audit.error = f"{type(err).__name__}: {err}"
+        session.commit()
+        raise
+    audit.state = "deleted"
+    audit.deleted_at = db_now(session)
+    session.commit()
+    return audit
+
+
+def stream_size(stream: BinaryIO) -> int | None:
+    """The size of a seekable upload stream (werkzeug spools to a temporary file)."""
+    try:
+        here = stream.tell()
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(here)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size - here

@@ -1,0 +1,65 @@
+"""Liveness and readiness probes (no token: orchestrators call them)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import text
+
+from api.context import state
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+bp = Blueprint("health", __name__)
+
+BROKER_TIMEOUT = 1.0
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is alive."""
+    return jsonify({"status": "ok"})
+
+
+def _check_database() -> str:
+    try:
+        with state().engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as err:
+        log.warning("readiness: database unreachable: %s", err)
+        return "unreachable"
+    return "ok"
+
+
+def check_broker(cfg: Settings) -> str:
+    """``ok``, ``unreachable``, or ``unchecked`` for transports we cannot probe cheaply."""
+    url = cfg.effective_broker_url
+    if url.startswith("filesystem://"):
+        return "ok" if cfg.broker_dir.is_dir() else "unreachable"
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        try:
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=BROKER_TIMEOUT, socket_timeout=BROKER_TIMEOUT
+            )
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception as err:
+            log.warning("readiness: broker unreachable: %s", err)
+            return "unreachable"
+        return "ok"
+    return "unchecked"
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """200 when the database answers and the broker is reachable, else 503."""
+    checks = {"database": _check_database(), "broker": check_broker(state().settings)}
+    ready = all(v in ("ok", "unchecked") for v in checks.values())
+    response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    response.status_code = 200 if ready else 503
+    return response

@@ -1,0 +1,112 @@
+"""Background jobs: request a scan, a scan-cleanup or an orphan cleanup; read a job.
+
+A request creates a job row (or finds the one already queued or running for the same
+storage location, SAFETY rule 19) and sends its Celery message only when it is new.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from api.auth import current_principal, load_destination, load_job
+from api.context import db, settings, state
+from api.errors import ApiError
+from api.params import json_body, parse_uuid, strict_bool, strict_int
+from db.models import BackupDestination, Job
+from worker.jobs import dispatch, fail_job, job_to_dict, request_job
+
+log = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__, url_prefix="/api")
+
+MAX_RETENTION_DAYS = 3650
+#: job type -> fields its JSON body may carry
+BODY_FIELDS: dict[str, frozenset[str]] = {
+    "scan": frozenset(),
+    "scan_cleanup": frozenset({"dry_run"}),
+    "orphan_cleanup": frozenset({"retention_days", "dry_run"}),
+}
+MESSAGES = {
+    "scan": "storage scan",
+    "scan_cleanup": "scan with stale-record cleanup",
+    "orphan_cleanup": "orphan cleanup",
+    "purge": "purge of remote files",
+}
+
+
+def _params(job_type: str, dest: BackupDestination) -> dict[str, Any]:
+    body = json_body(BODY_FIELDS[job_type])
+    params: dict[str, Any] = {}
+    dry_run = strict_bool(body, "dry_run")
+    if dry_run is not None:
+        params["dry_run"] = dry_run
+    if job_type == "orphan_cleanup":
+        # SAFETY rule 6: at least one day. The destination's own window, when set, is
+        # the default: it is the more specific setting.
+        retention = strict_int(body, "retention_days", 1, MAX_RETENTION_DAYS)
+        default = dest.retention_days if (dest.retention_days or 0) >= 1 else None
+        params["retention_days"] = retention or default or settings().retention_days
+        params.setdefault("dry_run", False)
+    return params
+
+
+def start_job(
+    job_type: str, dest: BackupDestination, params: dict[str, Any], actor: str
+) -> tuple[Job, bool]:
+    """Request a job and send its message when it is new (a failed send fails the job)."""
+    session = db()
+    job, created = request_job(session, job_type, dest, params, requested_by=actor)
+    if created:
+        try:
+            dispatch(job, state().send)
+        except Exception as err:
+            log.exception("could not send job %s", job.id)
+            fail_job(session, job.id, f"could not enqueue: {err}")
+            raise ApiError(503, "broker_unavailable", "the job queue is unreachable") from err
+    return job, created
+
+
+def accepted(job: Job, created: bool) -> Response:
+    """``202`` with the job id and a Location header."""
+    what = MESSAGES.get(job.type, job.type)
+    message = f"{what} queued" if created else f"{what} already {job.status}; not queued again"
+    response = jsonify(
+        {"message": message, "job_id": str(job.id), "status": job.status, "created": created}
+    )
+    response.status_code = 202
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return response
+
+
+def _request(dest_id: str, job_type: str) -> Response:
+    dest = load_destination(parse_uuid(dest_id, "destId"))
+    params = _params(job_type, dest)
+    job, created = start_job(job_type, dest, params, current_principal().sub)
+    return accepted(job, created)
+
+
+@bp.post("/storage/destinations/<dest_id>/scan")
+def scan(dest_id: str) -> Response:
+    """Queue a storage scan."""
+    return _request(dest_id, "scan")
+
+
+@bp.post("/storage/destinations/<dest_id>/scan-cleanup")
+def scan_cleanup(dest_id: str) -> Response:
+    """Queue a scan that also soft-deletes stale records."""
+    return _request(dest_id, "scan_cleanup")
+
+
+@bp.post("/storage/destinations/<dest_id>/cleanup-orphans")
+def cleanup_orphans(dest_id: str) -> Response:
+    """Queue an orphan cleanup."""
+    return _request(dest_id, "orphan_cleanup")
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    """A job's status, progress and result."""
+    job = load_job(parse_uuid(job_id, "id"))
+    return jsonify(job_to_dict(job))

@@ -1,0 +1,72 @@
+"""Request metrics in a registry of the app's own, served at ``GET /metrics``.
+
+Labels use the matched route *template* (``/api/jobs/<job_id>``), never the raw path:
+raw paths would create a time series per id (unbounded cardinality).
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+
+from api.context import state
+
+bp = Blueprint("metrics", __name__)
+UNMATCHED = "<unmatched>"
+
+
+class ApiMetrics:
+    """The app's collectors."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ocore_api_requests",
+            "HTTP requests by route template, method and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ocore_api_request_duration_seconds",
+            "Time to produce the response (streamed bodies: until the first byte).",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+
+
+def _route() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else UNMATCHED
+
+
+def _start() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _observe(response: Response) -> Response:
+    started: float | None = g.get("metrics_started")
+    if started is None:
+        return response
+    metrics: ApiMetrics = state().extras["metrics"]
+    labels = {"method": request.method, "route": _route(), "status": str(response.status_code)}
+    metrics.requests.labels(**labels).inc()
+    metrics.latency.labels(**labels).observe(time.perf_counter() - started)
+    return response
+
+
+@bp.get("/metrics")
+def metrics_view() -> Response:
+    """Prometheus text exposition of this app's registry."""
+    metrics: ApiMetrics = state().extras["metrics"]
+    return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask) -> ApiMetrics:
+    """Create the collectors and hook them around every request."""
+    metrics = ApiMetrics()
+    app.before_request(_start)
+    app.after_request(_observe)
+    return metrics

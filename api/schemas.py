@@ -1,0 +1,198 @@
+"""JSON Schemas of the API's bodies (components of the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+J = dict[str, Any]
+
+STR: J = {"type": "string"}
+INT: J = {"type": "integer"}
+UUID: J = {"type": "string", "format": "uuid"}
+TS: J = {"type": ["string", "null"], "format": "date-time"}
+ANY_OBJ: J = {"type": "object"}
+
+
+def obj(required: list[str] | None = None, extra: bool = True, **props: J) -> J:
+    """An object schema listing its properties."""
+    schema: J = {"type": "object", "properties": props}
+    if required is not None:
+        schema["required"] = required
+    if not extra:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def nullable(schema: J) -> J:
+    """``schema`` or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+FIGURES = obj(
+    [
+        "files",
+        "bytes",
+        "linked_files",
+        "linked_bytes",
+        "orphan_files",
+        "orphan_bytes",
+        "missing_records",
+        "ambiguous_files",
+    ],
+    files=INT,
+    bytes=INT,
+    linked_files=INT,
+    linked_bytes=INT,
+    orphan_files=INT,
+    orphan_bytes=INT,
+    missing_records=INT,
+    ambiguous_files=INT,
+)
+
+LINK = obj(
+    ["type", "id", "destination_id", "deleted", "ambiguous"],
+    type={"type": "string", "enum": ["backup", "snapshot"]},
+    id=UUID,
+    destination_id=UUID,
+    path=STR,
+    deleted={"type": "boolean"},
+    ambiguous={"type": "boolean", "description": "Matched only after loose normalisation"},
+)
+
+BROWSE_ENTRY = obj(
+    ["name", "path", "size", "last_modified", "is_dir", "linked"],
+    name=STR,
+    path=STR,
+    size={"type": ["integer", "null"]},
+    last_modified=TS,
+    is_dir={"type": "boolean"},
+    linked={
+        "type": ["array", "null"],
+        "items": LINK,
+        "description": "Records referencing the file ([] = orphan); null for folders",
+    },
+)
+
+ANALYTICS_ROW = obj(
+    ["id", "destination_id", "status", "started_at", "finished_at", "details"],
+    id=UUID,
+    destination_id=UUID,
+    job_id=nullable(UUID),
+    status=STR,
+    started_at=TS,
+    finished_at=TS,
+    total_files=INT,
+    total_bytes=INT,
+    linked_files=INT,
+    linked_bytes=INT,
+    orphan_files=INT,
+    orphan_bytes=INT,
+    missing_records=INT,
+    ambiguous_files=INT,
+    duration_seconds={"type": "number"},
+    details=ANY_OBJ,
+)
+
+PROJECT_DEST = obj(
+    ["id", "name", "kind", "last_scan_at", "figures", "counted", "merged_into"],
+    id=UUID,
+    name=STR,
+    kind=STR,
+    root_prefix=STR,
+    last_scan_at=TS,
+    scan_status={"type": ["string", "null"]},
+    figures=nullable(FIGURES),
+    counted={"type": "boolean", "description": "Its scan is part of the totals"},
+    merged_into=nullable(UUID),
+)
+
+JOB = obj(
+    ["id", "type", "status", "phase", "created_at"],
+    id=UUID,
+    type={"type": "string", "enum": ["scan", "scan_cleanup", "orphan_cleanup", "purge"]},
+    destination_id=nullable(UUID),
+    status=STR,
+    phase=STR,
+    progress=ANY_OBJ,
+    params=ANY_OBJ,
+    attempts=INT,
+    result={"type": ["object", "null"]},
+    error={"type": ["string", "null"]},
+    requested_by=STR,
+    created_at=TS,
+    started_at=TS,
+    finished_at=TS,
+)
+
+SCHEMAS: J = {
+    "Error": obj(
+        ["error", "message"],
+        error={"type": "string", "description": "Stable machine-readable code"},
+        message=STR,
+        links={"type": "array", "items": LINK, "description": "On file_linked (409)"},
+    ),
+    "Message": obj(["message"], message=STR),
+    "Health": obj(["status"], status=STR),
+    "Readiness": obj(
+        ["status", "checks"],
+        status={"type": "string", "enum": ["ready", "unavailable"]},
+        checks={"type": "object", "additionalProperties": STR},
+    ),
+    "ProjectStorage": obj(
+        ["project_id", "totals", "destinations", "merged", "last_scan_at"],
+        project_id=UUID,
+        totals=FIGURES,
+        destinations={"type": "array", "items": PROJECT_DEST},
+        merged={
+            "type": "array",
+            "items": obj(
+                ["counted", "merged"],
+                counted=UUID,
+                merged={"type": "array", "items": UUID},
+                reason=STR,
+            ),
+        },
+        last_scan_at=TS,
+    ),
+    "Analytics": obj(["analytics"], analytics=ANALYTICS_ROW),
+    "BrowsePage": obj(
+        ["files", "next_cursor"],
+        files={"type": "array", "items": BROWSE_ENTRY},
+        next_cursor={"type": ["string", "null"]},
+    ),
+    "DownloadUrl": obj(["url", "expires_in"], url=STR, expires_in=INT),
+    "Deleted": obj(["message", "path"], message=STR, path=STR, audit_id=UUID),
+    "Uploaded": obj(["message", "path"], message=STR, path=STR),
+    "JobAccepted": obj(
+        ["message", "job_id", "status"],
+        message=STR,
+        job_id=UUID,
+        status=STR,
+        created={"type": "boolean", "description": "false: the job was already queued"},
+    ),
+    "Job": JOB,
+    "ArchivedPage": obj(
+        ["items", "total_count"],
+        items={
+            "type": "array",
+            "items": obj(
+                ["deleted_at", "id", "metadata", "name", "type"],
+                deleted_at=STR,
+                id=UUID,
+                metadata=ANY_OBJ,
+                name=STR,
+                type=STR,
+            ),
+        },
+        total_count=INT,
+    ),
+    "Purged": obj(
+        ["message", "deleted", "files_pending", "job_ids"],
+        message=STR,
+        id=UUID,
+        type=STR,
+        deleted={"type": "object", "additionalProperties": INT},
+        files_pending=INT,
+        job_ids={"type": "array", "items": UUID},
+    ),
+}

@@ -1,0 +1,174 @@
+"""The storage browser: project totals, scan analytics, browse, download, delete, upload.
+
+Every view resolves the destination through :func:`api.auth.load_destination` (404 for
+another organization) and validates paths before a backend is opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, cast
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
+
+from api.analytics import analytics_to_dict, project_storage
+from api.auth import current_principal, load_destination, load_project
+from api.context import db, settings
+from api.errors import ApiError, bad_request, not_found
+from api.files import (
+    delete_with_audit,
+    link_to_dict,
+    refuse_if_linked,
+    stream_file,
+    stream_size,
+)
+from api.params import json_body, parse_uuid, query_int, safe_path, safe_prefix
+from db.models import BackupDestination, StorageAnalytics
+from storage_backends.base import BrowseEntry, StorageBackend
+from storage_backends.errors import NotFoundError
+from storage_backends.registry import open_backend
+from tasks.linking import find_links
+
+bp = Blueprint("storage", __name__, url_prefix="/api")
+
+BROWSE_DEFAULT_LIMIT = 100
+BROWSE_MAX_LIMIT = 1000
+MAX_CURSOR_CHARS = 4096
+DOWNLOAD_MAX_EXPIRY = 900
+
+
+@contextmanager
+def backend_of(dest: BackupDestination) -> Iterator[StorageBackend]:
+    """The destination's backend, closed afterwards."""
+    backend = open_backend(dest, settings())
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _destination(dest_id: str) -> BackupDestination:
+    return load_destination(parse_uuid(dest_id, "destId"))
+
+
+@bp.get("/projects/<project_id>/storage")
+def get_project_storage(project_id: str) -> Response:
+    """Aggregated analytics of the project's destinations, overlaps counted once."""
+    project = load_project(parse_uuid(project_id, "id"))
+    return jsonify(project_storage(db(), project.id))
+
+
+@bp.get("/storage/destinations/<dest_id>/analytics")
+def get_analytics(dest_id: str) -> Response:
+    """The destination's most recent scan row."""
+    dest = _destination(dest_id)
+    row = (
+        db()
+        .scalars(
+            select(StorageAnalytics)
+            .where(StorageAnalytics.destination_id == dest.id)
+            .order_by(StorageAnalytics.finished_at.desc(), StorageAnalytics.id.desc())
+            .limit(1)
+        )
+        .first()
+    )
+    if row is None:
+        raise not_found(f"destination {dest.id} has never been scanned: POST .../scan first")
+    return jsonify({"analytics": analytics_to_dict(row)})
+
+
+def _entry(entry: BrowseEntry, links: dict[str, list[Any]]) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "path": entry.path,
+        "size": entry.size,
+        "last_modified": entry.last_modified.isoformat() if entry.last_modified else None,
+        "is_dir": entry.is_dir,
+        "linked": None if entry.is_dir else [link_to_dict(r) for r in links.get(entry.path, [])],
+    }
+
+
+@bp.get("/storage/destinations/<dest_id>/browse")
+def browse(dest_id: str) -> Response:
+    """One level of the destination; each file lists the records that reference it."""
+    prefix = safe_prefix(request.args.get("prefix"))
+    limit = query_int("limit", BROWSE_DEFAULT_LIMIT, 1, BROWSE_MAX_LIMIT)
+    cursor = request.args.get("cursor") or None
+    if cursor is not None and len(cursor) > MAX_CURSOR_CHARS:
+        raise bad_request("cursor is not valid", "invalid_cursor")
+    dest = _destination(dest_id)
+    with backend_of(dest) as backend:
+        page = backend.browse(prefix, limit, cursor)
+    files = [e.path for e in page.entries if not e.is_dir]
+    links = find_links(db(), dest, files)
+    return jsonify(
+        {
+            "files": [_entry(e, links) for e in page.entries],
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@bp.get("/storage/destinations/<dest_id>/download")
+def download(dest_id: str) -> Response:
+    """A presigned URL where the backend can sign, else the file's bytes, streamed."""
+    path = safe_path(request.args.get("path"))
+    dest = _destination(dest_id)
+    expiry = max(1, min(settings().download_url_expiry, DOWNLOAD_MAX_EXPIRY))
+    backend = open_backend(dest, settings())
+    try:
+        info = backend.stat(path)
+        url = backend.download_url(path, expiry)
+        if url is not None:
+            backend.close()
+            return jsonify({"url": url, "expires_in": expiry})
+    except BaseException:
+        backend.close()
+        raise
+    return stream_file(backend, info)  # closes the backend when the stream ends
+
+
+def _delete_path() -> str:
+    raw = request.args.get("path")
+    if raw is None:
+        body = json_body(frozenset({"path"}))
+        raw = body.get("path")
+        if raw is not None and not isinstance(raw, str):
+            raise bad_request("path must be a string", "invalid_path")
+    return safe_path(raw)
+
+
+@bp.delete("/storage/destinations/<dest_id>/files")
+def delete_file(dest_id: str) -> Response:
+    """Delete one unreferenced file, with an audit row (409 when a record links it)."""
+    path = _delete_path()
+    dest = _destination(dest_id)
+    actor = current_principal().sub
+    with backend_of(dest) as backend:
+        info = backend.stat(path)
+        audit = delete_with_audit(db(), backend, dest, info, actor)
+    return jsonify({"message": f"deleted {path}", "path": path, "audit_id": str(audit.id)})
+
+
+@bp.post("/storage/destinations/<dest_id>/upload")
+def upload(dest_id: str) -> Response:
+    """Stream a multipart ``file`` field to ``path``; never overwrites a linked file."""
+    path = safe_path(request.args.get("path"))
+    dest = _destination(dest_id)
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "upload needs multipart/form-data")
+    storage = request.files.get("file")  # 413 here when over MAX_CONTENT_LENGTH/parts
+    if storage is None:
+        raise bad_request("the multipart field 'file' is missing")
+    with backend_of(dest) as backend:
+        try:
+            backend.stat(path)
+        except NotFoundError:
+            pass
+        else:
+            refuse_if_linked(db(), dest, path, "overwrite")
+        stream = cast(BinaryIO, storage.stream)
+        info = backend.upload(path, stream, stream_size(stream))
+    return jsonify({"message": f"uploaded {info.size} bytes", "path": info.path})
