@@ -125,6 +125,7 @@ class StorageBackend(abc.ABC):
 
     def download_url(self, path: str, expires_seconds: int = 900) -> str | None:
         """A time-limited URL, or ``None`` where the backend cannot sign (SFTP, local)."""
+        self.check_path(path)
         return None
 
     @abc.abstractmethod
@@ -139,6 +140,8 @@ class StorageBackend(abc.ABC):
     def delete_many(self, paths: Iterable[str]) -> DeleteResult:
         """Delete up to :data:`MAX_DELETE_BATCH` files, reporting each key's outcome."""
         keys = list(paths)
+        for key in keys:
+            self.check_path(key)  # all or nothing: an unsafe key rejects the batch
         if len(keys) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()

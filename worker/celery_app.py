@@ -77,6 +77,10 @@ def make_celery(settings: Settings) -> Celery:
 
 app = make_celery(get_settings())
 
+# Celery signal handlers (JSON logging, /metrics). Imported here too so that a
+# standalone `celery beat` logs like the worker.
+import worker.signals  # noqa: E402, F401
+
 
 def send(name: str, args: list[str], queue: str) -> None:
     """Send a task by name (the API and CLI need not import task code)."""

@@ -41,6 +41,9 @@ def _engine(settings: Settings) -> Any:
 @click.group()
 def cli() -> None:
     """Scan, reconcile and clean the backup storage of the oCore platform."""
+    from worker.logging import configure_logging
+
+    configure_logging(_settings())
 
 
 @cli.group()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from db.models import ACTIVE_JOB_STATUSES, JOB_TYPES, BackupDestination, Job
 from db.types import utcnow
 from storage_backends.paths import normalize_root
+from worker import metrics
 
 #: job type -> (Celery task name, queue)
 TASKS: dict[str, tuple[str, str]] = {
@@ -88,6 +89,7 @@ def request_job(
         if existing is None:
             raise
         return existing, False
+    metrics.JOBS_ENQUEUED.labels(job_type).inc()
     return job, True
 
 

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     # Ports
     metrics_port: int = 9808
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     api_host: str = "127.0.0.1"
     api_port: int = 8080
 

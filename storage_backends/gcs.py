@@ -1,0 +1,352 @@
+"""Google Cloud Storage through google-cloud-storage (also fake-gcs-server).
+
+Retries: ``google.api_core.retry`` on every request, counted into ``backend.retries``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
+
+import requests
+from google.api_core import exceptions as gexc
+from google.api_core import retry as gretry
+from google.auth import exceptions as auth_exc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.oauth2 import service_account
+
+from storage_backends.base import (
+    MAX_DELETE_BATCH,
+    PAGE_SIZE,
+    BrowseEntry,
+    BrowsePage,
+    DeleteResult,
+    ObjectInfo,
+    StorageBackend,
+)
+from storage_backends.errors import (
+    InvalidPathError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageError,
+    TransientStorageError,
+)
+from storage_backends.paths import normalize_root
+
+#: google.api_core / google.auth exception -> our error. First match wins.
+ERROR_TABLE: tuple[tuple[type[BaseException], type[StorageError]], ...] = (
+    (gexc.NotFound, NotFoundError),
+    (gexc.Forbidden, PermissionDeniedError),
+    (gexc.Unauthorized, PermissionDeniedError),
+    (auth_exc.RefreshError, PermissionDeniedError),
+    (gexc.TooManyRequests, TransientStorageError),
+    (gexc.ServiceUnavailable, TransientStorageError),
+    (gexc.InternalServerError, TransientStorageError),
+    (gexc.BadGateway, TransientStorageError),
+    (gexc.GatewayTimeout, TransientStorageError),
+    (gexc.RetryError, TransientStorageError),
+    (auth_exc.TransportError, TransientStorageError),
+    (requests.ConnectionError, TransientStorageError),
+    (requests.Timeout, TransientStorageError),
+    (ConnectionError, TransientStorageError),
+)
+
+DELETE_THREADS = 4
+
+
+def translate(err: BaseException, what: str) -> StorageError:
+    """Our error for a google-cloud exception (callers ``raise ... from err``)."""
+    if isinstance(err, StorageError):
+        return err
+    for source, target in ERROR_TABLE:
+        if isinstance(err, source):
+            return target(f"{what}: {err}")
+    return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+def _encode_cursor(token: str | None, skip: int) -> str:
+    raw = json.dumps([token, skip]).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def _decode_cursor(cursor: str) -> tuple[str | None, int]:
+    try:
+        token, skip = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
+    except (ValueError, TypeError) as err:
+        raise InvalidPathError("cursor is not valid") from err
+    if not (token is None or isinstance(token, str)) or not isinstance(skip, int) or skip < 0:
+        raise InvalidPathError("cursor is not valid")
+    return token, skip
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+def _etag(value: str | None) -> str | None:
+    return value.strip('"') if value else None
+
+
+class GCSBackend(StorageBackend):
+    """A GCS bucket, rooted at a prefix."""
+
+    kind = "gcs"
+
+    def __init__(
+        self,
+        client: storage.Client,
+        bucket: str,
+        root: str = "",
+        *,
+        can_sign: bool = False,
+        endpoint: str | None = None,
+        options: dict[str, Any] | None = None,
+        url_expiry: int = 900,
+    ) -> None:
+        super().__init__(root)
+        options = dict(options or {})
+        self.client = client
+        self.bucket = client.bucket(bucket)
+        self.can_sign = can_sign
+        self.endpoint = endpoint
+        self.url_expiry = url_expiry
+        #: Uploads above this size go resumable in chunks (multiples of 256 KiB).
+        self.multipart_threshold = int(options.get("multipart_threshold", 8 * 1024**2))
+        chunk = int(options.get("multipart_chunksize", 8 * 1024**2))
+        self.chunk_size = max(256 * 1024, chunk - chunk % (256 * 1024))
+        self.retry = gretry.Retry(
+            predicate=gretry.if_transient_error,
+            initial=float(options.get("retry_initial", 0.1)),
+            maximum=float(options.get("retry_maximum", 5.0)),
+            multiplier=2.0,
+            timeout=float(options.get("retry_timeout", 60.0)),
+            on_error=self._count_retry,
+        )
+
+    def _count_retry(self, _err: BaseException) -> None:
+        self.retries += 1
+
+    @contextmanager
+    def _op(self, operation: str, what: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            mapped = translate(err, f"{operation} {what}")
+            self._record(operation, type(mapped).__name__, started)
+            if mapped is err:
+                raise
+            raise mapped from err
+        self._record(operation, "ok", started)
+
+    def _key(self, path: str) -> str:
+        return self.root + path
+
+    def _rel(self, name: str) -> str:
+        if not name.startswith(self.root):
+            raise StorageError(f"server listed {name!r} outside root {self.root!r}")
+        return name[len(self.root) :]
+
+    def _info(self, blob: storage.Blob, path: str) -> ObjectInfo:
+        return ObjectInfo(
+            path, int(blob.size or 0), _utc(blob.updated), _etag(blob.etag), blob.storage_class
+        )
+
+    # -- listing ---------------------------------------------------------------------
+    def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+        """Every object under ``prefix``, one server page (``pageToken``) at a time."""
+        full = self.root + self.check_prefix(prefix)
+        return self._walk(full, max(1, min(page_size, 1000)))
+
+    def _walk(self, full: str, page_size: int) -> Iterator[list[ObjectInfo]]:
+        iterator = self.client.list_blobs(
+            self.bucket, prefix=full, page_size=page_size, retry=self.retry
+        )
+        with self._op("list", full or "/"):
+            for server_page in iterator.pages:
+                page = [
+                    self._info(b, self._rel(b.name)) for b in server_page if b.name != self.root
+                ]
+                if page:
+                    yield page
+
+    def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
+        """One level under ``prefix`` (delimiter ``/``), at most ``limit`` entries.
+
+        fake-gcs-server returns every sub-folder regardless of the page size, so a server
+        page may hold more than ``limit`` entries: the opaque cursor is (server page
+        token, entries of that page already returned).
+        """
+        prefix = self.check_prefix(prefix)
+        full = self.root + prefix
+        token, skip = _decode_cursor(cursor) if cursor else (None, 0)
+        limit = max(1, limit)
+        iterator = self.client.list_blobs(
+            self.bucket,
+            prefix=full,
+            delimiter="/",
+            page_size=limit,
+            page_token=token,
+            retry=self.retry,
+        )
+        with self._op("browse", full or "/"):
+            page = next(iterator.pages, None)
+        if page is None:
+            return BrowsePage([])
+        entries = [BrowseEntry(p[len(full) : -1], self._rel(p), True) for p in page.prefixes]
+        for blob in page:
+            if blob.name == full:
+                continue  # the folder's own marker object
+            rel = self._rel(blob.name)
+            entries.append(
+                BrowseEntry(rel[len(prefix) :], rel, False, int(blob.size or 0), _utc(blob.updated))
+            )
+        entries.sort(key=lambda e: e.path)
+        if len(entries) > skip + limit:
+            return BrowsePage(entries[skip : skip + limit], _encode_cursor(token, skip + limit))
+        next_token = iterator.next_page_token
+        return BrowsePage(entries[skip:], _encode_cursor(next_token, 0) if next_token else None)
+
+    def stat(self, path: str) -> ObjectInfo:
+        """Object metadata; :class:`NotFoundError` when absent."""
+        key = self._key(self.check_path(path))
+        with self._op("stat", key):
+            blob = self.bucket.get_blob(key, retry=self.retry)
+            if blob is None:
+                raise NotFoundError(path)
+        return self._info(blob, path)
+
+    # -- data ------------------------------------------------------------------------
+    def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """Stream the object by ranged reads; the path is checked now."""
+        key = self._key(self.check_path(path))
+        return self._read(key, chunk_size)
+
+    def _read(self, key: str, chunk_size: int) -> Iterator[bytes]:
+        blob = self.bucket.blob(key)
+        with self._op("read", key), blob.open("rb", chunk_size=chunk_size, retry=self.retry) as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def download_url(self, path: str, expires_seconds: int | None = None) -> str | None:
+        """A V4 signed URL when the credentials can sign (service account), else ``None``."""
+        key = self._key(self.check_path(path))
+        if not self.can_sign:
+            return None
+        expiry = expires_seconds if expires_seconds is not None else self.url_expiry
+        kwargs: dict[str, Any] = {}
+        if self.endpoint:
+            kwargs["api_access_endpoint"] = self.endpoint
+        with self._op("presign", key):
+            url: str = self.bucket.blob(key).generate_signed_url(
+                version="v4", expiration=timedelta(seconds=expiry), method="GET", **kwargs
+            )
+        return url
+
+    def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        """Single request below the threshold, resumable chunks above (or size unknown).
+
+        GCS makes an object visible only when its upload finalises, so a failed upload
+        leaves nothing at ``path``.
+        """
+        key = self._key(self.check_path(path))
+        blob = self.bucket.blob(key)
+        if size is None or size > self.multipart_threshold:
+            blob.chunk_size = self.chunk_size
+        with self._op("upload", key):
+            blob.upload_from_file(stream, size=size, retry=self.retry)
+        return self.stat(path)
+
+    # -- deletion --------------------------------------------------------------------
+    def delete(self, path: str) -> None:
+        """Delete one object; a missing object is success."""
+        key = self._key(self.check_path(path))
+        try:
+            with self._op("delete", key):
+                self.bucket.delete_blob(key, retry=self.retry)
+        except NotFoundError:
+            return
+
+    def delete_many(self, paths: Iterable[str]) -> DeleteResult:
+        """Per-key deletes in a small thread pool.
+
+        ``client.batch()`` would save round trips but fails on fake-gcs-server ("not
+        multi-part") and reports per-key errors less precisely; per-key requests give an
+        exact outcome for every key.
+        """
+        rel_paths = [self.check_path(p) for p in paths]
+        if len(rel_paths) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
+        result = DeleteResult()
+        with ThreadPoolExecutor(DELETE_THREADS) as pool:
+            outcomes = list(pool.map(self._delete_outcome, rel_paths))
+        for rel, error in zip(rel_paths, outcomes, strict=True):
+            if error is None:
+                result.deleted.append(rel)
+            else:
+                result.errors[rel] = error
+        return result
+
+    def _delete_outcome(self, path: str) -> str | None:
+        try:
+            self.delete(path)
+        except StorageError as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def close(self) -> None:
+        """Close the client's HTTP session."""
+        self.client.close()
+
+
+def _client(
+    dest: Any, credentials: dict[str, Any], options: dict[str, Any]
+) -> tuple[storage.Client, bool]:
+    client_options = {"api_endpoint": dest.endpoint} if dest.endpoint else None
+    info = credentials.get("service_account")
+    if not info or credentials.get("anonymous"):
+        project = options.get("project") or "anonymous"
+        anon = storage.Client(
+            project=project, credentials=AnonymousCredentials(), client_options=client_options
+        )
+        return anon, False
+    if dest.endpoint:
+        # A custom endpoint (emulator, on-premises gateway) is its own universe: the
+        # credentials then sign self-signed JWTs locally and never call Google's token
+        # or regional-access-boundary endpoints.
+        universe = options.get("universe_domain") or "custom-endpoint.invalid"
+        info = {**info, "universe_domain": universe}
+        client_options = {"api_endpoint": dest.endpoint, "universe_domain": universe}
+    creds = service_account.Credentials.from_service_account_info(
+        info, scopes=["https://www.googleapis.com/auth/devstorage.full_control"]
+    )
+    project = options.get("project") or info.get("project_id")
+    return storage.Client(project=project, credentials=creds, client_options=client_options), True
+
+
+def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> GCSBackend:
+    """A :class:`GCSBackend` for a ``backup_destinations`` row.
+
+    ``credentials``: ``{"service_account": {...key JSON...}}``, or empty /
+    ``{"anonymous": true}`` for AnonymousCredentials (emulators, public buckets).
+    ``dest.endpoint``: API endpoint (emulator); ``dest.options``: ``project``,
+    ``multipart_threshold``, ``multipart_chunksize``, retry timings.
+    """
+    options = dict(dest.options or {})
+    client, can_sign = _client(dest, credentials, options)
+    return GCSBackend(
+        client,
+        dest.bucket,
+        normalize_root(dest.root_prefix or ""),
+        can_sign=can_sign,
+        endpoint=dest.endpoint or None,
+        options=options,
+        url_expiry=int(getattr(settings, "download_url_expiry", 900)),
+    )

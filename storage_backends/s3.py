@@ -1,0 +1,513 @@
+"""Amazon S3 and S3-compatible servers (SeaweedFS, MinIO, moto) through boto3.
+
+The walk is the hot path: boto3 spends ~80 µs parsing each listed key, so ListObjectsV2
+is sent by hand (signed with botocore's SigV4 signer, on a pooled urllib3 connection) and
+parsed with the C ElementTree parser. Everything else goes through the boto3 client.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
+
+import boto3
+import urllib3
+from boto3.s3.transfer import TransferConfig
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.httpsession import get_cert_path
+
+from storage_backends.base import (
+    MAX_DELETE_BATCH,
+    PAGE_SIZE,
+    BrowseEntry,
+    BrowsePage,
+    DeleteResult,
+    MultipartUpload,
+    ObjectInfo,
+    StorageBackend,
+)
+from storage_backends.errors import (
+    BackendUnavailableError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageError,
+    TransientStorageError,
+)
+from storage_backends.paths import normalize_root
+from storage_backends.retry import call_with_retry
+
+# Never fall back to the instance-metadata address (TEST_SERVERS.md, SAFETY of tests).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+#: S3 error code (or HTTP status) -> our error. One table for boto3 and the raw listing.
+ERROR_TABLE: dict[str, type[StorageError]] = {
+    "NoSuchKey": NotFoundError,
+    "NoSuchBucket": NotFoundError,
+    "NoSuchUpload": NotFoundError,
+    "NotFound": NotFoundError,
+    "404": NotFoundError,
+    "AccessDenied": PermissionDeniedError,
+    "AllAccessDisabled": PermissionDeniedError,
+    "InvalidAccessKeyId": PermissionDeniedError,
+    "SignatureDoesNotMatch": PermissionDeniedError,
+    "ExpiredToken": PermissionDeniedError,
+    "InvalidToken": PermissionDeniedError,
+    "403": PermissionDeniedError,
+    "401": PermissionDeniedError,
+    "SlowDown": TransientStorageError,
+    "ServiceUnavailable": TransientStorageError,
+    "InternalError": TransientStorageError,
+    "RequestTimeout": TransientStorageError,
+    "RequestTimeTooSkewed": TransientStorageError,
+    "Throttling": TransientStorageError,
+    "ThrottlingException": TransientStorageError,
+    "RequestLimitExceeded": TransientStorageError,
+    "TooManyRequests": TransientStorageError,
+    "429": TransientStorageError,
+    "500": TransientStorageError,
+    "502": TransientStorageError,
+    "503": TransientStorageError,
+    "504": TransientStorageError,
+}
+
+_TRANSIENT_BOTO = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ReadTimeoutError,
+    ConnectTimeoutError,
+)
+
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+def error_for(code: str, status: int | str, message: str) -> StorageError:
+    """Our error for an S3 error ``code`` (preferred) or HTTP ``status``."""
+    cls = ERROR_TABLE.get(code) or ERROR_TABLE.get(str(status))
+    if cls is None:
+        cls = TransientStorageError if str(status).startswith("5") else StorageError
+    return cls(message)
+
+
+def translate(err: BaseException, what: str) -> StorageError:
+    """Translate a botocore/urllib3 exception at the boundary (callers ``raise ... from``)."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, ClientError):
+        info = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        code = str(info.get("Code", ""))
+        return error_for(code, status, f"{what}: {code or status} {info.get('Message', '')}")
+    if isinstance(err, (*_TRANSIENT_BOTO, urllib3.exceptions.HTTPError, ConnectionError)):
+        return TransientStorageError(f"{what}: {err}")
+    if isinstance(err, BotoCoreError):
+        return StorageError(f"{what}: {err}")
+    return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+def _strip_etag(etag: str | None) -> str | None:
+    return etag.strip('"') if etag else None
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def parse_list_page(data: bytes) -> tuple[list[ObjectInfo], str | None]:
+    """Parse one ListObjectsV2 response body: (objects with full keys, next token).
+
+    Keys are URL-decoded exactly once, and only when the server says it encoded them
+    (``<EncodingType>url``). S3, moto and SeaweedFS all send a literal ``+`` as ``%2B``
+    and may send a space as ``+`` (SeaweedFS does, moto sends ``%20``), so
+    ``unquote_plus`` is the one correct decoding, as in botocore.
+    """
+    root = ET.fromstring(data)  # noqa: S314 - our own request's response, no DTDs
+    encoded = False
+    truncated = False
+    token: str | None = None
+    items: list[ObjectInfo] = []
+    for child in root:
+        tag = _local(child.tag)
+        if tag == "Contents":
+            fields = {_local(f.tag): f.text for f in child}
+            items.append(
+                ObjectInfo(
+                    fields.get("Key") or "",
+                    int(fields.get("Size") or 0),
+                    _parse_time(fields.get("LastModified")),
+                    _strip_etag(fields.get("ETag")),
+                    fields.get("StorageClass"),
+                )
+            )
+        elif tag == "EncodingType":
+            encoded = (child.text or "").lower() == "url"
+        elif tag == "IsTruncated":
+            truncated = (child.text or "").lower() == "true"
+        elif tag == "NextContinuationToken":
+            token = child.text
+    if encoded:
+        items = [
+            ObjectInfo(unquote_plus(o.path), o.size, o.last_modified, o.etag, o.storage_class)
+            for o in items
+        ]
+    return items, token if truncated else None
+
+
+def _parse_error(data: bytes) -> tuple[str, str]:
+    try:
+        root = ET.fromstring(data)  # noqa: S314 - server error document
+    except ET.ParseError:
+        return "", data[:200].decode("utf-8", "replace")
+    fields = {_local(f.tag): f.text or "" for f in root}
+    return fields.get("Code", ""), fields.get("Message", "")
+
+
+class S3Backend(StorageBackend):
+    """A bucket (or a root prefix inside it) on S3 or an S3-compatible server."""
+
+    kind = "s3"
+
+    def __init__(
+        self,
+        session: boto3.session.Session,
+        bucket: str,
+        root: str = "",
+        *,
+        endpoint: str | None = None,
+        options: dict[str, Any] | None = None,
+        url_expiry: int = 900,
+    ) -> None:
+        super().__init__(root)
+        options = dict(options or {})
+        self.bucket = bucket
+        self.region = session.region_name or "us-east-1"
+        self.url_expiry = url_expiry
+        self.addressing_style = options.get("addressing_style") or (
+            "path" if endpoint else "virtual"
+        )
+        self.client = session.client(
+            "s3", endpoint_url=endpoint, config=self._client_config(options)
+        )
+        self.client.meta.events.register("after-call.s3", self._count_botocore_retries)
+        self._credentials = session.get_credentials()
+        if self._credentials is None:
+            raise BackendUnavailableError("no S3 credentials: set access_key_id/secret_access_key")
+        self.transfer_config = TransferConfig(
+            multipart_threshold=int(options.get("multipart_threshold", 64 * 1024**2)),
+            multipart_chunksize=int(options.get("multipart_chunksize", 16 * 1024**2)),
+            max_concurrency=int(options.get("max_concurrency", 4)),
+        )
+        self._list_url = self._bucket_url(self.client.meta.endpoint_url)
+        self._http = urllib3.PoolManager(
+            maxsize=4,
+            retries=False,
+            timeout=urllib3.Timeout(
+                connect=float(options.get("connect_timeout", 10)),
+                read=float(options.get("read_timeout", 60)),
+            ),
+            ca_certs=options.get("ca_bundle")
+            or os.environ.get("AWS_CA_BUNDLE")
+            or get_cert_path(True),
+        )
+
+    def _client_config(self, options: dict[str, Any]) -> Config:
+        return Config(
+            # SigV4 everywhere; botocore would presign URLs with legacy SigV2 otherwise.
+            signature_version="s3v4",
+            s3={"addressing_style": self.addressing_style},
+            retries={
+                "mode": "standard",
+                "max_attempts": int(options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)),
+            },
+            connect_timeout=float(options.get("connect_timeout", 10)),
+            read_timeout=float(options.get("read_timeout", 60)),
+            max_pool_connections=int(options.get("max_pool_connections", 16)),
+            # S3-compatible servers reject or mangle the newer default CRC checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+
+    def _bucket_url(self, endpoint_url: str) -> str:
+        parts = urlsplit(endpoint_url)
+        if self.addressing_style == "virtual":
+            return urlunsplit((parts.scheme, f"{self.bucket}.{parts.netloc}", "/", "", ""))
+        path = parts.path.rstrip("/") + "/" + quote(self.bucket, safe="")
+        return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+    def _count_botocore_retries(self, parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        if parsed:
+            self.retries += int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+
+    @contextmanager
+    def _op(self, operation: str, what: str) -> Iterator[None]:
+        """Time one request for ``request_hook`` and translate its errors."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            if isinstance(err, ClientError):
+                meta = err.response.get("ResponseMetadata", {})
+                self.retries += int(meta.get("RetryAttempts", 0))
+            mapped = translate(err, f"{operation} {what}")
+            self._record(operation, type(mapped).__name__, started)
+            if mapped is err:
+                raise
+            raise mapped from err
+        self._record(operation, "ok", started)
+
+    def _key(self, path: str) -> str:
+        return self.root + path
+
+    def _rel(self, key: str) -> str:
+        if not key.startswith(self.root):
+            # Fail closed: a key outside the root must never reach a caller (SAFETY).
+            raise StorageError(f"server listed {key!r} outside root {self.root!r}")
+        return key[len(self.root) :]
+
+    # -- listing ---------------------------------------------------------------------
+    def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+        """Every object under ``prefix``, one server page at a time, in key byte order.
+
+        Keys come back byte-exact, including ``a//b`` and ``a/`` where the server keeps
+        them (SeaweedFS collapses ``//`` on write). The root's own marker key is skipped.
+        """
+        full = self.root + self.check_prefix(prefix)
+        return self._walk(full, max(1, min(page_size, 1000)))
+
+    def _walk(self, full_prefix: str, max_keys: int) -> Iterator[list[ObjectInfo]]:
+        token: str | None = None
+        while True:
+            items, token = call_with_retry(
+                self, functools.partial(self._list_page, full_prefix, max_keys, token)
+            )
+            page = [self._relative_info(o) for o in items if o.path != self.root]
+            if page:
+                yield page
+            if token is None:
+                return
+
+    def _relative_info(self, info: ObjectInfo) -> ObjectInfo:
+        return ObjectInfo(
+            self._rel(info.path), info.size, info.last_modified, info.etag, info.storage_class
+        )
+
+    def _list_page(
+        self, prefix: str, max_keys: int, token: str | None
+    ) -> tuple[list[ObjectInfo], str | None]:
+        params = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
+        if prefix:
+            params["prefix"] = prefix
+        if token:
+            params["continuation-token"] = token
+        # SigV4 signs the query as sent: encode it once, sorted, RFC 3986 unreserved only.
+        query = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+        request = AWSRequest(method="GET", url=f"{self._list_url}?{query}")
+        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+        prepared = request.prepare()
+        with self._op("list", prefix or "/"):
+            response = self._http.request(
+                "GET", prepared.url, headers=dict(prepared.headers.items()), preload_content=True
+            )
+            if response.status != 200:
+                code, message = _parse_error(response.data)
+                raise error_for(code, response.status, f"list {prefix}: {code} {message}")
+            return parse_list_page(response.data)
+
+    def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
+        """One level under ``prefix`` (delimiter ``/``); the cursor is S3's own token."""
+        prefix = self.check_prefix(prefix)
+        full = self.root + prefix
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": full,
+            "Delimiter": "/",
+            "MaxKeys": max(1, limit),
+        }
+        if cursor:
+            kwargs["ContinuationToken"] = cursor
+        with self._op("browse", full or "/"):
+            resp = self.client.list_objects_v2(**kwargs)
+        entries = [
+            BrowseEntry(p["Prefix"][len(full) : -1], self._rel(p["Prefix"]), True)
+            for p in resp.get("CommonPrefixes", [])
+        ]
+        for obj in resp.get("Contents", []):
+            if obj["Key"] == full:
+                continue  # the folder's own marker object
+            rel = self._rel(obj["Key"])
+            entries.append(
+                BrowseEntry(rel[len(prefix) :], rel, False, obj["Size"], obj["LastModified"])
+            )
+        entries.sort(key=lambda e: e.path)
+        token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
+        return BrowsePage(entries, token)
+
+    def stat(self, path: str) -> ObjectInfo:
+        """HEAD the object; S3 omits the storage class header for STANDARD."""
+        key = self._key(self.check_path(path))
+        with self._op("stat", key):
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        return ObjectInfo(
+            path,
+            int(resp["ContentLength"]),
+            resp["LastModified"].astimezone(UTC),
+            _strip_etag(resp.get("ETag")),
+            resp.get("StorageClass", "STANDARD"),
+        )
+
+    # -- data ------------------------------------------------------------------------
+    def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """Stream the object; the path is checked now, the GET happens on first chunk."""
+        key = self._key(self.check_path(path))
+        return self._read(key, chunk_size)
+
+    def _read(self, key: str, chunk_size: int) -> Iterator[bytes]:
+        with self._op("read", key):
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+    def download_url(self, path: str, expires_seconds: int | None = None) -> str | None:
+        """A presigned GET URL (signed locally, no request)."""
+        key = self._key(self.check_path(path))
+        expiry = expires_seconds if expires_seconds is not None else self.url_expiry
+        with self._op("presign", key):
+            url: str = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expiry
+            )
+        return url
+
+    def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        """Managed transfer; above the threshold it is a multipart upload.
+
+        S3 makes either form visible only when complete; s3transfer aborts the multipart
+        upload when a part or the stream fails, so a failure leaves nothing behind.
+        """
+        key = self._key(self.check_path(path))
+        with self._op("upload", key):
+            self.client.upload_fileobj(stream, self.bucket, key, Config=self.transfer_config)
+        return self.stat(path)
+
+    # -- deletion --------------------------------------------------------------------
+    def delete(self, path: str) -> None:
+        """DeleteObject; S3 answers 204 for a missing key, which is success."""
+        key = self._key(self.check_path(path))
+        try:
+            with self._op("delete", key):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except NotFoundError:
+            return
+
+    def delete_many(self, paths: Iterable[str]) -> DeleteResult:
+        """One DeleteObjects call (Quiet=False) with the keys exactly as given.
+
+        Per-key ``Errors`` are reported, not raised; ``NoSuchKey`` counts as deleted and a
+        key the server neither confirmed nor refused is reported as an error (fail closed).
+        """
+        rel_paths = [self.check_path(p) for p in paths]
+        if len(rel_paths) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
+        result = DeleteResult()
+        if not rel_paths:
+            return result
+        objects = [{"Key": self._key(p)} for p in rel_paths]
+        with self._op("delete_many", f"{len(objects)} keys"):
+            resp = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": objects, "Quiet": False}
+            )
+        deleted = {d["Key"] for d in resp.get("Deleted", [])}
+        errors = {e["Key"]: e for e in resp.get("Errors", [])}
+        for rel in rel_paths:
+            key = self._key(rel)
+            err = errors.get(key)
+            if err is not None and err.get("Code") != "NoSuchKey":
+                result.errors[rel] = f"{err.get('Code')}: {err.get('Message', '')}"
+            elif err is not None or key in deleted:
+                result.deleted.append(rel)
+            else:
+                result.errors[rel] = "not confirmed by the server"
+        return result
+
+    # -- multipart -------------------------------------------------------------------
+    def list_multipart_uploads(self) -> Iterator[MultipartUpload]:
+        """Incomplete multipart uploads under the root, with the bytes they hold."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with self._op("list_uploads", self.root or "/"):
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self.root))
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                yield MultipartUpload(
+                    self._rel(upload["Key"]),
+                    upload["UploadId"],
+                    upload.get("Initiated"),
+                    self._upload_size(upload["Key"], upload["UploadId"]),
+                )
+
+    def _upload_size(self, key: str, upload_id: str) -> int:
+        paginator = self.client.get_paginator("list_parts")
+        total = 0
+        with self._op("list_parts", key):
+            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                total += sum(int(p.get("Size", 0)) for p in page.get("Parts", []))
+        return total
+
+    def abort_multipart_upload(self, path: str, upload_id: str) -> None:
+        """Abort one upload; an upload already gone is success."""
+        key = self._key(self.check_path(path))
+        try:
+            with self._op("abort_upload", key):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except NotFoundError:
+            return
+
+    def close(self) -> None:
+        """Release the listing pool and the boto3 client's connections."""
+        self._http.clear()
+        self.client.close()
+
+
+def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S3Backend:
+    """An :class:`S3Backend` for a ``backup_destinations`` row.
+
+    ``credentials``: ``access_key_id``, ``secret_access_key``, optional ``session_token``.
+    ``dest.options``: ``addressing_style`` (default ``path`` with a custom endpoint),
+    ``multipart_threshold``, ``multipart_chunksize``, ``max_attempts``, timeouts.
+    """
+    session = boto3.session.Session(
+        aws_access_key_id=credentials.get("access_key_id"),
+        aws_secret_access_key=credentials.get("secret_access_key"),
+        aws_session_token=credentials.get("session_token"),
+        region_name=dest.region or "us-east-1",
+    )
+    return S3Backend(
+        session,
+        dest.bucket,
+        normalize_root(dest.root_prefix or ""),
+        endpoint=dest.endpoint or None,
+        options=dict(dest.options or {}),
+        url_expiry=int(getattr(settings, "download_url_expiry", 900)),
+    )

@@ -1,0 +1,453 @@
+"""SFTP servers through paramiko.
+
+``dest.bucket`` is the base directory on the server; the root prefix lives under it.
+Host keys are always verified against ``credentials["known_hosts"]`` unless
+``allow_unknown_host_key`` is set. Symlinks are never followed nor listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import io
+import posixpath
+import socket
+import stat as stat_mod
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, TypeVar
+
+import paramiko
+
+from storage_backends.base import (
+    MAX_DELETE_BATCH,
+    PAGE_SIZE,
+    BrowseEntry,
+    BrowsePage,
+    DeleteResult,
+    ObjectInfo,
+    StorageBackend,
+)
+from storage_backends.errors import (
+    BackendUnavailableError,
+    InvalidPathError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageError,
+    TransientStorageError,
+)
+from storage_backends.local import TMP_PREFIX
+from storage_backends.paths import normalize_root
+from storage_backends.retry import call_with_retry
+
+T = TypeVar("T")
+
+#: Channels a walk opens on one transport. OpenSSH's MaxSessions defaults to 10.
+WALK_THREADS = 8
+_DROPPED = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+
+
+def _mtime(attrs: paramiko.SFTPAttributes) -> datetime | None:
+    return datetime.fromtimestamp(attrs.st_mtime, tz=UTC) if attrs.st_mtime is not None else None
+
+
+def _mode(attrs: paramiko.SFTPAttributes) -> int:
+    return attrs.st_mode or 0
+
+
+def _encode_cursor(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8", "surrogateescape")
+    except (ValueError, UnicodeError) as err:
+        raise InvalidPathError("cursor is not valid") from err
+
+
+def is_connection_error(err: BaseException) -> bool:
+    """A dropped or broken connection (worth a reconnect), as opposed to a file error."""
+    if isinstance(err, EOFError | paramiko.SSHException | socket.timeout | ConnectionError):
+        return not isinstance(err, paramiko.AuthenticationException | paramiko.BadHostKeyException)
+    if isinstance(err, OSError):
+        return err.errno in _DROPPED or (err.errno is None and "closed" in str(err).lower())
+    return False
+
+
+def translate(err: BaseException, what: str) -> StorageError:
+    """Our error for a paramiko / SFTP error (callers ``raise ... from err``)."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, paramiko.BadHostKeyException):
+        return PermissionDeniedError(f"{what}: host key mismatch: {err}")
+    if isinstance(err, paramiko.AuthenticationException):
+        return PermissionDeniedError(f"{what}: authentication failed: {err}")
+    if isinstance(err, FileNotFoundError):
+        return NotFoundError(f"{what}: {err}")
+    if isinstance(err, PermissionError):
+        return PermissionDeniedError(f"{what}: {err}")
+    if is_connection_error(err):
+        return TransientStorageError(f"{what}: connection lost: {err}")
+    return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+def load_private_key(text: str, passphrase: str | None = None) -> paramiko.PKey:
+    """Parse a PEM/OpenSSH private key of any type paramiko knows."""
+    last: Exception | None = None
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text), password=passphrase)
+        except (paramiko.SSHException, ValueError) as err:
+            last = err
+    raise BackendUnavailableError(f"private_key is not a usable SSH private key: {last}")
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise PermissionDeniedError(
+            f"SFTP host key of {hostname} ({key.get_name()}) is not in the destination's "
+            "known_hosts: add the server's key to credentials['known_hosts'] "
+            "(or set allow_unknown_host_key for a throwaway test server)"
+        )
+
+
+class SFTPBackend(StorageBackend):
+    """A directory tree on an SFTP server."""
+
+    kind = "sftp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        base_dir: str,
+        root: str = "",
+        *,
+        credentials: dict[str, Any],
+        walk_threads: int = WALK_THREADS,
+        timeout: float = 15.0,
+    ) -> None:
+        super().__init__(root)
+        self.host, self.port = host, port
+        self.base = base_dir.rstrip("/") or "/"
+        self.top = posixpath.join(self.base, root) if root else self.base
+        self.walk_threads = max(1, min(walk_threads, WALK_THREADS))
+        self.timeout = timeout
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._ssh: paramiko.SSHClient | None = None
+        self._sftp_client: paramiko.SFTPClient | None = None
+
+    # -- connection ------------------------------------------------------------------
+    def _connect(self) -> paramiko.SSHClient:
+        creds = self._credentials
+        client = paramiko.SSHClient()
+        hosts = client.get_host_keys()
+        for line in str(creds.get("known_hosts") or "").splitlines():
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            if entry is not None and entry.key is not None:
+                for name in entry.hostnames:
+                    hosts.add(name, entry.key.get_name(), entry.key)
+        policy = (
+            paramiko.AutoAddPolicy() if creds.get("allow_unknown_host_key") else _RejectUnknown()
+        )
+        client.set_missing_host_key_policy(policy)
+        pkey = None
+        if creds.get("private_key"):
+            pkey = load_private_key(creds["private_key"], creds.get("passphrase"))
+        client.connect(
+            self.host,
+            self.port,
+            username=creds.get("username"),
+            password=creds.get("password"),
+            pkey=pkey,
+            key_filename=creds.get("private_key_path"),
+            passphrase=creds.get("passphrase"),
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=self.timeout,
+            banner_timeout=self.timeout,
+            auth_timeout=self.timeout,
+        )
+        return client
+
+    def _client(self) -> paramiko.SSHClient:
+        with self._lock:
+            transport = self._ssh.get_transport() if self._ssh else None
+            if transport is None or not transport.is_active():
+                with self._op("connect", self.endpoint_name):
+                    self._ssh = self._connect()
+                self._sftp_client = None
+            assert self._ssh is not None
+            return self._ssh
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        client = self._client()
+        with self._lock:
+            if self._sftp_client is None:
+                self._sftp_client = client.open_sftp()
+            return self._sftp_client
+
+    def _drop(self, _err: BaseException | None = None) -> None:
+        with self._lock:
+            if self._ssh is not None:
+                self._ssh.close()
+            self._ssh = None
+            self._sftp_client = None
+
+    @property
+    def endpoint_name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _call(self, operation: str, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Run ``fn`` on the session; reconnect and retry (twice) if the connection drops."""
+
+        def attempt() -> T:
+            with self._op(operation, what):
+                return fn(self._sftp())
+
+        return call_with_retry(
+            self,
+            attempt,
+            attempts=3,
+            transient=lambda err: isinstance(err, TransientStorageError),
+            on_retry=self._drop,
+        )
+
+    @contextlib.contextmanager
+    def _op(self, operation: str, what: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            mapped = translate(err, f"{operation} {what}")
+            self._record(operation, type(mapped).__name__, started)
+            if mapped is err:
+                raise
+            raise mapped from err
+        self._record(operation, "ok", started)
+
+    def _abs(self, rel: str) -> str:
+        return posixpath.join(self.top, rel) if rel else self.top
+
+    # -- listing ---------------------------------------------------------------------
+    def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+        """Every regular file under ``prefix``; directories listed by parallel channels.
+
+        Symlinks are skipped (lstat semantics of ``listdir_attr``), so no loops. Order is
+        unspecified. A missing start directory is an empty listing.
+        """
+        prefix = self.check_prefix(prefix)
+        return self._walk(prefix, max(1, page_size))
+
+    def _walk(self, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
+        client = self._client()
+        local = threading.local()
+        channels: list[paramiko.SFTPClient] = []
+
+        def channel() -> paramiko.SFTPClient:
+            if getattr(local, "sftp", None) is None:
+                local.sftp = client.open_sftp()
+                channels.append(local.sftp)
+            sftp: paramiko.SFTPClient = local.sftp
+            return sftp
+
+        def list_dir(rel: str) -> tuple[list[ObjectInfo], list[str]]:
+            with self._op("list", rel or "/"):
+                try:
+                    entries = channel().listdir_attr(self._abs(rel))
+                except FileNotFoundError:
+                    return [], []  # removed while we walked, or never existed
+            return self._split(rel, entries)
+
+        pool = ThreadPoolExecutor(self.walk_threads)
+        try:
+            pending: set[Future[tuple[list[ObjectInfo], list[str]]]] = {
+                pool.submit(list_dir, prefix)
+            }
+            page: list[ObjectInfo] = []
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    files, subdirs = fut.result()
+                    pending.update(pool.submit(list_dir, d) for d in subdirs)
+                    page.extend(files)
+                while len(page) >= page_size:
+                    yield page[:page_size]
+                    page = page[page_size:]
+            if page:
+                yield page
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for sftp in channels:
+                sftp.close()
+
+    @staticmethod
+    def _split(
+        rel: str, entries: list[paramiko.SFTPAttributes]
+    ) -> tuple[list[ObjectInfo], list[str]]:
+        files: list[ObjectInfo] = []
+        subdirs: list[str] = []
+        for attrs in entries:
+            mode, name = _mode(attrs), attrs.filename
+            if stat_mod.S_ISDIR(mode):
+                subdirs.append(f"{rel}{name}/")
+            elif stat_mod.S_ISREG(mode) and not name.startswith(TMP_PREFIX):
+                files.append(ObjectInfo(rel + name, int(attrs.st_size or 0), _mtime(attrs)))
+            # symlinks, sockets, devices: never listed, never followed
+        return files, subdirs
+
+    def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
+        """One directory level, sorted by name; the cursor encodes the last name."""
+        prefix = self.check_prefix(prefix)
+        after = _decode_cursor(cursor) if cursor else None
+
+        def listing(sftp: paramiko.SFTPClient) -> list[paramiko.SFTPAttributes]:
+            try:
+                return sftp.listdir_attr(self._abs(prefix))
+            except FileNotFoundError:
+                return []
+
+        attrs = self._call("browse", prefix or "/", listing)
+        usable = sorted(
+            (a for a in attrs if _usable(a) and (after is None or a.filename > after)),
+            key=lambda a: a.filename,
+        )
+        entries = [_browse_entry(prefix, a) for a in usable[:limit]]
+        more = len(usable) > limit and limit > 0
+        return BrowsePage(entries, _encode_cursor(usable[limit - 1].filename) if more else None)
+
+    def stat(self, path: str) -> ObjectInfo:
+        """lstat one file; directories and symlinks are :class:`NotFoundError`."""
+        self.check_path(path)
+        attrs = self._call("stat", path, lambda s: s.lstat(self._abs(path)))
+        if not stat_mod.S_ISREG(_mode(attrs)):
+            raise NotFoundError(path)
+        return ObjectInfo(path, int(attrs.st_size or 0), _mtime(attrs))
+
+    # -- data ------------------------------------------------------------------------
+    def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """Stream a regular file (checked with lstat first: symlinks are not read)."""
+        self.stat(path)
+        return self._read(path, chunk_size)
+
+    def _read(self, path: str, chunk_size: int) -> Iterator[bytes]:
+        with self._op("read", path), self._sftp().open(self._abs(path), "rb") as fh:
+            fh.prefetch()
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def download_url(self, path: str, expires_seconds: int | None = None) -> str | None:
+        """SFTP cannot sign URLs: always ``None`` (the path is still checked)."""
+        self.check_path(path)
+        return None
+
+    def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        """Write a temp file in the target directory, then ``posix_rename`` it (atomic)."""
+        self.check_path(path)
+        target = self._abs(path)
+        tmp = posixpath.join(posixpath.dirname(target), f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        self._call("mkdir", path, lambda s: self._makedirs(s, posixpath.dirname(target)))
+        with self._op("upload", path):
+            sftp = self._sftp()
+            try:
+                with sftp.open(tmp, "wb") as fh:
+                    fh.set_pipelined(True)
+                    while chunk := stream.read(1024 * 1024):
+                        fh.write(chunk)
+                sftp.posix_rename(tmp, target)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(tmp)
+                raise
+        return self.stat(path)
+
+    def _makedirs(self, sftp: paramiko.SFTPClient, directory: str) -> None:
+        missing: list[str] = []
+        while directory not in ("", "/"):
+            try:
+                sftp.stat(directory)
+                break
+            except FileNotFoundError:
+                missing.append(directory)
+                directory = posixpath.dirname(directory)
+        for item in reversed(missing):
+            with contextlib.suppress(OSError):  # a concurrent upload made it first
+                sftp.mkdir(item)
+
+    # -- deletion --------------------------------------------------------------------
+    def delete(self, path: str) -> None:
+        """Remove one file; a missing file is success."""
+        self.check_path(path)
+
+        def remove(sftp: paramiko.SFTPClient) -> None:
+            try:
+                sftp.remove(self._abs(path))
+            except FileNotFoundError:
+                return
+
+        self._call("delete", path, remove)
+
+    def delete_many(self, paths: Iterable[str]) -> DeleteResult:
+        """Validate every path first (no I/O on a bad batch), then delete one by one."""
+        keys = [self.check_path(p) for p in paths]
+        if len(keys) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
+        return super().delete_many(keys)
+
+    def close(self) -> None:
+        """Close the SSH connection."""
+        self._drop()
+
+
+def _usable(attrs: paramiko.SFTPAttributes) -> bool:
+    mode = _mode(attrs)
+    if attrs.filename.startswith(TMP_PREFIX):
+        return False
+    return stat_mod.S_ISDIR(mode) or stat_mod.S_ISREG(mode)
+
+
+def _browse_entry(prefix: str, attrs: paramiko.SFTPAttributes) -> BrowseEntry:
+    name = attrs.filename
+    if stat_mod.S_ISDIR(_mode(attrs)):
+        return BrowseEntry(name, f"{prefix}{name}/", True)
+    return BrowseEntry(name, prefix + name, False, int(attrs.st_size or 0), _mtime(attrs))
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too); the port defaults to 22."""
+    if not endpoint:
+        raise BackendUnavailableError("an SFTP destination needs an endpoint (host:port)")
+    if endpoint.startswith("["):
+        host, _, rest = endpoint[1:].partition("]")
+        return host, int(rest.lstrip(":") or 22)
+    host, _, port = endpoint.partition(":")
+    return host, int(port or 22)
+
+
+def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> SFTPBackend:
+    """An :class:`SFTPBackend`; connects lazily on first use.
+
+    ``credentials``: ``username`` and ``password`` or ``private_key`` (PEM text) or
+    ``private_key_path``; ``known_hosts`` (OpenSSH lines); ``allow_unknown_host_key``.
+    ``dest.bucket`` is the base directory; ``dest.options``: ``walk_threads``, ``timeout``.
+    """
+    host, port = parse_endpoint(dest.endpoint)
+    options = dict(dest.options or {})
+    return SFTPBackend(
+        host,
+        port,
+        dest.bucket,
+        normalize_root(dest.root_prefix or ""),
+        credentials=credentials,
+        walk_threads=int(options.get("walk_threads", WALK_THREADS)),
+        timeout=float(options.get("timeout", 15.0)),
+    )

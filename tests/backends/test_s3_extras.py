@@ -1,0 +1,142 @@
+"""S3-only behaviour: faults injected by the proxy, per-key delete errors, multipart
+uploads, presigned URL expiry on SeaweedFS (moto never checks signatures)."""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.error
+import urllib.request
+from xml.sax.saxutils import escape
+
+import pytest
+
+from storage_backends.errors import TransientStorageError
+from tests.servers.destinations import make_s3_backend
+from tests.servers.s3 import seed_objects
+
+LIST = r"list-type=2"
+
+
+def keys_of(backend) -> list[str]:
+    return [o.path for page in backend.walk(page_size=50) for o in page]
+
+
+@pytest.mark.parametrize("action", ["503", "500", "reset"])
+def test_walk_retries_transient_faults(
+    s3_server, s3_bucket, s3_proxied_backend, fault_proxy, action
+):
+    seed_objects(s3_server, s3_bucket, [f"k/{i:03d}" for i in range(120)])
+    fault_proxy.fail_next(2, action=action, method="GET", path=LIST)
+    assert len(keys_of(s3_proxied_backend)) == 120
+    assert fault_proxy.faults_fired == 2
+    assert s3_proxied_backend.retries == 2
+
+
+def test_walk_fails_loudly_when_faults_persist(s3_server, s3_bucket, fault_proxy):
+    seed_objects(s3_server, s3_bucket, [f"k/{i:03d}" for i in range(120)])
+    backend = make_s3_backend(s3_server, s3_bucket, endpoint=fault_proxy.endpoint)
+    pages = backend.walk(page_size=50)
+    assert len(next(pages)) == 50
+    fault_proxy.fail_next(100, action="503", method="GET", path=LIST)
+    with pytest.raises(TransientStorageError):
+        list(pages)  # a partial listing is an error, never a short success
+    assert backend.retries == 3
+
+
+@pytest.mark.parametrize("action", ["503", "500", "reset"])
+def test_boto_calls_retry_transient_faults(s3_proxied_backend, fault_proxy, action):
+    s3_proxied_backend.upload("a.bak", io.BytesIO(b"abc"))
+    fault_proxy.fail_next(2, action=action, method="HEAD")
+    assert s3_proxied_backend.stat("a.bak").size == 3
+    assert fault_proxy.faults_fired == 2
+    assert s3_proxied_backend.retries == 2
+
+
+def test_delete_many_reports_per_key_errors(s3_proxied_backend, fault_proxy):
+    for key in ("ok.bak", "locked.bak"):
+        s3_proxied_backend.upload(key, io.BytesIO(b"x"))
+
+    def answer(method, path, body):
+        # What S3 sends when a policy denies one key: 200 with <Error> entries.
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?><DeleteResult>'
+            f"<Deleted><Key>{escape('ok.bak')}</Key></Deleted>"
+            "<Error><Key>locked.bak</Key><Code>AccessDenied</Code><Message>denied</Message></Error>"
+            "<Error><Key>gone.bak</Key><Code>NoSuchKey</Code><Message>gone</Message></Error>"
+            "</DeleteResult>"
+        )
+        return 200, "application/xml", xml.encode()
+
+    fault_proxy.respond_next(1, answer, method="POST", path=r"\?delete")
+    result = s3_proxied_backend.delete_many(["ok.bak", "locked.bak", "gone.bak", "silent.bak"])
+    assert sorted(result.deleted) == ["gone.bak", "ok.bak"]
+    assert result.errors["locked.bak"].startswith("AccessDenied")
+    assert "silent.bak" in result.errors  # neither confirmed nor refused: not deleted
+
+
+def test_delete_many_sends_keys_exactly(s3_server, s3_bucket, s3_backend):
+    keys = ["a b+c", "x%2By", "caf\u00e9", "amp&<>"]
+    seed_objects(s3_server, s3_bucket, keys)
+    listed = keys_of(s3_backend)
+    assert sorted(listed) == sorted(keys)
+    result = s3_backend.delete_many(listed)
+    assert sorted(result.deleted) == sorted(keys) and not result.errors
+    assert keys_of(s3_backend) == []
+
+
+@pytest.mark.parametrize("which", ["moto", "seaweedfs"])
+def test_multipart_uploads_listed_and_aborted(request, which):
+    server = request.getfixturevalue("s3_server" if which == "moto" else "seaweedfs_server")
+    bucket = server.create_bucket()
+    client = server.client()
+    upload = client.create_multipart_upload(Bucket=bucket, Key="r/pending.bin")
+    client.upload_part(
+        Bucket=bucket,
+        Key="r/pending.bin",
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"p" * 1000,
+    )
+    client.create_multipart_upload(Bucket=bucket, Key="other/x.bin")
+    with make_s3_backend(server, bucket, "r") as backend:
+        uploads = list(backend.list_multipart_uploads())
+        assert [(u.path, u.upload_id, u.size) for u in uploads] == [
+            ("pending.bin", upload["UploadId"], 1000)
+        ]
+        backend.abort_multipart_upload("pending.bin", upload["UploadId"])
+        backend.abort_multipart_upload("pending.bin", upload["UploadId"])  # idempotent
+        assert list(backend.list_multipart_uploads()) == []
+
+
+def test_seaweedfs_rejects_expired_and_tampered_urls(seaweedfs_backend):
+    seaweedfs_backend.upload("u.bak", io.BytesIO(b"data"))
+    good = seaweedfs_backend.download_url("u.bak", expires_seconds=60)
+    with urllib.request.urlopen(good, timeout=10) as resp:  # noqa: S310 - test server
+        assert resp.read() == b"data"
+    signature = good.rsplit("X-Amz-Signature=", 1)[1][:64]
+    flipped = ("0" if signature[0] != "0" else "1") + signature[1:]
+    tampered = good.replace(signature, flipped)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(tampered, timeout=10)  # noqa: S310
+    assert err.value.code == 403
+    short = seaweedfs_backend.download_url("u.bak", expires_seconds=1)
+    time.sleep(2.1)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(short, timeout=10)  # noqa: S310
+    assert err.value.code == 403
+
+
+def test_seaweedfs_walk_matches_server_listing(
+    seaweedfs_server, seaweedfs_bucket, seaweedfs_backend
+):
+    """SeaweedFS rewrites some keys (``a//b`` -> ``a/b``): the walk returns what it lists."""
+    seed_objects(seaweedfs_server, seaweedfs_bucket, ["a//b", "a/", "p+q r", "s/+t u", "x%2By"])
+    paginator = seaweedfs_server.client().get_paginator("list_objects_v2")
+    truth = [
+        o["Key"]
+        for page in paginator.paginate(Bucket=seaweedfs_bucket)
+        for o in page.get("Contents", [])
+    ]
+    assert sorted(keys_of(seaweedfs_backend)) == sorted(truth)
+    assert {"p+q r", "s/+t u", "x%2By"} <= set(truth)

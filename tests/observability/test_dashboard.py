@@ -1,0 +1,83 @@
+"""deploy/grafana: provisioning files and the dashboard's queries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from tests.observability.helpers import GRAFANA_DIR, known_names, promql_metric_names
+
+DASHBOARD = GRAFANA_DIR / "dashboards" / "ocore-storage.json"
+
+
+def _panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # collapsed rows keep their panels inside
+    return out
+
+
+def _load() -> dict[str, Any]:
+    dash: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dash
+
+
+def test_dashboard_queries_use_only_exported_metrics() -> None:
+    dash = _load()
+    known = known_names()
+    exprs = [t["expr"] for p in _panels(dash) for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        exprs.append(var["definition"].replace("label_values(", "").split(",")[0])
+    assert len(exprs) >= 10
+    for expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= known, f"unknown metric(s) {names - known} in {expr!r}"
+
+
+def test_dashboard_has_the_panels_operators_need() -> None:
+    panels = _panels(_load())
+    titles = " | ".join(p["title"].lower() for p in panels)
+    for words in (
+        "storage per destination",
+        "orphan bytes over time",
+        "job outcomes",
+        "job duration p50 / p95",
+        "time since last successful scan",
+        "queue length",
+        "backend request rate",
+        "backend request latency",
+        "files deleted",
+        "bytes freed",
+    ):
+        assert words in titles, words
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        assert p["targets"], p["title"]
+        assert {"h", "w", "x", "y"} <= set(p["gridPos"])
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+
+
+def test_provisioning_points_at_the_dashboard_and_datasource() -> None:
+    ds = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yml").read_text())
+    (source,) = ds["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    uids = {
+        p["datasource"]["uid"]
+        for p in _panels(_load())
+        if p["type"] != "row" and isinstance(p.get("datasource"), dict)
+    }
+    assert uids == {source["uid"]}
+    prov = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/dashboards.yml").read_text())
+    (provider,) = prov["providers"]
+    assert provider["type"] == "file"
+    # docker-compose.yml mounts deploy/grafana/dashboards there
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert _load()["uid"] == "ocore-storage"
