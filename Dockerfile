@@ -21,7 +21,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     OCORE_DATA_DIR=/var/lib/ocore \
     PROMETHEUS_MULTIPROC_DIR=/var/lib/ocore/metrics
-USER ocore
+USER 10001:10001
 WORKDIR /var/lib/ocore
 EXPOSE 8080 9808
 HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)"]

@@ -63,3 +63,15 @@ def test_dockerfile_is_multistage_non_root_and_uses_the_lock_file():
             assert (ROOT / src).exists(), src
     entry = re.search(r'^ENTRYPOINT \["(.+?)"\]', text, re.M)
     assert entry and entry.group(1) == "ocore-storage"
+
+
+def test_hadolint_passes():
+    import shutil
+    import subprocess
+    import sys
+
+    binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run(
+        [binary, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
