@@ -178,7 +178,11 @@ def _ids(session: Session, model: Any, column: Any, parents: Sequence[uuid.UUID]
     out: list[Any] = []
     for i in range(0, len(parents), CHUNK):
         chunk = parents[i : i + CHUNK]
-        stmt = select(model.id, model.deleted_at).where(column.in_(chunk))
+        # FOR UPDATE (rule 18): a restore of a child that is under way makes the purge
+        # wait and then see the child live (refused); a later restore waits for the
+        # purge and finds nothing. Without the lock the purge would delete a child
+        # restored after it was read.
+        stmt = select(model.id, model.deleted_at).where(column.in_(chunk)).with_for_update()
         out.extend(session.execute(stmt.execution_options(include_deleted=True)).all())
     return out
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
-from storage_backends.paths import validate_path, validate_prefix
+from storage_backends.errors import InvalidPathError
+from storage_backends.paths import MAX_PATH_BYTES, validate_path, validate_prefix
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
 PAGE_SIZE = 1000
@@ -88,6 +89,11 @@ class StorageBackend(abc.ABC):
     """A destination's storage, rooted at its root prefix."""
 
     kind: str = "abstract"
+    #: Object stores (S3, GCS) treat keys as opaque strings: ``a//b``, ``x/`` or ``..``
+    #: are literal names there, never a way out of the root, so a key a listing
+    #: returned is sent back exactly as listed (SAFETY rule 5). Filesystems (local,
+    #: SFTP) interpret such names: their keys always get the strict path check.
+    opaque_keys: bool = False
 
     def __init__(self, root: str = "") -> None:
         self.root = root
@@ -141,7 +147,7 @@ class StorageBackend(abc.ABC):
         """Delete up to :data:`MAX_DELETE_BATCH` files, reporting each key's outcome."""
         keys = list(paths)
         for key in keys:
-            self.check_path(key)  # all or nothing: an unsafe key rejects the batch
+            self.check_listed_key(key)  # all or nothing: an unsafe key rejects the batch
         if len(keys) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
@@ -175,6 +181,20 @@ class StorageBackend(abc.ABC):
     @staticmethod
     def check_path(path: str) -> str:
         return validate_path(path)
+
+    def check_listed_key(self, key: str) -> str:
+        """The check for keys that come back from a listing (``delete_many``): strict on
+        filesystems; on object stores only what no listing of a backup could hold
+        (empty, NUL or control characters, over 1024 bytes) is refused."""
+        if not self.opaque_keys:
+            return validate_path(key)
+        if not isinstance(key, str) or key == "":
+            raise InvalidPathError("key is empty")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+            raise InvalidPathError("key contains a NUL or control character")
+        if len(key.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            raise InvalidPathError(f"key is longer than {MAX_PATH_BYTES} bytes")
+        return key
 
     @staticmethod
     def check_prefix(prefix: str) -> str:

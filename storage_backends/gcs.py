@@ -98,6 +98,7 @@ class GCSBackend(StorageBackend):
     """A GCS bucket, rooted at a prefix."""
 
     kind = "gcs"
+    opaque_keys = True
 
     def __init__(
         self,
@@ -267,7 +268,9 @@ class GCSBackend(StorageBackend):
     # -- deletion --------------------------------------------------------------------
     def delete(self, path: str) -> None:
         """Delete one object; a missing object is success."""
-        key = self._key(self.check_path(path))
+        self._delete_key(self._key(self.check_path(path)))
+
+    def _delete_key(self, key: str) -> None:
         try:
             with self._op("delete", key):
                 self.bucket.delete_blob(key, retry=self.retry)
@@ -281,7 +284,7 @@ class GCSBackend(StorageBackend):
         multi-part") and reports per-key errors less precisely; per-key requests give an
         exact outcome for every key.
         """
-        rel_paths = [self.check_path(p) for p in paths]
+        rel_paths = [self.check_listed_key(p) for p in paths]
         if len(rel_paths) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
@@ -296,7 +299,7 @@ class GCSBackend(StorageBackend):
 
     def _delete_outcome(self, path: str) -> str | None:
         try:
-            self.delete(path)
+            self._delete_key(self._key(path))  # checked by delete_many (listed keys)
         except StorageError as err:
             return f"{type(err).__name__}: {err}"
         return None

@@ -188,6 +188,7 @@ class S3Backend(StorageBackend):
     """A bucket (or a root prefix inside it) on S3 or an S3-compatible server."""
 
     kind = "s3"
+    opaque_keys = True
 
     def __init__(
         self,
@@ -428,7 +429,7 @@ class S3Backend(StorageBackend):
         Per-key ``Errors`` are reported, not raised; ``NoSuchKey`` counts as deleted and a
         key the server neither confirmed nor refused is reported as an error (fail closed).
         """
-        rel_paths = [self.check_path(p) for p in paths]
+        rel_paths = [self.check_listed_key(p) for p in paths]
         if len(rel_paths) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()

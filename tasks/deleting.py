@@ -21,9 +21,10 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import BackupDestination, DeletionAudit
+from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import db_now
 from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
+from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from tasks.linking import find_links
 from worker.jobs import location_key
 from worker.locks import Lease, check_and_renew
@@ -81,6 +82,10 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     links = find_links(session, ctx.dest, list(by_path), destinations=ctx.destinations)
     outcome.kept = [p for p, refs in links.items() if refs]
     doomed = [by_path[p] for p in by_path if not links[p]]
+    # A key the backend cannot send back exactly ('a//b', '/a', a 'dir/' marker) stays
+    # and is reported per key: it must not fail the whole batch, nor every later run.
+    unsendable = _unsendable(ctx.backend, doomed)
+    doomed = [d for d in doomed if d.path not in unsendable]
     existing = set(
         session.scalars(
             select(DeletionAudit.path).where(
@@ -110,10 +115,13 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     session.commit()
     if outcome.kept:
         log.info("kept %d file(s) a record links since planning", len(outcome.kept))
+    outcome.failed.update(unsendable)
+    if unsendable:
+        log.warning("kept %d key(s) that cannot be sent back exactly", len(unsendable))
     # 2. the storage delete
     if doomed:
         result = ctx.backend.delete_many([d.path for d in doomed])
-        outcome.failed = dict(result.errors)
+        outcome.failed.update(result.errors)
         outcome.deleted = [d for d in doomed if d.path not in result.errors]
     # 3. close the audit rows and the caller's bookkeeping, one transaction
     now = db_now(session)
@@ -144,10 +152,21 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     return outcome
 
 
+def _unsendable(backend: StorageBackend, items: Sequence[Doomed]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for d in items:
+        try:
+            backend.check_path(d.path)
+        except InvalidPathError as err:
+            out[d.path] = f"kept, not sent to storage: {err}"
+    return out
+
+
 def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
     """Finish the batches an earlier attempt of this job left half done (rule 20):
     every ``pending`` audit row is re-checked and its key deleted again (a key
     already gone counts as deleted). Returns how many rows were repaired."""
+    settle_abandoned(ctx)
     repaired = 0
     while True:
         rows = ctx.session.execute(
@@ -169,6 +188,36 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
             return repaired
         delete_batch(ctx, [Doomed(p, s, m, e) for p, s, m, e in rows], finalize)
         repaired += len(rows)
+
+
+def settle_abandoned(ctx: DeleteContext) -> int:
+    """Close the ``pending`` audit rows that finished (reaped, failed) jobs left on this
+    destination: ``deleted`` when the file is gone, ``abandoned`` when it is still
+    there (nothing is deleted from a stale plan; a current plan decides anew)."""
+    session = ctx.session
+    rows = session.execute(
+        select(DeletionAudit.id, DeletionAudit.path)
+        .join(Job, Job.id == DeletionAudit.job_id)
+        .where(
+            DeletionAudit.destination_id == ctx.dest.id,
+            DeletionAudit.state == "pending",
+            DeletionAudit.job_id != ctx.job_id,
+            Job.status.not_in(ACTIVE_JOB_STATUSES),
+        )
+        .limit(10_000)
+    ).all()
+    now = db_now(session)
+    for audit_id, path in rows:
+        try:
+            ctx.backend.stat(path)
+            values: dict[str, object] = {"state": "abandoned"}
+        except NotFoundError:
+            values = {"state": "deleted", "deleted_at": now}
+        except StorageError as err:
+            values = {"state": "abandoned", "error": f"{type(err).__name__}: {err}"[:2000]}
+        session.execute(update(DeletionAudit).where(DeletionAudit.id == audit_id).values(**values))
+    session.commit()
+    return len(rows)
 
 
 def _set_audit(

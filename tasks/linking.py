@@ -167,13 +167,15 @@ class LinkIndex:
         owner[found] = self.files.owner[pos[found]]
         ambiguous = np.zeros(n, dtype=bool)
         check_dirs = len(self.dirs) > 0
-        for i in np.flatnonzero(~found).tolist() if check_dirs else []:
+        # Every file marks every directory record above it as seen, files that a file
+        # record links too: else such a directory record looks missing (rule 14).
+        for i in range(n) if check_dirs else []:
             for anc in ancestors(keys[i]):
                 j = self.dirs.find(hash(anc))
                 if j >= 0:
                     self.dirs.seen[j] = True
-                    owner[i] = int(self.dirs.owner[j])
-                    break
+                    if owner[i] < 0:
+                        owner[i] = int(self.dirs.owner[j])
         targets = range(n) if loose_all else np.flatnonzero(owner < 0).tolist()
         for i in targets:
             if self._loose_match(keys[i]) and owner[i] < 0:
@@ -266,9 +268,10 @@ def find_links(
             rel = key[len(d_root) :]
             for cand in (rel, *ancestors(rel)):
                 exact.setdefault(cand, []).append(p)
-            if loose_check:
-                for v in _loose_variants(rel):
-                    fuzzy.setdefault(v, []).append(p)
+            if loose_check:  # the file itself and every directory above it (rule 4)
+                for cand in (rel, *ancestors(rel)):
+                    for v in _loose_variants(cand):
+                        fuzzy.setdefault(v, []).append(p)
         for table, is_loose in ((exact, False), (fuzzy, True)):
             for rid, rpath, deleted, kind in _records_matching(session, d, table, is_loose):
                 lookup = rpath.lower() if is_loose else rpath

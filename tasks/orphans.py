@@ -137,7 +137,10 @@ def run_orphan_cleanup(
 ) -> JobOutcome:
     """Plan (or resume the stored plan), check the budget, then delete in batches."""
     params = job.params or {}
-    retention = max(1, int(params.get("retention_days") or settings.retention_days))
+    # The destination's own window applies when the request names none (rule 6): the
+    # global default may be shorter than what the destination promises to keep.
+    requested = params.get("retention_days") or dest.retention_days or settings.retention_days
+    retention = max(1, int(requested))
     dry_run = bool(params.get("dry_run", False))
     plan: dict[str, Any] | JobOutcome
     if (job.progress or {}).get("plan_complete"):

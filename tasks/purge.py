@@ -10,9 +10,9 @@ record still links is kept (rule 1) and its pending row dropped.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, Job, PendingDeletion
@@ -73,14 +73,25 @@ def run_purge(
     )
     totals = {"records": 0, "deleted_files": 0, "bytes_freed": 0, "failed_files": 0}
     totals["kept_linked"] = 0
-    totals["invalid_paths"] = 0
+    # Counts of earlier attempts, saved with the batches they count (rule 20).
+    totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
+    totals["invalid_paths"] = 0  # recounted by every run: their rows stay
     done: set[uuid.UUID] = set()
+
+    def save(s: Session) -> None:
+        job.progress = {**(job.progress or {}), "phase": "deleting", "totals": dict(totals)}
+        s.execute(update(Job).where(Job.id == job.id).values(progress=job.progress))
 
     def count(s: Session, out: BatchOutcome) -> None:
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
         totals["failed_files"] += len(out.failed)
         totals["kept_linked"] += len(out.kept)
+        save(s)
+
+    def record_done(s: Session) -> None:
+        totals["records"] += 1
+        save(s)
 
     repair_pending(ctx, count)
     while True:
@@ -94,8 +105,7 @@ def run_purge(
             break
         for pending_id, path in rows:
             done.add(pending_id)
-            failed = _purge_one(ctx, backend, pending_id, path, totals, count)
-            totals["records"] += 0 if failed else 1
+            _purge_one(ctx, backend, pending_id, path, totals, count, record_done)
             if progress:
                 progress("deleting", totals["deleted_files"])
     status = "partial" if totals["failed_files"] else "succeeded"
@@ -109,8 +119,10 @@ def _purge_one(
     path: str,
     totals: dict[str, int],
     count: Finalize,
+    record_done: Callable[[Session], None],
 ) -> bool:
-    """Delete one pending record's files; drop its row when none failed."""
+    """Delete one pending record's files; drop its row when none failed (and count the
+    record in the same transaction)."""
     session = ctx.session
     try:
         validate_path(path, allow_dir=True)
@@ -124,5 +136,6 @@ def _purge_one(
         failures += len(out.failed)
     if failures == 0:
         session.execute(delete(PendingDeletion).where(PendingDeletion.id == pending_id))
+        record_done(session)
         session.commit()
     return failures > 0

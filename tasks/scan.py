@@ -28,6 +28,8 @@ Progress = Callable[[str, int], None]
 #: receives each page's orphan-cleanup candidates
 CandidateSink = Callable[[list[ObjectInfo]], None]
 MISSING_SAMPLE = 20
+#: seconds between progress writes (which also renew a destructive job's lock lease)
+PROGRESS_EVERY = 2.0
 
 
 @dataclass
@@ -158,7 +160,7 @@ def run_scan(
             if on_candidates and candidates:
                 on_candidates(candidates)
             listed += len(page)
-            if progress and time.monotonic() - last_report > 2:
+            if progress and time.monotonic() - last_report > PROGRESS_EVERY:
                 progress("listing", listed)
                 last_report = time.monotonic()
         stats.add_multipart(list(backend.list_multipart_uploads()))

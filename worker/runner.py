@@ -31,7 +31,7 @@ from tasks.scan import run_scan
 from tasks.scan_cleanup import run_scan_cleanup
 from worker import metrics
 from worker.jobs import DESTRUCTIVE, bucket_key
-from worker.locks import Lease, LockLost, acquire, release
+from worker.locks import Lease, LockLost, acquire, check_and_renew, release
 from worker.logging import job_context, set_phase
 from worker.settings import Settings
 
@@ -52,12 +52,19 @@ def _set(engine: Engine, job_id: uuid.UUID, **values: Any) -> None:
         s.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def _progress_writer(session: Session, job: Job) -> Callable[[str, int], None]:
+def _progress_writer(
+    session: Session, job: Job, lease: Lease | None, lease_seconds: int
+) -> Callable[[str, int], None]:
     """Progress goes through the job's own session: a second connection would wait on
     the job's open write transaction under SQLite. Committing here is harmless: job
-    functions mark their own milestones explicitly."""
+    functions mark their own milestones explicitly.
+
+    A destructive job also renews its lock lease here, so a listing longer than the
+    lease keeps the lock; a lost lock stops the job right away (LockLost)."""
 
     def write(phase: str, count: int) -> None:
+        if lease is not None:
+            check_and_renew(session, lease, lease_seconds)
         progress = {**(job.progress or {}), "phase": phase, "objects": count}
         session.execute(
             update(Job)
@@ -137,6 +144,28 @@ def _record_metrics(job: Job, dest: BackupDestination, outcome: JobOutcome, seco
         metrics.STALE_REMOVED.labels("records").inc(r.get("removed_records", 0))
 
 
+def _finish(engine: Engine, job_id: uuid.UUID, lease: Lease | None, **values: Any) -> bool:
+    """Write this run's outcome unless another copy of the job took its lock over
+    (rule 20: a redelivered copy finished the work, and its counts are the right ones).
+    The lock row stays locked until the job row is written, so no copy slips between."""
+    with session_scope(engine) as s:
+        if lease is not None:
+            held = s.execute(
+                select(LocationLock.token)
+                .where(
+                    LocationLock.location_key == lease.key,
+                    LocationLock.job_id == lease.job_id,
+                    LocationLock.token == lease.token,
+                )
+                .with_for_update()
+            ).first()
+            if held is None:
+                log.warning("job %s: another copy took over; its outcome stands", job_id)
+                return False
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+    return True
+
+
 def _on_lock_lost(engine: Engine, job: Job, lease: Lease, err: LockLost) -> None:
     with session_scope(engine) as s:
         lock = s.get(LocationLock, lease.key)
@@ -195,6 +224,9 @@ def run_job(
     finally:
         if lease is not None:
             try:
+                # A BaseException (KeyboardInterrupt, SystemExit) may leave a half-done
+                # transaction open: the release must not commit it.
+                session.rollback()
                 release(session, lease)
             except DBAPIError:
                 log.warning("could not release %s; its lease will expire", lease.key)
@@ -212,7 +244,7 @@ def _execute(
 ) -> JobOutcome | None:
     # Every log line of the job carries its ids and phase (worker.logging).
     with job_context(job_id=job.id, job_type=job.type, destination_id=dest.id):
-        write = _progress_writer(session, job)
+        write = _progress_writer(session, job, lease, settings.lock_lease_seconds)
 
         def progress(phase: str, count: int) -> None:
             set_phase(phase)
@@ -223,7 +255,10 @@ def _execute(
         try:
             with backend_factory(dest, settings) as backend:
                 backend.request_hook = _backend_hook(dest.kind)
-                outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
+                try:
+                    outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
+                finally:
+                    metrics.BACKEND_RETRIES.labels(dest.kind).inc(backend.retries)
         except LockLost as err:
             session.rollback()
             assert lease is not None
@@ -232,7 +267,8 @@ def _execute(
         except (TransientStorageError, DBAPIError) as err:
             session.rollback()
             msg = f"{type(err).__name__}: {err}"[:2000]
-            _set(engine, job.id, status="queued", phase="retrying", error=msg)
+            if not _finish(engine, job.id, lease, status="queued", phase="retrying", error=msg):
+                return None
             metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
             raise RetryableJobError(msg) from err
         except StorageError as err:
@@ -244,16 +280,21 @@ def _execute(
             outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
         finally:
             metrics.JOBS_IN_PROGRESS.labels(job.type).dec()
-        _set(
+        if not _finish(
             engine,
             job.id,
+            lease,
             status=outcome.status,
             phase="done" if outcome.status != "failed" else "failed",
             result=outcome.result,
             error=outcome.error,
             finished_at=utcnow(),
-        )
+        ):
+            return None
         _record_metrics(job, dest, outcome, time.perf_counter() - t0)
+        if job.type in ("scan", "scan_cleanup"):  # what the listing walked (dashboards)
+            metrics.OBJECTS_LISTED.labels(dest.kind).inc(outcome.result.get("total_files", 0))
+            metrics.BYTES_LISTED.labels(dest.kind).inc(outcome.result.get("total_bytes", 0))
         log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
         return outcome
 

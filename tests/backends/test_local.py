@@ -17,7 +17,6 @@ def write(base: Path, key: str, data: bytes) -> None:
 
 
 class TestLocal(BackendContract):
-
     @pytest.fixture
     def backend(self, tmp_path: Path):
         return make_local_backend(tmp_path, ROOT)

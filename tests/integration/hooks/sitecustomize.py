@@ -1,0 +1,33 @@
+"""Loaded by the test workers only (their PYTHONPATH starts with this folder).
+
+Slows the local backend's deletes so that a test can kill a worker mid-cleanup, records
+which process deletes, and shortens the busy-location retry. Production code has no
+test switches; this file is the one place the integration tests reach into a worker.
+"""
+
+import os
+
+_delay = float(os.environ.get("OCORE_TEST_DELETE_DELAY", "0") or 0)
+_pidfile = os.environ.get("OCORE_TEST_PIDFILE", "")
+_busy_retry = os.environ.get("OCORE_TEST_BUSY_RETRY_SECONDS", "")
+
+if _delay or _pidfile:
+    import time
+
+    from storage_backends.local import LocalBackend
+
+    _delete = LocalBackend.delete
+
+    def _slow_delete(self: LocalBackend, path: str) -> None:
+        if _pidfile and not os.path.exists(_pidfile):
+            with open(_pidfile, "w") as fh:
+                fh.write(str(os.getpid()))
+        time.sleep(_delay)
+        _delete(self, path)
+
+    LocalBackend.delete = _slow_delete  # type: ignore[method-assign]
+
+if _busy_retry:
+    import worker.celery_tasks
+
+    worker.celery_tasks.BUSY_RETRY_SECONDS = int(_busy_retry)

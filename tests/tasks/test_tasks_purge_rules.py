@@ -1,0 +1,337 @@
+"""SAFETY rules 17-18: purge hard-deletes records in one transaction that leaves
+pending deletions; a purge job deletes the files; restore and purge serialise."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select, update
+from sqlalchemy.orm import Session
+
+from db import archive
+from db.models import Backup, BackupDestination, Instance, PendingDeletion, Snapshot
+from db.types import utcnow
+from tests.factories import World, make_world
+from tests.tasks.kit import (
+    Interrupted,
+    ProbeBackend,
+    Store,
+    audit_rows,
+    job_row,
+    local_dest,
+    pending_paths,
+    record,
+    request,
+    run,
+)
+from worker.settings import Settings
+
+FILES = ["i/b1.tar", "i/dir/a.tar", "i/dir/b/c.tar", "i/s1.snap"]
+UNRELATED = ["i/dirx.tar", "i/dir2/x.tar", "i/b1.tar.bak"]
+
+
+@dataclass
+class Archived:
+    dest: BackupDestination
+    b1: Any
+    bdir: Any
+    s1: Any
+
+
+def archived_instance(db: Session, world: World, store: Store) -> Archived:
+    """A soft-deleted instance with two backups (a file, a directory) and a snapshot."""
+    dest = local_dest(db, world, store)
+    b1 = record(db, world, dest, "i/b1.tar", deleted=True)
+    bdir = record(db, world, dest, "i/dir/", deleted=True)
+    s1 = record(db, world, dest, "i/s1.snap", deleted=True, snapshot=True)
+    db.execute(update(Instance).where(Instance.id == world.instance.id).values(deleted_at=utcnow()))
+    db.commit()
+    store.put_many(f"backups/{k}" for k in FILES + UNRELATED)
+    return Archived(dest, b1, bdir, s1)
+
+
+def record_count(engine: Engine) -> int:
+    with Session(engine) as s:
+        return sum(
+            len(s.scalars(select(m.id).execution_options(include_deleted=True)).all())
+            for m in (Backup, Snapshot)
+        )
+
+
+def purge_job(
+    db: Session, engine: Engine, settings: Settings, dest: Any, backend: Any = None
+) -> Any:
+    job = request(db, dest, "purge")
+    run(engine, settings, job, backend)
+    return job_row(engine, job.id)
+
+
+# -- rule 17 ---------------------------------------------------------------------------
+def test_rule17_purge_requires_a_soft_deleted_entity(
+    db: Session, engine: Engine, world: World, store: Store
+) -> None:
+    dest = local_dest(db, world, store)
+    record(db, world, dest, "i/b1.tar", deleted=True)
+    with pytest.raises(archive.NotArchived) as err:
+        archive.purge(db, "instances", world.instance.id, "admin")
+    assert err.value.status == 409
+    assert record_count(engine) == 1 and pending_paths(engine) == []
+
+
+def test_rule17_purge_writes_pending_deletions_in_its_transaction(
+    db: Session, engine: Engine, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+
+    result = archive.purge(db, "instances", world.instance.id, "admin@example.com")
+
+    assert result.destination_ids == {a.dest.id} and result.files_pending == 3
+    assert record_count(engine) == 0
+    assert pending_paths(engine) == sorted(["i/b1.tar", "i/dir/", "i/s1.snap"])
+    with Session(engine) as s:
+        rows = s.scalars(select(PendingDeletion)).all()
+        assert {r.record_id for r in rows} == {a.b1.id, a.bdir.id, a.s1.id}
+        assert {r.actor for r in rows} == {"admin@example.com"}
+    assert all(store.exists(f"backups/{k}") for k in FILES)  # the job deletes them
+
+
+def test_rule17_a_failed_purge_transaction_leaves_the_records(
+    db: Session, engine: Engine, world: World, store: Store
+) -> None:
+    archived_instance(db, world, store)
+
+    def crash(_session: Session) -> None:
+        raise RuntimeError("connection lost at commit")
+
+    event.listen(db, "before_commit", crash)
+    try:
+        with pytest.raises(RuntimeError):
+            archive.purge(db, "instances", world.instance.id, "admin")
+    finally:
+        event.remove(db, "before_commit", crash)
+
+    assert record_count(engine) == 3  # records still point at their files
+    assert pending_paths(engine) == []
+
+
+def test_rule17_purge_job_deletes_every_file_and_nothing_else(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    archive.purge(db, "instances", world.instance.id, "admin")
+
+    job = purge_job(db, engine, cfg, a.dest)
+
+    assert job.status == "succeeded", job.error
+    assert not any(store.exists(f"backups/{k}") for k in FILES)
+    assert all(store.exists(f"backups/{k}") for k in UNRELATED)
+    assert pending_paths(engine) == []
+    rows = audit_rows(engine)
+    assert [r.path for r in rows] == sorted(FILES)
+    assert {(r.reason, r.state, r.job_id) for r in rows} == {("purge", "deleted", job.id)}
+    assert job.result is not None
+    assert job.result["deleted_files"] == 4 and job.result["records"] == 3
+
+
+def _raise_at(point: str) -> dict[str, Callable[[int, list[str]], None]]:
+    """Backend hooks that stop the worker at one point of the second delete batch."""
+    hook_name, call = point.split(":")
+
+    def hook(call_no: int, _keys: list[str]) -> None:
+        if call_no == int(call):
+            raise Interrupted(point)
+
+    return {hook_name: hook}
+
+
+@pytest.mark.parametrize(
+    "point", ["before_delete:1", "after_delete:1", "before_delete:2", "after_delete:3"]
+)
+def test_rule17_purge_job_killed_midway_is_finished_by_the_next_run(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, point: str
+) -> None:
+    a = archived_instance(db, world, store)
+    archive.purge(db, "instances", world.instance.id, "admin")
+    job = request(db, a.dest, "purge")
+
+    with pytest.raises(Interrupted):
+        run(engine, cfg, job, ProbeBackend(a.dest, **_raise_at(point)))
+    assert pending_paths(engine)  # the files are still owed a delete
+    assert record_count(engine) == 0
+
+    run(engine, cfg, job, ProbeBackend(a.dest))
+    final = job_row(engine, job.id)
+
+    assert final.status == "succeeded", final.error
+    assert not any(store.exists(f"backups/{k}") for k in FILES)
+    assert all(store.exists(f"backups/{k}") for k in UNRELATED)
+    assert pending_paths(engine) == []
+    rows = audit_rows(engine)
+    assert [r.path for r in rows] == sorted(FILES)  # one row per file, no duplicates
+    assert {r.state for r in rows} == {"deleted"}
+    assert final.result is not None
+    assert final.result["deleted_files"] == 4 and final.result["records"] == 3
+
+
+def test_rule17_a_file_another_record_links_is_kept_and_its_debt_dropped(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    other = make_world(db, "other")
+    db.commit()
+    overlap = local_dest(db, other, store, "backups/i/")
+    record(db, other, overlap, "b1.tar")  # the same key, through another destination
+    archive.purge(db, "instances", world.instance.id, "admin")
+
+    job = purge_job(db, engine, cfg, a.dest)
+
+    assert job.status == "succeeded", job.error
+    assert store.exists("backups/i/b1.tar")
+    assert not store.exists("backups/i/s1.snap")
+    assert pending_paths(engine) == []
+    assert job.result is not None and job.result["kept_linked"] == 1
+    assert "i/b1.tar" not in {r.path for r in audit_rows(engine, state="deleted")}
+
+
+# -- rule 18 ---------------------------------------------------------------------------
+def test_rule18_restored_entity_cannot_be_purged_and_its_files_survive(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    archive.restore(db, "instances", world.instance.id)
+
+    with pytest.raises(archive.NotArchived):
+        archive.purge(db, "instances", world.instance.id, "admin")
+    job = purge_job(db, engine, cfg, a.dest)
+
+    assert job.status == "succeeded", job.error
+    assert all(store.exists(f"backups/{k}") for k in FILES)
+    assert record_count(engine) == 3
+
+
+def _purge_in_thread(engine: Engine, entity: str, ident: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        with Session(engine, expire_on_commit=False) as s:
+            try:
+                out["result"] = archive.purge(s, entity, ident, "admin")
+            except Exception as err:
+                out["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def test_rule18_purge_waits_for_a_concurrent_restore_of_the_entity(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    with Session(engine) as restorer:
+        row = restorer.scalars(
+            select(Instance)
+            .where(Instance.id == world.instance.id)
+            .with_for_update()
+            .execution_options(include_deleted=True)
+        ).one()
+        row.deleted_at = None
+        restorer.flush()
+        purge = _purge_in_thread(engine, "instances", world.instance.id)
+        time.sleep(0.5)
+        assert purge["thread"].is_alive()  # blocked on the restore's row lock
+        restorer.commit()
+    purge["thread"].join(10)
+
+    assert isinstance(purge.get("error"), archive.NotArchived)
+    job = purge_job(db, engine, cfg, a.dest)
+    assert job.status == "succeeded"
+    assert all(store.exists(f"backups/{k}") for k in FILES)
+    assert record_count(engine) == 3
+
+
+def test_rule18_restoring_a_child_during_the_parents_purge_keeps_its_files(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    with Session(engine) as restorer:
+        restorer.execute(
+            update(Backup).where(Backup.id == a.b1.id).values(deleted_at=None, deleted_reason=None)
+        )
+        purge = _purge_in_thread(engine, "instances", world.instance.id)
+        time.sleep(0.5)
+        restorer.commit()
+    purge["thread"].join(10)
+
+    assert not purge["thread"].is_alive()
+    assert isinstance(purge.get("error"), archive.PurgeRefused), purge
+    job = purge_job(db, engine, cfg, a.dest)
+    assert job.status == "succeeded"
+    assert all(store.exists(f"backups/{k}") for k in FILES)
+    with Session(engine) as s:
+        restored = s.get(Backup, a.b1.id)
+        assert restored is not None and restored.deleted_at is None
+
+
+def test_rule18_restore_waits_for_a_running_purge_then_finds_nothing(
+    db: Session, engine: Engine, world: World, store: Store
+) -> None:
+    a = archived_instance(db, world, store)
+    purger = Session(engine, expire_on_commit=False)
+    committed = threading.Event()
+
+    def slow_commit(_session: Session) -> None:
+        time.sleep(0.5)  # the purge holds its row locks a little longer
+        committed.set()
+
+    event.listen(purger, "before_commit", slow_commit)
+    purge = threading.Thread(
+        target=archive.purge, args=(purger, "instances", world.instance.id, "admin")
+    )
+    purge.start()
+    time.sleep(0.2)
+    with Session(engine) as s, pytest.raises(archive.EntityNotFound):
+        archive.restore(s, "backups", a.b1.id)
+    assert committed.is_set()
+    purge.join(10)
+    purger.close()
+    assert record_count(engine) == 0
+
+
+def test_rule17_the_reaper_requests_a_purge_for_every_unfinished_debt(
+    db: Session,
+    engine: Engine,
+    cfg: Settings,
+    world: World,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A purge job that died for good leaves pending deletions: the reaper (beat) asks
+    for a new purge job, once, and that job finishes the deletions."""
+    import worker.celery_tasks
+
+    a = archived_instance(db, world, store)
+    archive.purge(db, "instances", world.instance.id, "admin")
+    sent: list[tuple[str, list[str], str]] = []
+    monkeypatch.setattr(worker.celery_tasks, "get_settings", lambda: cfg)
+    monkeypatch.setattr(worker.celery_tasks, "send", lambda n, args, q: sent.append((n, args, q)))
+
+    worker.celery_tasks.reap()
+    worker.celery_tasks.reap()  # the job is queued already: no second one
+
+    assert [(n, q) for n, _a, q in sent] == [("ocore.purge", "cleanup")]
+    job_id = sent[0][1][0]
+    from worker.runner import run_job
+
+    run_job(uuid.UUID(job_id), cfg, engine)
+    assert job_row(engine, uuid.UUID(job_id)).status == "succeeded"
+    assert pending_paths(engine) == []
+    assert not any(store.exists(f"backups/{k}") for k in FILES)
+    assert a.dest.id is not None

@@ -1,0 +1,168 @@
+"""Every figure of a scan's analytics row, computed by hand for a small tree."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from db.models import Environment, Instance, StorageAnalytics
+from tests.factories import World, make_world
+from tests.tasks.kit import ProbeBackend, Store, job_row, local_dest, record, request, run
+from worker.settings import Settings
+
+#: path -> (size, age in days)
+FILES = {
+    "a1/full.tar.gz": (100, 2),
+    "a1/dir/x.sql": (50, 10),
+    "a2/y.tar": (30, 45),
+    "b1/z.dump": (20, 100),
+    "tmp/o1.log": (7, 400),
+    "tmp/o2": (3, 5),
+    "root-orphan.txt": (5, 40),
+    "amb.tar": (11, 60),
+    "set/a.tar": (4, 3),
+}
+
+
+def test_scan_analytics_every_figure(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    env2 = Environment(project_id=world.project.id, name="staging")
+    db.add(env2)
+    db.flush()
+    a2 = Instance(environment_id=env2.id, name="a2")
+    db.add(a2)
+    db.commit()
+    w2 = World(world.org, world.project, env2, a2)
+    other = make_world(db, "other")
+    db.commit()
+    dest = local_dest(db, world, store)
+    for key, (size, age) in FILES.items():
+        store.put(f"backups/{key}", size=size, age_days=age)
+    record(db, world, dest, "a1/full.tar.gz")
+    record(db, world, dest, "a1/dir/")
+    record(db, w2, dest, "a2/y.tar", snapshot=True)
+    record(db, other, dest, "b1/z.dump", deleted=True)
+    record(db, world, dest, "Amb.tar")
+    record(db, world, dest, "set/")
+    record(db, world, dest, "set/a.tar")
+    gone = [record(db, world, dest, f"gone{i}.tar") for i in (1, 2)]
+    record(db, world, dest, "young-gone.tar", created_days_ago=10 / 1440)
+    record(db, world, dest, "pending-gone.tar", status="pending")
+    record(db, world, dest, "deleted-gone.tar", deleted=True)
+
+    job = request(db, dest, "scan")
+    run(engine, cfg, job, ProbeBackend(dest, page_size=2))
+
+    row = job_row(engine, job.id)
+    assert row.status == "succeeded", row.error
+    with Session(engine) as s:
+        a = s.scalars(select(StorageAnalytics).where(StorageAnalytics.job_id == job.id)).one()
+    assert a.status == "succeeded" and a.destination_id == dest.id
+    assert (a.total_files, a.total_bytes) == (9, 230)
+    assert (a.linked_files, a.linked_bytes) == (5, 204)
+    assert (a.orphan_files, a.orphan_bytes) == (3, 15)
+    assert a.ambiguous_files == 1
+    assert a.missing_records == 2
+    assert a.started_at <= a.finished_at and a.duration_seconds >= 0
+    d = a.details
+    assert d["listing_complete"] is True and d["error"] is None
+    assert d["retention_days"] == 30
+    assert d["orphans_past_retention"] == {"files": 2, "bytes": 12}
+    assert d["orphans_without_timestamp"] == 0
+    assert d["ambiguous"] == {"files": 1, "bytes": 11, "sample": ["amb.tar"]}
+    missing = d["missing_records"]
+    assert missing["count"] == 2 and missing["grace_hours"] == 1.0
+    assert sorted(missing["sample_ids"]) == sorted(str(g.id) for g in gone)
+    assert d["by_prefix"] == [
+        {"key": "a1/", "files": 2, "bytes": 150},
+        {"key": "a2/", "files": 1, "bytes": 30},
+        {"key": "b1/", "files": 1, "bytes": 20},
+        {"key": "(root)", "files": 2, "bytes": 16},
+        {"key": "tmp/", "files": 2, "bytes": 10},
+        {"key": "set/", "files": 1, "bytes": 4},
+    ]
+    assert d["by_type"] == [
+        {"key": "tar.gz", "files": 1, "bytes": 100},
+        {"key": "sql", "files": 1, "bytes": 50},
+        {"key": "tar", "files": 3, "bytes": 45},
+        {"key": "dump", "files": 1, "bytes": 20},
+        {"key": "log", "files": 1, "bytes": 7},
+        {"key": "txt", "files": 1, "bytes": 5},
+        {"key": "(none)", "files": 1, "bytes": 3},
+    ]
+    assert d["by_age"] == {
+        "<1d": {"files": 0, "bytes": 0},
+        "1-7d": {"files": 3, "bytes": 107},
+        "7-30d": {"files": 1, "bytes": 50},
+        "30-90d": {"files": 3, "bytes": 46},
+        "90-365d": {"files": 1, "bytes": 20},
+        ">1y": {"files": 1, "bytes": 7},
+    }
+    assert d["by_storage_class"] == {}
+    assert d["largest"] == [
+        {"path": p, "size": s}
+        for p, s in sorted(((p, s) for p, (s, _) in FILES.items()), key=lambda x: -x[1])
+    ]
+    assert d["oldest"]["path"] == "tmp/o1.log"
+    assert d["newest"]["path"] == "a1/full.tar.gz"
+    assert d["multipart_uploads"] == {"count": 0, "bytes": 0, "oldest": None}
+    attribution = d["attribution"]
+    assert attribution["instances"] == [
+        {"id": str(world.instance.id), "files": 3, "bytes": 154},
+        {"id": str(a2.id), "files": 1, "bytes": 30},
+        {"id": str(other.instance.id), "files": 1, "bytes": 20},
+    ]
+    assert attribution["environments"] == [
+        {"id": str(world.env.id), "files": 3, "bytes": 154},
+        {"id": str(env2.id), "files": 1, "bytes": 30},
+        {"id": str(other.env.id), "files": 1, "bytes": 20},
+    ]
+    assert attribution["projects"] == [
+        {"id": str(world.project.id), "files": 4, "bytes": 184},
+        {"id": str(other.project.id), "files": 1, "bytes": 20},
+    ]
+    assert attribution["organizations"] == [
+        {"id": str(world.org.id), "files": 4, "bytes": 184},
+        {"id": str(other.org.id), "files": 1, "bytes": 20},
+    ]
+    assert row.result is not None
+    assert row.result["total_files"] == 9 and row.result["missing_records"] == 2
+
+
+def test_scan_of_an_interrupted_listing_reports_no_missing_records(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    dest = local_dest(db, world, store)
+    for i in range(10):
+        store.put(f"backups/{i}.tar")
+    record(db, world, dest, "gone.tar")
+
+    job = request(db, dest, "scan")
+    run(engine, cfg, job, ProbeBackend(dest, page_size=3, walk_error_after=4))
+
+    assert job_row(engine, job.id).status == "failed"
+    with Session(engine) as s:
+        a = s.scalars(select(StorageAnalytics)).one()
+    assert a.status == "partial" and a.missing_records == 0
+    assert a.details["missing_records"]["count"] is None
+    assert "TransientStorageError" in a.details["error"]
+    assert a.total_files == 4
+
+
+def test_scan_missing_records_sees_directory_records_through_any_file(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    dest = local_dest(db, world, store)
+    for path in ("set/", "set/a.tar", "nest/", "nest/deeper/", "gone/"):
+        record(db, world, dest, path)
+    store.put("backups/set/a.tar")
+    store.put("backups/nest/deeper/f.tar")
+
+    job = request(db, dest, "scan")
+    run(engine, cfg, job)
+
+    with Session(engine) as s:
+        a = s.scalars(select(StorageAnalytics)).one()
+    assert a.missing_records == 1  # only gone/
+    assert a.linked_files == 2
