@@ -66,7 +66,20 @@ ENTITY_TYPE = {
     "description": "Entity type",
     "schema": {"type": "string", "enum": sorted(ARCHIVABLE)},
 }
-PATH_QUERY = _query("path", {"type": "string", "minLength": 1}, "File path relative to the root")
+#: What the document promises to accept: plain segments that never start with a dot. The
+#: server accepts more (any name validate_path allows: Unicode, dot-files...).
+PATH_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 1024,
+    "pattern": r"^[A-Za-z0-9_-][A-Za-z0-9._ -]*(/[A-Za-z0-9_-][A-Za-z0-9._ -]*)*$",
+}
+PREFIX_SCHEMA = {
+    "type": "string",
+    "maxLength": 1024,
+    "pattern": r"^([A-Za-z0-9_-][A-Za-z0-9._ -]*/?)*$",
+}
+PATH_QUERY = _query("path", PATH_SCHEMA, "File path relative to the root")
 
 
 def _op(
@@ -132,7 +145,7 @@ def _job_op(summary: str, fields: J) -> J:
 def _paths() -> J:
     browse_params = [
         DEST_ID,
-        _query("prefix", {"type": "string"}, "Folder to list (default: the root)"),
+        _query("prefix", PREFIX_SCHEMA, "Folder to list (default: the root)"),
         _query(
             "limit",
             {"type": "integer", "minimum": 1, "maximum": BROWSE_MAX_LIMIT},
@@ -159,8 +172,10 @@ def _paths() -> J:
             }
         },
     }
-    delete_body = _job_body({"path": {"type": "string"}})
-    page = _query("page", {"type": "integer", "minimum": 1}, "Page number (default 1)")
+    delete_body = _job_body({"path": PATH_SCHEMA})
+    page = _query(
+        "page", {"type": "integer", "minimum": 1, "maximum": 1_000_000}, "Page number (default 1)"
+    )
     limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "Page size")
     admin = ("403",)
     entity = [ENTITY_TYPE, _uuid_param("id", "Entity id")]
@@ -194,7 +209,14 @@ def _paths() -> J:
         f"{DEST}/files": {
             "delete": _op(
                 "Delete an unreferenced file",
-                [DEST_ID, {**PATH_QUERY, "description": "File path (or JSON body 'path')"}],
+                [
+                    DEST_ID,
+                    {
+                        **PATH_QUERY,
+                        "required": True,
+                        "description": "File path (preferred; a JSON body 'path' also works)",
+                    },
+                ],
                 ("200", _json(_ref("Deleted"))),
                 "409",
                 "413",

@@ -44,7 +44,12 @@ def query_int(name: str, default: int, low: int, high: int) -> int:
 def _variants(raw: str) -> set[str]:
     """The forms a path might take further down: decoded once more (a proxy or a
     backend that URL-decodes) and NFKC-folded (full-width dots and slashes)."""
-    decoded = unquote(raw) if "%" in raw else raw
+    try:
+        # strict: an escape that is not valid UTF-8 (overlong '%c0%ae' dots) is refused
+        # rather than folded into U+FFFD, which would hide the '..' it stands for
+        decoded = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        raise InvalidPathError("path holds %-escapes that are not valid UTF-8") from None
     return {
         raw,
         decoded,
@@ -55,7 +60,8 @@ def _variants(raw: str) -> set[str]:
 
 def _check(raw: str, *, prefix: bool) -> str:
     try:
-        for form in _variants(raw):
+        forms = _variants(raw)
+        for form in forms:
             if prefix:
                 validate_prefix(form)
             else:
@@ -114,6 +120,8 @@ def strict_int(body: dict[str, Any], name: str, low: int, high: int) -> int | No
     if name not in body:
         return None
     value = body[name]
+    if type(value) is float and value.is_integer():
+        value = int(value)  # JSON Schema counts 144.0 as an integer; 7.5 stays refused
     if type(value) is not int or not low <= value <= high:
         raise bad_request(f"{name} must be an integer between {low} and {high}")
     return value

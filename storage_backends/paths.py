@@ -37,6 +37,10 @@ def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = Fal
         raise InvalidPathError("path contains a NUL or control character")
     if "\\" in path:
         raise InvalidPathError("path contains a backslash")
+    if "\ufffd" in path:
+        # U+FFFD is what a lenient decoder leaves of invalid bytes (overlong UTF-8 dots
+        # among them): the name the client meant is unknowable
+        raise InvalidPathError("path contains U+FFFD, the mark of undecodable bytes")
     if path.startswith("/"):
         raise InvalidPathError("path must be relative (no leading '/')")
     body = path

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from db.migrate import upgrade
@@ -54,9 +54,11 @@ def engine(pg_url: str) -> Iterator[Engine]:
 
 
 def truncate_all(engine: Engine) -> None:
-    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    """Empty every table, children first. DELETE on these small tables takes ~10 ms
+    where one TRUNCATE of all of them takes ~0.7 s (it rewrites every table's files)."""
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} CASCADE"))
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
 
 
 @pytest.fixture

@@ -172,7 +172,13 @@ def _on_lock_lost(engine: Engine, job: Job, lease: Lease, err: LockLost) -> None
         if lock is not None and lock.job_id == job.id and lock.token != lease.token:
             log.warning("job %s: another copy of this job took over; this copy stops", job.id)
             return
-    _set(engine, job.id, status="failed", phase="failed", error=str(err), finished_at=utcnow())
+    # Only a job still active is failed: a copy that took over may have finished it.
+    with session_scope(engine) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+            .values(status="failed", phase="failed", error=str(err), finished_at=utcnow())
+        )
 
 
 def run_job(

@@ -1,0 +1,67 @@
+"""Issue 8, A2: a member of one organization reaches nothing of another one. Every route
+answers 404 (403 for the admin-only archive) and not one request reaches the storage."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.api.helpers import ROUTES
+from tests.security.conftest import Attack, job_count
+
+
+def _url(template: str, ids: dict[str, uuid.UUID]) -> str:
+    return template.format(**{k: str(v) for k, v in ids.items()})
+
+
+def test_other_organizations_ids_are_404_on_every_route_and_touch_no_storage(
+    attack: Attack, engine
+) -> None:
+    a = attack
+    jobs_before = job_count(engine)
+    wrong = []
+    for method, template, upload in ROUTES:
+        files = {"file": ("new.dump", b"payload")} if upload else None
+        r = a.request(method, _url(template, a.other_ids), headers=a.headers(), files=files)
+        expected = 403 if "/admin/" in template else 404
+        if r.status_code != expected or "secret" in r.text:
+            wrong.append((method, template, r.status_code, r.text[:200]))
+    assert wrong == []
+    assert a.proxy.request_count == 0, a.proxy.requests
+    assert a.sent == []
+    assert job_count(engine) == jobs_before
+
+
+def test_a_foreign_id_answers_exactly_like_a_missing_one(attack: Attack) -> None:
+    """No existence oracle: another organization's object and a random uuid look alike."""
+    a = attack
+    missing = {k: uuid.uuid4() for k in a.other_ids}
+    for method, template, upload in ROUTES:
+        if "/admin/" in template:
+            continue
+        files = {"file": ("n", b"p")} if upload else None
+        foreign = a.request(method, _url(template, a.other_ids), headers=a.headers(), files=files)
+        files = {"file": ("n", b"p")} if upload else None
+        absent = a.request(method, _url(template, missing), headers=a.headers(), files=files)
+        assert foreign.status_code == absent.status_code == 404, template
+        f, m = foreign.json(), absent.json()
+        for key, value in a.other_ids.items():
+            f["message"] = f["message"].replace(str(value), "<id>")
+            m["message"] = m["message"].replace(str(missing[key]), "<id>")
+        assert f == m, template
+        assert set(foreign.headers) - {"Date"} == set(absent.headers) - {"Date"}
+    assert a.proxy.request_count == 0
+
+
+def test_the_other_organizations_own_member_does_reach_them(attack: Attack) -> None:
+    """Control: the 404s above come from the organization check, not from broken ids."""
+    a = attack
+    h = a.headers(org=a.other.org.id)
+    r = a.request("GET", f"/api/jobs/{a.other_ids['job']}", headers=h)
+    assert r.status_code == 200, r.text
+    r = a.request(
+        "GET",
+        f"/api/storage/destinations/{a.other_ids['dest']}/download?path=backups/secret.dump",
+        headers=h,
+    )
+    assert r.status_code == 200, r.text
+    assert a.proxy.request_count > 0
