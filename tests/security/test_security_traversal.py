@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-import pytest
-
 from tests.security.conftest import Attack
 
 #: As they appear in the query string (requests quotes what is not URL-safe).
