@@ -86,8 +86,19 @@ BAD_RETENTION = [
     "{}",
     "NaN",
     "Infinity",
-    "7.0",
 ]
+
+
+def test_integral_float_retention_is_the_integer_json_schema_says_it_is(client, auth, env, db):
+    r = client.post(
+        _url(env.dest, "cleanup-orphans"),
+        data='{"retention_days": 7.0}',
+        headers=auth(),
+        content_type="application/json",
+    )
+    assert r.status_code == 202
+    job = db.scalars(select(Job)).one()
+    assert job.params["retention_days"] == 7 and type(job.params["retention_days"]) is int
 
 
 @pytest.mark.parametrize("value", BAD_RETENTION)
