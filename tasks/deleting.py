@@ -26,6 +26,7 @@ from db.session import db_now
 from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from tasks.linking import find_links
+from worker import shutdown
 from worker.jobs import location_key
 from worker.locks import Lease, check_and_renew
 
@@ -74,6 +75,7 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     """Delete one batch under the fence; see the module docstring."""
     if len(items) > MAX_DELETE_BATCH:
         raise ValueError(f"a batch holds at most {MAX_DELETE_BATCH} keys")
+    shutdown.check()  # a stopping worker ends between batches, never inside one
     session = ctx.session
     outcome = BatchOutcome()
     by_path = {d.path: d for d in items}

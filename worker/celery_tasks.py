@@ -17,7 +17,13 @@ from db.models import BackupDestination, Job, PendingDeletion
 from db.session import get_engine, session_scope
 from worker.celery_app import app, send
 from worker.jobs import TASKS, dispatch, fail_job, request_job
-from worker.runner import LocationBusy, RetryableJobError, reap_stuck_jobs, run_job
+from worker.runner import (
+    LocationBusy,
+    Requeued,
+    RetryableJobError,
+    reap_stuck_jobs,
+    run_job,
+)
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ def _execute(task: Task, job_id: str) -> str:
         return "invalid"
     try:
         outcome = run_job(jid, settings, engine)
+    except Requeued as err:
+        raise task.retry(countdown=1, max_retries=None) from err
     except LocationBusy as err:
         log.info("job %s waits: %s", jid, err)
         raise task.retry(countdown=BUSY_RETRY_SECONDS, max_retries=None) from err

@@ -29,11 +29,12 @@ from tasks.outcome import JobOutcome
 from tasks.purge import run_purge
 from tasks.scan import run_scan
 from tasks.scan_cleanup import run_scan_cleanup
-from worker import metrics
+from worker import metrics, shutdown
 from worker.jobs import DESTRUCTIVE, bucket_key
 from worker.locks import Lease, LockLost, acquire, check_and_renew, release
 from worker.logging import job_context, set_phase
 from worker.settings import Settings
+from worker.shutdown import ShutdownRequested
 
 log = logging.getLogger(__name__)
 BackendFactory = Callable[[BackupDestination, Settings], StorageBackend]
@@ -41,6 +42,10 @@ BackendFactory = Callable[[BackupDestination, Settings], StorageBackend]
 
 class LocationBusy(Exception):
     """Another destructive job holds the location's lock: try again later."""
+
+
+class Requeued(Exception):
+    """The worker is shutting down: the job went back to the queue (no attempt used)."""
 
 
 class RetryableJobError(Exception):
@@ -63,6 +68,7 @@ def _progress_writer(
     lease keeps the lock; a lost lock stops the job right away (LockLost)."""
 
     def write(phase: str, count: int) -> None:
+        shutdown.check()
         if lease is not None:
             check_and_renew(session, lease, lease_seconds)
         progress = {**(job.progress or {}), "phase": phase, "objects": count}
@@ -265,6 +271,12 @@ def _execute(
                     outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
                 finally:
                     metrics.BACKEND_RETRIES.labels(dest.kind).inc(backend.retries)
+        except ShutdownRequested as err:
+            session.rollback()
+            _finish(engine, job.id, lease, status="queued", phase="requeued",
+                    attempts=Job.attempts - 1, error=None)  # fmt: skip
+            log.info("job %s: %s", job.id, err)
+            raise Requeued(str(err)) from err
         except LockLost as err:
             session.rollback()
             assert lease is not None

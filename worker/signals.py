@@ -19,6 +19,7 @@ from typing import Any
 from celery import signals
 from prometheus_client import multiprocess
 
+from worker import shutdown
 from worker.logging import configure_logging
 from worker.metrics_server import (
     MetricsServer,
@@ -57,6 +58,17 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     options = dict(conf.broker_transport_options or {}) if conf is not None else {}
     registry = build_registry(broker_url, queues, options)
     _server = start_metrics_server(get_settings().metrics_port, metrics_host(), registry)
+
+
+@signals.worker_init.connect
+def _clear_shutdown_marker(**_: Any) -> None:
+    shutdown.clear()
+
+
+@signals.worker_shutting_down.connect
+def _ask_children_to_stop(**_: Any) -> None:
+    """SIGTERM: running jobs stop after their current batch and requeue themselves."""
+    shutdown.request_stop()
 
 
 @signals.worker_process_shutdown.connect
