@@ -118,15 +118,23 @@ def beat() -> None:
 @cli.command()
 @click.option("--host", default=None, help="Default: OCORE_API_HOST.")
 @click.option("--port", default=None, type=int, help="Default: OCORE_API_PORT.")
-def api(host: str | None, port: int | None) -> None:
-    """Serve the HTTP API (threaded WSGI server)."""
-    from werkzeug.serving import run_simple
-
+@click.option("--threads", default=16, show_default=True, help="Request threads.")
+@click.option("--dev", is_flag=True, help="werkzeug's development server instead of gunicorn.")
+def api(host: str | None, port: int | None, threads: int, dev: bool) -> None:
+    """Serve the HTTP API (gunicorn, one process with request threads)."""
     from api import create_app
 
     settings = _settings()
-    app = create_app(settings)
-    run_simple(host or settings.api_host, port or settings.api_port, app, threaded=True)
+    bind_host, bind_port = host or settings.api_host, port or settings.api_port
+    if dev:
+        from werkzeug.serving import run_simple
+
+        run_simple(bind_host, bind_port, create_app(settings), threaded=True)
+        return
+    from api.server import serve_api
+
+    # One process: the API's request metrics live in that process's registry.
+    serve_api(create_app(settings), f"{bind_host}:{bind_port}", threads=threads)
 
 
 @cli.command()
@@ -139,7 +147,7 @@ def serve() -> None:
            "-Q", QUEUES, "-c", "2", "--loglevel", settings.log_level]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     try:
-        api.callback(None, None)  # type: ignore[misc]
+        api.callback(None, None, 16, False)  # type: ignore[misc]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
