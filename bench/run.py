@@ -1,0 +1,836 @@
+"""``python -m bench.run --sizes 10000,100000,1000000 [--quick]``: scan, reconcile and
+delete at scale against the tools operators use; prints one table and writes
+``docs/benchmarks.md``. See ``bench/__init__.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import dbload, layout, s3raw, servers
+from bench.measure import ROOT, Sample, Stat, alternate, py_target, run_child
+
+BENCH = ROOT / ".bench"
+REDIS_BENCH = "redis://127.0.0.1:6379/13"
+JWT_SECRET = "bench-only-hs256-secret-0123456789abcdef"
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: str
+    peer: str = ""
+    theirs: str = ""
+    ratio: str = ""
+    target: str = ""
+    met: str = ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick: bool = args.quick
+        self.repeats: int = args.repeats
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.versions: dict[str, str] = {}
+        self.weed: servers.SeaweedFS | None = None
+        self.started = time.monotonic()
+        self.scan_stats: dict[int, dict[str, Stat]] = {}
+        self.profile_text = ""
+        self.targets: list[tuple[str, bool | None, str]] = []
+        self.backend_repeats = 2 if self.quick else self.repeats
+        self.weed_dir = Path(args.weed_dir).resolve()
+        self.markers = self.weed_dir.with_name(self.weed_dir.name + "-markers")
+
+    # -- environment ----------------------------------------------------------------
+    def child_env(self, **extra: str) -> dict[str, str]:
+        env = servers.aws_env()
+        env["OCORE_CREDENTIALS_BENCH"] = json.dumps(
+            {"access_key_id": servers.ACCESS_KEY, "secret_access_key": servers.SECRET_KEY}
+        )
+        env["OCORE_DATABASE_URL"] = dbload.SA_URL
+        env["OCORE_LOG_LEVEL"] = "WARNING"
+        env["PYTHONPATH"] = str(ROOT)
+        env.update(extra)
+        return env
+
+    def rclone_env(self) -> dict[str, str]:
+        assert self.weed is not None
+        cfg = BENCH / "rclone.conf"
+        cfg.touch()
+        env = dict(os.environ)
+        env.update(
+            RCLONE_CONFIG=str(cfg),
+            RCLONE_CONFIG_BENCH_TYPE="s3",
+            RCLONE_CONFIG_BENCH_PROVIDER="Other",
+            RCLONE_CONFIG_BENCH_ENDPOINT=self.weed.endpoint,
+            RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=servers.ACCESS_KEY,
+            RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=servers.SECRET_KEY,
+            RCLONE_CONFIG_BENCH_REGION=servers.REGION,
+        )
+        return env
+
+    @staticmethod
+    def rclone(*argv: str) -> list[str]:
+        # rclone 1.60 fails on S3 with LoadCustomCABundleError when AWS_CA_BUNDLE is set
+        return ["env", "-u", "AWS_CA_BUNDLE", "rclone", *argv]
+
+    def log(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:6.0f}s] {msg}", flush=True)
+
+    # -- S3 data ----------------------------------------------------------------------
+    def populate(self, bucket: str, objs: list[tuple[str, int]], marker: bool = True) -> None:
+        assert self.weed is not None
+        mark = self.markers / f"{bucket}.json"
+        if marker and mark.exists() and json.loads(mark.read_text()).get("count") == len(objs):
+            return
+        self.log(f"populating s3://{bucket} with {len(objs):,} objects ...")
+        t0 = time.perf_counter()
+        s3raw.create_bucket(self.weed.endpoint, bucket)
+        done = s3raw.put_many(self.weed.endpoint, bucket, objs, threads=32)
+        dt = time.perf_counter() - t0
+        self.log(f"  {done:,} PUTs in {dt:.1f}s ({done / dt:,.0f}/s)")
+        if marker:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(json.dumps({"count": len(objs), "at": datetime.now(UTC).isoformat()}))
+
+    def is_populated(self, bucket: str, count: int) -> bool:
+        mark = self.markers / f"{bucket}.json"
+        return mark.exists() and json.loads(mark.read_text()).get("count") == count
+
+    def s3_destination(self, n: int) -> uuid.UUID:
+        assert self.weed is not None
+        did = dbload.ensure_destination(f"s3-{n}", "s3", f"bench-{n}", self.weed.endpoint, "bench")
+        want = sum(1 for _ in layout.records(n))
+        if dbload.record_count(did) != want:
+            self.log(f"loading {want:,} records for s3-{n} (COPY) ...")
+            t0 = time.perf_counter()
+            dbload.load_records(did, n)
+            self.log(f"  done in {time.perf_counter() - t0:.1f}s")
+        return did
+
+    # -- sections ---------------------------------------------------------------------
+    def section_scan(self, sizes: list[int]) -> None:
+        assert self.weed is not None
+        ep = self.weed.endpoint
+        have_aws = shutil.which("aws") is not None
+        for n in sizes:
+            self.scan_one(n, ep, have_aws)
+
+    def scan_one(self, n: int, ep: str, have_aws: bool) -> None:
+        bucket = f"bench-{n}"
+        if not self.is_populated(bucket, n) and self.args.skip_unpopulated:
+            self.rows.append(Row(f"full scan {n:,}", "not run (bucket not populated)"))
+            return
+        self.populate(bucket, [(o.key, o.size) for o in layout.objects(n)])
+        did = self.s3_destination(n)
+        env = self.child_env()
+        renv = self.rclone_env()
+        repeats = self.repeats if n < 1_000_000 else max(1, min(self.repeats, 3))
+        self.log(f"scan {n:,}: {repeats} alternating runs each")
+        runners: dict[str, Callable[[], Sample]] = {
+            "ours (run_scan)": lambda: py_target("our_scan", {"dest": str(did)}, env),
+            "raw signed walk": lambda: py_target(
+                "raw_walk", {"endpoint": ep, "bucket": bucket}, env
+            ),
+            "rclone size": lambda: run_child(
+                self.rclone("size", f"bench:{bucket}"), renv, stdout_null=True
+            ),
+            "rclone lsf -R": lambda: run_child(
+                self.rclone("lsf", "-R", f"bench:{bucket}"), renv, stdout_null=True
+            ),
+        }
+        slow: dict[str, Callable[[], Sample]] = {
+            "boto3 paginator": lambda: py_target(
+                "boto3_walk", {"endpoint": ep, "bucket": bucket}, env
+            ),
+        }
+        if have_aws:
+            slow["aws s3 ls --recursive"] = lambda: run_child(
+                [
+                    "aws",
+                    "s3",
+                    "ls",
+                    "--recursive",
+                    "--summarize",
+                    f"s3://{bucket}",
+                    "--endpoint-url",
+                    ep,
+                ],
+                env,
+                stdout_null=True,
+            )
+        stats = alternate(runners, repeats)
+        slow_repeats = repeats if n < 1_000_000 else 1
+        stats.update(alternate(slow, slow_repeats))
+        if n >= 1_000_000 and slow_repeats < repeats:
+            self.notes.append(
+                f"At {n:,}, boto3 and aws CLI ran once (about 100 s / 150 s each); "
+                "the others are medians of " + str(repeats) + "."
+            )
+        self.scan_stats[n] = stats
+        ours = stats["ours (run_scan)"]
+        self.check_scan(n, ours)
+        for peer in list(runners)[1:] + list(slow):
+            st = stats[peer]
+            self.rows.append(
+                Row(
+                    f"full scan {n:,} objects (wall)",
+                    f"{ours.wall:.2f} s",
+                    peer,
+                    f"{st.wall:.2f} s",
+                    f"{ours.wall / st.wall:.2f}x",
+                    *self.scan_target(n, peer, ours.wall / st.wall),
+                )
+            )
+        self.rows.append(
+            Row(
+                f"full scan {n:,}: CPU / peak RSS",
+                f"{ours.cpu:.2f} s / {ours.rss:.0f} MB",
+                "raw signed walk",
+                f"{stats['raw signed walk'].cpu:.2f} s / {stats['raw signed walk'].rss:.0f} MB",
+                f"{ours.cpu / max(stats['raw signed walk'].cpu, 1e-9):.2f}x CPU",
+            )
+        )
+        self.rows.append(
+            Row(
+                f"full scan {n:,}: CPU / peak RSS",
+                f"{ours.cpu:.2f} s / {ours.rss:.0f} MB",
+                "rclone size",
+                f"{stats['rclone size'].cpu:.2f} s / {stats['rclone size'].rss:.0f} MB",
+                f"{ours.cpu / max(stats['rclone size'].cpu, 1e-9):.2f}x CPU",
+            )
+        )
+        inner = statistics.median(x.output.get("inner_seconds", 0) for x in ours.samples)
+        raw_inner = statistics.median(
+            x.output.get("inner_seconds", 0) for x in stats["raw signed walk"].samples
+        )
+        self.rows.append(
+            Row(
+                f"full scan {n:,}: in-process time (no interpreter start/imports)",
+                f"{inner:.2f} s",
+                "raw signed walk",
+                f"{raw_inner:.2f} s",
+                f"{inner / max(raw_inner, 1e-9):.2f}x",
+            )
+        )
+        rate = n / ours.wall
+        self.rows.append(Row(f"full scan {n:,}: objects/s (process wall)", f"{rate:,.0f}"))
+
+    def scan_target(self, n: int, peer: str, ratio: float) -> tuple[str, str]:
+        if n < 1_000_000:
+            return "", ""
+        if peer == "raw signed walk":
+            met = ratio <= 1.5
+            self.targets.append(("full scan 1M <= 1.5x raw signed walk", met, f"{ratio:.2f}x"))
+            return "<= 1.5x", "yes" if met else "NO"
+        if peer == "rclone size":
+            met = ratio <= 0.6
+            self.targets.append(("full scan 1M <= 0.6x rclone size", met, f"{ratio:.2f}x"))
+            return "<= 0.6x", "yes" if met else "NO"
+        return "", ""
+
+    def check_scan(self, n: int, ours: Stat) -> None:
+        want = layout.expected(n)
+        got = ours.samples[-1].output
+        bad = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        if bad:
+            self.notes.append(f"scan {n:,}: result differs from the generated estate: {bad}")
+            self.log(f"  WARNING scan {n:,} mismatch (got, expected): {bad}")
+
+    def section_memory(self, sizes: list[int]) -> None:
+        rss = {n: self.scan_stats[n]["ours (run_scan)"].rss for n in self.scan_stats}
+        for n in sorted(rss):
+            target, met = "", ""
+            if n >= 1_000_000:
+                ok = rss[n] <= 150
+                target, met = "<= 150 MB", "yes" if ok else "NO"
+                self.targets.append(("peak RSS 1M <= 150 MB", ok, f"{rss[n]:.0f} MB"))
+            self.rows.append(
+                Row(f"peak RSS of a scan, {n:,}", f"{rss[n]:.0f} MB", "", "", "", target, met)
+            )
+        if 100_000 in rss and 1_000_000 in rss:
+            ratio = rss[1_000_000] / rss[100_000]
+            ok = ratio <= 1.2
+            self.targets.append(("peak RSS 1M <= 1.2x 100k", ok, f"{ratio:.2f}x"))
+            self.rows.append(
+                Row(
+                    "peak RSS 1M / 100k",
+                    f"{ratio:.2f}x",
+                    "",
+                    "",
+                    "",
+                    "<= 1.2x",
+                    "yes" if ok else "NO",
+                )
+            )
+        elif 1_000_000 in sizes or 100_000 in sizes:
+            self.rows.append(Row("peak RSS 1M / 100k", "not run (needs both sizes)"))
+
+    def section_cleanup(self, n: int) -> None:
+        assert self.weed is not None
+        ep = self.weed.endpoint
+        bucket = f"orphans-{n}"
+        objs = [(o.key, o.size) for o in layout.orphan_objects(n)]
+        did = dbload.ensure_destination(f"s3-orphans-{n}", "s3", bucket, ep, "bench")
+        env = self.child_env()
+        renv = self.rclone_env()
+
+        def fill() -> None:
+            s3raw.create_bucket(ep, bucket)
+            have = s3raw.raw_walk(ep, bucket)["files"]
+            if have != n:
+                self.populate(bucket, objs, marker=False)
+
+        def ours() -> Sample:
+            fill()
+            s = py_target("our_cleanup", {"dest": str(did)}, env)
+            if s.output.get("deleted_files") != n:
+                self.notes.append(f"orphan cleanup {n:,}: outcome {s.output}")
+                self.log(f"  WARNING cleanup outcome: {s.output}")
+            return s
+
+        def rclone_delete() -> Sample:
+            fill()
+            return run_child(self.rclone("delete", f"bench:{bucket}"), renv, stdout_null=True)
+
+        self.log(f"orphan cleanup {n:,}: repopulated before every run")
+        repeats = 1 if self.quick else self.repeats
+        stats = alternate(
+            {"ours (orphan_cleanup job)": ours, "rclone delete": rclone_delete}, repeats
+        )
+        sample_n = 1000
+        s3raw.create_bucket(ep, bucket)
+        self.populate(bucket, objs[:sample_n], marker=False)
+        per_key = py_target(
+            "delete_per_key", {"endpoint": ep, "bucket": bucket, "count": sample_n}, env
+        )
+        fill()  # leave the bucket full for the next run
+        ours_rate = n / stats["ours (orphan_cleanup job)"].wall
+        rc_rate = n / stats["rclone delete"].wall
+        pk_rate = per_key.output["deleted"] / per_key.output["seconds"]
+        ok = ours_rate >= 1.5 * rc_rate
+        self.targets.append(
+            (f"orphan cleanup {n:,} >= 1.5x rclone delete", ok, f"{ours_rate / rc_rate:.2f}x")
+        )
+        fig = f"orphan cleanup {n:,} orphans (files/s)"
+        self.rows.append(
+            Row(
+                fig,
+                f"{ours_rate:,.0f}",
+                "rclone delete",
+                f"{rc_rate:,.0f}",
+                f"{ours_rate / rc_rate:.2f}x",
+                ">= 1.5x",
+                "yes" if ok else "NO",
+            )
+        )
+        self.rows.append(
+            Row(
+                fig,
+                f"{ours_rate:,.0f}",
+                f"DeleteObject per key ({sample_n} sample)",
+                f"{pk_rate:,.0f}",
+                f"{ours_rate / pk_rate:.2f}x",
+            )
+        )
+        st = stats["ours (orphan_cleanup job)"]
+        self.rows.append(
+            Row(
+                f"orphan cleanup {n:,}: CPU / peak RSS",
+                f"{st.cpu:.2f} s / {st.rss:.0f} MB",
+                "rclone delete",
+                f"{stats['rclone delete'].cpu:.2f} s / {stats['rclone delete'].rss:.0f} MB",
+            )
+        )
+
+    def section_backends(self, n: int) -> None:
+        self.section_sftp(n)
+        self.section_gcs(n)
+
+    def _files_on_disk(self, base: Path, n: int) -> None:
+        mark = base.parent / f"{base.name}.populated"
+        if mark.exists() and mark.read_text().strip() == str(n):
+            return
+        self.log(f"writing {n:,} files under {base} ...")
+        shutil.rmtree(base, ignore_errors=True)
+        old = time.time() - 90 * 86400
+        for o in layout.objects(n):
+            path = base / o.key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"b" * o.size)
+            os.utime(path, (old, old))
+        mark.write_text(str(n))
+
+    def _records(self, did: uuid.UUID, n: int) -> None:
+        want = sum(1 for _ in layout.records(n))
+        if dbload.record_count(did) != want:
+            dbload.load_records(did, n)
+
+    def section_sftp(self, n: int) -> None:
+        fig = f"SFTP scan {n:,} (wall)"
+        base = (BENCH / "sftp" / f"bench-{n}").resolve()
+        self._files_on_disk(base, n)
+        sshd = servers.Sshd(BENCH / "sshd")
+        try:
+            sshd.start()
+            self.versions["OpenSSH"] = sshd.version()
+            renv = dict(os.environ)
+            renv.update(
+                RCLONE_CONFIG=str(BENCH / "rclone.conf"),
+                RCLONE_CONFIG_BSFTP_TYPE="sftp",
+                RCLONE_CONFIG_BSFTP_HOST="127.0.0.1",
+                RCLONE_CONFIG_BSFTP_PORT=str(sshd.port),
+                RCLONE_CONFIG_BSFTP_USER=sshd.credentials()["username"],
+                RCLONE_CONFIG_BSFTP_KEY_FILE=str(sshd.client_key),
+                RCLONE_CONFIG_BSFTP_SHELL_TYPE="none",
+                RCLONE_CONFIG_BSFTP_DISABLE_HASHCHECK="true",
+            )
+            runners: dict[str, Callable[[], Sample]] = {
+                "rclone size": lambda: run_child(
+                    ["rclone", "size", f"bsftp:{base}"], renv, stdout_null=True
+                )
+            }
+            have_backend = (ROOT / "storage_backends" / "sftp.py").exists()
+            if have_backend:
+                did = dbload.ensure_destination(
+                    f"sftp-{n}", "sftp", str(base), f"127.0.0.1:{sshd.port}", "bench_sftp"
+                )
+                self._records(did, n)
+                env = self.child_env(OCORE_CREDENTIALS_BENCH_SFTP=json.dumps(sshd.credentials()))
+                runners = {
+                    "ours (run_scan)": lambda: py_target("our_scan", {"dest": str(did)}, env),
+                    **runners,
+                }
+            self.log(f"SFTP scan {n:,}")
+            stats = alternate(runners, self.backend_repeats)
+        finally:
+            sshd.stop()
+        rc = stats["rclone size"]
+        if "ours (run_scan)" not in stats:
+            self.rows.append(
+                Row(
+                    fig,
+                    "not run (storage_backends/sftp.py missing)",
+                    "rclone size",
+                    f"{rc.wall:.2f} s",
+                    "",
+                    "<= 0.8x",
+                    "not run",
+                )
+            )
+            self.targets.append((f"SFTP scan {n:,} <= 0.8x rclone size", None, "backend missing"))
+            return
+        ours = stats["ours (run_scan)"]
+        self.check_scan(n, ours)
+        ratio = ours.wall / rc.wall
+        ok = ratio <= 0.8
+        self.targets.append((f"SFTP scan {n:,} <= 0.8x rclone size", ok, f"{ratio:.2f}x"))
+        self.rows.append(
+            Row(
+                fig,
+                f"{ours.wall:.2f} s",
+                "rclone size",
+                f"{rc.wall:.2f} s",
+                f"{ratio:.2f}x",
+                "<= 0.8x",
+                "yes" if ok else "NO",
+            )
+        )
+        inner = statistics.median(x.output.get("inner_seconds", 0) for x in ours.samples)
+        self.rows.append(
+            Row(
+                f"SFTP scan {n:,}: in-process time (worker already running)",
+                f"{inner:.2f} s",
+                "rclone size",
+                f"{rc.wall:.2f} s",
+                f"{inner / rc.wall:.2f}x",
+            )
+        )
+        self.rows.append(
+            Row(
+                f"SFTP scan {n:,}: CPU / peak RSS",
+                f"{ours.cpu:.2f} s / {ours.rss:.0f} MB",
+                "rclone size",
+                f"{rc.cpu:.2f} s / {rc.rss:.0f} MB",
+            )
+        )
+
+    def section_gcs(self, n: int) -> None:
+        fig = f"GCS scan {n:,} (wall)"
+        data = BENCH / "gcs"
+        bucket = f"bench-{n}"
+        self._files_on_disk(data / bucket, n)
+        gcs = servers.FakeGcs(data, BENCH / "fake-gcs.log")
+        try:
+            t0 = time.perf_counter()
+            gcs.start()
+            self.log(f"fake-gcs-server loaded {n:,} objects in {time.perf_counter() - t0:.1f}s")
+            from bench.targets import gcs_raw_walk
+
+            t0 = time.perf_counter()
+            gcs_raw_walk({"endpoint": gcs.endpoint, "bucket": bucket})  # warm-up, untimed
+            self.log(f"  warm-up listing {time.perf_counter() - t0:.1f}s (its first is slow)")
+            self.versions["fake-gcs-server"] = gcs.version()
+            renv = dict(os.environ)
+            renv.update(
+                RCLONE_CONFIG=str(BENCH / "rclone.conf"),
+                RCLONE_CONFIG_BGCS_TYPE="google cloud storage",
+                RCLONE_CONFIG_BGCS_ANONYMOUS="true",
+                RCLONE_CONFIG_BGCS_ENDPOINT=gcs.endpoint + "/storage/v1/",
+            )
+            runners: dict[str, Callable[[], Sample]] = {
+                "rclone size": lambda: run_child(
+                    ["rclone", "size", f"bgcs:{bucket}"], renv, stdout_null=True
+                ),
+                "raw JSON listing": lambda: py_target(
+                    "gcs_raw_walk", {"endpoint": gcs.endpoint, "bucket": bucket}, self.child_env()
+                ),
+            }
+            have_backend = (ROOT / "storage_backends" / "gcs.py").exists()
+            if have_backend:
+                did = dbload.ensure_destination(f"gcs-{n}", "gcs", bucket, gcs.endpoint, "")
+                self._records(did, n)
+                env = self.child_env()
+                runners = {
+                    "ours (run_scan)": lambda: py_target("our_scan", {"dest": str(did)}, env),
+                    **runners,
+                }
+            self.log(f"GCS scan {n:,}")
+            stats = alternate(runners, self.backend_repeats)
+        finally:
+            gcs.stop()
+        rc = stats["rclone size"]
+        if "ours (run_scan)" not in stats:
+            self.rows.append(
+                Row(
+                    fig,
+                    "not run (storage_backends/gcs.py missing)",
+                    "rclone size",
+                    f"{rc.wall:.2f} s",
+                )
+            )
+            return
+        ours = stats["ours (run_scan)"]
+        self.check_scan(n, ours)
+        raw = stats["raw JSON listing"]
+        self.rows.append(
+            Row(
+                fig,
+                f"{ours.wall:.2f} s",
+                "rclone size",
+                f"{rc.wall:.2f} s",
+                f"{ours.wall / rc.wall:.2f}x",
+            )
+        )
+        self.rows.append(
+            Row(
+                fig,
+                f"{ours.wall:.2f} s",
+                "raw JSON flat listing (urllib)",
+                f"{raw.wall:.2f} s",
+                f"{ours.wall / raw.wall:.2f}x",
+            )
+        )
+        slowest = max(x.wall for x in ours.samples)
+        if slowest > 3 * ours.wall:
+            self.notes.append(
+                f"GCS: one run of ours took {slowest:.1f} s (median {ours.wall:.2f} s): the "
+                "first flat listing after fake-gcs-server starts is slow."
+            )
+        self.rows.append(
+            Row(
+                f"GCS scan {n:,}: CPU / peak RSS",
+                f"{ours.cpu:.2f} s / {ours.rss:.0f} MB",
+                "rclone size",
+                f"{rc.cpu:.2f} s / {rc.rss:.0f} MB",
+            )
+        )
+
+    # -- jobs through Celery ----------------------------------------------------------
+    def section_jobs(self, count: int) -> None:
+        from bench import jobs
+
+        result = jobs.run(self, count)
+        self.rows.extend(result)
+
+    def section_api(self) -> None:
+        from bench import apibench
+
+        self.rows.extend(apibench.run(self))
+
+    # -- profile ----------------------------------------------------------------------
+    def profile_scan(self, n: int) -> None:
+        did = dbload.stable_id("dest", f"s3-{n}")
+        self.profile("our_scan", {"dest": str(did)}, f"run_scan on {n:,} objects", "scan")
+
+    def profile_cleanup(self, n: int) -> None:
+        assert self.weed is not None
+        did = dbload.stable_id("dest", f"s3-orphans-{n}")
+        self.profile(
+            "our_cleanup", {"dest": str(did)}, f"an orphan_cleanup job deleting {n:,}", "cleanup"
+        )
+        objs = [(o.key, o.size) for o in layout.orphan_objects(n)]
+        self.populate(f"orphans-{n}", objs, marker=False)
+
+    def profile(self, target: str, args: dict[str, object], title: str, tag: str) -> None:
+        prof = BENCH / f"{tag}.prof"
+        self.log(f"profiling {title} (cProfile)")
+        s = py_target(target, {**args, "profile": str(prof)}, self.child_env())
+        st = pstats.Stats(str(prof))
+        total = st.total_tt  # type: ignore[attr-defined]
+        entries = st.stats  # type: ignore[attr-defined]
+        top = sorted(entries.items(), key=lambda kv: -kv[1][2])[:15]
+        lines = [
+            f"### {title}",
+            "",
+            f"cProfile, wall under the profiler {s.wall:.1f} s, profiled total {total:.1f} s "
+            "(socket `recv_into` and psycopg `wait` are time spent waiting on the server or "
+            "the database). Top functions by own time:",
+            "",
+            "| function | calls | own s | own % | cumulative s |",
+            "|---|---|---|---|---|",
+        ]
+        for (file, line, func), (_cc, nc, tt, ct, _callers) in top:
+            short = file.replace(str(ROOT) + "/", "").split("site-packages/")[-1]
+            share = tt / total
+            lines.append(
+                f"| `{func}` ({short}:{line}) | {nc:,} | {tt:.2f} | {share:.1%} | {ct:.2f} |"
+            )
+        cum = []
+        for (file, line, func), (_cc, nc, _tt, ct, _callers) in entries.items():
+            if ("/tasks/" in file or "storage_backends/" in file) and ct / total >= 0.01:
+                short = file.replace(str(ROOT) + "/", "")
+                row = f"| `{func}` ({short}:{line}) | {nc:,} | {ct:.2f} | {ct / total:.1%} |"
+                cum.append((ct, row))
+        lines += [
+            "",
+            "Cumulative time of the project's own functions (>= 1 %):",
+            "",
+            "| function | calls | cumulative s | % of total |",
+            "|---|---|---|---|",
+        ]
+        lines += [t for _, t in sorted(cum, reverse=True)[:25]]
+        text = "\n".join(lines)
+        self.profile_text = (self.profile_text + "\n\n" + text).strip()
+        print(text)
+
+    # -- output -----------------------------------------------------------------------
+    def table(self) -> str:
+        head = "| Figure | Ours | Peer | Peer value | Ours / peer | Target | Met |"
+        out = [head, "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            cells = (r.figure, r.ours, r.peer, r.theirs, r.ratio, r.target, r.met)
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out)
+
+    def collect_versions(self) -> None:
+        def first(argv: list[str]) -> str:
+            try:
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            except OSError:
+                return "not installed"
+            return ((p.stdout or p.stderr).strip().splitlines() or ["?"])[0]
+
+        import boto3
+
+        if self.weed is not None:
+            self.versions["SeaweedFS"] = self.weed.version()
+        self.versions["rclone"] = first(["rclone", "version"])
+        self.versions["aws CLI"] = first(["aws", "--version"]) if shutil.which("aws") else "absent"
+        self.versions["wrk"] = first(["wrk", "--version"]) if shutil.which("wrk") else "absent"
+        self.versions["PostgreSQL"] = first(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-tAc", "SHOW server_version"]
+        )
+        self.versions["Redis"] = first(["redis-server", "--version"])
+        self.versions["Python"] = platform.python_version()
+        self.versions["boto3"] = boto3.__version__
+
+    def machine(self) -> str:
+        mem = "?"
+        cpu = platform.processor() or "?"
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.system()} {platform.release()}"
+
+    def write_docs(self, command: str, elapsed: float) -> None:
+        path = ROOT / self.args.out
+        targets = "\n".join(
+            f"- {name}: **{'met' if ok else 'MISSED' if ok is False else 'not run'}** ({value})"
+            for name, ok, value in self.targets
+        )
+        notes = "\n".join(f"- {n}" for n in self.notes)
+        text = f"""# Benchmarks
+
+Generated by `bench/run.py`; do not edit by hand (re-run it).
+
+- Date: {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: {self.machine()}
+- Command: `{command}` (total {elapsed / 60:.1f} min)
+- Servers and tools: {"; ".join(f"{k} {v}" for k, v in self.versions.items())}
+
+All servers run on this machine over loopback. Every measured thing runs in a fresh
+process; wall is the median of the alternating runs (A B C A B C ...), CPU is user+sys of
+that process (`wait4` rusage, median) and peak RSS its `VmHWM` (max over runs; `ru_maxrss`
+would carry this orchestrator's own high-water mark across fork + exec). Process wall
+includes interpreter start and imports (~1 s for ours); the "in-process" rows do not.
+Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates.
+
+## Results
+
+{self.table()}
+
+## Targets (issue 7)
+
+{targets or "- none measured in this run"}
+
+## Method
+
+- Estate: objects under `org-NN/proj-NN/inst-NNN/yyyy/mm/dd/`, 80 % `backup-G-J.tar.gz`
+  linked by a backup record, 10 % orphans, 10 % `snap-G/chunk-XXX` linked through one
+  directory (snapshot) record per 10 chunks, plus one backup record per 100 objects whose
+  file is missing. 50-550 byte objects. Buckets are populated once (raw signed PUTs, 32
+  threads) and reused from `.bench/`; records are loaded with COPY into `ocore_bench`.
+- Full scan, ours: `tasks.scan.run_scan` with the registry's S3 backend (builds the link
+  index from PostgreSQL, walks, reconciles, counts missing records, writes the analytics
+  row). Raw signed walk: botocore-signed ListObjectsV2 GETs on one `http.client`
+  connection with a regex for Key/Size and a regex key parser (the practical limit).
+  rclone runs as `env -u AWS_CA_BUNDLE rclone ...` with an env-var remote.
+- Orphan cleanup: a bucket of only orphans, repopulated before every run; ours is an
+  `orphan_cleanup` job through `worker.runner.run_job` (listing, stored plan, budget,
+  per-batch exact re-check against PostgreSQL, audit rows, DeleteObjects of 1,000) with
+  the budget raised to allow 100 % and the listing's mtimes shifted 60 days back (fresh
+  objects are inside any retention window, SAFETY rule 6); peers are `rclone delete` on
+  the whole bucket and serial boto3 `delete_object` calls on a 1,000-key sample.
+- SFTP: OpenSSH sshd on loopback serving a directory with the same estate; GCS:
+  fake-gcs-server (memory backend, objects preloaded from disk).
+- Jobs: scans of tiny local destinations (10 files each) requested with
+  `worker.jobs.request_job`, sent to Redis and run by a real `celery -A worker worker
+  -Q scan -c 2` subprocess, timed until the last job row is terminal.
+- API: `api.create_app` served by werkzeug's threaded server in its own process, loaded by
+  `wrk` with a valid HS256 token; latency percentiles are wrk's.
+
+## Notes
+
+{notes or "- none"}
+
+## Profiles
+
+{self.profile_text or "Not profiled in this run."}
+"""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        self.log(f"wrote {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--quick", action="store_true", help="10k only, shorter runs (< 5 min)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--only",
+        default="scan,cleanup,backends,jobs,api",
+        help="comma list of sections: scan,cleanup,backends,jobs,api",
+    )
+    p.add_argument("--cleanup-sizes", default="10000")
+    p.add_argument("--jobs", type=int, default=1000, help="scans sent through Celery")
+    p.add_argument(
+        "--skip-unpopulated",
+        action="store_true",
+        help="report sizes whose bucket is not populated yet as 'not run' instead of populating",
+    )
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--populate-only", action="store_true", help="populate the buckets and records, then exit"
+    )
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument(
+        "--weed-dir", default=str(BENCH / "s3" / "weed"), help="SeaweedFS data (kept between runs)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s)
+    if args.quick:
+        sizes = [s for s in sizes if s <= 10_000] or [10_000]
+    sections = set(args.only.split(","))
+    b = Bench(args)
+    BENCH.mkdir(exist_ok=True)
+    command = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    b.log(f"bench: sizes {sizes}, sections {sorted(sections)}, repeats {args.repeats}")
+    if args.quick:
+        b.notes.append(
+            "--quick: 10k only; orphan cleanup 1 run each, SFTP/GCS 2 runs each, 300 Celery "
+            "jobs, 4 s of wrk per API figure, no profiles. Use `make bench` for real figures."
+        )
+    b.notes.append(f"Load average when the run started: {os.getloadavg()[0]:.1f} (1 min).")
+    dbload.ensure_database()
+    b.weed = servers.SeaweedFS(b.weed_dir)
+    try:
+        b.weed.start()
+        b.log(f"SeaweedFS on {b.weed.endpoint}")
+        if args.populate_only:
+            for n in sizes:
+                b.populate(f"bench-{n}", [(o.key, o.size) for o in layout.objects(n)])
+                b.s3_destination(n)
+            return 0
+        if "scan" in sections:
+            b.section_scan(sizes)
+            b.section_memory(sizes)
+        if "cleanup" in sections:
+            for n in (int(s) for s in args.cleanup_sizes.split(",") if s):
+                if args.quick and n > 10_000:
+                    continue
+                b.section_cleanup(n)
+        if "backends" in sections:
+            b.section_backends(10_000)
+        if "jobs" in sections:
+            b.section_jobs(min(args.jobs, 300) if args.quick else args.jobs)
+        if "api" in sections:
+            b.section_api()
+        if not args.no_profile and not args.quick:
+            if "scan" in sections and b.scan_stats:
+                b.profile_scan(max(b.scan_stats))
+            if "cleanup" in sections:
+                b.profile_cleanup(10_000)
+        b.collect_versions()
+    finally:
+        b.weed.stop()
+    elapsed = time.monotonic() - b.started
+    print()
+    print(b.table())
+    print()
+    for name, ok, value in b.targets:
+        print(f"target {name}: {'met' if ok else 'MISSED' if ok is False else 'not run'} ({value})")
+    b.write_docs(command, elapsed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

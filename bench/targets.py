@@ -1,0 +1,232 @@
+"""Entry points measured in fresh processes: ``python -m bench.targets NAME JSON``.
+
+Each prints one JSON line on stdout with what it saw (counts, inner timings).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from bench.dbload import SA_URL
+
+
+def _settings(**overrides: Any) -> Any:
+    from worker.settings import Settings
+
+    return Settings(database_url=SA_URL, **overrides)
+
+
+def _engine() -> Any:
+    from db.session import make_engine
+
+    return make_engine(SA_URL)
+
+
+def our_scan(args: dict[str, Any]) -> dict[str, Any]:
+    """run_scan on one destination: listing + reconcile + analytics row."""
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination
+    from storage_backends.registry import open_backend
+    from tasks.scan import run_scan
+
+    settings = _settings()
+    engine = _engine()
+    t0 = time.perf_counter()
+    with Session(bind=engine, expire_on_commit=False) as session:
+        dest = session.get(BackupDestination, uuid.UUID(args["dest"]))
+        assert dest is not None
+        with open_backend(dest, settings) as backend:
+            result = run_scan(session, backend, dest, settings)
+    engine.dispose()
+    return {**result.summary, "inner_seconds": time.perf_counter() - t0}
+
+
+def raw_walk(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.s3raw import raw_walk as walk
+
+    t0 = time.perf_counter()
+    return {**walk(args["endpoint"], args["bucket"]), "inner_seconds": time.perf_counter() - t0}
+
+
+def boto3_walk(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.s3raw import boto3_walk as walk
+
+    t0 = time.perf_counter()
+    return {**walk(args["endpoint"], args["bucket"]), "inner_seconds": time.perf_counter() - t0}
+
+
+def gcs_raw_walk(args: dict[str, Any]) -> dict[str, Any]:
+    """The JSON API's flat object listing with plain urllib, 1,000 a page."""
+    import urllib.request
+    from urllib.parse import quote
+
+    t0 = time.perf_counter()
+    files = total = 0
+    token = ""
+    while True:
+        url = f"{args['endpoint']}/storage/v1/b/{args['bucket']}/o?maxResults=1000"
+        if token:
+            url += "&pageToken=" + quote(token, safe="")
+        with urllib.request.urlopen(url, timeout=300) as resp:  # noqa: S310 - loopback
+            data = json.load(resp)
+        for item in data.get("items", []):
+            files += 1
+            total += int(item.get("size", 0))
+        token = data.get("nextPageToken") or ""
+        if not token:
+            break
+    return {"files": files, "bytes": total, "inner_seconds": time.perf_counter() - t0}
+
+
+def delete_per_key(args: dict[str, Any]) -> dict[str, Any]:
+    """One DeleteObject per key for the first ``count`` keys of the bucket."""
+    from bench.s3raw import boto3_client, delete_per_key
+
+    client = boto3_client(args["endpoint"])
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=args["bucket"], MaxKeys=args["count"]).get(
+            "Contents", []
+        )
+    ]
+    return delete_per_key(args["endpoint"], args["bucket"], keys)
+
+
+class AgedBackend:
+    """Delegates to a real backend; the walk reports every file ``days`` older.
+
+    Objects just PUT on SeaweedFS are minutes old and the retention window is at least a
+    day (SAFETY rule 6), so the cleanup benchmark ages the listing. Everything else
+    (deletes included) goes to the real server.
+    """
+
+    def __init__(self, inner: Any, days: int) -> None:
+        self._inner = inner
+        self._shift = timedelta(days=days)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
+
+    def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[Any]]:
+        from storage_backends.base import ObjectInfo
+
+        shift = self._shift
+        for page in self._inner.walk(prefix, page_size):
+            yield [
+                ObjectInfo(
+                    o.path,
+                    o.size,
+                    o.last_modified - shift if o.last_modified else None,
+                    o.etag,
+                    o.storage_class,
+                )
+                for o in page
+            ]
+
+    def __enter__(self) -> AgedBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.close()
+
+
+def our_cleanup(args: dict[str, Any]) -> dict[str, Any]:
+    """An orphan_cleanup job through worker.runner.run_job (plan, re-check, delete)."""
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination
+    from storage_backends.registry import open_backend
+    from worker.jobs import request_job
+    from worker.runner import run_job
+
+    settings = _settings(cleanup_max_share=1.0, cleanup_max_files=10_000_000)
+    engine = _engine()
+    t0 = time.perf_counter()
+    with Session(bind=engine, expire_on_commit=False) as session:
+        dest = session.get(BackupDestination, uuid.UUID(args["dest"]))
+        assert dest is not None
+        job, _ = request_job(
+            session, "orphan_cleanup", dest, {"retention_days": 1, "dry_run": False}, "bench"
+        )
+        job_id = job.id
+
+    def factory(d: Any, s: Any) -> Any:
+        return AgedBackend(open_backend(d, s), days=60)
+
+    outcome = run_job(job_id, settings, engine, backend_factory=factory)
+    engine.dispose()
+    assert outcome is not None
+    return {
+        "status": outcome.status,
+        "error": outcome.error,
+        **{k: v for k, v in outcome.result.items() if isinstance(v, int | float | bool)},
+        "inner_seconds": time.perf_counter() - t0,
+    }
+
+
+def plain_scans(args: dict[str, Any]) -> dict[str, Any]:
+    """The plain function for the job-overhead figure: run_scan on each destination,
+    then run_job (no broker) on each, serially in one process."""
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination
+    from storage_backends.registry import open_backend
+    from tasks.scan import run_scan
+    from worker.jobs import request_job
+    from worker.runner import run_job
+
+    settings = _settings()
+    engine = _engine()
+    from bench.dbload import stable_id
+
+    ids = [stable_id("dest", f"job-{i:04d}") for i in range(args["count"])]
+    with Session(bind=engine, expire_on_commit=False) as session:
+        dests = [session.get(BackupDestination, i) for i in ids]
+        t0 = time.perf_counter()
+        for dest in dests:
+            assert dest is not None
+            with open_backend(dest, settings) as backend:
+                run_scan(session, backend, dest, settings)
+        plain = (time.perf_counter() - t0) / len(ids)
+        job_ids = [request_job(session, "scan", d, {}, "bench")[0].id for d in dests]  # type: ignore[arg-type]
+    t1 = time.perf_counter()
+    for jid in job_ids:
+        run_job(jid, settings, engine)
+    direct = (time.perf_counter() - t1) / len(ids)
+    engine.dispose()
+    return {"run_scan_seconds": plain, "run_job_seconds": direct, "count": len(ids)}
+
+
+def main() -> None:
+    name, raw = sys.argv[1], sys.argv[2]
+    fn = globals()[name]
+    args = json.loads(raw)
+    if args.get("profile"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        result = prof.runcall(fn, args)
+        prof.dump_stats(args["profile"])
+    else:
+        result = fn(args)
+    from bench.measure import vm_hwm_kb
+
+    result["vm_hwm_kb"] = vm_hwm_kb()
+    sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
