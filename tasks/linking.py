@@ -34,9 +34,23 @@ _SLASHES = re.compile(r"/{2,}")
 YIELD_PER = 10_000
 
 
+def _already_loose(key: str) -> bool:
+    """True when ``loose(key) == key``: plain lower-case ASCII, no '%', no '//', no
+    leading '/'. Most keys are; this saves the full normalisation on the hot path."""
+    return (
+        key.isascii()
+        and "%" not in key
+        and "//" not in key
+        and not key.startswith("/")
+        and key == key.lower()
+    )
+
+
 def loose(key: str) -> str:
     """The loose form of a key (rule 4): URL-decoded once, NFC, case-folded, with
     leading '/' removed and runs of '/' collapsed."""
+    if _already_loose(key):
+        return key
     text = unquote(key)
     text = unicodedata.normalize("NFC", text).casefold()
     return _SLASHES.sub("/", text).lstrip("/")
@@ -127,14 +141,15 @@ class LinkIndex:
                 owner = inst_index[instance_id] = len(self.instances)
                 self.instances.append(instance_id)
             key = d_root + path
+            h = hash(key)
             if key.endswith("/"):
-                dirs_h.append(hash(key))
+                dirs_h.append(h)
                 dirs_o.append(owner)
                 ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
             else:
-                files_h.append(hash(key))
+                files_h.append(h)
                 files_o.append(owner)
-                lfiles_h.append(hash(loose(key)))
+                lfiles_h.append(h if _already_loose(key) else hash(loose(key)))
             self.record_count += 1
         self.files = _HashTable(files_h, files_o)
         self.dirs = _HashTable(dirs_h, dirs_o)
@@ -146,12 +161,14 @@ class LinkIndex:
         for d in self.destinations:
             d_root = normalize_root(d.root_prefix or "")
             for model in RECORD_MODELS:
-                stmt = (
-                    select(model.path, model.instance_id)
-                    .where(model.destination_id == d.id)
-                    .execution_options(include_deleted=True, yield_per=YIELD_PER)
+                # Core rows on the session's connection (no ORM loading: the hot path).
+                # Soft-deleted records are included: the ORM filter does not apply here,
+                # and they protect their files (rule 2).
+                stmt = select(model.path, model.instance_id).where(model.destination_id == d.id)
+                result = session.connection().execute(
+                    stmt.execution_options(stream_results=True, max_row_buffer=YIELD_PER)
                 )
-                for path, instance_id in session.execute(stmt):
+                for path, instance_id in result:
                     yield d_root, path, instance_id
 
     # -- files -------------------------------------------------------------------------
@@ -166,50 +183,91 @@ class LinkIndex:
         owner = np.full(n, -1, dtype=np.int32)
         owner[found] = self.files.owner[pos[found]]
         ambiguous = np.zeros(n, dtype=bool)
-        check_dirs = len(self.dirs) > 0
-        # Every file marks every directory record above it as seen, files that a file
-        # record links too: else such a directory record looks missing (rule 14).
-        for i in range(n) if check_dirs else []:
-            for anc in ancestors(keys[i]):
-                j = self.dirs.find(hash(anc))
-                if j >= 0:
-                    self.dirs.seen[j] = True
-                    if owner[i] < 0:
-                        owner[i] = int(self.dirs.owner[j])
+        if len(self.dirs):
+            # Every file marks every directory record above it as seen, also files a
+            # file record links: else such a directory record looks missing (rule 14).
+            # Keys of one folder share their ancestors: look them up once per page.
+            cache: dict[str, int] = {}
+            for i, key in enumerate(keys):
+                parent = key[: key.rfind("/") + 1]  # a key ending in '/' is its own
+                dir_owner = cache.get(parent)
+                if dir_owner is None:
+                    dir_owner = cache[parent] = self._mark_dirs(parent)
+                if dir_owner >= 0 and owner[i] < 0:
+                    owner[i] = dir_owner
         targets = range(n) if loose_all else np.flatnonzero(owner < 0).tolist()
+        parents: dict[str, bool] = {}
         for i in targets:
-            if self._loose_match(keys[i]) and owner[i] < 0:
+            if self._loose_match(keys[i], parents) and owner[i] < 0:
                 ambiguous[i] = True
         return Classified(owner, ambiguous)
 
-    def _loose_match(self, key: str) -> bool:
+    def _mark_dirs(self, parent: str) -> int:
+        """Mark the directory records among ``parent``'s ancestors seen; return the
+        owner of the outermost one, or -1."""
+        first = -1
+        for anc in ancestors(parent):
+            j = self.dirs.find(hash(anc))
+            if j >= 0:
+                self.dirs.seen[j] = True
+                if first < 0:
+                    first = int(self.dirs.owner[j])
+        return first
+
+    def _loose_match(self, key: str, parents: dict[str, bool]) -> bool:
+        """Does a record match ``key`` loosely? Marks what matched as seen.
+        ``parents`` caches the directory part per loose parent folder (one page)."""
         lk = loose(key)
         hit = False
-        for candidate in {lk, lk.rstrip("/")}:
+        candidates = (lk, lk.rstrip("/")) if lk.endswith("/") else (lk,)
+        for candidate in candidates:
             j = self.loose_files.find(hash(candidate))
             if j >= 0:
                 self.loose_files.seen[j] = True
                 hit = True
         if len(self.loose_dirs):
-            for anc in ancestors(lk):
-                j = self.loose_dirs.find(hash(anc))
-                if j >= 0:
-                    self.loose_dirs.seen[j] = True
-                    hit = True
+            parent = lk[: lk.rfind("/") + 1]
+            dir_hit = parents.get(parent)
+            if dir_hit is None:
+                dir_hit = False
+                for anc in ancestors(parent):
+                    j = self.loose_dirs.find(hash(anc))
+                    if j >= 0:
+                        self.loose_dirs.seen[j] = True
+                        dir_hit = True
+                parents[parent] = dir_hit
+            hit = hit or dir_hit
         return hit
 
     # -- records -----------------------------------------------------------------------
     def record_present(self, path: str) -> bool:
         """After a complete listing: was any file of this own-destination record seen,
         exactly or loosely (a loose sighting keeps the record, rule 4)?"""
-        key = self.root + path
-        if key.endswith("/"):
-            j = self.dirs.find(hash(key))
-            lj = self.loose_dirs.find(hash(loose(key).rstrip("/") + "/"))
-            return bool((j >= 0 and self.dirs.seen[j]) or (lj >= 0 and self.loose_dirs.seen[lj]))
-        j = self.files.find(hash(key))
-        lj = self.loose_files.find(hash(loose(key)))
-        return bool((j >= 0 and self.files.seen[j]) or (lj >= 0 and self.loose_files.seen[lj]))
+        return bool(self.records_present([path])[0])
+
+    def records_present(self, paths: Sequence[str]) -> np.ndarray:
+        """:meth:`record_present` for a batch of record paths, vectorised: the loose
+        form is computed only for records not seen exactly."""
+        n = len(paths)
+        keys = [self.root + p for p in paths] if self.root else list(paths)
+        hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=n)
+        is_dir = np.fromiter((k.endswith("/") for k in keys), dtype=bool, count=n)
+        present = np.zeros(n, dtype=bool)
+        for table, mask in ((self.files, ~is_dir), (self.dirs, is_dir)):
+            if not len(table) or not mask.any():
+                continue
+            pos = table.lookup(hashes)
+            hit = mask & (pos >= 0)
+            present[hit] = table.seen[pos[hit]]
+        for i in np.flatnonzero(~present).tolist():
+            key = keys[i]
+            if is_dir[i]:
+                j = self.loose_dirs.find(hash(loose(key).rstrip("/") + "/"))
+                present[i] = j >= 0 and bool(self.loose_dirs.seen[j])
+            else:
+                j = self.loose_files.find(hash(loose(key)))
+                present[i] = j >= 0 and bool(self.loose_files.seen[j])
+        return present
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +334,22 @@ def find_links(
             for rid, rpath, deleted, kind in _records_matching(session, d, table, is_loose):
                 lookup = rpath.lower() if is_loose else rpath
                 for p in table.get(lookup, []):
+                    # the SQL variants cast a wide net; rule 4's loose form decides
+                    if is_loose and not _loosely_links(d_root + rpath, root + p):
+                        continue
                     if (p, rid) not in found:
                         found.add((p, rid))
                         out[p].append(LinkRef(kind, rid, d.id, rpath, deleted, is_loose))
     return out
+
+
+def _loosely_links(record_key: str, file_key: str) -> bool:
+    """Rule 4: the record links the file once both are in loose form."""
+    lf = loose(file_key)
+    if record_key.endswith("/"):
+        return lf.startswith(loose(record_key).rstrip("/") + "/")
+    lr = loose(record_key)
+    return lf == lr or lf.rstrip("/") == lr
 
 
 def _records_matching(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, Environment, Instance, Project, StorageAnalytics
@@ -110,17 +110,23 @@ def _missing_records(
     stale: list[uuid.UUID] = []
     live = 0
     for model in RECORD_MODELS:
+        live += session.execute(
+            select(func.count()).select_from(model).where(model.destination_id == dest.id)
+        ).scalar_one()
+        # only completed records older than the cutoff can be stale (rule 14); live
+        # ones only (the ORM filter hides archived records)
         stmt = (
-            select(model.id, model.path, model.status, model.created_at)
-            .where(model.destination_id == dest.id)
+            select(model.id, model.path)
+            .where(
+                model.destination_id == dest.id,
+                model.status == "completed",
+                model.created_at < cutoff,
+            )
             .execution_options(yield_per=YIELD_PER)
         )
-        for rid, path, status, created in session.execute(stmt):
-            live += 1
-            if status != "completed" or created >= cutoff:
-                continue
-            if not index.record_present(path):
-                stale.append(rid)
+        for rows in session.execute(stmt).partitions():
+            present = index.records_present([r.path for r in rows])
+            stale.extend(r.id for r, ok in zip(rows, present.tolist(), strict=True) if not ok)
     return stale, live
 
 
