@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -130,6 +132,59 @@ def _missing_records(
     return stale, live
 
 
+_END = object()
+
+
+class ReadAhead:
+    """Pull ``pages`` in a background thread, up to ``depth`` pages ahead, so that the
+    listing's network time overlaps building the link index and processing pages.
+    Pages and errors reach the caller in order; :meth:`close` stops the thread (also
+    when iteration never started). Memory stays bounded by ``depth`` pages."""
+
+    def __init__(self, pages: Iterator[list[ObjectInfo]], depth: int = 32) -> None:
+        self._pages = pages
+        self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="scan-listing", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for page in self._pages:
+                if not self._put(page):
+                    return
+            self._put(_END)
+        except BaseException as err:  # handed to the consumer, in order
+            self._put(err)
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> list[ObjectInfo]:
+        item = self._buffer.get()
+        if item is _END:
+            self._buffer.put(_END)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._buffer.put(_END)
+            raise item
+        page: list[ObjectInfo] = item
+        return page
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def run_scan(
     session: Session,
     backend: StorageBackend,
@@ -151,7 +206,12 @@ def run_scan(
     """
     t0 = time.perf_counter()
     started = db_now(session)
-    index = LinkIndex(session, dest)
+    pages = ReadAhead(backend.walk(""))  # the listing starts while the index builds
+    try:
+        index = LinkIndex(session, dest)
+    except BaseException:
+        pages.close()
+        raise
     session.commit()  # end the read transaction; the walk may be long
     stats = ScanStats(now=started, retention_days=_retention(dest, settings, retention_days))
     listed = 0
@@ -160,7 +220,7 @@ def run_scan(
     if progress:
         progress("listing", 0)
     try:
-        for page in backend.walk(""):
+        for page in pages:
             classified = index.classify([o.path for o in page], loose_all=loose_all)
             candidates = stats.add_page(page, classified.owner, classified.ambiguous)
             if on_candidates and candidates:
@@ -173,6 +233,8 @@ def run_scan(
     except StorageError as err:
         error = f"listing failed after {listed} objects: {type(err).__name__}: {err}"
         log.warning("scan of %s: %s", dest.id, error)
+    finally:
+        pages.close()
     complete = error is None
     if progress:
         progress("reconciling", listed)
