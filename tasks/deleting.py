@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import db_now
+from db.types import utcnow
 from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from tasks.linking import find_links
@@ -98,22 +99,26 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
         )
     )
     loc = location_key(ctx.dest)
-    for d in doomed:
-        if d.path not in existing:
-            session.add(
-                DeletionAudit(
-                    destination_id=ctx.dest.id,
-                    location_key=loc,
-                    path=d.path,
-                    size_bytes=d.size,
-                    last_modified=d.last_modified,
-                    etag=d.etag,
-                    reason=ctx.reason,
-                    job_id=ctx.job_id,
-                    actor=ctx.actor,
-                    state="pending",
-                )
-            )
+    fresh = [
+        {
+            "id": uuid.uuid4(),
+            "destination_id": ctx.dest.id,
+            "location_key": loc,
+            "path": d.path,
+            "size_bytes": d.size,
+            "last_modified": d.last_modified,
+            "etag": d.etag,
+            "reason": ctx.reason,
+            "job_id": ctx.job_id,
+            "actor": ctx.actor,
+            "state": "pending",
+            "created_at": utcnow(),
+        }
+        for d in doomed
+        if d.path not in existing
+    ]
+    if fresh:  # one executemany, not an ORM object per file
+        session.execute(insert(DeletionAudit), fresh)
     session.commit()
     if outcome.kept:
         log.info("kept %d file(s) a record links since planning", len(outcome.kept))
