@@ -128,6 +128,11 @@ def _strip_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag else None
 
 
+#: delete_many sends a batch as this many concurrent requests of DELETE_CHUNK keys
+DELETE_PARALLEL = 4
+DELETE_CHUNK = 250
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_time(text: str | None) -> datetime | None:
     # cached: objects written by one backup run share their timestamps
@@ -449,17 +454,31 @@ class S3Backend(StorageBackend):
             return
 
     def delete_many(self, paths: Iterable[str]) -> DeleteResult:
-        """One DeleteObjects call (Quiet=False) with the keys exactly as given.
+        """DeleteObjects (Quiet=False) with the keys exactly as given.
 
         Per-key ``Errors`` are reported, not raised; ``NoSuchKey`` counts as deleted and a
         key the server neither confirmed nor refused is reported as an error (fail closed).
+        A batch is sent as up to :data:`DELETE_PARALLEL` concurrent requests of
+        :data:`DELETE_CHUNK` keys: servers take ~0.5 ms a key, so one 1,000-key request
+        alone leaves the connection idle on our side.
         """
         rel_paths = [self.check_listed_key(p) for p in paths]
         if len(rel_paths) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
-        if not rel_paths:
-            return result
+        chunks = [rel_paths[i : i + DELETE_CHUNK] for i in range(0, len(rel_paths), DELETE_CHUNK)]
+        if len(chunks) <= 1:
+            outcomes = [self._delete_chunk(c) for c in chunks]
+        else:
+            with ThreadPoolExecutor(min(DELETE_PARALLEL, len(chunks))) as pool:
+                outcomes = list(pool.map(self._delete_chunk, chunks))
+        for part in outcomes:
+            result.deleted.extend(part.deleted)
+            result.errors.update(part.errors)
+        return result
+
+    def _delete_chunk(self, rel_paths: list[str]) -> DeleteResult:
+        result = DeleteResult()
         objects = [{"Key": self._key(p)} for p in rel_paths]
         with self._op("delete_many", f"{len(objects)} keys"):
             resp = self.client.delete_objects(
