@@ -142,14 +142,18 @@ class LinkIndex:
                 self.instances.append(instance_id)
             key = d_root + path
             h = hash(key)
+            # A key already in loose form is its own loose form: the exact tables hold
+            # it, and only the other keys need a loose entry (most keys: memory).
             if key.endswith("/"):
                 dirs_h.append(h)
                 dirs_o.append(owner)
-                ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
+                if not _already_loose(key):
+                    ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
             else:
                 files_h.append(h)
                 files_o.append(owner)
-                lfiles_h.append(h if _already_loose(key) else hash(loose(key)))
+                if not _already_loose(key):
+                    lfiles_h.append(hash(loose(key)))
             self.record_count += 1
         self.files = _HashTable(files_h, files_o)
         self.dirs = _HashTable(dirs_h, dirs_o)
@@ -221,22 +225,33 @@ class LinkIndex:
         hit = False
         candidates = (lk, lk.rstrip("/")) if lk.endswith("/") else (lk,)
         for candidate in candidates:
-            j = self.loose_files.find(hash(candidate))
-            if j >= 0:
-                self.loose_files.seen[j] = True
-                hit = True
-        if len(self.loose_dirs):
+            hit = self._find_loose(self.loose_files, self.files, candidate) or hit
+        if len(self.loose_dirs) or len(self.dirs):
             parent = lk[: lk.rfind("/") + 1]
             dir_hit = parents.get(parent)
             if dir_hit is None:
                 dir_hit = False
                 for anc in ancestors(parent):
-                    j = self.loose_dirs.find(hash(anc))
-                    if j >= 0:
-                        self.loose_dirs.seen[j] = True
-                        dir_hit = True
+                    dir_hit = self._find_loose(self.loose_dirs, self.dirs, anc) or dir_hit
                 parents[parent] = dir_hit
             hit = hit or dir_hit
+        return hit
+
+    @staticmethod
+    def _find_loose(loose_table: _HashTable, exact_table: _HashTable, form: str) -> bool:
+        """Is ``form`` (a loose form) the loose form of a record? Records whose key is
+        already loose live only in the exact table; mark what matched as seen."""
+        h = hash(form)
+        hit = False
+        j = loose_table.find(h)
+        if j >= 0:
+            loose_table.seen[j] = True
+            hit = True
+        if _already_loose(form):
+            j = exact_table.find(h)
+            if j >= 0:
+                exact_table.seen[j] = True
+                hit = True
         return hit
 
     # -- records -----------------------------------------------------------------------
@@ -261,6 +276,8 @@ class LinkIndex:
             present[hit] = table.seen[pos[hit]]
         for i in np.flatnonzero(~present).tolist():
             key = keys[i]
+            if _already_loose(key):
+                continue  # its loose sightings mark the exact table, checked above
             if is_dir[i]:
                 j = self.loose_dirs.find(hash(loose(key).rstrip("/") + "/"))
                 present[i] = j >= 0 and bool(self.loose_dirs.seen[j])
