@@ -279,7 +279,8 @@ def demo(directory: Path) -> None:
     from worker.demo import run_demo
 
     try:
-        run_demo(directory.resolve(), Console())
+        # piped output (CI logs) gets wide tables instead of rich's 80-column default
+        run_demo(directory.resolve(), Console(width=None if sys.stdout.isatty() else 140))
     except RuntimeError as err:
         raise CliError(f"demo failed: {err}") from None
 
