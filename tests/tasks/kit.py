@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -272,3 +273,21 @@ class HookedBackend(StorageBackend):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def signal_index_built(monkeypatch: Any) -> threading.Event:
+    """An event set once the scan's link index exists. The listing is read ahead while
+    the index builds, so a hook that must act *after* the index (to test the re-check
+    before deletes, rule 7) waits on it."""
+    import tasks.scan
+
+    built = threading.Event()
+    base = tasks.scan.LinkIndex
+
+    class SignallingIndex(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.set()
+
+    monkeypatch.setattr(tasks.scan, "LinkIndex", SignallingIndex)
+    return built

@@ -30,6 +30,7 @@ from tests.tasks.kit import (
     record,
     request,
     run,
+    signal_index_built,
 )
 from worker import metrics
 from worker.jobs import bucket_key
@@ -330,14 +331,17 @@ def test_rule06_destination_retention_applies_when_the_job_names_none(
 
 # -- rule 7: re-check before each batch ------------------------------------------------
 def test_rule07_recheck_saves_file_committed_mid_run(
-    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, monkeypatch: Any
 ) -> None:
     dest = local_dest(db, world, store)
     overlap = local_dest(db, world, store, "backups/late/")
     store.put_many(["backups/late-file.tar", "backups/late-dir/a.tar", "backups/late/o.tar"])
     store.put("backups/orphan.tar")
+    # commit the records only once the index exists: only the re-check can save them
+    index_built = signal_index_built(monkeypatch)
 
     def commit_records_mid_listing(_listed: int) -> None:
+        assert index_built.wait(30)
         with Session(engine) as s:  # another transaction, as the API tier would do it
             record(s, world, dest, "late-file.tar", status="pending")
             record(s, world, dest, "late-dir/", status="running")
@@ -639,11 +643,14 @@ def test_rule07_rule04_a_loose_record_committed_mid_run_saves_its_file(
     store: Store,
     late_record: str,
     planned_file: str,
+    monkeypatch: Any,
 ) -> None:
     dest = local_dest(db, world, store)
     store.put(f"backups/{planned_file}")
+    index_built = signal_index_built(monkeypatch)
 
     def late(_listed: int) -> None:
+        assert index_built.wait(30)
         with Session(engine) as s:
             record(s, world, dest, late_record)
 
