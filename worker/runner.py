@@ -220,18 +220,20 @@ def run_job(
             lease = acquire(session, bucket_key(dest), job.id, settings.lock_lease_seconds)
             if lease is None:
                 raise LocationBusy(f"another destructive job holds {bucket_key(dest)}")
+        if job.attempts >= settings.max_attempts:
+            # checked before claiming: a job over the cap never shows 'running' again
+            error = (
+                f"gave up after {job.attempts} attempts: the job failed or its worker "
+                "died every time; see the worker logs"
+            )
+            _set(engine, job.id, status="failed", phase="failed", error=error,
+                 attempts=job.attempts + 1, finished_at=utcnow())  # fmt: skip
+            metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
+            return JobOutcome("failed", {}, error)
         _claim(session, job)
         metrics.JOBS_STARTED.labels(job.type).inc()
         if job.attempts > 1:
             metrics.JOB_REDELIVERIES.labels(job.type).inc()
-        if job.attempts > settings.max_attempts:
-            error = (
-                f"gave up after {job.attempts - 1} attempts: the job failed or its worker "
-                "died every time; see the worker logs"
-            )
-            _set(engine, job.id, status="failed", phase="failed", error=error, finished_at=utcnow())
-            metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
-            return JobOutcome("failed", {}, error)
         return _execute(session, engine, settings, job, dest, lease, backend_factory)
     finally:
         if lease is not None:
