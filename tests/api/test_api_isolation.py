@@ -46,10 +46,13 @@ def test_cross_org_backend_is_never_opened(client, auth, env, monkeypatch):
     assert opened == []
 
 
-@pytest.mark.parametrize(("method", "url", "upload"), ORG_ROUTES, ids=ORG_ROUTE_IDS)
+ID_ROUTES = [(r, i) for r, i in zip(ORG_ROUTES, ORG_ROUTE_IDS, strict=True) if "{" in r[1]]
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "upload"), [r for r, _ in ID_ROUTES], ids=[i for _, i in ID_ROUTES]
+)
 def test_malformed_uuid_is_400(client, auth, ids, method, url, upload):
-    if "{" not in url:
-        pytest.skip("no id")
     bad = dict.fromkeys(ids, "not-a-uuid")
     assert_error(call(client, method, url, bad, auth(), upload), 400, "invalid_uuid")
 
