@@ -13,7 +13,7 @@ from celery.exceptions import MaxRetriesExceededError
 from sqlalchemy import select
 
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
-from db.models import BackupDestination, Job, PendingDeletion
+from db.models import BackupDestination
 from db.session import get_engine, session_scope
 from worker.celery_app import app, send
 from worker.jobs import TASKS, dispatch, fail_job, request_job
@@ -21,8 +21,10 @@ from worker.runner import (
     LocationBusy,
     Requeued,
     RetryableJobError,
-    reap_stuck_jobs,
     run_job,
+)
+from worker.runner import (
+    reap as reap_jobs,
 )
 from worker.settings import get_settings
 
@@ -109,19 +111,7 @@ def schedule_cleanups() -> int:
 
 @app.task(name="ocore.reap", queue="maintenance")
 def reap() -> int:
-    """Beat: fail stuck jobs; re-request purges that pending deletions still wait for."""
+    """Beat: one call into :func:`worker.runner.reap`."""
     settings = get_settings()
-    engine = get_engine(settings.effective_database_url)
-    with session_scope(engine) as s:
-        reaped = reap_stuck_jobs(s, settings)
-        dest_ids = s.scalars(select(PendingDeletion.destination_id).distinct()).all()
-        for dest_id in dest_ids:
-            dest = s.get(BackupDestination, dest_id)
-            if dest is None:
-                continue
-            job, new = request_job(s, "purge", dest, {}, requested_by="reaper")
-            if new:
-                dispatch(job, send)
-        stuck = s.scalars(select(Job.id).where(Job.status == "running")).all()
-        log.info("reaper: %d job(s) failed as stuck, %d running", reaped, len(stuck))
-    return reaped
+    with session_scope(get_engine(settings.effective_database_url)) as s:
+        return reap_jobs(s, settings, send)

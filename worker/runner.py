@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, LocationLock
+from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, LocationLock, PendingDeletion
 from db.session import db_now, session_scope
 from db.types import utcnow
 from storage_backends.base import StorageBackend
@@ -30,7 +30,7 @@ from tasks.purge import run_purge
 from tasks.scan import run_scan
 from tasks.scan_cleanup import run_scan_cleanup
 from worker import metrics, shutdown
-from worker.jobs import DESTRUCTIVE, bucket_key
+from worker.jobs import DESTRUCTIVE, Sender, bucket_key, dispatch, request_job
 from worker.locks import Lease, LockLost, acquire, check_and_renew, release
 from worker.logging import job_context, set_phase
 from worker.settings import Settings
@@ -346,3 +346,20 @@ def reap_stuck_jobs(session: Session, settings: Settings) -> int:
         metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
     session.commit()
     return len(rows)
+
+
+def reap(session: Session, settings: Settings, send: Sender) -> int:
+    """The reaper: fail stuck jobs, and request a purge job for every destination whose
+    pending deletions no active purge is working on (SAFETY rule 17). Returns how many
+    jobs were failed as stuck."""
+    reaped = reap_stuck_jobs(session, settings)
+    dest_ids = session.scalars(select(PendingDeletion.destination_id).distinct()).all()
+    for dest_id in dest_ids:
+        dest = session.get(BackupDestination, dest_id)
+        if dest is None:
+            continue
+        job, new = request_job(session, "purge", dest, {}, requested_by="reaper")
+        if new:
+            dispatch(job, send)
+    log.info("reaper: %d job(s) failed as stuck", reaped)
+    return reaped

@@ -22,7 +22,7 @@ def _all_checks() -> list:
     return list(CHECKS.get_all())
 
 
-#: Fails on the document's looseness, not on the server: see the xfail test below.
+#: Checked on its own in test_schemathesis_positive_data_is_accepted below.
 LOOSE_SCHEMA_CHECKS = {"positive_data_acceptance"}
 
 

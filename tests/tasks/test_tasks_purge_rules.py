@@ -311,20 +311,20 @@ def test_rule17_the_reaper_requests_a_purge_for_every_unfinished_debt(
     cfg: Settings,
     world: World,
     store: Store,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A purge job that died for good leaves pending deletions: the reaper (beat) asks
     for a new purge job, once, and that job finishes the deletions."""
-    import worker.celery_tasks
+    from worker.runner import reap
 
     a = archived_instance(db, world, store)
     archive.purge(db, "instances", world.instance.id, "admin")
     sent: list[tuple[str, list[str], str]] = []
-    monkeypatch.setattr(worker.celery_tasks, "get_settings", lambda: cfg)
-    monkeypatch.setattr(worker.celery_tasks, "send", lambda n, args, q: sent.append((n, args, q)))
 
-    worker.celery_tasks.reap()
-    worker.celery_tasks.reap()  # the job is queued already: no second one
+    def send(name: str, args: list[str], queue: str) -> None:
+        sent.append((name, args, queue))
+
+    reap(db, cfg, send)
+    reap(db, cfg, send)  # the job is queued already: no second one
 
     assert [(n, q) for n, _a, q in sent] == [("ocore.purge", "cleanup")]
     job_id = sent[0][1][0]
