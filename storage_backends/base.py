@@ -8,13 +8,14 @@ disagree, the docstrings say so.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
-from storage_backends.errors import InvalidPathError
+from storage_backends.errors import InvalidPathError, StorageError
 from storage_backends.paths import MAX_PATH_BYTES, validate_path, validate_prefix
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
@@ -104,6 +105,38 @@ class StorageBackend(abc.ABC):
     def _record(self, operation: str, outcome: str, started: float) -> None:
         if self.request_hook is not None:
             self.request_hook(operation, outcome, time.perf_counter() - started)
+
+    def translate_error(self, err: BaseException, what: str) -> StorageError:
+        """Map a library error to the hierarchy (each remote backend has its table)."""
+        return err if isinstance(err, StorageError) else StorageError(f"{what}: {err}")
+
+    def _on_error(self, err: BaseException) -> None:  # noqa: B027 - optional hook
+        """Hook for a failed request before it is translated (S3 counts retries)."""
+
+    @contextlib.contextmanager
+    def _op(self, operation: str, what: str) -> Iterator[None]:
+        """Time one request for ``request_hook`` and translate its errors."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            self._on_error(err)
+            mapped = self.translate_error(err, f"{operation} {what}")
+            self._record(operation, type(mapped).__name__, started)
+            if mapped is err:
+                raise
+            raise mapped from err
+        self._record(operation, "ok", started)
+
+    # -- keys of object stores ----------------------------------------------------------
+    def _key(self, path: str) -> str:
+        return self.root + path
+
+    def _rel(self, key: str) -> str:
+        if not key.startswith(self.root):
+            # Fail closed: a key outside the root must never reach a caller (SAFETY).
+            raise StorageError(f"server listed {key!r} outside root {self.root!r}")
+        return key[len(self.root) :]
 
     # -- listing ---------------------------------------------------------------------
     @abc.abstractmethod

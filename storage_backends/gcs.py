@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
@@ -134,26 +132,8 @@ class GCSBackend(StorageBackend):
     def _count_retry(self, _err: BaseException) -> None:
         self.retries += 1
 
-    @contextmanager
-    def _op(self, operation: str, what: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as err:
-            mapped = translate(err, f"{operation} {what}")
-            self._record(operation, type(mapped).__name__, started)
-            if mapped is err:
-                raise
-            raise mapped from err
-        self._record(operation, "ok", started)
-
-    def _key(self, path: str) -> str:
-        return self.root + path
-
-    def _rel(self, name: str) -> str:
-        if not name.startswith(self.root):
-            raise StorageError(f"server listed {name!r} outside root {self.root!r}")
-        return name[len(self.root) :]
+    def translate_error(self, err: BaseException, what: str) -> StorageError:
+        return translate(err, what)
 
     def _info(self, blob: storage.Blob, path: str) -> ObjectInfo:
         return ObjectInfo(

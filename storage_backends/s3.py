@@ -11,11 +11,9 @@ import functools
 import html
 import os
 import re
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
@@ -279,31 +277,13 @@ class S3Backend(StorageBackend):
         if parsed:
             self.retries += int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0))
 
-    @contextmanager
-    def _op(self, operation: str, what: str) -> Iterator[None]:
-        """Time one request for ``request_hook`` and translate its errors."""
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as err:
-            if isinstance(err, ClientError):
-                meta = err.response.get("ResponseMetadata", {})
-                self.retries += int(meta.get("RetryAttempts", 0))
-            mapped = translate(err, f"{operation} {what}")
-            self._record(operation, type(mapped).__name__, started)
-            if mapped is err:
-                raise
-            raise mapped from err
-        self._record(operation, "ok", started)
+    def translate_error(self, err: BaseException, what: str) -> StorageError:
+        return translate(err, what)
 
-    def _key(self, path: str) -> str:
-        return self.root + path
-
-    def _rel(self, key: str) -> str:
-        if not key.startswith(self.root):
-            # Fail closed: a key outside the root must never reach a caller (SAFETY).
-            raise StorageError(f"server listed {key!r} outside root {self.root!r}")
-        return key[len(self.root) :]
+    def _on_error(self, err: BaseException) -> None:
+        if isinstance(err, ClientError):  # botocore's own retries before it gave up
+            meta = err.response.get("ResponseMetadata", {})
+            self.retries += int(meta.get("RetryAttempts", 0))
 
     # -- listing ---------------------------------------------------------------------
     def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:

@@ -15,7 +15,6 @@ import posixpath
 import socket
 import stat as stat_mod
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -222,18 +221,8 @@ class SFTPBackend(StorageBackend):
             on_retry=self._drop,
         )
 
-    @contextlib.contextmanager
-    def _op(self, operation: str, what: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as err:
-            mapped = translate(err, f"{operation} {what}")
-            self._record(operation, type(mapped).__name__, started)
-            if mapped is err:
-                raise
-            raise mapped from err
-        self._record(operation, "ok", started)
+    def translate_error(self, err: BaseException, what: str) -> StorageError:
+        return translate(err, what)
 
     def _abs(self, rel: str) -> str:
         return posixpath.join(self.top, rel) if rel else self.top
