@@ -45,23 +45,36 @@ class CuttingBackend(LocalBackend):
         self.pg_url, self.when = pg_url, when
         self.cuts = 0
         self.delete_calls: list[list[str]] = []
+        # In order: ("cut", ""), ("check", path), ("delete", path): what happened when.
+        self.events: list[tuple[str, str]] = []
+
+    def _cut(self) -> None:
+        self.cuts += _terminate_all(self.pg_url) or 1
+        self.events.append(("cut", ""))
 
     def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[ObjectInfo]]:
-        yield from super().walk(prefix, page_size)
-        if self.when == "after-listing" and not self.cuts:
-            self.cuts += _terminate_all(self.pg_url) or 1
+        if self.when != "after-listing" or self.cuts:
+            yield from super().walk(prefix, page_size)
+            return
+        # The whole (small) listing is read from storage first and the connections are
+        # cut before the job sees a page: the cut always precedes every re-check.
+        pages = list(super().walk(prefix, page_size))
+        self._cut()
+        yield from pages
 
     def check_path(self, path: str) -> str:
         # Called inside the re-check transaction, before its commit (tasks/deleting.py).
         if self.when == "inside-recheck" and not self.cuts and self.pg_url:
-            self.cuts += _terminate_all(self.pg_url) or 1
+            self._cut()
+        self.events.append(("check", path))
         return super().check_path(path)
 
     def delete_many(self, paths: Iterable[str]) -> DeleteResult:
         paths = list(paths)
         self.delete_calls.append(paths)
+        self.events.extend(("delete", p) for p in paths)
         if self.when == "inside-delete" and not self.cuts:
-            self.cuts += _terminate_all(self.pg_url) or 1
+            self._cut()
         return super().delete_many(paths)
 
 
@@ -87,10 +100,21 @@ def test_a_cut_database_connection_never_deletes_unchecked_and_converges(
         first = run_job(job.id, cfg, engine, backend_factory=lambda _d, _s: backend)
     assert backend.cuts >= 1
     left = {p.name for p in (base / "backups").iterdir()}
-    if when in ("after-listing", "inside-recheck"):
+    if when == "inside-recheck":
         # the cut came before the fenced re-check committed: not one delete was sent
         assert backend.delete_calls == []
         assert left == set(names)
+    if when == "after-listing":
+        # The cut lands either inside an open transaction (the job goes back to the
+        # queue) or between transactions (the pool replaces the connection). Either way
+        # every file deleted was re-checked after the cut, i.e. on a fresh connection:
+        # the old ones were all terminated.
+        cut_at = backend.events.index(("cut", ""))
+        for i, (kind, path) in enumerate(backend.events):
+            if kind == "delete":
+                assert i > cut_at and ("check", path) in backend.events[cut_at:i], path
+        if not backend.delete_calls:
+            assert left == set(names)
     assert "kept.dump" in left
     # The pool recovers: the next query on the same engine works.
     with engine.connect() as conn:
