@@ -32,8 +32,14 @@ def make_celery(settings: Settings) -> Celery:
             "control_folder": str(folder / "control"),
         }
     elif broker.startswith(("redis://", "rediss://")):
-        # Longer than the longest job, or Redis redelivers a running task to a 2nd worker.
-        transport_options = {"visibility_timeout": settings.job_hard_time_limit + 600}
+        # Longer than the longest job, or Redis redelivers a running task to a 2nd worker
+        # (the fencing token keeps that copy safe, but it is wasted work).
+        visibility = settings.broker_visibility_timeout or settings.job_hard_time_limit + 600
+        transport_options = {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": settings.broker_restore_interval,
+            "unacked_restore_throttle": 1,
+        }
     app.conf.update(
         broker_url=broker,
         result_backend=settings.effective_result_backend,

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     job_soft_time_limit: int = 6 * 3600
     job_hard_time_limit: int = 6 * 3600 + 300
     max_attempts: int = 3
+    # Redis only. 0 = job_hard_time_limit + 600: a running task is never handed to a
+    # second worker. Unacked messages of a dead worker come back after this long, found
+    # by a sweep every broker_restore_interval seconds.
+    broker_visibility_timeout: int = 0
+    broker_restore_interval: int = 60
     download_url_expiry: int = 900
     upload_max_bytes: int = 5 * 1024**3
     upload_max_parts: int = 16
@@ -69,6 +74,20 @@ class Settings(BaseSettings):
     def _retention_at_least_one_day(cls, v: int) -> int:
         if v < 1:
             raise ValueError("retention_days must be at least 1 (SAFETY rule 6)")
+        return v
+
+    @field_validator("broker_visibility_timeout")
+    @classmethod
+    def _visibility_not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("broker_visibility_timeout must be 0 (automatic) or seconds")
+        return v
+
+    @field_validator("broker_restore_interval")
+    @classmethod
+    def _restore_interval_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("broker_restore_interval must be at least 1 second")
         return v
 
     @property

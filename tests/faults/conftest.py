@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BackupDestination
 from tests.factories import World, make_destination, make_world
+from tests.faults.realworker import own_redis, start_worker  # noqa: F401
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects

@@ -5,168 +5,20 @@ and the worker reconnects."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy.orm import Session
 
-from db.models import Job
 from tests.factories import make_destination
-from tests.servers._proc import free_port, spawn, wait_for_port
+from tests.faults.realworker import CREDS, Blackhole, job_row, sender
 from tests.servers.s3 import make_s3_destination_options, seed_objects
-from worker.celery_app import make_celery
 from worker.jobs import dispatch, request_job
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-CREDS = '{"access_key_id": "testing", "secret_access_key": "testing"}'
-
-
-class RedisServer:
-    """A redis-server of this test only (the shared one on 6379 is never touched)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
-        self.proc = spawn(argv, self.workdir / f"redis-{time.time_ns()}.log")
-        wait_for_port(self.port, self.proc, None, 10)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-class Worker:
-    """``celery -A worker worker -c 1 --pool prefork`` with its own environment."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-                "-Q", "scan,cleanup,maintenance", "-c", "1", "--pool", "prefork",
-                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
-        self.log = log
-        fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self._fh = fh
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-    def child(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            kids = _children(self.proc.pid)
-            if kids:
-                return kids[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no pool child: {self.log.read_text(errors='replace')[-2000:]}")
-
-    def stop(self) -> None:
-        """Kill the pool children and the master (a running job would block a warm stop)."""
-        kids = _children(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        for pid in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._fh.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
-    def start(broker: str, **extra: str) -> Worker:
-        env = dict(os.environ)
-        env.update(
-            OCORE_DATABASE_URL=pg_url,
-            OCORE_BROKER_URL=broker,
-            OCORE_DATA_DIR=str(tmp_path / "worker-var"),
-            OCORE_CREDENTIALS_FAULT=CREDS,
-            OCORE_LOG_FORMAT="console",
-            AWS_EC2_METADATA_DISABLED="true",
-            **extra,
-        )
-        w = Worker(env, tmp_path / f"worker-{len(workers)}.log")
-        workers.append(w)
-        return w
-
-    yield start
-    for w in workers:
-        w.stop()
-
-
-class Blackhole:
-    """Accepts TCP connections and never answers: a storage server that hangs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        for c in self.held:
-            c.close()
-        self.sock.close()
-
-
-def _job(engine, job_id: uuid.UUID) -> Job:
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
-
-
-def _sender(broker: str):
-    app = make_celery(Settings(broker_url=broker))
-    return app, lambda name, args, queue: app.send_task(name, args=args, queue=queue)
 
 
 def test_a_job_that_kills_its_worker_every_time_ends_failed_after_the_cap(
@@ -180,13 +32,13 @@ def test_a_job_that_kills_its_worker_every_time_ends_failed_after_the_cap(
         db.commit()
         worker = start_worker(own_redis.url, OCORE_MAX_ATTEMPTS="2")
         job, _ = request_job(db, "scan", dest, {})
-        app, send = _sender(own_redis.url)
+        app, send = sender(own_redis.url)
         dispatch(job, send)
         killed: list[int] = []
         deadline = time.monotonic() + 120
-        row = _job(engine, job.id)
+        row = job_row(engine, job.id)
         while time.monotonic() < deadline:
-            row = _job(engine, job.id)
+            row = job_row(engine, job.id)
             if row.status not in ("queued", "running"):
                 break
             if row.status == "running" and row.attempts > len(killed):
@@ -225,7 +77,7 @@ def test_a_redis_restart_mid_job_loses_no_job_state_and_the_worker_reconnects(
     fault_proxy.respond_next(1, slow_503, method="GET", path="list-type=2")
     start_worker(own_redis.url)
     job, _ = request_job(db, "scan", dest, {})
-    app, send = _sender(own_redis.url)
+    app, send = sender(own_redis.url)
     dispatch(job, send)
     app.close()
     assert started.wait(60), "the job never reached the storage"
@@ -233,22 +85,22 @@ def test_a_redis_restart_mid_job_loses_no_job_state_and_the_worker_reconnects(
     time.sleep(1)
     own_redis.start()  # empty: no persistence, every broker message is gone
     deadline = time.monotonic() + 60
-    row = _job(engine, job.id)
+    row = job_row(engine, job.id)
     while time.monotonic() < deadline and row.status in ("queued", "running"):
         time.sleep(0.2)
-        row = _job(engine, job.id)
+        row = job_row(engine, job.id)
     assert row.status == "succeeded", (row.status, row.error)
     assert row.result["total_files"] == 10
     # The worker reconnected: a job sent to the new Redis runs.
     job2, _ = request_job(db, "scan", dest, {})
-    app, send = _sender(own_redis.url)
+    app, send = sender(own_redis.url)
     dispatch(job2, send)
     app.close()
     deadline = time.monotonic() + 60
-    row2 = _job(engine, job2.id)
+    row2 = job_row(engine, job2.id)
     while time.monotonic() < deadline and row2.status in ("queued", "running"):
         time.sleep(0.2)
-        row2 = _job(engine, job2.id)
+        row2 = job_row(engine, job2.id)
     assert row2.status == "succeeded", (row2.status, row2.error)
     assert redis.Redis.from_url(own_redis.url).ping()
 
@@ -289,7 +141,7 @@ def test_a_worker_stopped_past_its_lease_deletes_nothing_after_sigcont(
     fault_proxy.respond_next(1, held_listing, method="GET", path=r"prefix=a")
     worker = start_worker(own_redis.url, OCORE_LOCK_LEASE_SECONDS="2", OCORE_CLEANUP_MAX_SHARE="1")
     job_a, _ = request_job(db, "orphan_cleanup", dest_a, {"retention_days": 7})
-    app, send = _sender(own_redis.url)
+    app, send = sender(own_redis.url)
     dispatch(job_a, send)
     app.close()
     assert listing_reached.wait(60), worker.log.read_text(errors="replace")[-2000:]
@@ -306,10 +158,10 @@ def test_a_worker_stopped_past_its_lease_deletes_nothing_after_sigcont(
     finally:
         os.kill(child, signal.SIGCONT)
     deadline = time.monotonic() + 60
-    row = _job(engine, job_a.id)
+    row = job_row(engine, job_a.id)
     while time.monotonic() < deadline and row.status in ("queued", "running"):
         time.sleep(0.2)
-        row = _job(engine, job_a.id)
+        row = job_row(engine, job_a.id)
     left = remote_keys(s3_server, bucket)
     assert set(a_keys) <= left, "the stopped job deleted files after losing its lock"
     assert not set(b_keys) & left  # B did its work

@@ -18,6 +18,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +52,47 @@ class Rule:
     path: re.Pattern[str] = field(default_factory=lambda: re.compile(""))
     responder: Responder | None = None
     fired: int = 0
+    hold: Hold | None = None
+
+
+@dataclass
+class Hold:
+    """Requests caught by :meth:`FaultProxy.hold_next`: each waits until :meth:`release`.
+
+    With ``forward=True`` the request reaches the upstream first (it has taken effect)
+    and only the answer is held; otherwise it never reaches the upstream and is
+    answered with a 503 SlowDown once released.
+    """
+
+    forward: bool
+    rule: Rule | None = None
+    arrived: int = 0
+    reached: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait(self, count: int = 1, timeout: float = 60) -> bool:
+        """True once ``count`` held requests have arrived (and, if forwarded, taken effect)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.arrived >= count:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def release(self) -> None:
+        self.released.set()
+
+    def disarm(self) -> None:
+        """Catch no further request (those already held stay held until released)."""
+        if self.rule is not None:
+            self.rule.remaining = 0
+
+    def _arrive(self) -> None:
+        with self._lock:
+            self.arrived += 1
+        self.reached.set()
 
 
 class FaultProxy:
@@ -111,6 +153,18 @@ class FaultProxy:
         with self._lock:
             self.rules.append(rule)
         return rule
+
+    def hold_next(
+        self, n: int, *, method: str | None = None, path: str = "", forward: bool = False
+    ) -> Hold:
+        """Hold the next ``n`` matching requests until ``hold.release()`` (see :class:`Hold`):
+        a test can kill the client at the moment a request is in flight."""
+        hold = Hold(forward)
+        rule = Rule("hold", n, method, re.compile(path), hold=hold)
+        hold.rule = rule
+        with self._lock:
+            self.rules.append(rule)
+        return hold
 
     def reset(self) -> None:
         """Forget rules and counters (between tests)."""
@@ -200,6 +254,21 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     self.command, self.path, list(self.headers.items()), body
                 )
                 self._send(status, headers, data)
+            elif rule.action == "hold":
+                assert rule.hold is not None
+                hold = rule.hold
+                forwarded = None
+                if hold.forward:
+                    forwarded = proxy._forward(
+                        self.command, self.path, list(self.headers.items()), body
+                    )
+                hold._arrive()
+                hold.released.wait(120)
+                with contextlib.suppress(OSError):  # the client may have been killed
+                    if forwarded is not None:
+                        self._send(*forwarded)
+                    else:
+                        self._send(503, [("Content-Type", "application/xml")], SLOWDOWN)
             elif rule.action == "reset":
                 self._reset()
             elif rule.action == "respond":

@@ -1,0 +1,176 @@
+"""Real Celery worker processes for the fault tests: ``celery -A worker worker -c 1
+--pool prefork`` on a Redis server of the test's own, PostgreSQL and (usually) moto
+behind the fault proxy. Fixtures ``own_redis`` and ``start_worker``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from db.models import Job
+from tests.servers._proc import free_port, spawn, wait_for_port
+from worker.celery_app import make_celery
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CREDS = '{"access_key_id": "testing", "secret_access_key": "testing"}'
+
+
+class RedisServer:
+    """A redis-server of this test only (the shared one on 6379 is never touched)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+        self.proc = spawn(argv, self.workdir / f"redis-{time.time_ns()}.log")
+        wait_for_port(self.port, self.proc, None, 10)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+class Worker:
+    """``celery -A worker worker -c 1 --pool prefork`` with its own environment."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker",
+                "-Q", "scan,cleanup,maintenance", "-c", "1", "--pool", "prefork",
+                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
+        self.log = log
+        fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self._fh = fh
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def child(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kids = _children(self.proc.pid)
+            if kids:
+                return kids[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no pool child: {self.log.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        """Kill the pool children and the master (a running job would block a warm stop)."""
+        kids = _children(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._fh.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(broker: str, **extra: str) -> Worker:
+        env = dict(os.environ)
+        env.update(
+            OCORE_DATABASE_URL=pg_url,
+            OCORE_BROKER_URL=broker,
+            OCORE_DATA_DIR=str(tmp_path / "worker-var"),
+            OCORE_CREDENTIALS_FAULT=CREDS,
+            OCORE_LOG_FORMAT="console",
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        env.update(extra)  # a test may override any of the above
+        w = Worker(env, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+class Blackhole:
+    """Accepts TCP connections and never answers: a storage server that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+def job_row(engine: Engine, job_id: uuid.UUID) -> Job:
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def sender(broker: str) -> tuple[Celery, Callable[[str, list[str], str], Any]]:
+    app = make_celery(Settings(broker_url=broker))
+    return app, lambda name, args, queue: app.send_task(name, args=args, queue=queue)
+
+
+def wait_job(engine: Engine, job_id: uuid.UUID, timeout: float = 90) -> Job:
+    """The job row once it is no longer queued or running (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    row = job_row(engine, job_id)
+    while time.monotonic() < deadline and row.status in ("queued", "running"):
+        time.sleep(0.1)
+        row = job_row(engine, job_id)
+    return row
