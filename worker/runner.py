@@ -178,6 +178,7 @@ def _on_lock_lost(engine: Engine, job: Job, lease: Lease, err: LockLost) -> None
         if lock is not None and lock.job_id == job.id and lock.token != lease.token:
             log.warning("job %s: another copy of this job took over; this copy stops", job.id)
             return
+    log.warning("job %s: %s; this copy stops and deletes nothing more", job.id, err)
     # Only a job still active is failed: a copy that took over may have finished it.
     with session_scope(engine) as s:
         s.execute(
