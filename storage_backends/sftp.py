@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 #: Channels a walk opens on one transport. OpenSSH's MaxSessions defaults to 10.
 WALK_THREADS = 8
+#: A directory listing is tried this often when the connection drops (a reconnect each time).
+WALK_ATTEMPTS = 4
 _DROPPED = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
 
@@ -144,6 +146,7 @@ class SFTPBackend(StorageBackend):
         self._lock = threading.Lock()
         self._ssh: paramiko.SSHClient | None = None
         self._sftp_client: paramiko.SFTPClient | None = None
+        self._used = threading.local()  # the session this thread's last call ran on
 
     # -- connection ------------------------------------------------------------------
     def _connect(self) -> paramiko.SSHClient:
@@ -211,15 +214,27 @@ class SFTPBackend(StorageBackend):
 
         def attempt() -> T:
             with self._op(operation, what):
-                return fn(self._sftp())
+                sftp = self._sftp()
+                self._used.session = sftp
+                return fn(sftp)
 
         return call_with_retry(
             self,
             attempt,
             attempts=3,
             transient=lambda err: isinstance(err, TransientStorageError),
-            on_retry=self._drop,
+            on_retry=self._drop_failed,
         )
+
+    def _drop_failed(self, _err: BaseException) -> None:
+        """Drop the connection this thread's call failed on, unless another thread has
+        already replaced it: the walk's threads all fail together when the connection
+        goes, and each must not close the fresh session the first one opened."""
+        failed = getattr(self._used, "session", None)
+        with self._lock:
+            if failed is not None and failed is not self._sftp_client:
+                return
+        self._drop()
 
     def translate_error(self, err: BaseException, what: str) -> StorageError:
         return translate(err, what)
@@ -238,23 +253,42 @@ class SFTPBackend(StorageBackend):
         return self._walk(prefix, max(1, page_size))
 
     def _walk(self, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
-        client = self._client()
         local = threading.local()
         channels: list[paramiko.SFTPClient] = []
 
         def channel() -> paramiko.SFTPClient:
-            if getattr(local, "sftp", None) is None:
-                local.sftp = client.open_sftp()
-                channels.append(local.sftp)
-            sftp: paramiko.SFTPClient = local.sftp
+            sftp: paramiko.SFTPClient | None = getattr(local, "sftp", None)
+            if sftp is None:
+                # _client() reconnects when the connection has gone away
+                sftp = self._client().open_sftp()
+                local.sftp = sftp
+                channels.append(sftp)
             return sftp
 
-        def list_dir(rel: str) -> tuple[list[ObjectInfo], list[str]]:
+        def reopen(_err: BaseException) -> None:
+            """Before a retry: this thread opens a new channel, on a new connection if
+            the old one died (the first thread to need it reconnects, under the lock)."""
+            old: paramiko.SFTPClient | None = getattr(local, "sftp", None)
+            local.sftp = None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.close()
+
+        def list_once(rel: str) -> list[paramiko.SFTPAttributes]:
             with self._op("list", rel or "/"):
                 try:
-                    entries = channel().listdir_attr(self._abs(rel))
+                    return channel().listdir_attr(self._abs(rel))
                 except FileNotFoundError:
-                    return [], []  # removed while we walked, or never existed
+                    return []  # removed while we walked, or never existed
+
+        def list_dir(rel: str) -> tuple[list[ObjectInfo], list[str]]:
+            entries = call_with_retry(
+                self,
+                lambda: list_once(rel),
+                attempts=WALK_ATTEMPTS,
+                transient=lambda err: isinstance(err, TransientStorageError),
+                on_retry=reopen,
+            )
             return self._split(rel, entries)
 
         pool = ThreadPoolExecutor(self.walk_threads)
@@ -277,7 +311,8 @@ class SFTPBackend(StorageBackend):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             for sftp in channels:
-                sftp.close()
+                with contextlib.suppress(Exception):
+                    sftp.close()
 
     @staticmethod
     def _split(

@@ -12,7 +12,13 @@ from db.models import BackupDestination
 from tests.factories import World, make_destination, make_world
 from tests.faults.realworker import own_redis, start_worker  # noqa: F401
 from tests.servers.fault_proxy import FaultProxy
-from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
+from tests.servers.fixtures import (  # noqa: F401
+    fault_proxy,
+    fault_proxy_server,
+    gcs_server,
+    s3_server,
+    sftp_server,
+)
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.settings import Settings
 

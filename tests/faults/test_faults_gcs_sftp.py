@@ -1,0 +1,170 @@
+"""Issue 8, B: the storage faults of ``test_faults_storage.py`` against the other two
+remote backends. GCS: the fault proxy in front of fake-gcs-server (503s, a reset, a
+listing page that keeps failing). SFTP: a TCP relay in front of a real sshd that resets
+every connection in the middle of the parallel directory walk.
+
+Through the real job runner: a transient fault is retried and the scan is complete and
+exact; a listing that cannot complete removes no record and deletes no file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Backup
+from tests.factories import make_backup, make_destination
+from tests.servers.fault_proxy import FaultProxy
+from tests.servers.gcs import GcsServer
+from tests.servers.sshd import SshServer
+from tests.servers.tcp_cutter import TcpCutter
+from worker.jobs import request_job
+from worker.runner import RetryableJobError, run_job
+
+pytestmark = pytest.mark.slow
+DAY = 86400
+GCS_LIST = r"/o\?"  # objects.list (JSON API)
+
+
+@pytest.fixture
+def gcs_proxy(gcs_server: GcsServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(gcs_server.endpoint).start()
+    yield proxy
+    proxy.stop()
+
+
+def _seed_gcs(server: GcsServer, bucket: str, names: list[str]) -> None:
+    client = server.client()
+    handle = client.bucket(bucket)
+
+    def put(name: str) -> None:
+        handle.blob(name).upload_from_string(b"0123456789")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, names))
+
+
+def _gcs_dest(db, world, gcs_server: GcsServer, proxy: FaultProxy, bucket: str):
+    dest = make_destination(db, world, "gcs", bucket=bucket, endpoint=proxy.endpoint,
+                            root_prefix="backups/",
+                            options={"project": gcs_server.project, "retry_timeout": 3.0,
+                                     "retry_maximum": 0.5})  # fmt: skip
+    db.commit()
+    return dest
+
+
+def _removed(engine, dest) -> int:
+    with Session(engine) as s:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(Backup)
+                .execution_options(include_deleted=True)
+                .where(Backup.destination_id == dest.id, Backup.deleted_at.is_not(None))
+            )
+            or 0
+        )
+
+
+def _writes(proxy: FaultProxy) -> list[tuple[str, str]]:
+    return [(m, t) for m, t in proxy.requests if m in ("DELETE", "POST", "PUT", "PATCH")]
+
+
+def test_gcs_503s_and_a_reset_on_the_listing_are_retried_and_the_scan_is_exact(
+    db, world, cfg, engine, gcs_server, gcs_proxy
+) -> None:
+    bucket = gcs_server.create_bucket()
+    _seed_gcs(gcs_server, bucket, [f"backups/f{i:02d}.dump" for i in range(30)])
+    dest = _gcs_dest(db, world, gcs_server, gcs_proxy, bucket)
+    gcs_proxy.reset()
+    gcs_proxy.fail_next(2, method="GET", path=GCS_LIST, action="503")
+    gcs_proxy.fail_next(1, method="GET", path=GCS_LIST, action="reset")
+    job, _ = request_job(db, "scan", dest, {})
+    outcome = run_job(job.id, cfg, engine)
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert gcs_proxy.faults_fired == 3
+    assert outcome.result["total_files"] == 30
+    assert _writes(gcs_proxy) == []
+
+
+def test_gcs_listing_that_fails_midway_removes_no_record_and_deletes_nothing(
+    db, world, cfg, engine, gcs_server, gcs_proxy
+) -> None:
+    bucket = gcs_server.create_bucket()
+    keys = [f"f{i:04d}.dump" for i in range(1100)]  # two listing pages of 1,000
+    _seed_gcs(gcs_server, bucket, [f"backups/{k}" for k in keys])
+    dest = _gcs_dest(db, world, gcs_server, gcs_proxy, bucket)
+    for key in keys[:50]:
+        make_backup(db, world, dest, key)
+    stale = [make_backup(db, world, dest, f"gone/{i}.dump") for i in range(5)]
+    db.commit()
+    gcs_proxy.reset()
+    gcs_proxy.fail_next(1000, method="GET", path="pageToken=", action="503")
+    job, _ = request_job(db, "scan_cleanup", dest, {})
+    try:
+        first = run_job(job.id, cfg, engine)
+    except RetryableJobError:
+        first = None  # back to the queue: also fine
+    assert gcs_proxy.faults_fired >= 2  # the second page was really refused, repeatedly
+    assert _removed(engine, dest) == 0
+    assert _writes(gcs_proxy) == []
+    if first is not None:
+        assert first.status == "failed" and first.result.get("listing_complete") is False
+    # Control: healthy again, the same job type removes exactly the 5 stale records.
+    gcs_proxy.reset()
+    if first is not None:
+        job, _ = request_job(db, "scan_cleanup", dest, {})
+    outcome = run_job(job.id, cfg, engine)
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert outcome.result.get("removed_records") == len(stale), outcome.result
+    assert outcome.result["total_files"] == 1100
+    assert _writes(gcs_proxy) == []
+
+
+@pytest.fixture
+def cut_sftp(
+    sftp_server: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TcpCutter, SshServer]]:
+    cutter = TcpCutter(sftp_server.host, sftp_server.port).start()
+    here, there = f"[127.0.0.1]:{sftp_server.port} ", f"[127.0.0.1]:{cutter.port} "
+    assert sftp_server.known_hosts.startswith(here)
+    creds = sftp_server.credentials(known_hosts=sftp_server.known_hosts.replace(here, there))
+    monkeypatch.setenv("OCORE_CREDENTIALS_CUTSSH", json.dumps(creds))
+    yield cutter, sftp_server
+    cutter.stop()
+
+
+def test_sftp_connections_reset_mid_walk_are_reconnected_and_the_scan_is_exact(
+    db, world, cfg, engine, cut_sftp
+) -> None:
+    cutter, sshd = cut_sftp
+    base = sshd.make_dir()
+    stamp = time.time() - 40 * DAY
+    total = 0
+    for d in range(40):
+        folder = base / "backups" / f"org{d % 4}" / f"inst{d:02d}"
+        folder.mkdir(parents=True)
+        for i in range(50):
+            path = folder / f"backup-{i:02d}.tar.gz"
+            path.write_bytes(b"0123456789")
+            os.utime(path, (stamp, stamp))
+            total += 1
+    dest = make_destination(db, world, "sftp", bucket=str(base),
+                            endpoint=f"127.0.0.1:{cutter.port}", root_prefix="backups/",
+                            credentials_ref="cutssh")  # fmt: skip
+    db.commit()
+    cutter.cut_after(60_000)  # twice, while the walk's channels are busy listing
+    cutter.cut_after(180_000)
+    job, _ = request_job(db, "scan", dest, {})
+    outcome = run_job(job.id, cfg, engine)
+    assert cutter.cuts == 2, cutter.down_bytes
+    assert cutter.connections >= 3  # it reconnected after each reset
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert outcome.result["total_files"] == total  # nothing missed, nothing twice
+    assert outcome.result["total_bytes"] == total * 10
