@@ -50,6 +50,20 @@ def test_slowdown_and_resets_on_listing_are_retried_and_the_scan_succeeds(
     assert _job(engine, job.id).result["total_files"] == 20
 
 
+def test_a_listing_answer_cut_off_mid_body_and_500s_are_retried_and_the_scan_is_exact(
+    db, world, cfg, engine, proxied_dest, fault_proxy
+) -> None:
+    keys = [f"f{i:04d}.dump" for i in range(1500)]  # two listing pages
+    dest = proxied_dest(keys)
+    fault_proxy.fail_next(1, method="GET", path="continuation-token", action="truncate")
+    fault_proxy.fail_next(1, method="GET", path="continuation-token", action="500")
+    job, _ = request_job(db, "scan", dest, {})
+    outcome = run_job(job.id, cfg, engine)
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert fault_proxy.faults_fired == 2
+    assert _job(engine, job.id).result["total_files"] == 1500  # nothing lost, nothing twice
+
+
 def test_a_listing_that_fails_midway_removes_no_record_and_deletes_nothing(
     db, world, cfg, engine, proxied_dest, fault_proxy, s3_server
 ) -> None:

@@ -42,7 +42,9 @@ Responder = Callable[[str, str, bytes], tuple[int, str, bytes]]
 class Rule:
     """Answer the next ``remaining`` requests matching ``method`` and ``path`` with ``action``.
 
-    ``action`` is ``"503"``, ``"500"``, ``"reset"`` or ``"respond"`` (uses ``responder``).
+    ``action`` is ``"503"``, ``"500"``, ``"reset"`` (before answering), ``"truncate"`` (the
+    real answer cut off by a reset halfway through its body), ``"respond"`` (uses
+    ``responder``) or ``"hold"`` (see :meth:`FaultProxy.hold_next`).
     ``path`` is a regex searched in the request target (path and query).
     """
 
@@ -138,7 +140,7 @@ class FaultProxy:
         self, n: int, *, action: str = "503", method: str | None = None, path: str = ""
     ) -> Rule:
         """Inject ``action`` into the next ``n`` requests matching ``method``/``path``."""
-        if action not in ("503", "500", "reset"):
+        if action not in ("503", "500", "reset", "truncate"):
             raise ValueError(f"unknown action {action!r}")
         rule = Rule(action, n, method, re.compile(path))
         with self._lock:
@@ -270,6 +272,20 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     else:
                         self._send(503, [("Content-Type", "application/xml")], SLOWDOWN)
             elif rule.action == "reset":
+                self._reset()
+            elif rule.action == "truncate":
+                # the real answer's headers and half its body, then a TCP reset
+                status, headers, data = proxy._forward(
+                    self.command, self.path, list(self.headers.items()), body
+                )
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in _HOP_BY_HOP:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
                 self._reset()
             elif rule.action == "respond":
                 assert rule.responder is not None
