@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from db.models import BackupDestination, DeletionAudit
 from tests.factories import World, make_backup, make_destination
 from tests.faults.conftest import age_objects, remote_keys
-from tests.faults.realworker import Worker, job_row, sender, wait_job
+from tests.faults.realworker import CREDS, Worker, job_row, sender, wait_job
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.jobs import dispatch, request_job
@@ -217,3 +217,50 @@ def test_database_connections_cut_under_a_real_worker_and_the_job_converges(
 
     assert_converged(engine, bucket, job.id, [worker])
     assert worker.proc.poll() is None  # the worker survived the cut
+
+
+def test_a_worker_stopped_between_two_delete_batches_sends_no_more_after_sigcont(
+    db, world, engine, cfg, own_redis, start_worker, fault_proxy, bucket, s3_server, monkeypatch
+) -> None:
+    """SIGSTOP the pool child right after its first delete batch reached the server, let
+    its 2 s lease expire while a cleanup of another root of the same bucket takes the
+    lock and finishes, SIGCONT: the stopped job records its first batch, then stops at
+    the fence before the second one. Not one more delete request (SAFETY rule 8)."""
+    from worker.runner import run_job
+
+    monkeypatch.setenv("OCORE_CREDENTIALS_FAULT", CREDS)  # job B runs in this process
+    others = [f"other/o{i}.dump" for i in range(3)]
+    seed_objects(s3_server, bucket.name, others)
+    age_objects(bucket.name, others, 40)
+    dest_b = make_destination(db, world, "s3", bucket=bucket.name, name="other",
+                              endpoint=fault_proxy.endpoint, region=s3_server.region,
+                              root_prefix="other/", credentials_ref="fault",
+                              options=make_s3_destination_options())  # fmt: skip
+    db.commit()
+    hold = fault_proxy.hold_next(8, method="POST", path=DELETE, forward=True)
+    worker = start_worker(own_redis.url, OCORE_LOCK_LEASE_SECONDS="2", OCORE_CLEANUP_MAX_SHARE="1")
+    job_a = start_cleanup(db, bucket, own_redis.url)
+    assert hold.wait(1, 90), log_of(worker)
+    time.sleep(0.5)  # every request of the first batch has reached the server
+    hold.disarm()
+    child = worker.child()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        hold.release()  # the answers wait in the stopped process's sockets
+        first_batch = bucket.orphans - bucket.keys()
+        assert first_batch, "the first batch had reached the server"
+        time.sleep(3.5)  # past the 2 s lease
+        job_b, _ = request_job(db, "orphan_cleanup", dest_b, {"retention_days": 7})
+        outcome_b = run_job(job_b.id, cfg, engine)
+        assert outcome_b is not None and outcome_b.status == "succeeded", outcome_b
+        sent = deletes_sent(fault_proxy)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    row = wait_job(engine, job_a.id, 60)
+    assert row.status == "failed", (row.status, row.error, log_of(worker))
+    assert any(w in (row.error or "").lower() for w in ("lock", "lease", "fenc")), row.error
+    assert deletes_sent(fault_proxy) == sent  # nothing more from the stopped job
+    left = bucket.keys()
+    assert bucket.orphans - left == first_batch  # only the batch sent before the stop
+    assert bucket.linked <= left
+    assert not set(others) & left  # B did its work
