@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask import Flask
 from sqlalchemy import Engine
 
-from api import archived, auth, context, errors, health, jobs, metrics, openapi, storage
+from api import archived, auth, backends, context, errors, health, jobs, metrics, openapi, storage
 from worker.jobs import Sender
 from worker.settings import Settings, get_settings
 
@@ -47,6 +47,7 @@ def create_app(
         send=send if send is not None else _default_send(),
     )
     context.init_app(app, app_state)
+    app_state.extras["backends"] = backends.BackendCache()
     app_state.extras["metrics"] = metrics.init_app(app)  # first: times every request
     auth.init_app(app)
     errors.init_app(app)

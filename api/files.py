@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -62,17 +62,21 @@ def content_disposition(path: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{encoded}"
 
 
-def stream_file(backend: StorageBackend, info: ObjectInfo) -> Response:
-    """Stream a file chunk by chunk (never read whole); the backend closes at the end.
+def stream_file(
+    backend: StorageBackend, info: ObjectInfo, release: Callable[[], None] | None = None
+) -> Response:
+    """Stream a file chunk by chunk (never read whole); ``release`` (default: closing
+    the backend) runs when the stream ends.
 
     The first chunk is read before the response starts, so that a failure to open the
     file still becomes a proper JSON error.
     """
+    done = release or backend.close
     chunks = backend.read_chunks(info.path, CHUNK_SIZE)
     try:
         first = next(chunks, b"")
     except BaseException:
-        backend.close()
+        done()
         raise
 
     def generate() -> Iterator[bytes]:
@@ -81,7 +85,7 @@ def stream_file(backend: StorageBackend, info: ObjectInfo) -> Response:
                 yield first
             yield from chunks
         finally:
-            backend.close()
+            done()
 
     response = Response(stream_with_context(generate()), mimetype="application/octet-stream")
     response.headers["Content-Disposition"] = content_disposition(info.path)

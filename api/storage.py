@@ -6,7 +6,7 @@ another organization) and validates paths before a backend is opened.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, cast
 
@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from api.analytics import analytics_to_dict, project_storage
 from api.auth import current_principal, load_destination, load_project
-from api.context import db, settings
+from api.backends import BackendCache
+from api.context import db, settings, state
 from api.errors import ApiError, bad_request, not_found
 from api.files import (
     delete_with_audit,
@@ -39,14 +40,20 @@ MAX_CURSOR_CHARS = 4096
 DOWNLOAD_MAX_EXPIRY = 900
 
 
+def _open(dest: BackupDestination) -> tuple[StorageBackend, Callable[[], None]]:
+    """``(backend, release)`` from the app's cache (:mod:`api.backends`)."""
+    cache: BackendCache = state().extras["backends"]
+    return cache.open(dest, settings(), lambda d, s: open_backend(d, s))
+
+
 @contextmanager
 def backend_of(dest: BackupDestination) -> Iterator[StorageBackend]:
-    """The destination's backend, closed afterwards."""
-    backend = open_backend(dest, settings())
+    """The destination's backend, released afterwards (closed unless it is shared)."""
+    backend, release = _open(dest)
     try:
         yield backend
     finally:
-        backend.close()
+        release()
 
 
 def _destination(dest_id: str) -> BackupDestination:
@@ -117,17 +124,17 @@ def download(dest_id: str) -> Response:
     path = safe_path(request.args.get("path"))
     dest = _destination(dest_id)
     expiry = max(1, min(settings().download_url_expiry, DOWNLOAD_MAX_EXPIRY))
-    backend = open_backend(dest, settings())
+    backend, release = _open(dest)
     try:
         info = backend.stat(path)
         url = backend.download_url(path, expiry)
         if url is not None:
-            backend.close()
+            release()
             return jsonify({"url": url, "expires_in": expiry})
     except BaseException:
-        backend.close()
+        release()
         raise
-    return stream_file(backend, info)  # closes the backend when the stream ends
+    return stream_file(backend, info, release)  # released when the stream ends
 
 
 def _delete_path() -> str:

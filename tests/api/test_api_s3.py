@@ -76,3 +76,40 @@ def test_upload_browse_delete_round_trip(client, auth, db, env, moto, s3_dest):
     assert_error(client.delete(f"{base}/files?path=backups/kept.dump", headers=auth()), 409)
     assert client.delete(f"{base}/files?path=backups/new.dump", headers=auth()).status_code == 200
     assert _keys(moto, s3_dest.bucket) == ["tenant/backups/kept.dump"]
+
+
+def test_s3_backends_are_reused_across_requests_until_the_destination_changes(
+    client, auth, db, moto, s3_dest, monkeypatch
+):
+    """Building a boto3 client costs more than a browse: one per destination config."""
+    import api.storage
+    from storage_backends.registry import open_backend
+
+    opened: list[str] = []
+
+    def counting(dest, settings):
+        opened.append(dest.root_prefix)
+        return open_backend(dest, settings)
+
+    monkeypatch.setattr(api.storage, "open_backend", counting)
+    seed_objects(moto, s3_dest.bucket, ["tenant/backups/a.dump", "other/backups/b.dump"])
+    base = f"/api/storage/destinations/{s3_dest.id}"
+
+    def names() -> list[str]:
+        r = client.get(f"{base}/browse?prefix=backups/", headers=auth())
+        assert r.status_code == 200, r.get_json()
+        return [f["name"] for f in r.get_json()["files"]]
+
+    for _ in range(3):
+        assert names() == ["a.dump"]
+    assert client.get(f"{base}/download?path=backups/a.dump", headers=auth()).status_code == 200
+    assert opened == ["tenant/"]  # one client for four requests
+    s3_dest.root_prefix = "other/"  # an edited destination gets a new client at once
+    db.commit()
+    assert names() == ["b.dump"]
+    assert opened == ["tenant/", "other/"]
+    # rotated credentials too (here: the same keys written differently)
+    monkeypatch.setenv("OCORE_CREDENTIALS_MOTO", '{"secret_access_key": "testing", '
+                       '"access_key_id": "testing", "region": "us-east-1"}')  # fmt: skip
+    assert names() == ["b.dump"]
+    assert len(opened) == 3
