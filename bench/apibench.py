@@ -1,5 +1,5 @@
 """API load: requests/s and p50/p99 of enqueue, analytics and browse, measured by wrk
-against ``api.create_app`` on a threaded werkzeug server in its own process."""
+against ``api.create_app`` on gunicorn (gthread, 1 process, 16 threads) in its own process."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""``python -m bench.apiserver PORT``: ``api.create_app`` on werkzeug's threaded server."""
+"""``python -m bench.apiserver PORT [--dev]``: ``api.create_app`` on the production server
+(gunicorn's threaded worker, as ``ocore-storage api`` runs it), or werkzeug's threaded
+development server with ``--dev``."""
 
 from __future__ import annotations
 
 import logging
 import sys
-
-from werkzeug.serving import make_server
 
 
 def main() -> None:
@@ -13,10 +13,16 @@ def main() -> None:
     from worker.settings import Settings
 
     port = int(sys.argv[1])
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = create_app(Settings())  # OCORE_* from the environment the bench sets
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    server.serve_forever()
+    if "--dev" in sys.argv[2:]:
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        make_server("127.0.0.1", port, app, threaded=True).serve_forever()
+        return
+    from api.server import serve_api
+
+    serve_api(app, f"127.0.0.1:{port}")
 
 
 if __name__ == "__main__":
