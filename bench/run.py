@@ -730,8 +730,9 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
 - Jobs: scans of tiny local destinations (10 files each) requested with
   `worker.jobs.request_job`, sent to Redis and run by a real `celery -A worker worker
   -Q scan -c 2` subprocess, timed until the last job row is terminal.
-- API: `api.create_app` served by werkzeug's threaded server in its own process, loaded by
-  `wrk` with a valid HS256 token; latency percentiles are wrk's.
+- API: `api.create_app` served as `ocore-storage api` serves it (gunicorn, gthread
+  worker, 1 process, 16 threads) in its own process, loaded by `wrk` with a valid HS256
+  token; latency percentiles are wrk's.
 
 ## Notes
 
