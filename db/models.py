@@ -276,7 +276,17 @@ class DeletionAudit(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
-    __table_args__ = (UniqueConstraint("job_id", "destination_id", "path"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination_id", "path"),
+        # the few rows still pending (tasks.deleting.settle_abandoned, at every job start),
+        # found without reading the destination's whole audit history
+        Index(
+            "ix_deletion_audit_pending",
+            "destination_id",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
 
 
 class LocationLock(Base):

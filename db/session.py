@@ -72,3 +72,8 @@ def db_now(session: Session) -> datetime:
     result = UTCDateTime().process_result_value(value, bind.dialect)
     assert result is not None
     return result
+
+
+def is_postgresql(session: Session) -> bool:
+    """True on PostgreSQL (array parameters, ``= ANY(...)``, ``unnest``)."""
+    return session.get_bind().dialect.name == "postgresql"

@@ -38,3 +38,13 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """What :class:`UTCDateTime` binds on PostgreSQL, for SQL that bypasses the column
+    type (array parameters): UTC, and a naive datetime is refused the same way."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: pass a timezone-aware UTC value")
+    return value.astimezone(UTC)

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import BinaryIO
 
 from storage_backends.errors import InvalidPathError, StorageError
-from storage_backends.paths import MAX_PATH_BYTES, validate_path, validate_prefix
+from storage_backends.paths import ASCII_CONTROL, MAX_PATH_BYTES, validate_path, validate_prefix
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
 PAGE_SIZE = 1000
@@ -223,7 +223,7 @@ class StorageBackend(abc.ABC):
             return validate_path(key)
         if not isinstance(key, str) or key == "":
             raise InvalidPathError("key is empty")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        if ASCII_CONTROL.search(key):
             raise InvalidPathError("key contains a NUL or control character")
         if len(key.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
             raise InvalidPathError(f"key is longer than {MAX_PATH_BYTES} bytes")

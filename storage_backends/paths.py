@@ -6,6 +6,7 @@ prefix. These checks reject anything that could escape it.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from storage_backends.errors import InvalidPathError
@@ -13,7 +14,13 @@ from storage_backends.errors import InvalidPathError
 MAX_PATH_BYTES = 1024  # S3's key limit; the strictest of the backends
 
 
+#: The control characters (category Cc) of ASCII
+ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _has_control(text: str) -> bool:
+    if text.isascii():  # the common case, without a lookup per character
+        return ASCII_CONTROL.search(text) is not None
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
@@ -54,7 +61,8 @@ def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = Fal
         if segment in (".", ".."):
             raise InvalidPathError("path contains a '.' or '..' segment")
         # Full-width and other look-alike dots normalise to '..' on some systems.
-        if unicodedata.normalize("NFKC", segment) in (".", ".."):
+        # (NFKC leaves ASCII as it is: only other segments can normalise to a dot.)
+        if not segment.isascii() and unicodedata.normalize("NFKC", segment) in (".", ".."):
             raise InvalidPathError("path contains a segment that normalises to '.' or '..'")
     return path
 

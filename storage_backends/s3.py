@@ -127,8 +127,8 @@ def _strip_etag(etag: str | None) -> str | None:
 
 
 #: delete_many sends a batch as this many concurrent requests of DELETE_CHUNK keys
-DELETE_PARALLEL = 4
-DELETE_CHUNK = 250
+DELETE_PARALLEL = 8
+DELETE_CHUNK = 125
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,23 +8,32 @@ For each batch of at most 1,000 keys (SAFETY rule 10):
    bookkeeping (plan rows, pending deletions) is updated.
 A crash between the steps is repaired by running the job again (rule 20): pending audit
 rows are reused, never duplicated, and a key already gone counts as deleted.
+
+:func:`delete_batches` (orphan cleanup) runs step 3 of batch k while batch k+1's storage
+delete is under way; steps 1 and 2 stay strictly in order, batch after batch. On
+PostgreSQL the per-batch statements take their keys as one array parameter each and
+audit rows are updated by primary key: no per-key SQL, and no filter over every row
+of the job (which made a batch's cost grow with the job).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Uuid, any_, insert, literal, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
-from db.session import db_now
-from db.types import utcnow
-from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
+from db.session import db_now, is_postgresql
+from db.types import as_utc, utcnow
+from storage_backends.base import MAX_DELETE_BATCH, DeleteResult, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from tasks.linking import find_links
 from worker import shutdown
@@ -74,13 +83,96 @@ class DeleteContext:
 
 def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize) -> BatchOutcome:
     """Delete one batch under the fence; see the module docstring."""
+    prepared = _prepare(ctx, items)
+    return _close(ctx, prepared, _send(ctx, prepared), finalize)
+
+
+def delete_batches(
+    ctx: DeleteContext,
+    batches: Iterable[Sequence[Doomed]],
+    finalize: Finalize,
+    after_batch: Callable[[BatchOutcome], None] | None = None,
+) -> None:
+    """:func:`delete_batch` for each batch, with step 3 of batch k (closing its audit
+    rows and bookkeeping) and the read of batch k+2 done while the storage delete of
+    batch k+1 runs in a thread. What the safety rules order stays in order, batch by
+    batch: step 1 of batch k+1 (shutdown check, fence, re-check, pending rows) starts
+    only once the storage delete of batch k has returned, and commits before batch
+    k+1 is sent; at most one storage delete is under way at a time.
+
+    Whatever stops the run (a stop request, a lost lock, a failure) stops it before the
+    next batch is sent: the delete already under way is waited for and closed first
+    (or, if that fails too, its pending rows are left to :func:`repair_pending`).
+    ``after_batch(outcome)`` runs after each batch is closed (progress, shutdown)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="delete-batch") as pool:
+        sent: tuple[_Prepared, Future[DeleteResult | None]] | None = None
+        try:
+            for items in batches:
+                done = None
+                if sent is not None:
+                    done = (sent[0], sent[1].result())  # batch k is off the server
+                    sent = None
+                try:
+                    prepared = _prepare(ctx, items)
+                except BaseException:
+                    if done is not None:
+                        _close_after_error(ctx, *done, finalize)
+                    raise
+                # (in the job's logging context: its log lines keep the job's ids)
+                run = contextvars.copy_context().run
+                sent = (prepared, pool.submit(run, _send, ctx, prepared))
+                if done is not None:
+                    outcome = _close(ctx, *done, finalize)
+                    if after_batch:
+                        after_batch(outcome)
+            if sent is not None:
+                prepared, future = sent
+                sent = None
+                outcome = _close(ctx, prepared, future.result(), finalize)
+                if after_batch:
+                    after_batch(outcome)
+        except BaseException:
+            if sent is not None:  # never leave a sent batch behind unclosed
+                try:
+                    result = sent[1].result()
+                except BaseException as err:  # (this very error, or another one)
+                    log.debug("a batch's delete failed (%r): repair_pending finishes it", err)
+                else:
+                    _close_after_error(ctx, sent[0], result, finalize)
+            raise
+
+
+def _close_after_error(
+    ctx: DeleteContext, prepared: _Prepared, result: DeleteResult | None, finalize: Finalize
+) -> None:
+    """Close a batch that was sent, after something else failed: best effort (its
+    pending rows stay for repair_pending when the database refuses)."""
+    try:
+        ctx.session.rollback()
+        _close(ctx, prepared, result, finalize)
+    except Exception:
+        ctx.session.rollback()
+        log.exception("could not close a sent batch; repair_pending finishes it")
+
+
+@dataclass
+class _Prepared:
+    """A batch after step 1: what the re-check decided, and the audit row of each key
+    that will be sent (its id, so that step 3 updates rows by primary key)."""
+
+    outcome: BatchOutcome
+    doomed: list[Doomed]
+    audit_ids: dict[str, uuid.UUID]
+
+
+def _prepare(ctx: DeleteContext, items: Sequence[Doomed]) -> _Prepared:
+    """Step 1: fence + re-check + pending audit rows, one transaction (committed)."""
     if len(items) > MAX_DELETE_BATCH:
         raise ValueError(f"a batch holds at most {MAX_DELETE_BATCH} keys")
     shutdown.check()  # a stopping worker ends between batches, never inside one
     session = ctx.session
     outcome = BatchOutcome()
     by_path = {d.path: d for d in items}
-    # 1. fence + re-check + pending audit rows, one transaction
     check_and_renew(session, ctx.lease, ctx.lease_seconds)
     links = find_links(session, ctx.dest, list(by_path), destinations=ctx.destinations)
     outcome.kept = [p for p, refs in links.items() if refs]
@@ -89,50 +181,38 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     # and is reported per key: it must not fail the whole batch, nor every later run.
     unsendable = _unsendable(ctx.backend, doomed)
     doomed = [d for d in doomed if d.path not in unsendable]
-    existing = set(
-        session.scalars(
-            select(DeletionAudit.path).where(
-                DeletionAudit.job_id == ctx.job_id,
-                DeletionAudit.destination_id == ctx.dest.id,
-                DeletionAudit.path.in_([d.path for d in doomed]),
-            )
-        )
-    )
-    loc = location_key(ctx.dest)
-    fresh = [
-        {
-            "id": uuid.uuid4(),
-            "destination_id": ctx.dest.id,
-            "location_key": loc,
-            "path": d.path,
-            "size_bytes": d.size,
-            "last_modified": d.last_modified,
-            "etag": d.etag,
-            "reason": ctx.reason,
-            "job_id": ctx.job_id,
-            "actor": ctx.actor,
-            "state": "pending",
-            "created_at": utcnow(),
-        }
-        for d in doomed
-        if d.path not in existing
-    ]
-    if fresh:  # one executemany, not an ORM object per file
-        session.execute(insert(DeletionAudit), fresh)
+    audit_ids = _write_pending(session, ctx, doomed)
     session.commit()
     if outcome.kept:
         log.info("kept %d file(s) a record links since planning", len(outcome.kept))
     outcome.failed.update(unsendable)
     if unsendable:
         log.warning("kept %d key(s) that cannot be sent back exactly", len(unsendable))
-    # 2. the storage delete
-    if doomed:
-        result = ctx.backend.delete_many([d.path for d in doomed])
+    return _Prepared(outcome, doomed, audit_ids)
+
+
+def _send(ctx: DeleteContext, prepared: _Prepared) -> DeleteResult | None:
+    """Step 2: the storage delete (nothing to send: None)."""
+    if not prepared.doomed:
+        return None
+    return ctx.backend.delete_many([d.path for d in prepared.doomed])
+
+
+def _close(
+    ctx: DeleteContext, prepared: _Prepared, result: DeleteResult | None, finalize: Finalize
+) -> BatchOutcome:
+    """Step 3: audit rows become ``deleted`` / ``failed`` / ``kept`` and the caller's
+    bookkeeping is updated, one transaction (committed)."""
+    session = ctx.session
+    outcome = prepared.outcome
+    if result is not None:
         outcome.failed.update(result.errors)
-        outcome.deleted = [d for d in doomed if d.path not in result.errors]
-    # 3. close the audit rows and the caller's bookkeeping, one transaction
+        outcome.deleted = [d for d in prepared.doomed if d.path not in result.errors]
     now = db_now(session)
-    _set_audit(session, ctx, [d.path for d in outcome.deleted], state="deleted", at=now)
+    ids = prepared.audit_ids
+    _set_audit_ids(session, [ids[d.path] for d in outcome.deleted if d.path in ids], now)
+    # (every sent key has a row id; a key without one is matched by path, to be sure)
+    _set_audit(session, ctx, [d.path for d in outcome.deleted if d.path not in ids], at=now)
     for path, err in outcome.failed.items():
         session.execute(
             update(DeletionAudit)
@@ -157,6 +237,93 @@ def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize
     finalize(session, outcome)
     session.commit()
     return outcome
+
+
+def _write_pending(
+    session: Session, ctx: DeleteContext, doomed: Sequence[Doomed]
+) -> dict[str, uuid.UUID]:
+    """Write a ``pending`` audit row for each doomed key (inside the caller's
+    transaction); a row an earlier attempt of this job wrote is reused, never
+    duplicated. Returns each key's row id."""
+    if not doomed:
+        return {}
+    loc = location_key(ctx.dest)
+    now = utcnow()
+    if is_postgresql(session):
+        # One statement with one array per column (no 12,000-placeholder VALUES list);
+        # the unique (job_id, destination_id, path) constraint skips existing rows.
+        ids = [uuid.uuid4() for _ in doomed]
+        res = session.execute(
+            _INSERT_PENDING,
+            {
+                "ids": ids,
+                "paths": [d.path for d in doomed],
+                "sizes": [d.size for d in doomed],
+                "lms": [as_utc(d.last_modified) for d in doomed],
+                "etags": [d.etag for d in doomed],
+                "dest": ctx.dest.id,
+                "loc": loc,
+                "reason": ctx.reason,
+                "job": ctx.job_id,
+                "actor": ctx.actor,
+                "now": now,
+            },
+        )
+        if res.rowcount == len(doomed):  # type: ignore[attr-defined]
+            return {d.path: i for d, i in zip(doomed, ids, strict=True)}
+        # some rows existed (an earlier attempt): read every row's id back
+        return _audit_ids(session, ctx, [d.path for d in doomed])
+    out = _audit_ids(session, ctx, [d.path for d in doomed])
+    fresh_ids = {d.path: uuid.uuid4() for d in doomed if d.path not in out}
+    fresh = [
+        {
+            "id": fresh_ids[d.path],
+            "destination_id": ctx.dest.id,
+            "location_key": loc,
+            "path": d.path,
+            "size_bytes": d.size,
+            "last_modified": d.last_modified,
+            "etag": d.etag,
+            "reason": ctx.reason,
+            "job_id": ctx.job_id,
+            "actor": ctx.actor,
+            "state": "pending",
+            "created_at": now,
+        }
+        for d in doomed
+        if d.path in fresh_ids
+    ]
+    if fresh:  # one executemany, not an ORM object per file
+        session.execute(insert(DeletionAudit), fresh)
+    out.update(fresh_ids)
+    return out
+
+
+_INSERT_PENDING = text(
+    """
+    INSERT INTO deletion_audit (id, destination_id, location_key, path, size_bytes,
+        last_modified, etag, reason, job_id, actor, state, created_at)
+    SELECT t.id, :dest, :loc, t.path, t.size, t.lm, t.etag, :reason, :job, :actor,
+        'pending', :now
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
+        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[])) AS t(id, path, size, lm, etag)
+    ON CONFLICT (job_id, destination_id, path) DO NOTHING
+    """
+)
+
+
+def _audit_ids(session: Session, ctx: DeleteContext, paths: list[str]) -> dict[str, uuid.UUID]:
+    out: dict[str, uuid.UUID] = {}
+    for i in range(0, len(paths), 500):
+        rows = session.execute(
+            select(DeletionAudit.path, DeletionAudit.id).where(
+                DeletionAudit.job_id == ctx.job_id,
+                DeletionAudit.destination_id == ctx.dest.id,
+                DeletionAudit.path.in_(paths[i : i + 500]),
+            )
+        )
+        out.update((p, audit_id) for p, audit_id in rows)
+    return out
 
 
 def _unsendable(backend: StorageBackend, items: Sequence[Doomed]) -> dict[str, str]:
@@ -227,9 +394,26 @@ def settle_abandoned(ctx: DeleteContext) -> int:
     return len(rows)
 
 
-def _set_audit(
-    session: Session, ctx: DeleteContext, paths: list[str], *, state: str, at: datetime
-) -> None:
+def _set_audit_ids(session: Session, ids: list[uuid.UUID], at: datetime) -> None:
+    """Audit rows become ``deleted``, by primary key (an ``IN`` over paths made the
+    database filter every row of the job, once per batch)."""
+    if not ids:
+        return
+    values = {"state": "deleted", "deleted_at": at, "error": None}
+    if is_postgresql(session):
+        stmt = update(DeletionAudit).where(DeletionAudit.id == any_(literal(ids, ARRAY(Uuid))))
+        session.execute(stmt.values(**values).execution_options(synchronize_session=False))
+        return
+    for i in range(0, len(ids), 500):
+        session.execute(
+            update(DeletionAudit)
+            .where(DeletionAudit.id.in_(ids[i : i + 500]))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _set_audit(session: Session, ctx: DeleteContext, paths: list[str], *, at: datetime) -> None:
     for i in range(0, len(paths), 500):
         session.execute(
             update(DeletionAudit)
@@ -238,5 +422,5 @@ def _set_audit(
                 DeletionAudit.destination_id == ctx.dest.id,
                 DeletionAudit.path.in_(paths[i : i + 500]),
             )
-            .values(state=state, deleted_at=at, error=None)
+            .values(state="deleted", deleted_at=at, error=None)
         )

@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import String, any_, bindparam, func, literal, select, union_all
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from db.models import Backup, BackupDestination, Snapshot
@@ -299,7 +300,15 @@ class LinkRef:
     ambiguous: bool
 
 
+#: Characters ``quote(..., safe="/")`` leaves alone: a key made only of them (and no '%')
+#: is its own NFC, NFD, URL-decoded and URL-encoded form.
+_QUOTE_SAFE = re.compile(r"[A-Za-z0-9_.\-~/]*")
+
+
 def _loose_variants(rel: str) -> set[str]:
+    if _QUOTE_SAFE.fullmatch(rel):  # the common key: the loop below would give just this
+        v = _SLASHES.sub("/", rel).lower()
+        return {v, "/" + v}
     out: set[str] = set()
     for form in ("NFC", "NFD"):
         base = unicodedata.normalize(form, rel)
@@ -332,6 +341,7 @@ def find_links(
     root = normalize_root(dest.root_prefix or "")
     dests = destinations if destinations is not None else overlapping_destinations(session, dest)
     found: set[tuple[str, uuid.UUID]] = set()
+    variants: dict[str, set[str]] = {}  # files of a batch share their directories
     for d in dests:
         d_root = normalize_root(d.root_prefix or "")
         exact: dict[str, list[str]] = {}
@@ -341,22 +351,31 @@ def find_links(
             if not key.startswith(d_root):
                 continue
             rel = key[len(d_root) :]
-            for cand in (rel, *ancestors(rel)):
-                exact.setdefault(cand, []).append(p)
+            cands = (rel, *ancestors(rel))
+            for cand in cands:
+                if (hits := exact.get(cand)) is None:
+                    exact[cand] = [p]
+                else:
+                    hits.append(p)
             if loose_check:  # the file itself and every directory above it (rule 4)
-                for cand in (rel, *ancestors(rel)):
-                    for v in _loose_variants(cand):
-                        fuzzy.setdefault(v, []).append(p)
-        for table, is_loose in ((exact, False), (fuzzy, True)):
-            for rid, rpath, deleted, kind in _records_matching(session, d, table, is_loose):
-                lookup = rpath.lower() if is_loose else rpath
-                for p in table.get(lookup, []):
-                    # the SQL variants cast a wide net; rule 4's loose form decides
-                    if is_loose and not _loosely_links(d_root + rpath, root + p):
-                        continue
-                    if (p, rid) not in found:
-                        found.add((p, rid))
-                        out[p].append(LinkRef(kind, rid, d.id, rpath, deleted, is_loose))
+                for cand in cands:
+                    if (forms := variants.get(cand)) is None:
+                        forms = variants[cand] = _loose_variants(cand)
+                    for v in forms:
+                        if (hits := fuzzy.get(v)) is None:
+                            fuzzy[v] = [p]
+                        else:
+                            hits.append(p)
+        for is_loose, rid, rpath, deleted, kind in _records_of(session, d, exact, fuzzy):
+            table = fuzzy if is_loose else exact
+            lookup = rpath.lower() if is_loose else rpath
+            for p in table.get(lookup, []):
+                # the SQL variants cast a wide net; rule 4's loose form decides
+                if is_loose and not _loosely_links(d_root + rpath, root + p):
+                    continue
+                if (p, rid) not in found:
+                    found.add((p, rid))
+                    out[p].append(LinkRef(kind, rid, d.id, rpath, deleted, is_loose))
     return out
 
 
@@ -367,6 +386,61 @@ def _loosely_links(record_key: str, file_key: str) -> bool:
         return lf.startswith(loose(record_key).rstrip("/") + "/")
     lr = loose(record_key)
     return lf == lr or lf.rstrip("/") == lr
+
+
+def _records_of(
+    session: Session,
+    d: BackupDestination,
+    exact: dict[str, list[str]],
+    fuzzy: dict[str, list[str]],
+) -> Iterator[tuple[bool, uuid.UUID, str, bool, str]]:
+    """``(is_loose, id, path, deleted, kind)`` of the records of ``d`` whose path is a key
+    of ``exact`` or whose lower-cased path is a key of ``fuzzy``: every exact match
+    first (backups, then snapshots), then every loose one, as find_links expects."""
+    if session.get_bind().dialect.name == "postgresql":
+        yield from _records_of_pg(session, d, exact, fuzzy)
+        return
+    for table, is_loose in ((exact, False), (fuzzy, True)):
+        for rid, rpath, deleted, kind in _records_matching(session, d, table, is_loose):
+            yield is_loose, rid, rpath, deleted, kind
+
+
+def _records_of_pg(
+    session: Session,
+    d: BackupDestination,
+    exact: dict[str, list[str]],
+    fuzzy: dict[str, list[str]],
+) -> Iterator[tuple[bool, uuid.UUID, str, bool, str]]:
+    """One round trip for both record tables and both kinds of match: each name list
+    goes as a single array parameter (``= ANY(...)``) to the ``(destination_id, path)``
+    and ``(destination_id, lower(path))`` indexes, instead of thousands of IN
+    placeholders in chunks (which psycopg parses client-side, slowly)."""
+    parts = []
+    params: dict[str, list[str]] = {}
+    for is_loose, names in ((False, exact), (True, fuzzy)):
+        if not names:
+            continue
+        name = "loose_names" if is_loose else "exact_names"
+        params[name] = list(names)
+        array = bindparam(name, type_=postgresql.ARRAY(String))  # sent once, used twice
+        for order, model in enumerate(RECORD_MODELS):
+            column = func.lower(model.path) if is_loose else model.path
+            parts.append(
+                select(
+                    literal(2 * int(is_loose) + order).label("part"),
+                    model.id,
+                    model.path,
+                    model.deleted_at,
+                ).where(model.destination_id == d.id, column == any_(array))
+            )
+    if not parts:
+        return
+    stmt = union_all(*parts).execution_options(include_deleted=True)
+    rows = sorted(session.execute(stmt, params).all(), key=lambda r: int(r[0]))
+    for part, rid, rpath, deleted_at in rows:
+        model = RECORD_MODELS[int(part) % 2]
+        kind = "backup" if model is Backup else "snapshot"
+        yield int(part) >= 2, rid, rpath, deleted_at is not None, kind
 
 
 def _records_matching(

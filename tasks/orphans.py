@@ -8,18 +8,28 @@ stored plan instead of listing again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import BigInteger, any_, delete, insert, literal, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, CleanupCandidate, Job
+from db.session import is_postgresql
+from db.types import as_utc
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
-from tasks.deleting import BatchOutcome, DeleteContext, Doomed, delete_batch, repair_pending
+from tasks.deleting import (
+    BatchOutcome,
+    DeleteContext,
+    Doomed,
+    delete_batches,
+    repair_pending,
+)
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
 from tasks.scan import Progress, run_scan
-from worker.locks import Lease
+from worker.locks import Lease, check_and_renew
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,11 +49,34 @@ def _plan(
     job: Job,
     retention_days: int,
     progress: Progress | None,
+    lease: Lease,
 ) -> dict[str, Any] | JobOutcome:
     session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
     session.commit()
 
     def sink(infos: list[ObjectInfo]) -> None:
+        if infos:
+            # Each page of the plan is written under the fence and committed at once: a
+            # copy of this job that lost its lock writes nothing more (LockLost), and a
+            # stalled copy never holds an open transaction that the copy which took over
+            # would wait on.
+            check_and_renew(session, lease, settings.lock_lease_seconds)
+            write(infos)
+            session.commit()
+
+    def write(infos: list[ObjectInfo]) -> None:
+        if is_postgresql(session):  # one array per column, not a VALUES list per row
+            session.execute(
+                _INSERT_CANDIDATES,
+                {
+                    "job": job.id,
+                    "paths": [o.path for o in infos],
+                    "sizes": [o.size for o in infos],
+                    "lms": [as_utc(o.last_modified) for o in infos],
+                    "etags": [o.etag for o in infos],
+                },
+            )
+            return
         session.execute(
             insert(CleanupCandidate),
             [
@@ -102,27 +135,73 @@ def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
     return None
 
 
-def _next_batch(session: Session, job: Job) -> list[Doomed]:
-    rows = session.execute(
-        select(
-            CleanupCandidate.path,
-            CleanupCandidate.size_bytes,
-            CleanupCandidate.last_modified,
-            CleanupCandidate.etag,
-        )
-        .where(CleanupCandidate.job_id == job.id, CleanupCandidate.state == "planned")
-        .order_by(CleanupCandidate.id)
-        .limit(MAX_DELETE_BATCH)
-    ).all()
-    return [Doomed(p, s, m, e) for p, s, m, e in rows]
+_INSERT_CANDIDATES = text(
+    """
+    INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag, state)
+    SELECT :job, t.path, t.size, t.lm, t.etag, 'planned'
+    FROM unnest(CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
+        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[])) AS t(path, size, lm, etag)
+    """
+)
 
 
-def _mark(session: Session, job: Job, paths: list[str], state: str) -> None:
+def _planned(session: Session, job: Job, ids: dict[str, int]) -> Iterator[list[Doomed]]:
+    """The stored plan's ``planned`` candidates, a batch at a time, in id order (a
+    keyset: each query starts after the last id read, whatever the state of the rows
+    before it). ``ids`` gets each yielded path's candidate id."""
+    after = 0
+    while True:
+        rows = session.execute(
+            select(
+                CleanupCandidate.id,
+                CleanupCandidate.path,
+                CleanupCandidate.size_bytes,
+                CleanupCandidate.last_modified,
+                CleanupCandidate.etag,
+            )
+            .where(
+                CleanupCandidate.job_id == job.id,
+                CleanupCandidate.state == "planned",
+                CleanupCandidate.id > after,
+            )
+            .order_by(CleanupCandidate.id)
+            .limit(MAX_DELETE_BATCH)
+        ).all()
+        if not rows:
+            return
+        after = rows[-1][0]
+        ids.update((p, i) for i, p, _s, _m, _e in rows)
+        yield [Doomed(p, s, m, e) for _i, p, s, m, e in rows]
+
+
+def _mark_paths(session: Session, job: Job, paths: list[str], state: str) -> None:
     for i in range(0, len(paths), 500):
         session.execute(
             update(CleanupCandidate)
             .where(CleanupCandidate.job_id == job.id, CleanupCandidate.path.in_(paths[i : i + 500]))
             .values(state=state)
+        )
+
+
+def _mark(session: Session, ids: list[int], state: str) -> None:
+    """Plan rows become ``state``, by primary key."""
+    if not ids:
+        return
+    if is_postgresql(session):
+        where = CleanupCandidate.id == any_(literal(ids, ARRAY(BigInteger)))
+        session.execute(
+            update(CleanupCandidate)
+            .where(where)
+            .values(state=state)
+            .execution_options(synchronize_session=False)
+        )
+        return
+    for i in range(0, len(ids), 500):
+        session.execute(
+            update(CleanupCandidate)
+            .where(CleanupCandidate.id.in_(ids[i : i + 500]))
+            .values(state=state)
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -146,7 +225,7 @@ def run_orphan_cleanup(
     if (job.progress or {}).get("plan_complete"):
         plan = dict(job.progress)
     else:
-        plan = _plan(session, backend, dest, settings, job, retention, progress)
+        plan = _plan(session, backend, dest, settings, job, retention, progress, lease)
         if isinstance(plan, JobOutcome):
             return plan
     result: dict[str, Any] = {
@@ -178,10 +257,17 @@ def run_orphan_cleanup(
     totals = {"deleted_files": 0, "bytes_freed": 0, "failed_files": 0, "kept_linked": 0}
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
 
+    ids: dict[str, int] = {}  # candidate id of each path of the batches under way
+
+    def mark(s: Session, paths: list[str], state: str) -> None:
+        # (the batches repair_pending finishes come from audit rows: matched by path)
+        _mark_paths(s, job, [p for p in paths if p not in ids], state)
+        _mark(s, [ids.pop(p) for p in paths if p in ids], state)
+
     def finalize(s: Session, out: BatchOutcome) -> None:
-        _mark(s, job, [d.path for d in out.deleted], "deleted")
-        _mark(s, job, list(out.failed), "failed")
-        _mark(s, job, out.kept, "kept")
+        mark(s, [d.path for d in out.deleted], "deleted")
+        mark(s, list(out.failed), "failed")
+        mark(s, out.kept, "kept")
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
         totals["failed_files"] += len(out.failed)
@@ -189,10 +275,11 @@ def run_orphan_cleanup(
         job.progress = {**(job.progress or {}), "phase": "deleting", "totals": dict(totals)}
         s.execute(update(Job).where(Job.id == job.id).values(progress=job.progress))
 
-    repair_pending(ctx, finalize)
-    while batch := _next_batch(session, job):
-        delete_batch(ctx, batch, finalize)
+    def after_batch(_out: BatchOutcome) -> None:
         if progress:
             progress("deleting", totals["deleted_files"])
+
+    repair_pending(ctx, finalize)
+    delete_batches(ctx, _planned(session, job, ids), finalize, after_batch)
     status = "partial" if totals["failed_files"] else "succeeded"
     return JobOutcome(status, {**result, **totals})
