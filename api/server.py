@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from flask import Flask
@@ -23,7 +24,14 @@ class _Embedded(BaseApplication):
 
 
 def serve_api(app: Flask, bind: str, *, threads: int = 16) -> None:
-    """Run gunicorn's threaded worker (one process) until SIGTERM/SIGINT."""
+    """Run gunicorn's threaded worker (one process) until SIGTERM/SIGINT.
+
+    Everything loaded so far (the app, SQLAlchemy, boto3...) is moved out of the
+    garbage collector's reach first (``gc.freeze``): a full collection over those
+    long-lived objects paused every request in flight for ~50 ms, which was most of the
+    API's p99."""
+    gc.collect()
+    gc.freeze()
     _Embedded(
         app,
         {
