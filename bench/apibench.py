@@ -4,6 +4,7 @@ against ``api.create_app`` on gunicorn (gthread, 1 process, 16 threads) in its o
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,8 @@ def run(bench: Bench) -> list[Row]:
 
     if not (ROOT / "api" / "__init__.py").exists():
         return [Row("API", "not run (api/ missing)")]
+    if shutil.which("wrk") is None:
+        return [Row("API", "not run (no wrk: WITH_BENCH=1 bash scripts/install-system-deps.sh)")]
     if not bench.scan_stats and dbload.record_count(dbload.stable_id("dest", "s3-10000")) == 0:
         return [Row("API", "not run (needs the 10k S3 estate: run the scan section)")]
     seconds = 4 if bench.quick else 10
