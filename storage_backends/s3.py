@@ -159,6 +159,105 @@ def _text(raw: bytes) -> str:
     return html.unescape(text) if "&" in text else text
 
 
+#: one simple element ``<Tag>text</Tag>`` (no attributes, no children)
+_SIMPLE = re.compile(rb"<([A-Za-z]+)>[^<]*</\1>")
+_FIELD_NAMES = (b"Key", b"LastModified", b"ETag", b"Size", b"StorageClass")
+#: per field order of a server's <Contents> blocks: a regex matching a whole block
+_BLOCK_RX: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], tuple[int, ...]]] = {}
+_QUOT = b"&#34;"
+
+
+def _block_pattern(data: bytes) -> tuple[re.Pattern[bytes], tuple[int, ...]] | None:
+    """A regex for the layout of the first <Contents> block, when it is made only of
+    simple elements (what S3, SeaweedFS and moto send): each element in that order,
+    the wanted fields captured; and where each of the five fields sits in a match
+    (-1: absent). None for any other layout (the general parser handles it)."""
+    first = _CONTENTS.search(data)
+    if first is None:
+        return None
+    inner = first.group(1)
+    elements = list(_SIMPLE.finditer(inner))
+    if b"".join(m.group(0) for m in elements) != inner:
+        return None  # whitespace, attributes or nested elements: not this fast path
+    tags = tuple(m.group(1) for m in elements)
+    if len(set(tags)) != len(tags) or b"Key" not in tags:
+        return None
+    cached = _BLOCK_RX.get(tags)
+    if cached is None:
+        parts = []
+        where = [-1] * len(_FIELD_NAMES)
+        group = 0
+        for tag in tags:
+            if tag in _FIELD_NAMES:
+                parts.append(b"<%s>([^<]*)</%s>" % (tag, tag))
+                where[_FIELD_NAMES.index(tag)] = group
+                group += 1
+            else:
+                parts.append(b"<%s>[^<]*</%s>" % (tag, tag))
+        rx = re.compile(b"<Contents>" + b"".join(parts) + b"</Contents>")
+        cached = _BLOCK_RX[tags] = (rx, tuple(where))
+        if len(_BLOCK_RX) > 64:
+            _BLOCK_RX.clear()
+    return cached
+
+
+_CLASSES: dict[bytes, str] = {}
+
+
+def _etag_text(raw: bytes) -> str:
+    """``_text(raw).strip('"')``, without the general unescape pass for the usual
+    ``&#34;hex&#34;`` form (``&#34;`` is the one entity there)."""
+    plain = raw.replace(_QUOT, b'"')
+    if b"&" in plain:
+        return _text(raw).strip('"')
+    return plain.decode("utf-8").strip('"')
+
+
+def _fast_items(data: bytes, encoded: bool) -> list[ObjectInfo] | None:
+    """Every <Contents> block in one regex pass, when all blocks share the first
+    one's layout of simple elements; None otherwise (the general parser runs)."""
+    pattern = _block_pattern(data)
+    if pattern is None:
+        return None
+    rx, (k, t, e, z, c) = pattern
+    rows = rx.findall(data)
+    if len(rows) != data.count(b"<Contents>"):
+        return None  # some block differs: the general parser decides
+    if rows and not isinstance(rows[0], tuple):
+        rows = [(r,) for r in rows]
+    # column by column: C-level passes where the text needs no unescaping
+    raw_keys = [r[k] for r in rows]
+    if any(b"&" in x for x in raw_keys):
+        keys = [_text(x) for x in raw_keys]
+    else:
+        keys = [x.decode("utf-8") for x in raw_keys]
+    if encoded:
+        keys = [unquote_plus(x) if "%" in x or "+" in x else x for x in keys]
+    n = len(rows)
+    sizes = [int(r[z] or 0) for r in rows] if z >= 0 else [0] * n
+    times: list[datetime | None] = [_time_of(r[t]) for r in rows] if t >= 0 else [None] * n
+    etags: list[str | None] = (
+        [_etag_text(r[e]) if r[e] else None for r in rows] if e >= 0 else [None] * n
+    )
+    classes: list[str | None] = [_class_of(r[c]) for r in rows] if c >= 0 else [None] * n
+    return list(map(ObjectInfo, keys, sizes, times, etags, classes))
+
+
+def _time_of(raw: bytes) -> datetime | None:
+    return _parse_time(_text(raw)) if raw else None
+
+
+def _class_of(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    text = _CLASSES.get(raw)
+    if text is None:
+        if len(_CLASSES) > 256:
+            _CLASSES.clear()
+        text = _CLASSES[raw] = _text(raw)
+    return text
+
+
 def parse_list_page(data: bytes) -> tuple[list[ObjectInfo], str | None]:
     """Parse one ListObjectsV2 response body: (objects with full keys, next token).
 
@@ -167,12 +266,31 @@ def parse_list_page(data: bytes) -> tuple[list[ObjectInfo], str | None]:
     and may send a space as ``+`` (SeaweedFS does, moto sends ``%20``), so
     ``unquote_plus`` is the one correct decoding, as in botocore.
     """
+    encoded, token = parse_list_head(data)
+    return parse_list_items(data, encoded), token
+
+
+def parse_list_head(data: bytes) -> tuple[bool, str | None]:
+    """(keys URL-encoded?, next continuation token or None) of a ListObjectsV2 body:
+    cheap, so that the next page can be requested before this one is parsed."""
     if b"<ListBucketResult" not in data[:1024]:
         raise StorageError("the listing response is not a ListBucketResult document")
-    top = {name: m.group(1) if (m := rx.search(data)) else None for name, rx in _TOP.items()}
+    # top-level elements sit before the first <Contents> or after the last one:
+    # searching there spares two scans of the whole body
+    first, last = data.find(b"<Contents>"), data.rfind(b"</Contents>")
+    outside = data[:first] + data[last:] if 0 <= first < last else data
+    top = {name: m.group(1) if (m := rx.search(outside)) else None for name, rx in _TOP.items()}
     encoded = (top[b"EncodingType"] or b"").lower() == b"url"
     truncated = (top[b"IsTruncated"] or b"").lower() == b"true"
     token = _text(top[b"NextContinuationToken"]) if top[b"NextContinuationToken"] else None
+    return encoded, token if truncated else None
+
+
+def parse_list_items(data: bytes, encoded: bool) -> list[ObjectInfo]:
+    """The objects (full keys) of a ListObjectsV2 body; see :func:`parse_list_page`."""
+    fast = _fast_items(data, encoded)
+    if fast is not None:
+        return fast
     items: list[ObjectInfo] = []
     for block in _CONTENTS.finditer(data):
         fields = dict(_FIELDS.findall(block.group(1)))
@@ -188,7 +306,7 @@ def parse_list_page(data: bytes) -> tuple[list[ObjectInfo], str | None]:
                 _text(storage_class) if storage_class else None,
             )
         )
-    return items, token if truncated else None
+    return items
 
 
 def _parse_error(data: bytes) -> tuple[str, str]:
@@ -296,10 +414,11 @@ class S3Backend(StorageBackend):
         return self._walk(full, max(1, min(page_size, 1000)))
 
     def _walk(self, full_prefix: str, max_keys: int) -> Iterator[list[ObjectInfo]]:
-        """Pages in order; the next page is requested while the caller works on this
-        one (one background thread), so the server's time and ours overlap."""
+        """Pages in order; the next page is requested (one background thread) as soon
+        as this one's continuation token is known, before its objects are parsed, so
+        the server's time overlaps parsing and the caller's work."""
 
-        def fetch(token: str | None) -> tuple[list[ObjectInfo], str | None]:
+        def fetch(token: str | None) -> tuple[bytes, bool, str | None]:
             return call_with_retry(
                 self, functools.partial(self._list_page, full_prefix, max_keys, token)
             )
@@ -307,9 +426,16 @@ class S3Backend(StorageBackend):
         with ThreadPoolExecutor(1, thread_name_prefix="s3-list") as pool:
             pending = pool.submit(fetch, None)
             while True:
-                items, token = pending.result()
+                data, encoded, token = pending.result()
                 if token is not None:
                     pending = pool.submit(fetch, token)
+                try:
+                    items = parse_list_items(data, encoded)
+                except StorageError:
+                    raise
+                except Exception as err:  # a malformed body, as the request would say
+                    raise self.translate_error(err, f"list {full_prefix or '/'}") from err
+                del data
                 if self.root:
                     page = [self._relative_info(o) for o in items if o.path != self.root]
                 else:
@@ -326,7 +452,8 @@ class S3Backend(StorageBackend):
 
     def _list_page(
         self, prefix: str, max_keys: int, token: str | None
-    ) -> tuple[list[ObjectInfo], str | None]:
+    ) -> tuple[bytes, bool, str | None]:
+        """One ListObjectsV2 request: (body, keys URL-encoded?, next token)."""
         params = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
         if prefix:
             params["prefix"] = prefix
@@ -344,7 +471,8 @@ class S3Backend(StorageBackend):
             if response.status != 200:
                 code, message = _parse_error(response.data)
                 raise error_for(code, response.status, f"list {prefix}: {code} {message}")
-            return parse_list_page(response.data)
+            data: bytes = response.data
+            return (data, *parse_list_head(data))
 
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
         """One level under ``prefix`` (delimiter ``/``); the cursor is S3's own token."""

@@ -57,6 +57,25 @@ def _bounded_add(table: dict[str, _Tally], key: str, size: int) -> None:
     tally.add(size)
 
 
+def _grouped_add(table: dict[str, _Tally], keys: list[str], sizes: np.ndarray) -> None:
+    """``_bounded_add`` of every (key, size) pair, grouped per distinct key: keys are
+    placed in order of first appearance, so a full table lumps exactly the keys a
+    file-by-file pass would (the table never shrinks)."""
+    codes: dict[str, int] = {}
+    col = np.fromiter((codes.setdefault(k, len(codes)) for k in keys), np.int64, len(keys))
+    counts = np.bincount(col, minlength=len(codes))
+    totals = np.zeros(len(codes), dtype=np.int64)
+    np.add.at(totals, col, sizes)
+    for key, files, nbytes in zip(codes, counts.tolist(), totals.tolist(), strict=True):
+        tally = table.get(key)
+        if tally is None:
+            if len(table) >= MAX_TRACKED_KEYS:
+                key = "(other)"
+            tally = table.setdefault(key, _Tally())
+        tally.files += files
+        tally.bytes += nbytes
+
+
 @dataclass
 class ScanStats:
     now: datetime
@@ -83,10 +102,16 @@ class ScanStats:
     ) -> list[ObjectInfo]:
         """Count one page; return the orphan-cleanup candidates in it (rule 6).
 
-        The hot path of a scan: link-state totals are vectorised, the per-file
-        breakdowns use local variables and plain dict arithmetic."""
+        The hot path of a scan, columnar: one pass per column (paths, sizes, times),
+        the breakdowns grouped per distinct key of the page (in order of first
+        appearance, so the bounded tables fill exactly as one file at a time would),
+        and only orphans and heap contenders visited one by one."""
         n = len(infos)
+        if n == 0:
+            return []
+        paths = [o.path for o in infos]
         sizes = np.fromiter((o.size for o in infos), dtype=np.int64, count=n)
+        mtimes = [o.last_modified for o in infos]
         linked = owner >= 0
         amb = ~linked & ambiguous
         orphan = ~linked & ~ambiguous
@@ -95,56 +120,88 @@ class ScanStats:
         self._tally(self.ambiguous, sizes[amb])
         self._tally(self.orphans, sizes[orphan])
         if linked.any():
-            per_owner = np.bincount(owner[linked], weights=sizes[linked])
-            counts = np.bincount(owner[linked])
-            for own in np.flatnonzero(counts).tolist():
-                tally = self.by_owner.setdefault(own, _Tally())
-                tally.files += int(counts[own])
-                tally.bytes += int(per_owner[own])
+            own = owner[linked]
+            counts = np.bincount(own)
+            per_owner = np.zeros(len(counts), dtype=np.int64)
+            np.add.at(per_owner, own, sizes[linked])
+            for o in np.flatnonzero(counts).tolist():
+                tally = self.by_owner.setdefault(o, _Tally())
+                tally.files += int(counts[o])
+                tally.bytes += int(per_owner[o])
         for i in np.flatnonzero(amb).tolist():
             if len(self.ambiguous_sample) >= SAMPLE:
                 break
-            self.ambiguous_sample.append(infos[i].path)
+            self.ambiguous_sample.append(paths[i])
+
+        _grouped_add(self.by_prefix, [p[: p.find("/") + 1] or "(root)" for p in paths], sizes)
+        _grouped_add(self.by_type, [file_type(p) for p in paths], sizes)
+        classes = [o.storage_class for o in infos]
+        if any(classes):
+            has = np.fromiter((bool(c) for c in classes), dtype=bool, count=n)
+            _grouped_add(self.by_class, [c for c in classes if c], sizes[has])
+        self._add_largest(paths, sizes)
+        self._add_times(paths, sizes, mtimes, orphan)
 
         cutoff = self.now - timedelta(days=self.retention_days)
-        bounds = self._age_bounds
-        by_age, by_prefix, by_type, by_class = (
-            self.by_age,
-            self.by_prefix,
-            self.by_type,
-            self.by_class,
-        )
-        largest = self.largest
         candidates: list[ObjectInfo] = []
-        for info, is_orphan in zip(infos, orphan.tolist(), strict=True):
-            path, size, mtime = info.path, info.size, info.last_modified
-            cut = path.find("/")
-            _bounded_add(by_prefix, path[: cut + 1] if cut >= 0 else "(root)", size)
-            _bounded_add(by_type, file_type(path), size)
-            if info.storage_class:
-                _bounded_add(by_class, info.storage_class, size)
-            if len(largest) < 10:
-                heapq.heappush(largest, (size, path))
-            elif size > largest[0][0]:
-                heapq.heapreplace(largest, (size, path))
+        for i in np.flatnonzero(orphan).tolist():
+            mtime = mtimes[i]
             if mtime is None:
-                if is_orphan:
-                    self.no_timestamp += 1  # never a candidate: rule 6
-                continue
-            for name, bound in bounds:
-                if mtime > bound:
-                    tally = by_age[name]
-                    tally.files += 1
-                    tally.bytes += size
-                    break
-            if self.oldest is None or mtime < self.oldest[0]:
-                self.oldest = (mtime, path)
-            if self.newest is None or mtime > self.newest[0]:
-                self.newest = (mtime, path)
-            if is_orphan and mtime < cutoff:  # strictly older than the window
-                self.orphans_past_retention.add(size)
-                candidates.append(info)
+                self.no_timestamp += 1  # never a candidate: rule 6
+            elif mtime < cutoff:  # strictly older than the window
+                self.orphans_past_retention.add(int(sizes[i]))
+                candidates.append(infos[i])
         return candidates
+
+    def _add_largest(self, paths: list[str], sizes: np.ndarray) -> None:
+        """The ten largest files, as a heap of (size, path) fed in listing order. Once
+        the heap is full only files larger than its smallest can enter, and that bound
+        only grows: the others are skipped without a visit."""
+        largest = self.largest
+        if len(largest) >= 10:
+            visit: Sequence[int] = np.flatnonzero(sizes > largest[0][0]).tolist()
+        else:
+            visit = range(len(paths))
+        for i in visit:
+            size = int(sizes[i])
+            if len(largest) < 10:
+                heapq.heappush(largest, (size, paths[i]))
+            elif size > largest[0][0]:
+                heapq.heapreplace(largest, (size, paths[i]))
+
+    def _add_times(
+        self, paths: list[str], sizes: np.ndarray, mtimes: list[datetime | None], orphan: np.ndarray
+    ) -> None:
+        """Age buckets, oldest and newest. Files of one backup share their timestamps:
+        each distinct time of the page is placed once."""
+        codes: dict[datetime | None, int] = {}
+        col = [codes.setdefault(m, len(codes)) for m in mtimes]
+        bounds = self._age_bounds
+        bucket_of = []
+        for m in codes:
+            bucket = -1
+            if m is not None:
+                for b, (_name, bound) in enumerate(bounds):
+                    if m > bound:
+                        bucket = b
+                        break
+            bucket_of.append(bucket)
+        per_file = np.asarray(bucket_of, dtype=np.int64)[np.asarray(col, dtype=np.int64)]
+        for b, (name, _bound) in enumerate(bounds):
+            mask = per_file == b
+            count = int(np.count_nonzero(mask))
+            if count:
+                tally = self.by_age[name]
+                tally.files += count
+                tally.bytes += int(sizes[mask].sum())
+        known = [m for m in codes if m is not None]
+        if not known:
+            return
+        lo, hi = min(known), max(known)
+        if self.oldest is None or lo < self.oldest[0]:
+            self.oldest = (lo, paths[mtimes.index(lo)])  # the first file of that time
+        if self.newest is None or hi > self.newest[0]:
+            self.newest = (hi, paths[mtimes.index(hi)])
 
     @property
     def _age_bounds(self) -> list[tuple[str, datetime]]:

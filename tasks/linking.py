@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import String, any_, bindparam, func, literal, select, union_all
+from sqlalchemy import String, any_, bindparam, cast, func, literal, select, union_all
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -45,6 +45,39 @@ def _already_loose(key: str) -> bool:
         and not key.startswith("/")
         and key == key.lower()
     )
+
+
+def _all_already_loose(keys: list[str]) -> bool:
+    """:func:`_already_loose` of every key at once, on their concatenation (C-level
+    passes). A false "no" (a key containing a newline then '/') only costs the
+    key-by-key check."""
+    text = "\n".join(keys)
+    return (
+        text.isascii()
+        and "%" not in text
+        and "//" not in text
+        and not text.startswith("/")
+        and "\n/" not in text
+        and text == text.lower()
+    )
+
+
+def stream_columns(session: Session, stmt: Any, ncols: int) -> Iterator[list[list[Any]]]:
+    """Rows of a Core ``stmt`` on the session's connection, ``YIELD_PER`` at a time, as
+    columns. On PostgreSQL through a server-side cursor of the raw psycopg connection
+    (no SQLAlchemy row objects); elsewhere through SQLAlchemy, streamed."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        compiled = stmt.compile(dialect=conn.dialect)
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor(name=f"scan_{uuid.uuid4().hex}") as cur:
+            cur.execute(str(compiled), compiled.params)
+            while rows := cur.fetchmany(YIELD_PER):
+                yield [list(col) for col in zip(*rows, strict=True)]
+        return
+    result = conn.execute(stmt.execution_options(stream_results=True, max_row_buffer=YIELD_PER))
+    for part in result.partitions(YIELD_PER):
+        yield [list(col) for col in zip(*part, strict=True)] if part else [[]] * ncols
 
 
 def loose(key: str) -> str:
@@ -87,11 +120,15 @@ class _HashTable:
         o = np.frombuffer(owners, dtype=np.int32) if len(owners) else np.zeros(0, np.int32)
         order = np.argsort(h, kind="stable")
         h, o = h[order], o[order]
-        keep = np.ones(len(h), dtype=bool)
+        del order  # peak memory: at most one temporary of 8 bytes a record at a time
         if len(h) > 1:
-            keep[1:] = h[1:] != h[:-1]
-        self.h = h[keep]
-        self.owner = o[keep]
+            keep = np.empty(len(h), dtype=bool)
+            keep[0] = True
+            np.not_equal(h[1:], h[:-1], out=keep[1:])
+            if not keep.all():  # duplicates are rare: no copies without them
+                h, o = h[keep], o[keep]
+        self.h = h
+        self.owner = o
         self.seen = np.zeros(len(self.h), dtype=bool)
 
     def __len__(self) -> int:
@@ -133,48 +170,63 @@ class LinkIndex:
         self.instances: list[uuid.UUID] = []
         self.built_at: datetime | None = None
         self.record_count = 0
-        inst_index: dict[uuid.UUID, int] = {}
+        inst_index: dict[str, int] = {}
         files_h, files_o, dirs_h, dirs_o = array("q"), array("i"), array("q"), array("i")
         lfiles_h, ldirs_h = array("q"), array("q")
-        for d_root, path, instance_id in self._stream(session):
-            owner = inst_index.get(instance_id)
-            if owner is None:
-                owner = inst_index[instance_id] = len(self.instances)
-                self.instances.append(instance_id)
-            key = d_root + path
-            h = hash(key)
+        for d_root, paths, instance_ids in self._stream(session):
+            # Columnar, a batch of rows at a time: the owner column, the hashes and the
+            # loose check go through C-level passes; only keys not already in loose
+            # form (rare) are visited one by one.
+            owners = []
+            for inst in instance_ids:
+                owner = inst_index.get(inst)
+                if owner is None:
+                    owner = inst_index[inst] = len(inst_index)
+                owners.append(owner)
+            keys = [d_root + p for p in paths] if d_root else paths
+            is_dir = [k.endswith("/") for k in keys]
+            hashes = array("q", map(hash, keys))
+            own = array("i", owners)
+            if any(is_dir):
+                for h, o, dir_ in zip(hashes, own, is_dir, strict=True):
+                    (dirs_h if dir_ else files_h).append(h)
+                    (dirs_o if dir_ else files_o).append(o)
+            else:
+                files_h.extend(hashes)
+                files_o.extend(own)
             # A key already in loose form is its own loose form: the exact tables hold
             # it, and only the other keys need a loose entry (most keys: memory).
-            if key.endswith("/"):
-                dirs_h.append(h)
-                dirs_o.append(owner)
-                if not _already_loose(key):
-                    ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
-            else:
-                files_h.append(h)
-                files_o.append(owner)
-                if not _already_loose(key):
-                    lfiles_h.append(hash(loose(key)))
-            self.record_count += 1
+            if not _all_already_loose(keys):
+                for key, dir_ in zip(keys, is_dir, strict=True):
+                    if _already_loose(key):
+                        continue
+                    if dir_:
+                        ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
+                    else:
+                        lfiles_h.append(hash(loose(key)))
+            self.record_count += len(keys)
+        self.instances = [uuid.UUID(i) for i in inst_index]
         self.files = _HashTable(files_h, files_o)
+        del files_h, files_o
         self.dirs = _HashTable(dirs_h, dirs_o)
         zeros = array("i", bytes(4 * len(lfiles_h)))
         self.loose_files = _HashTable(lfiles_h, zeros)
         self.loose_dirs = _HashTable(ldirs_h, array("i", bytes(4 * len(ldirs_h))))
 
-    def _stream(self, session: Session) -> Iterator[tuple[str, str, uuid.UUID]]:
+    def _stream(self, session: Session) -> Iterator[tuple[str, list[str], list[str]]]:
+        """(destination root, paths, instance ids as text) of every record of every
+        overlapping destination, a batch at a time. Soft-deleted records are included:
+        they protect their files (rule 2)."""
         for d in self.destinations:
             d_root = normalize_root(d.root_prefix or "")
             for model in RECORD_MODELS:
-                # Core rows on the session's connection (no ORM loading: the hot path).
-                # Soft-deleted records are included: the ORM filter does not apply here,
-                # and they protect their files (rule 2).
-                stmt = select(model.path, model.instance_id).where(model.destination_id == d.id)
-                result = session.connection().execute(
-                    stmt.execution_options(stream_results=True, max_row_buffer=YIELD_PER)
+                # Core rows on the session's connection (no ORM loading, so no
+                # soft-delete filter); ids as text (no uuid objects on the hot path)
+                stmt = select(model.path, cast(model.instance_id, String)).where(
+                    model.destination_id == d.id
                 )
-                for path, instance_id in result:
-                    yield d_root, path, instance_id
+                for rows in stream_columns(session, stmt, 2):
+                    yield d_root, rows[0], rows[1]
 
     # -- files -------------------------------------------------------------------------
     def classify(self, rel_paths: Sequence[str], *, loose_all: bool = False) -> Classified:
@@ -192,67 +244,82 @@ class LinkIndex:
             # Every file marks every directory record above it as seen, also files a
             # file record links: else such a directory record looks missing (rule 14).
             # Keys of one folder share their ancestors: look them up once per page.
-            cache: dict[str, int] = {}
-            for i, key in enumerate(keys):
-                parent = key[: key.rfind("/") + 1]  # a key ending in '/' is its own
-                dir_owner = cache.get(parent)
-                if dir_owner is None:
-                    dir_owner = cache[parent] = self._mark_dirs(parent)
-                if dir_owner >= 0 and owner[i] < 0:
-                    owner[i] = dir_owner
-        targets = range(n) if loose_all else np.flatnonzero(owner < 0).tolist()
-        parents: dict[str, bool] = {}
-        for i in targets:
-            if self._loose_match(keys[i], parents) and owner[i] < 0:
-                ambiguous[i] = True
+            parents = [k[: k.rfind("/") + 1] for k in keys]  # a key ending in '/' is its own
+            dir_owner = self._mark_dirs(list(dict.fromkeys(parents)))
+            per_key = np.fromiter((dir_owner[p] for p in parents), dtype=np.int32, count=n)
+            owner = np.where(owner < 0, per_key, owner)
+        targets = np.arange(n) if loose_all else np.flatnonzero(owner < 0)
+        if len(targets):
+            hit = self._loose_match([keys[i] for i in targets.tolist()])
+            ambiguous[targets[hit & (owner[targets] < 0)]] = True
         return Classified(owner, ambiguous)
 
-    def _mark_dirs(self, parent: str) -> int:
-        """Mark the directory records among ``parent``'s ancestors seen; return the
-        owner of the outermost one, or -1."""
-        first = -1
-        for anc in ancestors(parent):
-            j = self.dirs.find(hash(anc))
-            if j >= 0:
-                self.dirs.seen[j] = True
-                if first < 0:
-                    first = int(self.dirs.owner[j])
-        return first
+    @staticmethod
+    def _ancestor_runs(parents: list[str]) -> tuple[list[str], list[int]]:
+        """Every ancestor of every parent folder, flat, and where each parent's run
+        of ancestors starts (one more entry: the end)."""
+        flat: list[str] = []
+        starts = [0]
+        for parent in parents:
+            flat.extend(ancestors(parent))
+            starts.append(len(flat))
+        return flat, starts
 
-    def _loose_match(self, key: str, parents: dict[str, bool]) -> bool:
-        """Does a record match ``key`` loosely? Marks what matched as seen.
-        ``parents`` caches the directory part per loose parent folder (one page)."""
-        lk = loose(key)
-        hit = False
-        candidates = (lk, lk.rstrip("/")) if lk.endswith("/") else (lk,)
-        for candidate in candidates:
-            hit = self._find_loose(self.loose_files, self.files, candidate) or hit
+    def _mark_dirs(self, parents: list[str]) -> dict[str, int]:
+        """Mark the directory records among each parent folder's ancestors seen; map
+        each parent to the owner of the outermost one, or -1."""
+        flat, starts = self._ancestor_runs(parents)
+        pos = self.dirs.lookup(np.fromiter(map(hash, flat), dtype=np.int64, count=len(flat)))
+        found = pos >= 0
+        self.dirs.seen[pos[found]] = True
+        owners = np.where(found, self.dirs.owner[np.maximum(pos, 0)], -1).tolist()
+        out: dict[str, int] = {}
+        for k, parent in enumerate(parents):
+            out[parent] = next((o for o in owners[starts[k] : starts[k + 1]] if o >= 0), -1)
+        return out
+
+    def _loose_match(self, keys: list[str]) -> np.ndarray:
+        """Does a record match each key loosely? Marks what matched as seen. Each
+        loose parent folder's ancestors are looked up once for the whole batch."""
+        lks = [loose(k) for k in keys]
+        forms: list[str] = []
+        form_of: list[int] = []
+        for t, lk in enumerate(lks):
+            forms.append(lk)
+            form_of.append(t)
+            if lk.endswith("/"):
+                forms.append(lk.rstrip("/"))
+                form_of.append(t)
+        form_hit = self._find_loose(self.loose_files, self.files, forms)
+        hit = (
+            np.bincount(np.asarray(form_of, dtype=np.int64), weights=form_hit, minlength=len(lks))
+            > 0
+        )
         if len(self.loose_dirs) or len(self.dirs):
-            parent = lk[: lk.rfind("/") + 1]
-            dir_hit = parents.get(parent)
-            if dir_hit is None:
-                dir_hit = False
-                for anc in ancestors(parent):
-                    dir_hit = self._find_loose(self.loose_dirs, self.dirs, anc) or dir_hit
-                parents[parent] = dir_hit
-            hit = hit or dir_hit
+            lparents = [lk[: lk.rfind("/") + 1] for lk in lks]
+            uniq = list(dict.fromkeys(lparents))
+            flat, starts = self._ancestor_runs(uniq)
+            anc_hit = self._find_loose(self.loose_dirs, self.dirs, flat).tolist()
+            parent_hit = {p: any(anc_hit[starts[k] : starts[k + 1]]) for k, p in enumerate(uniq)}
+            hit |= np.fromiter((parent_hit[p] for p in lparents), dtype=bool, count=len(lks))
         return hit
 
     @staticmethod
-    def _find_loose(loose_table: _HashTable, exact_table: _HashTable, form: str) -> bool:
-        """Is ``form`` (a loose form) the loose form of a record? Records whose key is
-        already loose live only in the exact table; mark what matched as seen."""
-        h = hash(form)
-        hit = False
-        j = loose_table.find(h)
-        if j >= 0:
-            loose_table.seen[j] = True
-            hit = True
-        if _already_loose(form):
-            j = exact_table.find(h)
-            if j >= 0:
-                exact_table.seen[j] = True
-                hit = True
+    def _find_loose(
+        loose_table: _HashTable, exact_table: _HashTable, forms: list[str]
+    ) -> np.ndarray:
+        """Is each of ``forms`` (loose forms) the loose form of a record? Records whose
+        key is already loose live only in the exact table; mark what matched as seen."""
+        h = np.fromiter(map(hash, forms), dtype=np.int64, count=len(forms))
+        pos = loose_table.lookup(h)
+        hit = pos >= 0
+        loose_table.seen[pos[hit]] = True
+        if len(exact_table):
+            plain = np.fromiter(map(_already_loose, forms), dtype=bool, count=len(forms))
+            pos = exact_table.lookup(h)
+            exact_hit = plain & (pos >= 0)
+            exact_table.seen[pos[exact_hit]] = True
+            hit |= exact_hit
         return hit
 
     # -- records -----------------------------------------------------------------------

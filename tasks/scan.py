@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+import numpy as np
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, Environment, Instance, Project, StorageAnalytics
 from db.session import db_now
+from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError
 from tasks.analytics import ScanStats
-from tasks.linking import RECORD_MODELS, YIELD_PER, LinkIndex
+from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,18 +119,17 @@ def _missing_records(
         ).scalar_one()
         # only completed records older than the cutoff can be stale (rule 14); live
         # ones only (the ORM filter hides archived records)
-        stmt = (
-            select(model.id, model.path)
-            .where(
-                model.destination_id == dest.id,
-                model.status == "completed",
-                model.created_at < cutoff,
-            )
-            .execution_options(yield_per=YIELD_PER)
+        # ids as text: only the stale ones become UUIDs
+        stmt = select(cast(model.id, String), model.path).where(
+            model.destination_id == dest.id,
+            model.status == "completed",
+            model.created_at < cutoff,
         )
-        for rows in session.execute(stmt).partitions():
-            present = index.records_present([r.path for r in rows])
-            stale.extend(r.id for r, ok in zip(rows, present.tolist(), strict=True) if not ok)
+        if not session.info.get(INCLUDE_DELETED):
+            stmt = stmt.where(model.deleted_at.is_(None))  # what the ORM filter adds
+        for ids, paths in stream_columns(session, stmt, 2):
+            present = index.records_present(paths)
+            stale.extend(uuid.UUID(ids[i]) for i in np.flatnonzero(~present).tolist())
     return stale, live
 
 
