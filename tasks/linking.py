@@ -23,8 +23,10 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
+import psycopg
 from sqlalchemy import String, any_, bindparam, cast, func, literal, select, union_all
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.models import Backup, BackupDestination, Snapshot
@@ -70,10 +72,21 @@ def stream_columns(session: Session, stmt: Any, ncols: int) -> Iterator[list[lis
     if conn.dialect.name == "postgresql":
         compiled = stmt.compile(dialect=conn.dialect)
         raw: Any = conn.connection.driver_connection
-        with raw.cursor(name=f"scan_{uuid.uuid4().hex}") as cur:
-            cur.execute(str(compiled), compiled.params)
-            while rows := cur.fetchmany(YIELD_PER):
-                yield [list(col) for col in zip(*rows, strict=True)]
+        try:
+            with raw.cursor(name=f"scan_{uuid.uuid4().hex}") as cur:
+                cur.execute(str(compiled), compiled.params)
+                while rows := cur.fetchmany(YIELD_PER):
+                    yield [list(col) for col in zip(*rows, strict=True)]
+        except psycopg.Error as err:
+            # Raised by the raw driver, so SQLAlchemy never saw it: translate it (a
+            # DBAPIError the runner retries) and drop a dead connection from the pool.
+            dead = bool(raw.closed or raw.broken)
+            if dead:
+                conn.invalidate(err)
+            raise DBAPIError.instance(
+                str(compiled), compiled.params, err, psycopg.Error,
+                connection_invalidated=dead, dialect=conn.dialect,
+            ) from err  # fmt: skip
         return
     result = conn.execute(stmt.execution_options(stream_results=True, max_row_buffer=YIELD_PER))
     for part in result.partitions(YIELD_PER):
