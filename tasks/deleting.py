@@ -209,10 +209,8 @@ def _close(
         outcome.failed.update(result.errors)
         outcome.deleted = [d for d in prepared.doomed if d.path not in result.errors]
     now = db_now(session)
-    ids = prepared.audit_ids
-    _set_audit_ids(session, [ids[d.path] for d in outcome.deleted if d.path in ids], now)
-    # (every sent key has a row id; a key without one is matched by path, to be sure)
-    _set_audit(session, ctx, [d.path for d in outcome.deleted if d.path not in ids], at=now)
+    # every key sent has its row id (_write_pending returns one per doomed key)
+    _set_audit_ids(session, [prepared.audit_ids[d.path] for d in outcome.deleted], now)
     for path, err in outcome.failed.items():
         session.execute(
             update(DeletionAudit)
@@ -410,17 +408,4 @@ def _set_audit_ids(session: Session, ids: list[uuid.UUID], at: datetime) -> None
             .where(DeletionAudit.id.in_(ids[i : i + 500]))
             .values(**values)
             .execution_options(synchronize_session=False)
-        )
-
-
-def _set_audit(session: Session, ctx: DeleteContext, paths: list[str], *, at: datetime) -> None:
-    for i in range(0, len(paths), 500):
-        session.execute(
-            update(DeletionAudit)
-            .where(
-                DeletionAudit.job_id == ctx.job_id,
-                DeletionAudit.destination_id == ctx.dest.id,
-                DeletionAudit.path.in_(paths[i : i + 500]),
-            )
-            .values(state="deleted", deleted_at=at, error=None)
         )

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from celery import Celery
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from db.models import Job
 from tests.servers._proc import free_port, spawn, wait_for_port
+from tests.tasks.kit import job_row
 from worker.celery_app import make_celery
 from worker.settings import Settings
 
@@ -151,14 +151,6 @@ class Blackhole:
         for c in self.held:
             c.close()
         self.sock.close()
-
-
-def job_row(engine: Engine, job_id: uuid.UUID) -> Job:
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def sender(broker: str) -> tuple[Celery, Callable[[str, list[str], str], Any]]:

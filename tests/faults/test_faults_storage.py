@@ -11,24 +11,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Backup, DeletionAudit, Job
+from db.models import Backup, DeletionAudit
 from tests.factories import make_backup
 from tests.faults.conftest import remote_keys
 from tests.servers.fault_proxy import FaultProxy
+from tests.tasks.kit import job_row
 from worker.jobs import request_job
 from worker.runner import RetryableJobError, run_job
 
 pytestmark = pytest.mark.slow
 
 LIST = r"list-type=2"
-
-
-def _job(engine, job_id) -> Job:
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def _deletes(proxy: FaultProxy) -> list[tuple[str, str]]:
@@ -47,7 +40,7 @@ def test_slowdown_and_resets_on_listing_are_retried_and_the_scan_succeeds(
     assert fault_proxy.faults_fired == 3
     listings = [t for m, t in fault_proxy.requests if m == "GET" and re.search(LIST, t)]
     assert len(listings) >= 4  # three refused, then the real one
-    assert _job(engine, job.id).result["total_files"] == 20
+    assert job_row(engine, job.id).result["total_files"] == 20
 
 
 def test_a_listing_answer_cut_off_mid_body_and_500s_are_retried_and_the_scan_is_exact(
@@ -61,7 +54,7 @@ def test_a_listing_answer_cut_off_mid_body_and_500s_are_retried_and_the_scan_is_
     outcome = run_job(job.id, cfg, engine)
     assert outcome is not None and outcome.status == "succeeded", outcome
     assert fault_proxy.faults_fired == 2
-    assert _job(engine, job.id).result["total_files"] == 1500  # nothing lost, nothing twice
+    assert job_row(engine, job.id).result["total_files"] == 1500  # nothing lost, nothing twice
 
 
 def test_a_listing_that_fails_midway_removes_no_record_and_deletes_nothing(
@@ -92,7 +85,7 @@ def test_a_listing_that_fails_midway_removes_no_record_and_deletes_nothing(
             .where(Backup.destination_id == dest.id, Backup.deleted_at.is_not(None))
         )
     assert removed == 0
-    row = _job(engine, job.id)
+    row = job_row(engine, job.id)
     if first is None:
         assert (row.status, row.phase) == ("queued", "retrying")
     else:  # failed, visibly, saying why
