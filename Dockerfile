@@ -17,10 +17,11 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 ocore \
     && useradd --system --uid 10001 --gid ocore --home-dir /var/lib/ocore --create-home ocore
 COPY --from=build /opt/venv /opt/venv
+# PROMETHEUS_MULTIPROC_DIR is not set here: only the worker needs it (docker-compose.yml);
+# `ocore-storage worker` creates and empties it at every start.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    OCORE_DATA_DIR=/var/lib/ocore \
-    PROMETHEUS_MULTIPROC_DIR=/var/lib/ocore/metrics
+    OCORE_DATA_DIR=/var/lib/ocore
 USER 10001:10001
 WORKDIR /var/lib/ocore
 EXPOSE 8080 9808

@@ -4,16 +4,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK ?= requirements.lock
+# PEP 503 names: lower case, runs of - _ . as one -
+NORMALIZE := tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g' | sort -u
 
-.PHONY: install demo lint format test test-fast sysdeps bench bench-quick clean
+.PHONY: install sync demo lint format test test-fast sysdeps bench bench-quick clean
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check -r $(LOCK)
+	@$(MAKE) --no-print-directory sync VENV=$(VENV) LOCK=$(LOCK)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-install: $(STAMP) ## virtualenv from the lock file
+install: $(STAMP) ## virtualenv from the lock file, exactly (packages not in it are removed)
+
+sync: ## uninstall what the lock file does not list (pip, setuptools, wheel and this project stay)
+	@extra=$$(comm -23 \
+	    <($(BIN)/pip freeze --exclude-editable --disable-pip-version-check \
+	        | sed -nE 's/^([A-Za-z0-9][A-Za-z0-9._-]*)[ =@].*/\1/p' | $(NORMALIZE)) \
+	    <( (sed -nE 's/^([A-Za-z0-9][A-Za-z0-9._-]*)==.*/\1/p' $(LOCK); \
+	        echo pip; echo setuptools; echo wheel; echo ocore-storage-worker) | $(NORMALIZE))); \
+	if [ -n "$$extra" ]; then \
+	    echo "removing packages not in $(LOCK):" $$extra; \
+	    $(BIN)/pip uninstall -y -q --disable-pip-version-check $$extra; \
+	fi
 
 demo: install ## run scan + orphan cleanup on the embedded default (SQLite, filesystem broker)
 	$(BIN)/ocore-storage demo

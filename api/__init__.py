@@ -1,6 +1,13 @@
 """The HTTP shim: a Flask app over the database, the storage backends and the job queue.
 
 ``create_app()`` builds it; ``flask --app api run`` or any WSGI server serves it.
+
+Built from the environment (``create_app()`` without settings, what a WSGI server
+calls), the app refuses to start when it would accept HS256 tokens signed with the
+public development secret or one shorter than 32 bytes, unless
+``OCORE_ALLOW_INSECURE_DEV_SECRET=1`` (:func:`api.auth.check_secret`). ``ocore-storage
+api`` makes the same check (``--dev`` allows it); callers passing their own settings
+(tests, the CLI) decide with ``allow_insecure_secret``.
 """
 
 from __future__ import annotations
@@ -9,11 +16,9 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from api import archived, auth, backends, context, errors, health, jobs, metrics, openapi, storage
+from api.auth import InsecureSecretError
 from worker.jobs import Sender
 from worker.settings import Settings, get_settings
-
-#: Non-file form fields are option strings: this is plenty.
-MAX_FORM_MEMORY = 64 * 1024
 
 
 def _default_send() -> Sender:
@@ -23,23 +28,35 @@ def _default_send() -> Sender:
 
 
 def create_app(
-    settings: Settings | None = None, *, engine: Engine | None = None, send: Sender | None = None
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    send: Sender | None = None,
+    allow_insecure_secret: bool | None = None,
 ) -> Flask:
     """The API application.
 
     ``settings`` default to the environment (:func:`worker.settings.get_settings`);
     ``engine`` to one on ``settings.effective_database_url``; ``send(task, args, queue)``
-    to :func:`worker.celery_app.send`.
+    to :func:`worker.celery_app.send`. ``allow_insecure_secret``: False raises
+    :class:`~api.auth.InsecureSecretError` for an unsafe HMAC secret; None (default)
+    checks only settings read from the environment (``OCORE_ALLOW_INSECURE_DEV_SECRET``
+    allows them); True skips the check.
     """
     from db.session import get_engine
 
     cfg = settings or get_settings()
+    if allow_insecure_secret is None:
+        allow = settings is not None or auth.insecure_secret_allowed_by_env()
+    else:
+        allow = allow_insecure_secret
+    auth.check_secret(cfg, allow)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config.update(
         MAX_CONTENT_LENGTH=cfg.upload_max_bytes,  # 413 before the body is read
         MAX_FORM_PARTS=cfg.upload_max_parts,
-        MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY,
+        MAX_FORM_MEMORY_SIZE=storage.MAX_FORM_MEMORY,
     )
     app_state = context.AppState(
         settings=cfg,
@@ -56,4 +73,4 @@ def create_app(
     return app
 
 
-__all__ = ["create_app"]
+__all__ = ["InsecureSecretError", "create_app"]

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, StorageAnalytics
 from storage_backends.paths import normalize_root, roots_overlap
+from worker.jobs import bucket_key, location_root
 
 FIGURES = (
     ("files", "total_files"),
@@ -81,24 +82,24 @@ def _figures(row: StorageAnalytics) -> dict[str, int]:
 
 
 def _depth(dest: BackupDestination) -> int:
-    return normalize_root(dest.root_prefix or "").count("/")
+    return location_root(dest).count("/")
 
 
-def _location(dest: BackupDestination) -> tuple[str, str, str]:
-    return (dest.kind, dest.endpoint or "", dest.bucket)
+def _location(dest: BackupDestination) -> str:
+    """What two destinations must share to overlap: the bucket for S3/GCS, the host for
+    local/SFTP (their base directories nest; :func:`location_root` holds the path)."""
+    return bucket_key(dest)
 
 
 def _overlaps(a: BackupDestination, b: BackupDestination) -> bool:
-    return _location(a) == _location(b) and roots_overlap(
-        normalize_root(a.root_prefix or ""), normalize_root(b.root_prefix or "")
-    )
+    return _location(a) == _location(b) and roots_overlap(location_root(a), location_root(b))
 
 
 def _covers(outer: BackupDestination, inner: BackupDestination) -> bool:
     """``outer``'s scan lists every file of ``inner`` (same location, root a prefix)."""
-    return _location(outer) == _location(inner) and normalize_root(
-        inner.root_prefix or ""
-    ).startswith(normalize_root(outer.root_prefix or ""))
+    return _location(outer) == _location(inner) and location_root(inner).startswith(
+        location_root(outer)
+    )
 
 
 def choose_counted(

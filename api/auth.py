@@ -9,10 +9,17 @@ required; ``nbf`` is honoured; ``iss``/``aud`` are checked when configured.
 Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member).
 A member reaches only its organization's destinations, projects and jobs; anything
 else is a 404 that says nothing about whether it exists. Admins reach everything.
+
+A token whose ``exp`` lies more than :data:`MAX_TOKEN_LIFETIME_SECONDS` ahead is refused:
+a leaked token must not stay valid for years. :func:`insecure_secret` says when the HMAC
+secret is the public built-in default or too short; the app refuses to start with one
+unless told it is a development setup (:func:`api.create_app`, ``ocore-storage api``).
 """
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +37,51 @@ ROLES = ("admin", "member")
 #: Routes under /api that need no token.
 PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 ASYMMETRIC_PREFIXES = ("RS", "ES", "PS", "Ed")
+#: Longest accepted token lifetime (``exp`` minus now): a week. Tokens of the API tier and
+#: ``ocore-storage token`` live an hour; anything far beyond is refused (401).
+MAX_TOKEN_LIFETIME_SECONDS = 7 * 24 * 3600
+#: Shortest accepted HMAC secret (RFC 7518 3.2: at least the hash size, 256 bits).
+MIN_HMAC_SECRET_BYTES = 32
+#: The development default of ``OCORE_JWT_SECRET`` (public: it is in the source).
+DEFAULT_JWT_SECRET: str = Settings.model_fields["jwt_secret"].default
+#: Set to 1/true/yes to run with an insecure HMAC secret anyway (local development).
+ALLOW_INSECURE_SECRET_ENV = "OCORE_ALLOW_INSECURE_DEV_SECRET"  # noqa: S105 - a variable name
+
+
+class InsecureSecretError(RuntimeError):
+    """The API would accept HS* tokens signed with a public or guessable secret."""
+
+
+def insecure_secret(cfg: Settings) -> str | None:
+    """Why ``cfg`` accepts HMAC tokens with an unsafe secret, or None when it is fine."""
+    if not any(alg.upper().startswith("HS") for alg in cfg.jwt_algorithms):
+        return None
+    if cfg.jwt_secret == DEFAULT_JWT_SECRET:
+        return "OCORE_JWT_SECRET is the built-in development secret"
+    if len(cfg.jwt_secret.encode("utf-8", "surrogatepass")) < MIN_HMAC_SECRET_BYTES:
+        return f"OCORE_JWT_SECRET is shorter than {MIN_HMAC_SECRET_BYTES} bytes"
+    return None
+
+
+def insecure_secret_allowed_by_env() -> bool:
+    """``OCORE_ALLOW_INSECURE_DEV_SECRET`` is set to a true value."""
+    return os.environ.get(ALLOW_INSECURE_SECRET_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_secret(cfg: Settings, allow_insecure: bool) -> str | None:
+    """Raise :class:`InsecureSecretError` (a one-line message saying what to set) when the
+    secret is unsafe and not allowed; return the warning to print when it is allowed."""
+    problem = insecure_secret(cfg)
+    if problem is None:
+        return None
+    if not allow_insecure:
+        raise InsecureSecretError(
+            f"refusing to start the API: {problem} and HS256 tokens are accepted; set "
+            f"OCORE_JWT_SECRET to a random secret of at least {MIN_HMAC_SECRET_BYTES} bytes "
+            '(or OCORE_JWT_ALGORITHMS=["RS256"] with OCORE_JWT_PUBLIC_KEY), or for local '
+            f"development only pass --dev or set {ALLOW_INSECURE_SECRET_ENV}=1"
+        )
+    return f"warning: {problem}: anyone can mint tokens this API accepts (development only)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +140,12 @@ def decode_token(token: str, cfg: Settings) -> dict[str, Any]:
     except (jwt.PyJWTError, ValueError, TypeError) as err:
         # InvalidKeyError, bad signature, missing claim, wrong iss/aud, nbf in the future
         raise _unauthorized(f"invalid token: {err}") from None
+    # jwt.decode checked that int(exp) works (a number, or a string of digits) and is
+    # in the future; the same conversion here
+    if int(claims["exp"]) - time.time() > MAX_TOKEN_LIFETIME_SECONDS:
+        raise _unauthorized(
+            f"token lifetime too long: exp may be at most {MAX_TOKEN_LIFETIME_SECONDS} s ahead"
+        )
     return claims
 
 

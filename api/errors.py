@@ -34,6 +34,10 @@ STORAGE_ERRORS: tuple[tuple[type[StorageError], int, str], ...] = (
     (BackendUnavailableError, 503, "backend_unavailable"),
 )
 
+#: Stable codes of werkzeug's HTTP errors where its name would differ from ours (413: the
+#: same code as the API's own body limits, api.params.json_body and api.upload).
+HTTP_CODES: dict[int, str] = {413: "payload_too_large"}
+
 #: OSErrors a backend lets through when a path collides with a file or a directory.
 PATH_CONFLICTS = (FileExistsError, IsADirectoryError, NotADirectoryError)
 
@@ -89,7 +93,7 @@ def _api_error(err: ApiError) -> Response:
 
 def _http_error(err: HTTPException) -> Response:
     status = err.code or 500
-    code = (err.name or "error").lower().replace(" ", "_")
+    code = HTTP_CODES.get(status) or (err.name or "error").lower().replace(" ", "_")
     message = err.description or err.name or "error"
     response = error_response(status, code, message)
     if status == 405 and err.response is None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote
 
 from flask import Response, stream_with_context
@@ -54,9 +54,24 @@ def refuse_if_linked(session: Session, dest: BackupDestination, path: str, actio
     )
 
 
+#: Unicode categories never kept in a download name: controls (Cc), format characters
+#: such as U+202E RIGHT-TO-LEFT OVERRIDE that disguise ``exe.pdf`` (Cf), line and
+#: paragraph separators (Zl, Zp), and lone surrogates (Cs), which have no UTF-8 form.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _displayable(name: str) -> str:
+    return "".join(c for c in name if unicodedata.category(c) not in _DROPPED_CATEGORIES)
+
+
 def content_disposition(path: str) -> str:
-    """``attachment`` with an ASCII-only ``filename`` and the exact RFC 5987 ``filename*``."""
-    name = path.rsplit("/", 1)[-1] or "download"
+    """``attachment`` with an ASCII-only ``filename`` and the RFC 5987 ``filename*``.
+
+    Both are built from the file name without control, format, separator and surrogate
+    characters (:data:`_DROPPED_CATEGORIES`); the ASCII form also replaces anything
+    outside a small safe set (quotes, backslashes, ``;``, non-ASCII) with ``_``.
+    """
+    name = _displayable(path.rsplit("/", 1)[-1]).strip() or "download"
     ascii_name = _UNSAFE_ASCII.sub("_", name).strip() or "download"
     encoded = quote(name, safe="!#$&+-.^_`|~")
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{encoded}"
@@ -132,14 +147,3 @@ def delete_with_audit(
     audit.deleted_at = db_now(session)
     session.commit()
     return audit
-
-
-def stream_size(stream: BinaryIO) -> int | None:
-    """The size of a seekable upload stream (werkzeug spools to a temporary file)."""
-    try:
-        here = stream.tell()
-        size = stream.seek(0, os.SEEK_END)
-        stream.seek(here)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return size - here

@@ -2,10 +2,17 @@
 
 A request creates a job row (or finds the one already queued or running for the same
 storage location, SAFETY rule 19) and sends its Celery message only when it is new.
+
+A repeated request gets the active job (202) only when that job runs with the same
+options, defaults filled in on both sides (:func:`effective_params`): no body and
+``{"dry_run": false}`` are the same request. Other options (a real cleanup while a dry
+run is queued, another retention window) get a 409 ``job_conflict`` naming the active
+job, its status and its options: the caller's request was *not* queued.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -52,6 +59,51 @@ def _params(job_type: str, dest: BackupDestination) -> dict[str, Any]:
     return params
 
 
+def effective_params(
+    job_type: str, params: dict[str, Any] | None, dest: BackupDestination | None
+) -> dict[str, Any]:
+    """The options a job of this type runs with: ``params`` with the defaults the worker
+    applies filled in (``tasks.orphans``: retention from the request, else the
+    destination's window, else the setting, at least 1 day; ``dry_run`` false)."""
+    given = params or {}
+    if job_type not in BODY_FIELDS:  # purge: nothing to compare
+        return dict(given)
+    out: dict[str, Any] = {}
+    if "dry_run" in BODY_FIELDS[job_type]:
+        out["dry_run"] = given.get("dry_run", False) is True
+    if job_type == "orphan_cleanup":
+        own = dest.retention_days if dest is not None else None
+        requested = given.get("retention_days") or own or settings().retention_days
+        try:
+            out["retention_days"] = max(1, int(requested))
+        except (TypeError, ValueError):  # not written by this service: never equal
+            out["retention_days"] = requested
+    return out
+
+
+def _refuse_if_different(
+    job: Job, job_type: str, params: dict[str, Any], dest: BackupDestination
+) -> dict[str, Any]:
+    """The active job's effective options; 409 when the request's differ."""
+    job_dest = dest if job.destination_id == dest.id else None
+    if job_dest is None and job.destination_id is not None:
+        job_dest = db().get(BackupDestination, job.destination_id)
+    active = effective_params(job.type, job.params, job_dest)
+    wanted = effective_params(job_type, params, dest)
+    if active != wanted:
+        what = MESSAGES.get(job.type, job.type)
+        raise ApiError(
+            409,
+            "job_conflict",
+            f"a {what} of this storage location is already {job.status} (job {job.id}) "
+            f"with options {json.dumps(active, sort_keys=True)}; yours "
+            f"({json.dumps(wanted, sort_keys=True)}) were not queued: try again when it "
+            "has finished",
+            extra={"job_id": str(job.id), "status": job.status, "params": active},
+        )
+    return active
+
+
 def start_job(
     job_type: str, dest: BackupDestination, params: dict[str, Any], actor: str
 ) -> tuple[Job, bool]:
@@ -68,12 +120,18 @@ def start_job(
     return job, created
 
 
-def accepted(job: Job, created: bool) -> Response:
-    """``202`` with the job id and a Location header."""
+def accepted(job: Job, created: bool, params: dict[str, Any] | None = None) -> Response:
+    """``202`` with the job id, its options and a Location header."""
     what = MESSAGES.get(job.type, job.type)
     message = f"{what} queued" if created else f"{what} already {job.status}; not queued again"
     response = jsonify(
-        {"message": message, "job_id": str(job.id), "status": job.status, "created": created}
+        {
+            "message": message,
+            "job_id": str(job.id),
+            "status": job.status,
+            "created": created,
+            "params": params if params is not None else dict(job.params or {}),
+        }
     )
     response.status_code = 202
     response.headers["Location"] = f"/api/jobs/{job.id}"
@@ -84,7 +142,9 @@ def _request(dest_id: str, job_type: str) -> Response:
     dest = load_destination(parse_uuid(dest_id, "destId"))
     params = _params(job_type, dest)
     job, created = start_job(job_type, dest, params, current_principal().sub)
-    return accepted(job, created)
+    if created:
+        return accepted(job, created, effective_params(job_type, job.params, dest))
+    return accepted(job, created, _refuse_if_different(job, job_type, params, dest))
 
 
 @bp.post("/storage/destinations/<dest_id>/scan")

@@ -1,7 +1,12 @@
 """Request metrics in a registry of the app's own, served at ``GET /metrics``.
 
 Labels use the matched route *template* (``/api/jobs/<job_id>``), never the raw path:
-raw paths would create a time series per id (unbounded cardinality).
+raw paths would create a time series per id (unbounded cardinality); methods outside
+:data:`METHODS` count as ``other`` (a client may send any token as a method).
+
+The registry also carries ``ocore_jobs_enqueued_total`` (:data:`worker.metrics.JOBS_ENQUEUED`):
+jobs requested through the API are enqueued in this process, so only this process can
+export them (the worker's ``/metrics`` shows the ones beat and the CLI enqueue).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.exposition import generate_latest
 
 from api.context import state
+from worker.metrics import JOBS_ENQUEUED
 
 bp = Blueprint("metrics", __name__)
 UNMATCHED = "<unmatched>"
+#: Method label values; anything else is "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ApiMetrics:
@@ -35,6 +43,13 @@ class ApiMetrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        # The process-wide counter that worker.jobs.request_job increments.
+        self.registry.register(JOBS_ENQUEUED)
+
+
+def _method() -> str:
+    method = request.method.upper()
+    return method if method in METHODS else "other"
 
 
 def _route() -> str:
@@ -51,7 +66,7 @@ def _observe(response: Response) -> Response:
     if started is None:
         return response
     metrics: ApiMetrics = state().extras["metrics"]
-    labels = {"method": request.method, "route": _route(), "status": str(response.status_code)}
+    labels = {"method": _method(), "route": _route(), "status": str(response.status_code)}
     metrics.requests.labels(**labels).inc()
     metrics.latency.labels(**labels).observe(time.perf_counter() - started)
     return response

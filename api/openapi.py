@@ -134,11 +134,21 @@ RETENTION: J = {
 
 
 def _job_op(summary: str, fields: J) -> J:
-    ok = ("202", _json(_ref("JobAccepted"), "Accepted (or already queued/running)"))
-    op = _op(summary, [DEST_ID], ok, "413", "415", "503", body=_job_body(fields), tag="jobs")
+    ok = (
+        "202",
+        _json(
+            _ref("JobAccepted"),
+            "Accepted: queued, or the same job with the same options already queued/running",
+        ),
+    )
+    op = _op(summary, [DEST_ID], ok, "409", "413", "415", "503", body=_job_body(fields), tag="jobs")
     op["responses"]["202"]["headers"] = {
         "Location": {"description": "The job's URL", "schema": {"type": "string"}}
     }
+    op["responses"]["409"] = _error(
+        "job_conflict: a job of this type is already queued or running for this storage "
+        "location with other options (job_id, status and params name it); nothing was queued"
+    )
     return op
 
 
@@ -172,7 +182,21 @@ def _paths() -> J:
             }
         },
     }
-    delete_body = _job_body({"path": PATH_SCHEMA})
+    delete_body = {
+        "required": False,
+        "description": "The path as a JSON body, for clients that cannot put it in the query. "
+        "Give it in the query (preferred) or here; when both are given they must be equal.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["path"],
+                    "properties": {"path": PATH_SCHEMA},
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
     page = _query(
         "page", {"type": "integer", "minimum": 1, "maximum": 1_000_000}, "Page number (default 1)"
     )
@@ -213,8 +237,9 @@ def _paths() -> J:
                     DEST_ID,
                     {
                         **PATH_QUERY,
-                        "required": True,
-                        "description": "File path (preferred; a JSON body 'path' also works)",
+                        "required": False,
+                        "description": "File path (preferred). Optional only because the JSON "
+                        "body may carry it instead: one of the two is required (400 otherwise)",
                     },
                 ],
                 ("200", _json(_ref("Deleted"))),

@@ -16,6 +16,9 @@ from storage_backends.errors import InvalidPathError
 from storage_backends.paths import validate_path, validate_prefix
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
+#: Longest path segment, in UTF-8 bytes (NAME_MAX of the file systems behind local and
+#: SFTP; storage_backends.paths enforces the same for every backend).
+MAX_SEGMENT_BYTES = 255
 #: JSON bodies are small option objects; a larger body is refused unread.
 MAX_JSON_BYTES = 64 * 1024
 
@@ -58,8 +61,20 @@ def _variants(raw: str) -> set[str]:
     }
 
 
+def _encodable(raw: str) -> None:
+    """Strict UTF-8 (no lone surrogates, which a JSON body can carry as ``"\\ud800"``)
+    and no segment longer than :data:`MAX_SEGMENT_BYTES`."""
+    try:
+        encoded = raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPathError("path is not valid UTF-8 (it holds a lone surrogate)") from None
+    if any(len(segment) > MAX_SEGMENT_BYTES for segment in encoded.split(b"/")):
+        raise InvalidPathError(f"a path segment is longer than {MAX_SEGMENT_BYTES} bytes")
+
+
 def _check(raw: str, *, prefix: bool) -> str:
     try:
+        _encodable(raw)
         forms = _variants(raw)
         for form in forms:
             if prefix:
@@ -67,8 +82,14 @@ def _check(raw: str, *, prefix: bool) -> str:
             else:
                 validate_path(form)
     except InvalidPathError as err:
-        raise bad_request(f"invalid path {raw!r}: {err}", "invalid_path") from None
+        raise bad_request(f"invalid path {_shown(raw)}: {err}", "invalid_path") from None
     return raw
+
+
+def _shown(raw: str) -> str:
+    """The path for an error message: bounded, and printable even with surrogates."""
+    text = repr(raw[:200] + ("..." if len(raw) > 200 else ""))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def safe_path(raw: str | None, name: str = "path") -> str:

@@ -130,6 +130,9 @@ SCHEMAS: J = {
         error={"type": "string", "description": "Stable machine-readable code"},
         message=STR,
         links={"type": "array", "items": LINK, "description": "On file_linked (409)"},
+        job_id={**UUID, "description": "On job_conflict (409): the active job"},
+        status={"type": "string", "description": "On job_conflict (409): its status"},
+        params={"type": "object", "description": "On job_conflict (409): its options"},
     ),
     "Message": obj(["message"], message=STR),
     "Health": obj(["status"], status=STR),
@@ -164,11 +167,15 @@ SCHEMAS: J = {
     "Deleted": obj(["message", "path"], message=STR, path=STR, audit_id=UUID),
     "Uploaded": obj(["message", "path"], message=STR, path=STR),
     "JobAccepted": obj(
-        ["message", "job_id", "status"],
+        ["message", "job_id", "status", "created", "params"],
         message=STR,
         job_id=UUID,
         status=STR,
         created={"type": "boolean", "description": "false: the job was already queued"},
+        params={
+            "type": "object",
+            "description": "The options the job runs with, defaults filled in",
+        },
     ),
     "Job": JOB,
     "ArchivedPage": obj(

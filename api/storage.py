@@ -23,9 +23,9 @@ from api.files import (
     link_to_dict,
     refuse_if_linked,
     stream_file,
-    stream_size,
 )
 from api.params import json_body, parse_uuid, query_int, safe_path, safe_prefix
+from api.upload import MultipartFileStream, too_large
 from db.models import BackupDestination, StorageAnalytics
 from storage_backends.base import BrowseEntry, StorageBackend
 from storage_backends.errors import NotFoundError
@@ -38,6 +38,10 @@ BROWSE_DEFAULT_LIMIT = 100
 BROWSE_MAX_LIMIT = 1000
 MAX_CURSOR_CHARS = 4096
 DOWNLOAD_MAX_EXPIRY = 900
+#: RFC 2046 allows 70 characters.
+MAX_BOUNDARY_CHARS = 200
+#: Non-file form fields are option strings: this is plenty.
+MAX_FORM_MEMORY = 64 * 1024
 
 
 def _open(dest: BackupDestination) -> tuple[StorageBackend, Callable[[], None]]:
@@ -138,13 +142,15 @@ def download(dest_id: str) -> Response:
 
 
 def _delete_path() -> str:
+    """The path from the query (preferred) or a JSON body ``{"path": ...}``; a body that
+    is present is always checked, and must name the same path as the query if both do."""
     raw = request.args.get("path")
-    if raw is None:
-        body = json_body(frozenset({"path"}))
-        raw = body.get("path")
-        if raw is not None and not isinstance(raw, str):
-            raise bad_request("path must be a string", "invalid_path")
-    return safe_path(raw)
+    body_path = json_body(frozenset({"path"})).get("path")
+    if body_path is not None and not isinstance(body_path, str):
+        raise bad_request("path must be a string", "invalid_path")
+    if raw is not None and body_path is not None and body_path != raw:
+        raise bad_request("the query and the body name different paths", "invalid_path")
+    return safe_path(raw if raw is not None else body_path)
 
 
 @bp.delete("/storage/destinations/<dest_id>/files")
@@ -161,14 +167,27 @@ def delete_file(dest_id: str) -> Response:
 
 @bp.post("/storage/destinations/<dest_id>/upload")
 def upload(dest_id: str) -> Response:
-    """Stream a multipart ``file`` field to ``path``; never overwrites a linked file."""
+    """Stream the multipart ``file`` part to ``path`` as it arrives (:mod:`api.upload`);
+    never overwrites a linked file."""
     path = safe_path(request.args.get("path"))
     dest = _destination(dest_id)
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "upload needs multipart/form-data")
-    storage = request.files.get("file")  # 413 here when over MAX_CONTENT_LENGTH/parts
-    if storage is None:
-        raise bad_request("the multipart field 'file' is missing")
+    boundary = request.mimetype_params.get("boundary", "")
+    if not boundary or len(boundary) > MAX_BOUNDARY_CHARS or not boundary.isascii():
+        raise bad_request("the multipart/form-data Content-Type needs a valid boundary")
+    cfg = settings()
+    length = request.content_length
+    if length is not None and length > cfg.upload_max_bytes:
+        raise too_large(f"the body is limited to {cfg.upload_max_bytes} bytes")
+    form = MultipartFileStream(
+        request.stream,
+        boundary.encode("ascii"),
+        max_bytes=cfg.upload_max_bytes,
+        max_parts=cfg.upload_max_parts,
+        max_field_bytes=MAX_FORM_MEMORY,
+    )
+    form.start()  # up to the file's first bytes: 400 without a file part, storage untouched
     with backend_of(dest) as backend:
         try:
             backend.stat(path)
@@ -176,6 +195,10 @@ def upload(dest_id: str) -> Response:
             pass
         else:
             refuse_if_linked(db(), dest, path, "overwrite")
-        stream = cast(BinaryIO, storage.stream)
-        info = backend.upload(path, stream, stream_size(stream))
+        try:
+            info = backend.upload(path, cast(BinaryIO, form), None)
+        except Exception:
+            if form.error is not None:  # the request failed, not the storage
+                raise form.error from None
+            raise
     return jsonify({"message": f"uploaded {info.size} bytes", "path": info.path})

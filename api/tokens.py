@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 
+from api.auth import MAX_TOKEN_LIFETIME_SECONDS
 from worker.settings import Settings
 
 ROLES = ("admin", "member")
@@ -24,7 +25,9 @@ def mint_token(
 
     HS* algorithms sign with ``jwt_secret``; RS*/ES*/PS* need ``jwt_private_key`` (PEM).
     ``iss``/``aud`` are set when configured. An admin (who reaches every organization)
-    may omit ``org``: the claim is then the nil UUID. Raises ValueError on bad arguments.
+    may omit ``org``: the claim is then the nil UUID. ``ttl_seconds`` is at most
+    :data:`api.auth.MAX_TOKEN_LIFETIME_SECONDS` (the API refuses longer-lived tokens).
+    Raises ValueError on bad arguments.
     """
     if not sub:
         raise ValueError("sub must be a non-empty user id")
@@ -33,8 +36,8 @@ def mint_token(
     if org is None and role != "admin":
         raise ValueError("a member token needs an organization id")
     org_id = str(uuid.UUID(str(org)) if org is not None else uuid.UUID(int=0))
-    if ttl_seconds < 1:
-        raise ValueError("ttl_seconds must be at least 1")
+    if not 1 <= ttl_seconds <= MAX_TOKEN_LIFETIME_SECONDS:
+        raise ValueError(f"ttl_seconds must be between 1 and {MAX_TOKEN_LIFETIME_SECONDS}")
     if not settings.jwt_algorithms:
         raise ValueError("settings.jwt_algorithms is empty")
     alg = settings.jwt_algorithms[0]

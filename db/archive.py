@@ -35,7 +35,7 @@ from db.models import (
     Snapshot,
     User,
 )
-from db.softdelete import INCLUDE_DELETED
+from db.softdelete import skip_soft_delete
 
 CHUNK = 500
 
@@ -273,36 +273,34 @@ def purge(session: Session, entity_type: str, entity_id: uuid.UUID, actor: str) 
 
     Raises EntityNotFound (404), NotArchived / PurgeRefused (409).
     """
-    session.info[INCLUDE_DELETED] = True  # the visible opt-out for this transaction
-    try:
-        row = _lock(session, entity_type, entity_id)
-        if row.deleted_at is None:
-            raise NotArchived(f"{entity_type} {entity_id} is not archived: archive it first")
-        result = PurgeResult(entity_type, entity_id)
-        tree = _descendants(session, entity_type, entity_id)
-        model = _model(entity_type)
-        tree.setdefault(model, []).append(entity_id)
-        for record_model in (Backup, Snapshot):
-            if tree.get(record_model):
-                _queue_file_deletions(session, record_model, tree[record_model], actor, result)
-        # Children first, so that RESTRICT/SET NULL foreign keys never stand in the way.
-        order = [Backup, Snapshot, Domain, Instance, Environment, Project, Server, User]
-        order.append(Organization)
-        for m_cls in order:
-            m: Any = m_cls
-            ids = tree.get(m, [])
-            for i in range(0, len(ids), CHUNK):
-                session.execute(
-                    delete(m)
-                    .where(m.id.in_(ids[i : i + CHUNK]))
-                    .execution_options(synchronize_session=False)
-                )
-            if ids:
-                result.deleted[m.__tablename__] = len(ids)
-        session.commit()
-        return result
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.info.pop(INCLUDE_DELETED, None)
+    with skip_soft_delete(session):  # the visible opt-out, for this transaction
+        try:
+            row = _lock(session, entity_type, entity_id)
+            if row.deleted_at is None:
+                raise NotArchived(f"{entity_type} {entity_id} is not archived: archive it first")
+            result = PurgeResult(entity_type, entity_id)
+            tree = _descendants(session, entity_type, entity_id)
+            model = _model(entity_type)
+            tree.setdefault(model, []).append(entity_id)
+            for record_model in (Backup, Snapshot):
+                if tree.get(record_model):
+                    _queue_file_deletions(session, record_model, tree[record_model], actor, result)
+            # Children first, so that RESTRICT/SET NULL foreign keys never stand in the way.
+            order = [Backup, Snapshot, Domain, Instance, Environment, Project, Server, User]
+            order.append(Organization)
+            for m_cls in order:
+                m: Any = m_cls
+                ids = tree.get(m, [])
+                for i in range(0, len(ids), CHUNK):
+                    session.execute(
+                        delete(m)
+                        .where(m.id.in_(ids[i : i + CHUNK]))
+                        .execution_options(synchronize_session=False)
+                    )
+                if ids:
+                    result.deleted[m.__tablename__] = len(ids)
+            session.commit()
+            return result
+        except BaseException:
+            session.rollback()
+            raise

@@ -16,7 +16,13 @@ from datetime import datetime
 from typing import BinaryIO
 
 from storage_backends.errors import InvalidPathError, StorageError
-from storage_backends.paths import ASCII_CONTROL, MAX_PATH_BYTES, validate_path, validate_prefix
+from storage_backends.paths import (
+    ASCII_CONTROL,
+    MAX_PATH_BYTES,
+    utf8_bytes,
+    validate_path,
+    validate_prefix,
+)
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
 PAGE_SIZE = 1000
@@ -111,7 +117,8 @@ class StorageBackend(abc.ABC):
         return err if isinstance(err, StorageError) else StorageError(f"{what}: {err}")
 
     def _on_error(self, err: BaseException) -> None:  # noqa: B027 - optional hook
-        """Hook for a failed request before it is translated (S3 counts retries)."""
+        """Hook for a failed request before it is translated (GCS corrects its retry
+        count when the retry deadline ran out)."""
 
     @contextlib.contextmanager
     def _op(self, operation: str, what: str) -> Iterator[None]:
@@ -186,12 +193,17 @@ class StorageBackend(abc.ABC):
         result = DeleteResult()
         for key in keys:
             try:
-                self.delete(key)
+                self._delete_listed(key)
             except Exception as err:  # per-key outcome, reported not raised
                 result.errors[key] = f"{type(err).__name__}: {err}"
             else:
                 result.deleted.append(key)
         return result
+
+    def _delete_listed(self, key: str) -> None:
+        """Delete one key :meth:`delete_many` has checked with :meth:`check_listed_key`
+        (a backend whose listed keys may fail :meth:`check_path` overrides this)."""
+        self.delete(key)
 
     # -- multipart (S3) --------------------------------------------------------------
     def list_multipart_uploads(self) -> Iterator[MultipartUpload]:
@@ -216,19 +228,43 @@ class StorageBackend(abc.ABC):
         return validate_path(path)
 
     def check_listed_key(self, key: str) -> str:
-        """The check for keys that come back from a listing (``delete_many``): strict on
-        filesystems; on object stores only what no listing of a backup could hold
-        (empty, NUL or control characters, over 1024 bytes) is refused."""
+        """The check for keys that come back from a listing (``delete_many``, aborting a
+        listed multipart upload): they go back to the server byte for byte.
+
+        Filesystems (local, SFTP) get the strict path check, except that a name a
+        listing decoded with ``surrogateescape`` (bytes that are not UTF-8) is accepted:
+        it encodes back to the same bytes. On object stores only what no listing of a
+        backup could hold is refused: empty, not UTF-8 (S3 and GCS keys always are), NUL
+        or control characters, over 1024 bytes. ``a//b``, ``x/`` and ``..`` are literal
+        names there, and a segment may be longer than a filesystem's 255 bytes.
+        """
         if not self.opaque_keys:
-            return validate_path(key)
+            return validate_path(key, allow_surrogates=True)
         if not isinstance(key, str) or key == "":
             raise InvalidPathError("key is empty")
         if ASCII_CONTROL.search(key):
             raise InvalidPathError("key contains a NUL or control character")
-        if len(key.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        if len(utf8_bytes(key)) > MAX_PATH_BYTES:
             raise InvalidPathError(f"key is longer than {MAX_PATH_BYTES} bytes")
         return key
 
-    @staticmethod
-    def check_prefix(prefix: str) -> str:
-        return validate_prefix(prefix)
+    def check_prefix(self, prefix: str) -> str:
+        """A walk/browse prefix (see :func:`~storage_backends.paths.validate_prefix`).
+
+        On object stores an empty segment is a literal name (``a//b`` is a key of its
+        own, next to ``a/b``): such a prefix (``a//``) is accepted so that the folders
+        a listing shows can be browsed. A leading ``/``, ``.``/``..`` segments and the
+        rest of the path checks still apply.
+        """
+        return validate_prefix(prefix, allow_empty_segments=self.opaque_keys)
+
+    def browsable(self, folder: str) -> bool:
+        """Whether a folder a one-level listing returned can itself be browsed (passes
+        :meth:`check_prefix`). Object stores can list folders such as ``/`` (from the key
+        ``/lead``) or ``x/../`` that no prefix may name: browse leaves them out (their
+        files are still walked, scanned and cleaned up)."""
+        try:
+            self.check_prefix(folder)
+        except InvalidPathError:
+            return False
+        return True

@@ -27,5 +27,14 @@ class InvalidPathError(ValueError, StorageError):
     """The path is unsafe or malformed; rejected before any I/O."""
 
 
+class PathConflictError(NotADirectoryError, StorageError):
+    """A path collides with what is there: one of its folders is a file (``f/x`` where
+    ``f`` is a file), or the path itself is a folder where a file is expected.
+
+    A :class:`NotADirectoryError` too, so callers that handle OS path collisions
+    (the API answers 409) handle this one the same way.
+    """
+
+
 class BackendUnavailableError(StorageError):
     """The backend cannot be used (missing optional dependency, bad configuration)."""

@@ -1,6 +1,8 @@
 """Google Cloud Storage through google-cloud-storage (also fake-gcs-server).
 
-Retries: ``google.api_core.retry`` on every request, counted into ``backend.retries``.
+Retries: ``google.api_core.retry`` on every request (transient errors: 429, 5xx, dropped
+connections), bounded by ``retry_timeout`` seconds and counted into ``backend.retries``
+(one per retry actually taken).
 """
 
 from __future__ import annotations
@@ -132,6 +134,13 @@ class GCSBackend(StorageBackend):
     def _count_retry(self, _err: BaseException) -> None:
         self.retries += 1
 
+    def _on_error(self, err: BaseException) -> None:
+        # api_core calls on_error for every retryable error, the last one included when
+        # it then gives up because the retry deadline has passed: that one was not
+        # retried. Counted here, retries are those actually taken.
+        if isinstance(err, gexc.RetryError) and self.retries > 0:
+            self.retries -= 1
+
     def translate_error(self, err: BaseException, what: str) -> StorageError:
         return translate(err, what)
 
@@ -181,7 +190,11 @@ class GCSBackend(StorageBackend):
             page = next(iterator.pages, None)
         if page is None:
             return BrowsePage([])
-        entries = [BrowseEntry(p[len(full) : -1], self._rel(p), True) for p in page.prefixes]
+        entries = [
+            BrowseEntry(p[len(full) : -1], rel, True)
+            for p in page.prefixes
+            if self.browsable(rel := self._rel(p))  # see StorageBackend.browsable
+        ]
         for blob in page:
             if blob.name == full:
                 continue  # the folder's own marker object

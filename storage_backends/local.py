@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import os
-import shutil
 import stat as stat_mod
 import uuid
 from collections.abc import Iterator
@@ -17,6 +17,7 @@ from storage_backends.base import BrowseEntry, BrowsePage, ObjectInfo, StorageBa
 from storage_backends.errors import (
     InvalidPathError,
     NotFoundError,
+    PathConflictError,
     PermissionDeniedError,
     StorageError,
 )
@@ -39,6 +40,37 @@ def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, tz=UTC)
 
 
+def translate(err: BaseException, what: str) -> StorageError:
+    """Our error for an ``OSError`` of a local file operation (no raw OSError escapes)."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return NotFoundError(what)
+    if isinstance(err, OSError):
+        if err.errno == errno.ENAMETOOLONG:
+            return InvalidPathError(f"{what}: a name is too long for the filesystem")
+        if isinstance(err, PermissionError) or err.errno in (errno.EACCES, errno.EPERM):
+            return PermissionDeniedError(f"{what}: permission denied")
+        if isinstance(err, FileExistsError | NotADirectoryError | IsADirectoryError) or (
+            err.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+        ):
+            return PathConflictError(f"{what}: the path collides with a file or folder")
+        return StorageError(f"{what}: {err.strerror or err}")
+    return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def _fs_errors(what: str) -> Iterator[None]:
+    """Translate the ``OSError`` of the block (messages name the relative path, never
+    the absolute one on this machine)."""
+    try:
+        yield
+    except StorageError:
+        raise  # already ours (NotFoundError and PathConflictError are OSErrors too)
+    except OSError as err:
+        raise translate(err, what) from err
+
+
 class LocalBackend(StorageBackend):
     """Files under ``base_dir/root``. Symlinks are never followed (nor listed)."""
 
@@ -50,50 +82,68 @@ class LocalBackend(StorageBackend):
         self.top = self.base / root if root else self.base
 
     def _abs(self, path: str) -> Path:
-        """The absolute path, refusing any symlink on the way (a linked parent folder
-        would lead out of the root). A missing component is fine (upload creates it)."""
-        current = self.top
-        segments = path.rstrip("/").split("/") if path else []
-        # a directory path (browse/walk prefix) has its last segment checked too
-        for segment in segments if path.endswith("/") else segments[:-1]:
-            current = current / segment
-            try:
-                if stat_mod.S_ISLNK(current.lstat().st_mode):
+        """The absolute path, refusing any symlink on the way: a linked folder (of the
+        root prefix or of ``path``) would lead out of the root. A directory path (browse
+        or walk prefix, trailing ``/``) has its last segment checked too.
+
+        A missing folder ends the check (upload creates it); a folder that is a file
+        raises :class:`PathConflictError` (readers treat it as "not found").
+        """
+        parts = self.root.rstrip("/").split("/") if self.root else []
+        rel = path.rstrip("/").split("/") if path else []
+        parts += rel if path.endswith("/") else rel[:-1]
+        current = self.base
+        with _fs_errors(path or "/"):
+            for segment in parts:
+                current = current / segment
+                try:
+                    mode = current.lstat().st_mode
+                except FileNotFoundError:
+                    break
+                if stat_mod.S_ISLNK(mode):
                     raise InvalidPathError(f"{path!r} passes through a symbolic link")
-            except FileNotFoundError:
-                break
+                if not stat_mod.S_ISDIR(mode):
+                    raise PathConflictError(f"{path!r}: a folder on the way is a file")
         return self.top / path
 
     def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[ObjectInfo]]:
         prefix = self.check_prefix(prefix)
-        start = self._abs(prefix) if prefix else self.top
-        if not start.is_dir():
-            return
+        try:
+            start = self._abs(prefix)
+        except PathConflictError:
+            return iter(())  # under a file: nothing there
+        return self._walk(start, prefix, max(1, page_size))
+
+    def _walk(self, start: Path, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
         page: list[ObjectInfo] = []
         stack: list[tuple[Path, str]] = [(start, prefix)]
         while stack:
             directory, rel = stack.pop()
             try:
-                entries = list(os.scandir(directory))
-            except FileNotFoundError:
-                continue  # removed while we walked
-            except PermissionError as err:
-                raise PermissionDeniedError(f"cannot list {rel or '/'}: {err}") from err
-            except OSError as err:
-                raise StorageError(f"cannot list {rel or '/'}: {err}") from err
+                with _fs_errors(f"list {rel or '/'}"):
+                    entries = list(os.scandir(directory))
+            except NotFoundError:
+                continue  # removed while we walked, or never there
+            except PathConflictError:
+                if rel == prefix:
+                    continue  # the prefix names a file: nothing under it
+                raise
             for entry in entries:
-                if entry.is_symlink():
-                    continue  # never follow links out of the root
                 name = entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), f"{rel}{name}/"))
-                    continue
-                if name.startswith(TMP_PREFIX):
-                    continue  # an upload in flight
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
+                with _fs_errors(f"list {rel}{name}"):
+                    if entry.is_symlink():
+                        continue  # never follow links out of the root
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((Path(entry.path), f"{rel}{name}/"))
+                        continue
+                    if name.startswith(TMP_PREFIX):
+                        continue  # an upload in flight
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                if not stat_mod.S_ISREG(st.st_mode):
+                    continue  # sockets, devices, fifos: not files of a backup
                 page.append(ObjectInfo(rel + name, st.st_size, _mtime(st)))
                 if len(page) >= page_size:
                     yield page
@@ -103,34 +153,47 @@ class LocalBackend(StorageBackend):
 
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
         prefix = self.check_prefix(prefix)
-        directory = self._abs(prefix) if prefix else self.top
         after = _decode_cursor(cursor) if cursor else None
         try:
-            names = sorted(
-                e.name
-                for e in os.scandir(directory)
-                if not e.is_symlink() and not e.name.startswith(TMP_PREFIX)
-            )
-        except (FileNotFoundError, NotADirectoryError):
+            directory = self._abs(prefix)
+            with _fs_errors(f"browse {prefix or '/'}"):
+                names = sorted(
+                    e.name
+                    for e in os.scandir(directory)
+                    if not e.is_symlink() and not e.name.startswith(TMP_PREFIX)
+                )
+        except (NotFoundError, PathConflictError):
             return BrowsePage([])
         if after is not None:
             names = [n for n in names if n > after]
         entries: list[BrowseEntry] = []
-        for name in names[:limit]:
-            full = directory / name
-            st = full.lstat()
+        shown = 0
+        for name in names:
+            if shown == limit:
+                break
+            shown += 1
+            try:
+                with _fs_errors(f"browse {prefix}{name}"):
+                    st = (directory / name).lstat()
+            except NotFoundError:
+                continue  # removed since the listing
             if stat_mod.S_ISDIR(st.st_mode):
                 entries.append(BrowseEntry(name, f"{prefix}{name}/", True))
-            else:
+            elif stat_mod.S_ISREG(st.st_mode):
                 entries.append(BrowseEntry(name, prefix + name, False, st.st_size, _mtime(st)))
         more = len(names) > limit
         return BrowsePage(entries, _encode_cursor(names[limit - 1]) if more and limit else None)
 
     def stat(self, path: str) -> ObjectInfo:
         self.check_path(path)
+        return self._stat(path)
+
+    def _stat(self, path: str) -> ObjectInfo:
         try:
-            st = self._abs(path).lstat()
-        except FileNotFoundError as err:
+            target = self._abs(path)
+            with _fs_errors(f"stat {path}"):
+                st = target.lstat()
+        except PathConflictError as err:
             raise NotFoundError(path) from err
         if not stat_mod.S_ISREG(st.st_mode):
             raise NotFoundError(path)
@@ -138,32 +201,57 @@ class LocalBackend(StorageBackend):
 
     def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         self.stat(path)
-        with open(self._abs(path), "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                yield chunk
+        return self._read(path, chunk_size)
+
+    def _read(self, path: str, chunk_size: int) -> Iterator[bytes]:
+        with _fs_errors(f"read {path}"):
+            # O_NOFOLLOW: a file swapped for a symlink since the stat is not read
+            fd = os.open(self._abs(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with open(fd, "rb") as fh:
+                while chunk := fh.read(chunk_size):
+                    yield chunk
 
     def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        """Write a temporary file next to the target, then rename it over the target.
+
+        Errors of the filesystem are translated; an error of ``stream`` (the client
+        went away) propagates as it is. Either way no temporary file is left.
+        """
         self.check_path(path)
         target = self._abs(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        what = f"upload {path}"
+        with _fs_errors(what):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+            fh = open(tmp, "xb")  # noqa: SIM115 - closed below, after the copy
         try:
-            with open(tmp, "wb") as fh:
-                shutil.copyfileobj(stream, fh, 1024 * 1024)
-            os.replace(tmp, target)
+            with fh:
+                while chunk := stream.read(1024 * 1024):
+                    with _fs_errors(what):
+                        fh.write(chunk)
+            with _fs_errors(what):
+                os.replace(tmp, target)  # a folder named like the file: EISDIR, a conflict
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
         return self.stat(path)
 
     def delete(self, path: str) -> None:
         self.check_path(path)
+        self._delete_listed(path)
+
+    def _delete_listed(self, path: str) -> None:
+        """Remove one file (also a name a listing gave that is not UTF-8). A missing
+        file, or one under a file, is already gone; a folder is a conflict, never removed."""
         try:
-            self._abs(path).unlink()
-        except FileNotFoundError:
-            return
-        except PermissionError as err:
-            raise PermissionDeniedError(str(err)) from err
+            target = self._abs(path)
+        except PathConflictError:
+            return  # a folder on the way is a file: nothing there to delete
+        with _fs_errors(f"delete {path}"):
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                return
 
 
 def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> LocalBackend:

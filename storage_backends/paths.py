@@ -12,6 +12,9 @@ import unicodedata
 from storage_backends.errors import InvalidPathError
 
 MAX_PATH_BYTES = 1024  # S3's key limit; the strictest of the backends
+#: NAME_MAX of Linux filesystems (and of most SFTP servers): the longest folder or file
+#: name, in UTF-8 bytes. Enforced on every backend, so a path that works on one works on all.
+MAX_SEGMENT_BYTES = 255
 
 
 #: The control characters (category Cc) of ASCII
@@ -24,13 +27,45 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
-def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = False) -> str:
+def utf8_bytes(path: str, *, allow_surrogates: bool = False) -> bytes:
+    """``path`` as UTF-8, or :class:`InvalidPathError` when it is not valid Unicode text
+    (a lone surrogate such as ``"\\ud800"``).
+
+    ``allow_surrogates``: a name a filesystem listing decoded with ``surrogateescape``
+    (bytes that are not UTF-8) encodes back to exactly those bytes.
+    """
+    try:
+        return path.encode("utf-8")
+    except UnicodeEncodeError as err:
+        if allow_surrogates:
+            try:
+                return path.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                pass
+        bad = path[err.start : err.end]
+        raise InvalidPathError(
+            f"path is not valid UTF-8: it holds {bad!r} at position {err.start} "
+            "(a lone surrogate, not a character)"
+        ) from None
+
+
+def validate_path(
+    path: str,
+    *,
+    allow_dir: bool = False,
+    allow_empty: bool = False,
+    allow_surrogates: bool = False,
+    allow_empty_segments: bool = False,
+) -> str:
     """Return ``path`` unchanged if it is safe, else raise :class:`InvalidPathError`.
 
-    Rejected: empty (unless ``allow_empty``), a leading ``/``, ``..`` or ``.`` segments,
-    empty segments (``a//b``), NUL and control characters, backslashes, a trailing ``/``
-    unless ``allow_dir``, and anything over 1024 bytes. The path is never rewritten: what
-    is accepted is what goes to the server (SAFETY rule 5).
+    Rejected: empty (unless ``allow_empty``), text that is not valid UTF-8 (lone
+    surrogates, unless ``allow_surrogates``: see :func:`utf8_bytes`), a leading ``/``,
+    ``..`` or ``.`` segments, empty segments (``a//b``, unless ``allow_empty_segments``:
+    literal names on object stores), NUL and control characters, backslashes, a trailing
+    ``/`` unless ``allow_dir``, a segment over 255 bytes and anything over 1024 bytes.
+    The path is never rewritten: what is accepted is what goes to the server (SAFETY
+    rule 5).
     """
     if not isinstance(path, str):
         raise InvalidPathError("path must be a string")
@@ -38,7 +73,8 @@ def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = Fal
         if allow_empty:
             return path
         raise InvalidPathError("path is empty")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+    raw = utf8_bytes(path, allow_surrogates=allow_surrogates)
+    if len(raw) > MAX_PATH_BYTES:
         raise InvalidPathError(f"path is longer than {MAX_PATH_BYTES} bytes")
     if _has_control(path):
         raise InvalidPathError("path contains a NUL or control character")
@@ -55,8 +91,17 @@ def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = Fal
         if not allow_dir:
             raise InvalidPathError("path names a directory (trailing '/'), a file is expected")
         body = path[:-1]
+    if len(raw) > MAX_SEGMENT_BYTES:  # else no segment can be too long
+        for name in raw.split(b"/"):
+            if len(name) > MAX_SEGMENT_BYTES:
+                raise InvalidPathError(
+                    f"path has a folder or file name of {len(name)} bytes: "
+                    f"names are limited to {MAX_SEGMENT_BYTES} bytes (UTF-8)"
+                )
     for segment in body.split("/"):
         if segment == "":
+            if allow_empty_segments:
+                continue
             raise InvalidPathError("path contains an empty segment ('//')")
         if segment in (".", ".."):
             raise InvalidPathError("path contains a '.' or '..' segment")
@@ -67,17 +112,20 @@ def validate_path(path: str, *, allow_dir: bool = False, allow_empty: bool = Fal
     return path
 
 
-def validate_prefix(prefix: str) -> str:
+def validate_prefix(prefix: str, *, allow_empty_segments: bool = False) -> str:
     """A browse/walk prefix: empty (the root) or a safe directory path ending in ``/``.
 
     A prefix without the trailing ``/`` is accepted and gets one, so that ``backups/1``
     never lists ``backups/10/`` (prefixes are matched segment-wise).
+    ``allow_empty_segments``: see :func:`validate_path` (``a//`` on object stores).
     """
     if prefix == "":
         return ""
+    if not isinstance(prefix, str):
+        raise InvalidPathError("prefix must be a string")
     if not prefix.endswith("/"):
         prefix += "/"
-    return validate_path(prefix, allow_dir=True)
+    return validate_path(prefix, allow_dir=True, allow_empty_segments=allow_empty_segments)
 
 
 def normalize_root(root: str) -> str:

@@ -4,6 +4,10 @@ Credentials never live in the database: ``credentials_ref`` names a JSON object 
 the environment variable ``OCORE_CREDENTIALS_<REF>`` (upper-cased, non-alphanumerics as
 ``_``) or in the file ``<OCORE_SECRETS_DIR>/<ref>.json``. An empty reference means no
 credentials (local, anonymous emulators, or the provider's default chain).
+
+Every string value of resolved credentials is registered with
+:func:`worker.logging.add_secret`: should a library quote one in an exception message,
+the log shows ``***`` instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from storage_backends.base import StorageBackend
 from storage_backends.errors import BackendUnavailableError
 from storage_backends.paths import normalize_root
+from worker.logging import add_secret
 
 if TYPE_CHECKING:
     from db.models import BackupDestination
@@ -35,6 +40,27 @@ class _Factory(Protocol):
     def __call__(
         self, dest: BackupDestination, credentials: dict[str, Any], settings: Settings
     ) -> StorageBackend: ...
+
+
+#: Keys of a GCS service-account JSON whose values are public and common words or URLs:
+#: masking them everywhere would only hide useful text.
+_PUBLIC_KEYS = frozenset(
+    {"type", "auth_uri", "token_uri", "auth_provider_x509_cert_url", "universe_domain"}
+)
+
+
+def _register_secrets(value: Any, key: str = "") -> None:
+    """``add_secret`` every string in the credentials, nested ones included."""
+    if isinstance(value, str):
+        if key not in _PUBLIC_KEYS:
+            add_secret(value)
+            add_secret(value.strip())
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _register_secrets(v, str(k))
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _register_secrets(v, key)
 
 
 def credentials_env_name(ref: str) -> str:
@@ -64,6 +90,7 @@ def resolve_credentials(ref: str, settings: Settings) -> dict[str, Any]:
         raise BackendUnavailableError(f"credentials in {source} are not valid JSON") from err
     if not isinstance(data, dict):
         raise BackendUnavailableError(f"credentials in {source} must be a JSON object")
+    _register_secrets(data)
     return data
 
 

@@ -8,7 +8,6 @@ parsed with the C ElementTree parser. Everything else goes through the boto3 cli
 from __future__ import annotations
 
 import functools
-import html
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -154,9 +153,36 @@ _TOP = {
 }
 
 
+#: The five entities XML predefines; any other named entity is not XML.
+_XML_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
+_REFERENCE = re.compile(r"&(#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);|&")
+
+
+def _xml_char(ref: re.Match[str]) -> str:
+    name = ref.group(1)
+    if name is None:
+        raise StorageError("the listing holds a bare '&': not well-formed XML")
+    if name[0] != "#":
+        char = _XML_ENTITIES.get(name)
+        if char is None:
+            raise StorageError(f"the listing holds &{name};, an entity XML does not define")
+        return char
+    code = int(name[2:], 16) if name[1] == "x" else int(name[1:])
+    if code == 0 or 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+        raise StorageError(f"the listing holds &{name};, not a character")
+    return chr(code)
+
+
+def xml_unescape(text: str) -> str:
+    """Resolve XML's references: the five predefined entities and numeric character
+    references (``&#x80;`` is U+0080, not the '€' HTML's rules make of it). Anything
+    else (an HTML entity, a bare ``&``) is not XML: the listing is refused rather than
+    a key misread."""
+    return _REFERENCE.sub(_xml_char, text) if "&" in text else text
+
+
 def _text(raw: bytes) -> str:
-    text = raw.decode("utf-8")
-    return html.unescape(text) if "&" in text else text
+    return xml_unescape(raw.decode("utf-8"))
 
 
 #: one simple element ``<Tag>text</Tag>`` (no attributes, no children)
@@ -339,13 +365,17 @@ class S3Backend(StorageBackend):
         self.bucket = bucket
         self.region = session.region_name or "us-east-1"
         self.url_expiry = url_expiry
+        #: attempts of a request (botocore and the listing): 1 + the retries it may take
+        self.max_attempts = max(1, int(options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
         self.addressing_style = options.get("addressing_style") or (
             "path" if endpoint else "virtual"
         )
         self.client = session.client(
             "s3", endpoint_url=endpoint, config=self._client_config(options)
         )
-        self.client.meta.events.register("after-call.s3", self._count_botocore_retries)
+        # botocore builds a new request for every attempt: one built for attempt 2, 3...
+        # is a retry actually taken (throttling, 5xx, reset: any reason botocore retries)
+        self.client.meta.events.register("request-created.s3", self._count_botocore_retry)
         self._credentials = session.get_credentials()
         if self._credentials is None:
             raise BackendUnavailableError("no S3 credentials: set access_key_id/secret_access_key")
@@ -372,10 +402,9 @@ class S3Backend(StorageBackend):
             # SigV4 everywhere; botocore would presign URLs with legacy SigV2 otherwise.
             signature_version="s3v4",
             s3={"addressing_style": self.addressing_style},
-            retries={
-                "mode": "standard",
-                "max_attempts": int(options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)),
-            },
+            # total attempts, the first included (botocore's own "max_attempts" would
+            # count retries only: one more request than the option says)
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             connect_timeout=float(options.get("connect_timeout", 10)),
             read_timeout=float(options.get("read_timeout", 60)),
             max_pool_connections=int(options.get("max_pool_connections", 16)),
@@ -391,17 +420,15 @@ class S3Backend(StorageBackend):
         path = parts.path.rstrip("/") + "/" + quote(self.bucket, safe="")
         return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
-    def _count_botocore_retries(self, parsed: dict[str, Any] | None = None, **_: Any) -> None:
-        if parsed:
-            self.retries += int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+    def _count_botocore_retry(self, request: Any = None, **_: Any) -> None:
+        """The one place botocore's retries are counted (``request-created``: once per
+        attempt, whether the previous one failed with a 503 or a dropped connection)."""
+        context = getattr(request, "context", None) or {}
+        if int(context.get("retries", {}).get("attempt", 1)) > 1:
+            self.retries += 1
 
     def translate_error(self, err: BaseException, what: str) -> StorageError:
         return translate(err, what)
-
-    def _on_error(self, err: BaseException) -> None:
-        if isinstance(err, ClientError):  # botocore's own retries before it gave up
-            meta = err.response.get("ResponseMetadata", {})
-            self.retries += int(meta.get("RetryAttempts", 0))
 
     # -- listing ---------------------------------------------------------------------
     def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
@@ -420,7 +447,9 @@ class S3Backend(StorageBackend):
 
         def fetch(token: str | None) -> tuple[bytes, bool, str | None]:
             return call_with_retry(
-                self, functools.partial(self._list_page, full_prefix, max_keys, token)
+                self,
+                functools.partial(self._list_page, full_prefix, max_keys, token),
+                attempts=self.max_attempts,
             )
 
         with ThreadPoolExecutor(1, thread_name_prefix="s3-list") as pool:
@@ -475,7 +504,11 @@ class S3Backend(StorageBackend):
             return (data, *parse_list_head(data))
 
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
-        """One level under ``prefix`` (delimiter ``/``); the cursor is S3's own token."""
+        """One level under ``prefix`` (delimiter ``/``); the cursor is S3's own token.
+
+        A key ``a//b`` shows as the folder ``a//`` (an empty name), which can be browsed
+        in turn; folders no prefix may name (``/``, ``x/../``) are left out.
+        """
         prefix = self.check_prefix(prefix)
         full = self.root + prefix
         kwargs: dict[str, Any] = {
@@ -489,16 +522,16 @@ class S3Backend(StorageBackend):
         with self._op("browse", full or "/"):
             resp = self.client.list_objects_v2(**kwargs)
         entries = [
-            BrowseEntry(p["Prefix"][len(full) : -1], self._rel(p["Prefix"]), True)
+            BrowseEntry(p["Prefix"][len(full) : -1], rel, True)
             for p in resp.get("CommonPrefixes", [])
+            if self.browsable(rel := self._rel(p["Prefix"]))
         ]
         for obj in resp.get("Contents", []):
             if obj["Key"] == full:
                 continue  # the folder's own marker object
             rel = self._rel(obj["Key"])
-            entries.append(
-                BrowseEntry(rel[len(prefix) :], rel, False, obj["Size"], obj["LastModified"])
-            )
+            modified = obj["LastModified"].astimezone(UTC)
+            entries.append(BrowseEntry(rel[len(prefix) :], rel, False, obj["Size"], modified))
         entries.sort(key=lambda e: e.path)
         token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
         return BrowsePage(entries, token)
@@ -613,10 +646,11 @@ class S3Backend(StorageBackend):
             pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self.root))
         for page in pages:
             for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
                 yield MultipartUpload(
                     self._rel(upload["Key"]),
                     upload["UploadId"],
-                    upload.get("Initiated"),
+                    initiated.astimezone(UTC) if initiated is not None else None,
                     self._upload_size(upload["Key"], upload["UploadId"]),
                 )
 
@@ -629,8 +663,12 @@ class S3Backend(StorageBackend):
         return total
 
     def abort_multipart_upload(self, path: str, upload_id: str) -> None:
-        """Abort one upload; an upload already gone is success."""
-        key = self._key(self.check_path(path))
+        """Abort one upload; an upload already gone is success.
+
+        ``path`` is a key :meth:`list_multipart_uploads` listed: it is sent back byte for
+        byte (``a//b`` included), with the listed-key check.
+        """
+        key = self._key(self.check_listed_key(path))
         try:
             with self._op("abort_upload", key):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
@@ -648,7 +686,8 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
 
     ``credentials``: ``access_key_id``, ``secret_access_key``, optional ``session_token``.
     ``dest.options``: ``addressing_style`` (default ``path`` with a custom endpoint),
-    ``multipart_threshold``, ``multipart_chunksize``, ``max_attempts``, timeouts.
+    ``multipart_threshold``, ``multipart_chunksize``, ``max_attempts`` (attempts of one
+    request, the first included: default 5), timeouts.
     """
     session = boto3.session.Session(
         aws_access_key_id=credentials.get("access_key_id"),

@@ -15,6 +15,7 @@ import posixpath
 import socket
 import stat as stat_mod
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -36,6 +37,7 @@ from storage_backends.errors import (
     BackendUnavailableError,
     InvalidPathError,
     NotFoundError,
+    PathConflictError,
     PermissionDeniedError,
     StorageError,
     TransientStorageError,
@@ -50,6 +52,10 @@ T = TypeVar("T")
 WALK_THREADS = 8
 #: A directory listing is tried this often when the connection drops (a reconnect each time).
 WALK_ATTEMPTS = 4
+#: How long a folder checked to be a real folder (not a symlink) is trusted without
+#: another lstat: a batch of deletes in one folder costs one check, not one per file.
+DIR_CHECK_TTL = 5.0
+DIR_CHECK_CACHE = 4096
 _DROPPED = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
 
@@ -147,6 +153,8 @@ class SFTPBackend(StorageBackend):
         self._ssh: paramiko.SSHClient | None = None
         self._sftp_client: paramiko.SFTPClient | None = None
         self._used = threading.local()  # the session this thread's last call ran on
+        #: absolute folder -> monotonic time until which it is trusted (see _check_dirs)
+        self._real_dirs: dict[str, float] = {}
 
     # -- connection ------------------------------------------------------------------
     def _connect(self) -> paramiko.SSHClient:
@@ -162,23 +170,31 @@ class SFTPBackend(StorageBackend):
             paramiko.AutoAddPolicy() if creds.get("allow_unknown_host_key") else _RejectUnknown()
         )
         client.set_missing_host_key_policy(policy)
+        if not (creds.get("password") or creds.get("private_key") or creds.get("private_key_path")):
+            raise BackendUnavailableError(
+                "SFTP credentials need a password, a private_key or a private_key_path"
+            )
         pkey = None
         if creds.get("private_key"):
             pkey = load_private_key(creds["private_key"], creds.get("passphrase"))
-        client.connect(
-            self.host,
-            self.port,
-            username=creds.get("username"),
-            password=creds.get("password"),
-            pkey=pkey,
-            key_filename=creds.get("private_key_path"),
-            passphrase=creds.get("passphrase"),
-            look_for_keys=False,
-            allow_agent=False,
-            timeout=self.timeout,
-            banner_timeout=self.timeout,
-            auth_timeout=self.timeout,
-        )
+        try:
+            client.connect(
+                self.host,
+                self.port,
+                username=creds.get("username"),
+                password=creds.get("password"),
+                pkey=pkey,
+                key_filename=creds.get("private_key_path"),
+                passphrase=creds.get("passphrase"),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+            )
+        except BaseException:
+            client.close()  # a failed login must not leave its transport open
+            raise
         return client
 
     def _client(self) -> paramiko.SSHClient:
@@ -242,6 +258,43 @@ class SFTPBackend(StorageBackend):
     def _abs(self, rel: str) -> str:
         return posixpath.join(self.top, rel) if rel else self.top
 
+    def _check_dirs(self, sftp: paramiko.SFTPClient, rel: str) -> None:
+        """lstat every folder from the base directory down to ``rel`` (the root prefix's
+        folders and ``rel``'s own; a folder path, ending in ``/``, has its last segment
+        checked too) and refuse a symbolic link among them: a linked folder leads out
+        of the root, and the server would follow it.
+
+        Raises :class:`InvalidPathError` on a symlink and :class:`PathConflictError` on
+        a folder that is a file; a missing folder ends the check (nothing below it
+        exists; upload creates it). A folder found real is trusted for
+        :data:`DIR_CHECK_TTL` seconds (per backend), so a batch in one folder costs one
+        check. The walk itself needs none below its prefix: it descends only into
+        folders its lstat-listing showed as real folders.
+        """
+        segments = self.root.rstrip("/").split("/") if self.root else []
+        parts = rel.rstrip("/").split("/") if rel else []
+        segments += parts if rel.endswith("/") else parts[:-1]
+        current = self.base
+        now = time.monotonic()
+        for segment in segments:
+            current = posixpath.join(current, segment)
+            with self._lock:
+                trusted = self._real_dirs.get(current, 0.0) > now
+            if trusted:
+                continue
+            try:
+                mode = _mode(sftp.lstat(current))
+            except FileNotFoundError:
+                return
+            if stat_mod.S_ISLNK(mode):
+                raise InvalidPathError(f"{rel!r} passes through a symbolic link")
+            if not stat_mod.S_ISDIR(mode):
+                raise PathConflictError(f"{rel!r}: a folder on the way is a file")
+            with self._lock:
+                if len(self._real_dirs) >= DIR_CHECK_CACHE:
+                    self._real_dirs.clear()
+                self._real_dirs[current] = now + DIR_CHECK_TTL
+
     # -- listing ---------------------------------------------------------------------
     def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
         """Every regular file under ``prefix``; directories listed by parallel channels.
@@ -276,10 +329,13 @@ class SFTPBackend(StorageBackend):
 
         def list_once(rel: str) -> list[paramiko.SFTPAttributes]:
             with self._op("list", rel or "/"):
+                sftp = channel()
                 try:
-                    return channel().listdir_attr(self._abs(rel))
-                except FileNotFoundError:
-                    return []  # removed while we walked, or never existed
+                    if rel == prefix:  # below it, only real folders are entered
+                        self._check_dirs(sftp, prefix)
+                    return sftp.listdir_attr(self._abs(rel))
+                except (FileNotFoundError, PathConflictError):
+                    return []  # removed while we walked, never existed, or under a file
 
         def list_dir(rel: str) -> tuple[list[ObjectInfo], list[str]]:
             entries = call_with_retry(
@@ -336,8 +392,9 @@ class SFTPBackend(StorageBackend):
 
         def listing(sftp: paramiko.SFTPClient) -> list[paramiko.SFTPAttributes]:
             try:
+                self._check_dirs(sftp, prefix)
                 return sftp.listdir_attr(self._abs(prefix))
-            except FileNotFoundError:
+            except (FileNotFoundError, PathConflictError):
                 return []
 
         attrs = self._call("browse", prefix or "/", listing)
@@ -352,7 +409,15 @@ class SFTPBackend(StorageBackend):
     def stat(self, path: str) -> ObjectInfo:
         """lstat one file; directories and symlinks are :class:`NotFoundError`."""
         self.check_path(path)
-        attrs = self._call("stat", path, lambda s: s.lstat(self._abs(path)))
+
+        def lstat(sftp: paramiko.SFTPClient) -> paramiko.SFTPAttributes:
+            try:
+                self._check_dirs(sftp, path)
+            except PathConflictError as err:
+                raise NotFoundError(path) from err
+            return sftp.lstat(self._abs(path))
+
+        attrs = self._call("stat", path, lstat)
         if not stat_mod.S_ISREG(_mode(attrs)):
             raise NotFoundError(path)
         return ObjectInfo(path, int(attrs.st_size or 0), _mtime(attrs))
@@ -379,7 +444,15 @@ class SFTPBackend(StorageBackend):
         self.check_path(path)
         target = self._abs(path)
         tmp = posixpath.join(posixpath.dirname(target), f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        self._call("mkdir", path, lambda s: self._makedirs(s, posixpath.dirname(target)))
+
+        def makedirs(sftp: paramiko.SFTPClient) -> None:
+            self._check_dirs(sftp, path)
+            with contextlib.suppress(FileNotFoundError):
+                if stat_mod.S_ISDIR(_mode(sftp.lstat(target))):
+                    raise PathConflictError(f"upload {path}: a folder has this name")
+            self._makedirs(sftp, posixpath.dirname(target))
+
+        self._call("mkdir", path, makedirs)
         with self._op("upload", path):
             sftp = self._sftp()
             try:
@@ -414,9 +487,10 @@ class SFTPBackend(StorageBackend):
 
         def remove(sftp: paramiko.SFTPClient) -> None:
             try:
+                self._check_dirs(sftp, path)
                 sftp.remove(self._abs(path))
-            except FileNotFoundError:
-                return
+            except (FileNotFoundError, PathConflictError):
+                return  # gone, never there, or under a file
 
         self._call("delete", path, remove)
 

@@ -9,8 +9,9 @@ For each batch of at most 1,000 keys (SAFETY rule 10):
 A crash between the steps is repaired by running the job again (rule 20): pending audit
 rows are reused, never duplicated, and a key already gone counts as deleted.
 
-:func:`delete_batches` (orphan cleanup) runs step 3 of batch k while batch k+1's storage
-delete is under way; steps 1 and 2 stay strictly in order, batch after batch. On
+:func:`delete_batches` (orphan cleanup) keeps up to ``in_flight`` storage deletes under
+way and runs step 3 of the oldest batch while newer ones are; steps 1 and 2 stay
+strictly paired, batch after batch (each batch is sent right after its own step 1). On
 PostgreSQL the per-batch statements take their keys as one array parameter each and
 audit rows are updated by primary key: no per-key SQL, and no filter over every row
 of the job (which made a batch's cost grow with the job).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +81,8 @@ class DeleteContext:
     job_id: uuid.UUID
     actor: str
     destinations: list[BackupDestination] | None = None
+    #: storage deletes under way at once in :func:`delete_batches` (SFTP/local: 1)
+    in_flight: int = 1
 
 
 def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize) -> BatchOutcome:
@@ -93,25 +97,36 @@ def delete_batches(
     finalize: Finalize,
     after_batch: Callable[[BatchOutcome], None] | None = None,
 ) -> None:
-    """:func:`delete_batch` for each batch, with step 3 of batch k (closing its audit
-    rows and bookkeeping) and the read of batch k+2 done while the storage delete of
-    batch k+1 runs in a thread. What the safety rules order stays in order, batch by
-    batch: step 1 of batch k+1 (shutdown check, fence, re-check, pending rows) starts
-    only once the storage delete of batch k has returned, and commits before batch
-    k+1 is sent; at most one storage delete is under way at a time.
+    """:func:`delete_batch` for each batch, with up to ``ctx.in_flight`` storage
+    deletes under way at once (in threads) and step 3 of the oldest batch (closing its
+    audit rows and bookkeeping) done while the newer ones run.
+
+    What the safety rules order stays in order, batch by batch: step 1 of a batch
+    (shutdown check, fence, re-check, pending rows) commits right before that batch is
+    sent, never earlier, so a record committed before the re-check saves its file
+    (rule 7) and a lost lock stops the very next batch (rule 8). When the window is
+    full, the oldest delete is waited for before the next batch is prepared. With
+    ``in_flight=1`` exactly one storage delete is under way at a time.
 
     Whatever stops the run (a stop request, a lost lock, a failure) stops it before the
-    next batch is sent: the delete already under way is waited for and closed first
-    (or, if that fails too, its pending rows are left to :func:`repair_pending`).
+    next batch is sent: the deletes already under way are waited for and closed first
+    (or, if that fails too, their pending rows are left to :func:`repair_pending`).
     ``after_batch(outcome)`` runs after each batch is closed (progress, shutdown)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="delete-batch") as pool:
-        sent: tuple[_Prepared, Future[DeleteResult | None]] | None = None
+    window = max(1, ctx.in_flight)
+    inflight: deque[tuple[_Prepared, Future[DeleteResult | None]]] = deque()
+
+    def close(prepared: _Prepared, result: DeleteResult | None) -> None:
+        outcome = _close(ctx, prepared, result, finalize)
+        if after_batch:
+            after_batch(outcome)
+
+    with ThreadPoolExecutor(window, thread_name_prefix="delete-batch") as pool:
         try:
             for items in batches:
                 done = None
-                if sent is not None:
-                    done = (sent[0], sent[1].result())  # batch k is off the server
-                    sent = None
+                if len(inflight) >= window:
+                    oldest = inflight.popleft()
+                    done = (oldest[0], oldest[1].result())  # the oldest is off the server
                 try:
                     prepared = _prepare(ctx, items)
                 except BaseException:
@@ -120,25 +135,23 @@ def delete_batches(
                     raise
                 # (in the job's logging context: its log lines keep the job's ids)
                 run = contextvars.copy_context().run
-                sent = (prepared, pool.submit(run, _send, ctx, prepared))
+                inflight.append((prepared, pool.submit(run, _send, ctx, prepared)))
                 if done is not None:
-                    outcome = _close(ctx, *done, finalize)
-                    if after_batch:
-                        after_batch(outcome)
-            if sent is not None:
-                prepared, future = sent
-                sent = None
-                outcome = _close(ctx, prepared, future.result(), finalize)
-                if after_batch:
-                    after_batch(outcome)
+                    close(*done)
+            while inflight:
+                prepared, future = inflight[0]
+                result = future.result()
+                inflight.popleft()
+                close(prepared, result)
         except BaseException:
-            if sent is not None:  # never leave a sent batch behind unclosed
+            while inflight:  # never leave a sent batch behind unclosed
+                prepared, future = inflight.popleft()
                 try:
-                    result = sent[1].result()
+                    result = future.result()
                 except BaseException as err:  # (this very error, or another one)
                     log.debug("a batch's delete failed (%r): repair_pending finishes it", err)
                 else:
-                    _close_after_error(ctx, sent[0], result, finalize)
+                    _close_after_error(ctx, prepared, result, finalize)
             raise
 
 

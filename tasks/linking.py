@@ -2,9 +2,10 @@
 
 The :class:`LinkIndex` holds, for every record of every destination overlapping the one
 being scanned (soft-deleted, pending and failed records included), a 64-bit hash of its
-absolute key in sorted numpy arrays: about 12 bytes a record, never the records
-themselves. A hash collision can only make an orphan look linked, so it fails closed;
-and every delete batch re-checks its keys exactly against the database (rule 7).
+absolute key in sorted numpy arrays: about 11 bytes a record (hash, owner, seen flag),
+never the records themselves. A hash collision can only make an orphan look linked, so
+it fails closed; and every delete batch re-checks its keys exactly against the database
+(rule 7).
 
 Keys are compared as absolute keys (destination root + record path), so records of a
 destination with a different but overlapping root protect the same files.
@@ -35,6 +36,8 @@ from storage_backends.paths import normalize_root, roots_overlap
 RECORD_MODELS: tuple[Any, ...] = (Backup, Snapshot)
 _SLASHES = re.compile(r"/{2,}")
 YIELD_PER = 10_000
+#: owner indexes fit 2 bytes up to this many instances (then 4)
+OWNER16_MAX = 32_767
 
 
 def _already_loose(key: str) -> bool:
@@ -112,17 +115,64 @@ def ancestors(key: str) -> Iterator[str]:
         pos = key.find("/", pos + 1)
 
 
+class OverlapOutsideFrame(ValueError):
+    """A local/SFTP destination covers this one from above its base directory: its
+    records cannot be expressed relative to this destination's base directory."""
+
+
 def overlapping_destinations(session: Session, dest: BackupDestination) -> list[BackupDestination]:
-    """Destinations whose storage location overlaps ``dest`` (itself included)."""
-    mine = normalize_root(dest.root_prefix or "")
-    rows = session.scalars(
-        select(BackupDestination).where(
-            BackupDestination.kind == dest.kind,
-            BackupDestination.endpoint == dest.endpoint,
-            BackupDestination.bucket == dest.bucket,
-        )
-    ).all()
-    return [d for d in rows if roots_overlap(normalize_root(d.root_prefix or ""), mine)]
+    """Destinations whose storage location overlaps ``dest`` (itself included),
+    compared segment-wise on :func:`worker.jobs.location_root`.
+
+    For local/SFTP, where a base directory and a root prefix are one path (``/data`` +
+    ``x/`` is ``/data/x`` + ``""``), a destination on another base directory is returned
+    as a transient copy (never added to the session) re-expressed in ``dest``'s frame:
+    ``dest``'s base directory, and as root the rest of its path. Callers key records by
+    ``root_prefix + path`` in ``dest``'s frame, so its records link the same files.
+    One that covers ``dest`` from *above* its base directory (``/data`` + ``""`` seen from
+    ``/data/x``) cannot be re-expressed: :class:`OverlapOutsideFrame` is raised and the
+    job fails before it reads or deletes anything (fail closed)."""
+    from worker.jobs import PATH_KINDS, base_path, location_root
+
+    mine = location_root(dest)
+    stmt = select(BackupDestination).where(
+        BackupDestination.kind == dest.kind,
+        BackupDestination.endpoint == dest.endpoint,
+    )
+    if dest.kind not in PATH_KINDS:
+        stmt = stmt.where(BackupDestination.bucket == dest.bucket)
+    out: list[BackupDestination] = []
+    base = base_path(dest) if dest.kind in PATH_KINDS else ""
+    for d in session.scalars(stmt).all():
+        theirs = location_root(d)
+        if not roots_overlap(theirs, mine):
+            continue
+        if dest.kind not in PATH_KINDS or base_path(d) == base:
+            out.append(d)
+        elif theirs.startswith(base):
+            out.append(
+                BackupDestination(
+                    id=d.id,
+                    organization_id=d.organization_id,
+                    project_id=d.project_id,
+                    name=d.name,
+                    kind=d.kind,
+                    endpoint=d.endpoint,
+                    bucket=dest.bucket,
+                    region=d.region,
+                    root_prefix=theirs[len(base) :],
+                    credentials_ref=d.credentials_ref,
+                    options=d.options,
+                    retention_days=d.retention_days,
+                )
+            )
+        else:
+            raise OverlapOutsideFrame(
+                f"destination {d.id} ({d.bucket!r} + root {d.root_prefix!r}) covers this "
+                f"destination's base directory {dest.bucket!r}: give both the same base "
+                "directory (the outer one) and express the difference as a root prefix"
+            )
+    return out
 
 
 class _HashTable:
@@ -130,16 +180,26 @@ class _HashTable:
 
     def __init__(self, hashes: array[int], owners: array[int]) -> None:
         h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
-        o = np.frombuffer(owners, dtype=np.int32) if len(owners) else np.zeros(0, np.int32)
-        order = np.argsort(h, kind="stable")
-        h, o = h[order], o[order]
-        del order  # peak memory: at most one temporary of 8 bytes a record at a time
+        odt = np.int16 if owners.typecode == "h" else np.int32
+        o = np.frombuffer(owners, dtype=odt) if len(owners) else np.zeros(0, odt)
+        # Peak memory, per record: the inputs (8 + 2 or 4), the order (8) and the
+        # permuted owners (2 or 4). Both sorts are introsorts (in place, no merge
+        # buffer); the hashes are sorted in the caller's buffer (dropped after).
+        order = np.argsort(h, kind="quicksort")
+        o = o[order]
+        del order
+        if not h.flags.writeable:
+            h = h.copy()
+        h.sort(kind="quicksort")
         if len(h) > 1:
             keep = np.empty(len(h), dtype=bool)
             keep[0] = True
             np.not_equal(h[1:], h[:-1], out=keep[1:])
             if not keep.all():  # duplicates are rare: no copies without them
-                h, o = h[keep], o[keep]
+                # one entry per key; its owner: the lowest of the records sharing it
+                # (deterministic whatever order the sort left them in)
+                o = np.minimum.reduceat(o, np.flatnonzero(keep))
+                h = h[keep]
         self.h = h
         self.owner = o
         self.seen = np.zeros(len(self.h), dtype=bool)
@@ -184,7 +244,8 @@ class LinkIndex:
         self.built_at: datetime | None = None
         self.record_count = 0
         inst_index: dict[str, int] = {}
-        files_h, files_o, dirs_h, dirs_o = array("q"), array("i"), array("q"), array("i")
+        # owners: 2 bytes a record while there are few instances, widened when needed
+        files_h, files_o, dirs_h, dirs_o = array("q"), array("h"), array("q"), array("h")
         lfiles_h, ldirs_h = array("q"), array("q")
         for d_root, paths, instance_ids in self._stream(session):
             # Columnar, a batch of rows at a time: the owner column, the hashes and the
@@ -196,10 +257,12 @@ class LinkIndex:
                 if owner is None:
                     owner = inst_index[inst] = len(inst_index)
                 owners.append(owner)
+            if files_o.typecode == "h" and len(inst_index) > OWNER16_MAX:
+                files_o, dirs_o = array("i", files_o), array("i", dirs_o)
             keys = [d_root + p for p in paths] if d_root else paths
             is_dir = [k.endswith("/") for k in keys]
             hashes = array("q", map(hash, keys))
-            own = array("i", owners)
+            own = array(files_o.typecode, owners)
             if any(is_dir):
                 for h, o, dir_ in zip(hashes, own, is_dir, strict=True):
                     (dirs_h if dir_ else files_h).append(h)
@@ -222,9 +285,8 @@ class LinkIndex:
         self.files = _HashTable(files_h, files_o)
         del files_h, files_o
         self.dirs = _HashTable(dirs_h, dirs_o)
-        zeros = array("i", bytes(4 * len(lfiles_h)))
-        self.loose_files = _HashTable(lfiles_h, zeros)
-        self.loose_dirs = _HashTable(ldirs_h, array("i", bytes(4 * len(ldirs_h))))
+        self.loose_files = _HashTable(lfiles_h, array("h", bytes(2 * len(lfiles_h))))
+        self.loose_dirs = _HashTable(ldirs_h, array("h", bytes(2 * len(ldirs_h))))
 
     def _stream(self, session: Session) -> Iterator[tuple[str, list[str], list[str]]]:
         """(destination root, paths, instance ids as text) of every record of every

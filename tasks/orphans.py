@@ -2,7 +2,9 @@
 
 SAFETY rules 6-12 and 20. The plan (every candidate) is stored in
 ``cleanup_candidates`` before anything is deleted; a redelivered job resumes from the
-stored plan instead of listing again.
+stored plan instead of listing again. A listing interrupted by a transient error drops
+the partial plan and sends the job back to the queue with a backoff (a permanent error
+fails it); nothing is deleted either way (rule 13).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tasks.deleting import (
 )
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
-from tasks.scan import Progress, run_scan
+from tasks.scan import LISTED_KEY, Progress, listing_figures, run_scan
 from worker.locks import Lease, check_and_renew
 from worker.settings import Settings
 
@@ -105,7 +107,12 @@ def _plan(
     if not scan.listing_complete:
         session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
         session.commit()
-        return JobOutcome("failed", scan.summary, f"{scan.error}; nothing was deleted")
+        scan.raise_if_retryable()  # back to the queue (a backoff), nothing deleted
+        return JobOutcome(
+            "failed",
+            {**scan.summary, LISTED_KEY: listing_figures(scan)},
+            f"{scan.error}; nothing was deleted",
+        )
     past = scan.analytics.details["orphans_past_retention"]
     plan = {
         "plan_complete": True,
@@ -117,7 +124,7 @@ def _plan(
         "no_timestamp_kept": scan.analytics.details["orphans_without_timestamp"],
     }
     _save_progress(session, job, phase="planned", **plan)
-    return plan
+    return {**plan, LISTED_KEY: listing_figures(scan)}
 
 
 def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
@@ -228,6 +235,7 @@ def run_orphan_cleanup(
         plan = _plan(session, backend, dest, settings, job, retention, progress, lease)
         if isinstance(plan, JobOutcome):
             return plan
+    listed = plan.pop(LISTED_KEY, None)  # only when this run listed (not a stored plan)
     result: dict[str, Any] = {
         "retention_days": retention,
         "dry_run": dry_run,
@@ -237,6 +245,8 @@ def run_orphan_cleanup(
         "ambiguous_kept": plan.get("ambiguous_kept", 0),
         "no_timestamp_kept": plan.get("no_timestamp_kept", 0),
     }
+    if listed is not None:
+        result[LISTED_KEY] = listed
     reason = _over_budget(plan, settings)
     if reason:
         log.warning("orphan cleanup of %s guarded: %s; nothing deleted", dest.id, reason)
@@ -253,6 +263,8 @@ def run_orphan_cleanup(
         job_id=job.id,
         actor=job.requested_by,
         destinations=overlapping_destinations(session, dest),
+        # SFTP shares one session; the local disk gains nothing from threads
+        in_flight=settings.cleanup_deletes_in_flight if dest.kind in ("s3", "gcs") else 1,
     )
     totals = {"deleted_files": 0, "bytes_freed": 0, "failed_files": 0, "kept_linked": 0}
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})

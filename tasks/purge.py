@@ -5,6 +5,14 @@ record; this job deletes those files (every file under a directory record) throu
 fenced, re-checked, audited batches of :mod:`tasks.deleting`, and removes each pending
 row in the transaction that closes its deletion (SAFETY rule 17). A file that another
 record still links is kept (rule 1) and its pending row dropped.
+
+A pending row whose path is unsafe (:func:`storage_backends.paths.validate_path` rejects
+it: ``..``, a leading ``/``, control characters...) is never sent to storage. It stays,
+**quarantined** for an operator: the job ends ``partial`` and counts it in
+``invalid_paths``, and the reaper does not request a purge for a destination whose only
+pending rows are quarantined ones (:func:`has_purgeable_pending`), so no purge job is
+re-run for them every few minutes. The state is derived from the path (the same check
+every time), so nothing needs to be written to mark it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,39 @@ from tasks.outcome import JobOutcome
 from tasks.scan import Progress
 from worker.locks import Lease
 from worker.settings import Settings
+
+#: pending rows read at a time
+PAGE = 100
+
+
+def is_quarantined(path: str) -> bool:
+    """A pending row that is never sent to storage: its path is unsafe."""
+    try:
+        validate_path(path, allow_dir=True)
+    except InvalidPathError:
+        return True
+    return False
+
+
+def has_purgeable_pending(session: Session, destination_id: uuid.UUID) -> bool:
+    """Does the destination owe a delete a purge job can do (a pending row that is not
+    quarantined)? Reads pending rows a page at a time and stops at the first one."""
+    after: uuid.UUID | None = None
+    while True:
+        stmt = (
+            select(PendingDeletion.id, PendingDeletion.path)
+            .where(PendingDeletion.destination_id == destination_id)
+            .order_by(PendingDeletion.id)
+            .limit(PAGE)
+        )
+        if after is not None:
+            stmt = stmt.where(PendingDeletion.id > after)
+        rows = session.execute(stmt).all()
+        if not rows:
+            return False
+        if any(not is_quarantined(path) for _id, path in rows):
+            return True
+        after = rows[-1][0]
 
 
 def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
@@ -99,7 +140,7 @@ def run_purge(
             select(PendingDeletion.id, PendingDeletion.path)
             .where(PendingDeletion.destination_id == dest.id, PendingDeletion.id.not_in(done))
             .order_by(PendingDeletion.created_at, PendingDeletion.id)
-            .limit(100)
+            .limit(PAGE)
         ).all()
         if not rows:
             break
@@ -108,8 +149,15 @@ def run_purge(
             _purge_one(ctx, backend, pending_id, path, totals, count, record_done)
             if progress:
                 progress("deleting", totals["deleted_files"])
-    status = "partial" if totals["failed_files"] else "succeeded"
-    return JobOutcome(status, totals)
+    if totals["invalid_paths"]:
+        error = (
+            f"{totals['invalid_paths']} pending deletion(s) have unsafe paths: never sent "
+            "to storage, left quarantined for an operator"
+        )
+        return JobOutcome("partial", totals, error)
+    if totals["failed_files"]:
+        return JobOutcome("partial", totals, f"{totals['failed_files']} file(s) not deleted")
+    return JobOutcome("succeeded", totals)
 
 
 def _purge_one(
@@ -124,9 +172,7 @@ def _purge_one(
     """Delete one pending record's files; drop its row when none failed (and count the
     record in the same transaction)."""
     session = ctx.session
-    try:
-        validate_path(path, allow_dir=True)
-    except InvalidPathError:
+    if is_quarantined(path):
         # An unsafe path is never sent to storage; keep the row for an operator.
         totals["invalid_paths"] += 1
         return True

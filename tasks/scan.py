@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,9 +21,10 @@ from db.models import BackupDestination, Environment, Instance, Project, Storage
 from db.session import db_now
 from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
-from storage_backends.errors import StorageError
+from storage_backends.errors import StorageError, TransientStorageError
 from tasks.analytics import ScanStats
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
+from worker.logging import set_phase
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,52 @@ MISSING_SAMPLE = 20
 PROGRESS_EVERY = 2.0
 
 
+class RecordIds:
+    """Record ids, 16 bytes each in one ``bytearray``: no ``uuid.UUID`` object (about
+    100 bytes each) per record, however many are stale (with an empty listing that is
+    every record of the destination). Read back in chunks (:meth:`chunks`)."""
+
+    SIZE = 16
+
+    def __init__(self, ids: Iterable[uuid.UUID | str] = ()) -> None:
+        self._buf = bytearray()
+        for i in ids:
+            self.add(i)
+
+    def add(self, rid: uuid.UUID | str) -> None:
+        """One id: a UUID, or its text (with or without dashes, as the database casts it)."""
+        if isinstance(rid, uuid.UUID):
+            self._buf += rid.bytes
+        else:
+            self._buf += bytes.fromhex(rid.replace("-", ""))
+
+    def __len__(self) -> int:
+        return len(self._buf) // self.SIZE
+
+    def __bool__(self) -> bool:
+        return bool(self._buf)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ids held (16 a record)."""
+        return len(self._buf)
+
+    def _at(self, i: int) -> uuid.UUID:
+        return uuid.UUID(bytes=bytes(self._buf[i * self.SIZE : (i + 1) * self.SIZE]))
+
+    def head(self, n: int) -> list[uuid.UUID]:
+        """The first ``n`` ids (a sample)."""
+        return [self._at(i) for i in range(min(n, len(self)))]
+
+    def chunks(self, size: int) -> Iterator[list[uuid.UUID]]:
+        """Every id, ``size`` at a time: only one chunk of UUID objects lives at once."""
+        for start in range(0, len(self), size):
+            yield [self._at(i) for i in range(start, min(start + size, len(self)))]
+
+    def clear(self) -> None:
+        self._buf = bytearray()
+
+
 @dataclass
 class ScanResult:
     analytics: StorageAnalytics
@@ -43,8 +91,23 @@ class ScanResult:
     started_at: datetime
     listing_complete: bool
     error: str | None = None
-    stale_candidates: list[uuid.UUID] = field(default_factory=list)
+    stale_candidates: RecordIds = field(default_factory=RecordIds)
     own_live_records: int = 0
+    #: the error that interrupted the listing (None when it completed)
+    listing_error: StorageError | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """The listing failed on a transient error (throttling, timeout, 5xx): the job
+        should go back to the queue with a backoff, not end failed."""
+        return isinstance(self.listing_error, TransientStorageError)
+
+    def raise_if_retryable(self) -> None:
+        """Raise :class:`TransientStorageError` (the runner retries the job) when the
+        listing failed transiently. Call it after the partial analytics row is written
+        and before anything would be removed: nothing is (SAFETY rule 13)."""
+        if self.retryable:
+            raise TransientStorageError(self.error or "listing failed") from self.listing_error
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -55,6 +118,7 @@ class ScanResult:
             "total_files": a.total_files,
             "total_bytes": a.total_bytes,
             "linked_files": a.linked_files,
+            "linked_bytes": a.linked_bytes,
             "orphan_files": a.orphan_files,
             "orphan_bytes": a.orphan_bytes,
             "missing_records": a.missing_records,
@@ -62,6 +126,23 @@ class ScanResult:
             "duration_seconds": round(a.duration_seconds, 3),
             "error": self.error,
         }
+
+
+#: Key of a job result holding what the job's own listing walked (files, bytes, orphans
+#: found) for the runner's metrics; the runner removes it before the result is stored.
+LISTED_KEY = "_listed"
+
+
+def listing_figures(scan: ScanResult) -> dict[str, Any]:
+    """What a listing walked, for :data:`LISTED_KEY`."""
+    a = scan.analytics
+    return {
+        "files": a.total_files,
+        "bytes": a.total_bytes,
+        "orphan_files": a.orphan_files,
+        "ambiguous_files": a.ambiguous_files,
+        "complete": scan.listing_complete,
+    }
 
 
 def _retention(dest: BackupDestination, settings: Settings, override: int | None) -> int:
@@ -108,10 +189,11 @@ def _attribution(session: Session, stats: ScanStats, index: LinkIndex) -> dict[s
 
 def _missing_records(
     session: Session, dest: BackupDestination, index: LinkIndex, cutoff: datetime
-) -> tuple[list[uuid.UUID], int]:
+) -> tuple[RecordIds, int]:
     """Own live, completed records created before ``cutoff`` none of whose files were
-    seen (exactly or loosely), and the count of own live records. Streams."""
-    stale: list[uuid.UUID] = []
+    seen (exactly or loosely), and the count of own live records. Streams; the stale
+    ids are kept 16 bytes each (:class:`RecordIds`)."""
+    stale = RecordIds()
     live = 0
     for model in RECORD_MODELS:
         live += session.execute(
@@ -129,7 +211,8 @@ def _missing_records(
             stmt = stmt.where(model.deleted_at.is_(None))  # what the ORM filter adds
         for ids, paths in stream_columns(session, stmt, 2):
             present = index.records_present(paths)
-            stale.extend(uuid.UUID(ids[i]) for i in np.flatnonzero(~present).tolist())
+            for i in np.flatnonzero(~present).tolist():
+                stale.add(ids[i])
     return stale, live
 
 
@@ -146,8 +229,17 @@ class ReadAhead:
         self._pages = pages
         self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="scan-listing", daemon=True)
+        # The thread runs in a copy of the caller's context: its log lines (a backend
+        # retrying, say) carry the job's id, type, destination and phase too.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="scan-listing", daemon=True
+        )
         self._thread.start()
+
+    def _run(self) -> None:
+        set_phase("listing")
+        self._produce()
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -201,9 +293,10 @@ def run_scan(
     """Walk ``dest`` once and write an analytics row (committed).
 
     The listing is never held in memory: each page is linked against the
-    :class:`LinkIndex` and counted, then dropped. A listing error is recorded and the
-    result says ``listing_complete=False``; callers must not remove anything then
-    (SAFETY rule 13).
+    :class:`LinkIndex` and counted, then dropped. A listing error is recorded (the row
+    says ``partial``) and the result says ``listing_complete=False``; callers must not
+    remove anything then (SAFETY rule 13), and should call
+    :meth:`ScanResult.raise_if_retryable` so that a transient error is retried.
     """
     t0 = time.perf_counter()
     started = db_now(session)
@@ -217,6 +310,7 @@ def run_scan(
     stats = ScanStats(now=started, retention_days=_retention(dest, settings, retention_days))
     listed = 0
     error: str | None = None
+    listing_error: StorageError | None = None
     last_report = time.monotonic()
     if progress:
         progress("listing", 0)
@@ -232,6 +326,7 @@ def run_scan(
                 last_report = time.monotonic()
         stats.add_multipart(list(backend.list_multipart_uploads()))
     except StorageError as err:
+        listing_error = err
         error = f"listing failed after {listed} objects: {type(err).__name__}: {err}"
         log.warning("scan of %s: %s", dest.id, error)
     finally:
@@ -242,11 +337,11 @@ def run_scan(
     grace = timedelta(hours=settings.scan_grace_hours)
     stale, live = _missing_records(session, dest, index, started - grace)
     if not complete:
-        stale = []  # an interrupted listing proves nothing missing
+        stale.clear()  # an interrupted listing proves nothing missing
     duration = time.perf_counter() - t0
     missing = {
         "count": len(stale) if complete else None,
-        "sample_ids": [str(r) for r in stale[:MISSING_SAMPLE]],
+        "sample_ids": [str(r) for r in stale.head(MISSING_SAMPLE)],
         "grace_hours": settings.scan_grace_hours,
     }
     attribution = _attribution(session, stats, index)
@@ -274,4 +369,4 @@ def run_scan(
     )
     session.add(row)
     session.commit()
-    return ScanResult(row, index, started, complete, error, stale, live)
+    return ScanResult(row, index, started, complete, error, stale, live, listing_error)

@@ -3,13 +3,19 @@
 SAFETY rules 13-16: only after a listing that completed without error; only completed
 records created before the scan minus the grace period, none of whose files exist
 (exactly or loosely); soft-deleted with a reason (restorable from the archive); and
-nothing at all when the mass-removal guard trips.
+nothing at all when the mass-removal guard trips. With ``dry_run`` it removes nothing and
+reports how many records it would remove, with a sample of their ids.
+
+A listing interrupted by a transient error (throttling, a timeout, a 5xx) writes its
+partial analytics row and sends the job back to the queue with a backoff; a permanent
+one ends it ``failed``; neither removes anything. ``removed_records`` is a running total
+kept in ``job.progress`` and saved with each chunk it counts, so a job killed midway
+and run again reports every record it removed, once (rule 20).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -19,12 +25,13 @@ from db.session import db_now
 from storage_backends.base import StorageBackend
 from tasks.linking import RECORD_MODELS
 from tasks.outcome import JobOutcome
-from tasks.scan import Progress, run_scan
+from tasks.scan import Progress, RecordIds, run_scan
 from worker.locks import Lease, check_and_renew
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 CHUNK = 500
+DRY_RUN_SAMPLE = 50
 
 
 def _guard(stale: int, live: int, total_files: int, settings: Settings) -> str | None:
@@ -55,26 +62,49 @@ def run_scan_cleanup(
     )
     result = dict(scan.summary)
     if not scan.listing_complete:
+        scan.raise_if_retryable()  # back to the queue (a backoff), nothing removed
         return JobOutcome(
-            "failed", {**result, "removed_records": 0}, f"{scan.error}; no record was removed"
+            "failed",
+            {**result, "removed_records": _removed_so_far(job)},
+            f"{scan.error}; no record was removed",
         )
     stale = scan.stale_candidates
     reason = _guard(len(stale), scan.own_live_records, scan.analytics.total_files, settings)
     result["stale_records"] = len(stale)
+    earlier = _removed_so_far(job)
     if reason:
         log.warning("scan-cleanup of %s guarded: %s; nothing removed", dest.id, reason)
-        return JobOutcome("guarded", {**result, "removed_records": 0, "guard": reason})
-    removed = _soft_delete(session, settings, lease, job.id, stale)
+        return JobOutcome("guarded", {**result, "removed_records": earlier, "guard": reason})
+    if (job.params or {}).get("dry_run"):
+        # the plan only: which records a real run would soft-delete (rule 11's spirit)
+        sample = [str(i) for i in stale.head(DRY_RUN_SAMPLE)]
+        log.info("scan-cleanup of %s (dry run): %d record(s) would be removed", dest.id, len(stale))
+        return JobOutcome(
+            "succeeded",
+            {
+                **result,
+                "dry_run": True,
+                "removed_records": 0,
+                "would_remove": len(stale),
+                "would_remove_sample": sample,
+            },
+        )
+    removed = _soft_delete(session, settings, lease, job, stale)
     return JobOutcome("succeeded", {**result, "removed_records": removed})
 
 
+def _removed_so_far(job: Job) -> int:
+    return int((job.progress or {}).get("removed_records", 0))
+
+
 def _soft_delete(
-    session: Session, settings: Settings, lease: Lease, job_id: uuid.UUID, ids: list[uuid.UUID]
+    session: Session, settings: Settings, lease: Lease, job: Job, ids: RecordIds
 ) -> int:
-    removed = 0
-    reason = f"scan-cleanup: remote file missing (job {job_id})"
-    for i in range(0, len(ids), CHUNK):
-        chunk = ids[i : i + CHUNK]
+    """Soft-delete ``ids`` a chunk at a time, each chunk fenced and committed with the
+    job's running total. Returns the total over every attempt of the job."""
+    removed = _removed_so_far(job)
+    reason = f"scan-cleanup: remote file missing (job {job.id})"
+    for chunk in ids.chunks(CHUNK):
         check_and_renew(session, lease, settings.lock_lease_seconds)
         now = db_now(session)
         for model in RECORD_MODELS:
@@ -89,5 +119,7 @@ def _soft_delete(
                 .execution_options(synchronize_session=False)
             )
             removed += res.rowcount  # type: ignore[attr-defined]
+        job.progress = {**(job.progress or {}), "removed_records": removed}
+        session.execute(update(Job).where(Job.id == job.id).values(progress=job.progress))
         session.commit()
     return removed

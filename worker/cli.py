@@ -1,17 +1,31 @@
 """``ocore-storage``: the command line of the service.
 
-Every error is one line on stderr and a non-zero exit, never a traceback.
+Every error is exactly one line on stderr, ``error: <what went wrong> <what to do>``, and
+a non-zero exit status, never a traceback (:func:`main`): 2 for a usage error (the line
+ends with ``(try: ocore-storage <command> --help)``), 1 for anything else. Database
+errors say whether the schema is missing (run ``ocore-storage db upgrade``) or the
+server is unreachable (which URL, password hidden); a bad ``OCORE_*`` value is named as
+``OCORE_<FIELD>: <why>``. With ``OCORE_LOG_LEVEL=DEBUG`` an unexpected error also logs
+its traceback.
+
+``jobs run`` draws a status line on stderr while the job runs when stderr is a
+terminal (phase, objects listed, files deleted, elapsed time), read from the job row
+the runner updates, and clears it before the JSON result goes to stdout.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -29,13 +43,50 @@ def _settings() -> Settings:
     try:
         return get_settings()
     except Exception as err:  # pydantic ValidationError: say which variable
-        raise CliError(f"invalid OCORE_* setting: {err}") from None
+        raise CliError(_settings_error(err)) from None
+
+
+def _first_line(text: str) -> str:
+    lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
+    return lines[0] if lines else ""
+
+
+def _settings_error(err: Exception) -> str:
+    """``OCORE_<FIELD>: <why>`` for each bad setting, on one line (values not echoed:
+    some are secrets)."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors(include_url=False, include_input=False):
+            field = str(e["loc"][0]).upper() if e["loc"] else "?"
+            parts.append(f"OCORE_{field}: {e['msg'].removeprefix('Value error, ')}")
+        return "; ".join(parts)
+    found = re.search(r'field "(\w+)"', str(err))  # pydantic-settings: a JSON value
+    if found:
+        return (
+            f"OCORE_{found.group(1).upper()}: cannot parse the value "
+            '(list settings take JSON, e.g. ["HS256"])'
+        )
+    return f"invalid OCORE_* setting: {_first_line(str(err))}"
 
 
 def _engine(settings: Settings) -> Any:
     from db.session import make_engine
 
-    return make_engine(settings.effective_database_url)
+    url = settings.effective_database_url
+    try:
+        return make_engine(url)
+    except OSError as err:  # the SQLite file's folder
+        raise CliError(
+            f"cannot create {err.filename}: {err.strerror} (check OCORE_DATA_DIR)"
+        ) from None
+    except Exception as err:  # e.g. mysql://: a driver that is not installed
+        raise CliError(
+            _database_error(err, url)
+            or f"cannot use OCORE_DATABASE_URL {_redact(url)} ({_first_line(str(err))}): "
+            "use postgresql+psycopg://... or sqlite:///..."
+        ) from None
 
 
 @click.group()
@@ -44,6 +95,8 @@ def cli() -> None:
     from worker.logging import configure_logging
 
     configure_logging(_settings())
+    # alembic announces its plugins at import, on every command that migrates
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @cli.group()
@@ -62,21 +115,82 @@ def db_upgrade(revision: str) -> None:
     try:
         upgrade(url, revision)
     except Exception as err:
-        raise CliError(
-            f"migration failed on {_redact(url)}: {err}. Check OCORE_DATABASE_URL."
-        ) from None
+        what = _database_error(err, url) or f"{_first_line(str(err))} on {_redact(url)}"
+        raise CliError(f"migration failed: {what}") from None
     click.echo(f"database at revision {current(url)}")
 
 
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # never echo what may hold a password
+        return "<unparseable URL>"
+
+
+def _database_error(err: BaseException, url: str) -> str | None:
+    """One line for an error of the database layer, saying what to do; None if ``err``
+    is not one."""
+    from sqlalchemy import exc
+
+    where = _redact(url)
+    if isinstance(err, exc.NoSuchModuleError):
+        return (
+            f"OCORE_DATABASE_URL {where}: {_first_line(str(err))}; "
+            "use postgresql+psycopg://... or sqlite:///..."
+        )
+    if isinstance(err, exc.ArgumentError) and "URL" in str(err):
+        return (
+            f"OCORE_DATABASE_URL is not a database URL ({where}); expected e.g. "
+            "postgresql+psycopg://user:password@host:5432/ocore or sqlite:////path/ocore.db"
+        )
+    if not isinstance(err, exc.DBAPIError):
+        return None
+    detail = _first_line(str(err.orig if err.orig is not None else err))
+    sqlstate = getattr(err.orig, "sqlstate", None)
+    if sqlstate in ("42P01", "42703") or re.match(r"no such (table|column)", detail):
+        return (
+            f"the database at {where} has no schema or an older one ({detail}): "
+            "run `ocore-storage db upgrade`"
+        )
+    if isinstance(err, exc.OperationalError) and (
+        err.statement is None or err.connection_invalidated
+    ):
+        return (
+            f"cannot connect to the database at {where} ({detail}): check that it is "
+            "running and that OCORE_DATABASE_URL is right"
+        )
+    if isinstance(err, exc.IntegrityError):
+        return f"the data breaks a database constraint ({detail})"
+    return f"database error on {where}: {detail}"
+
+
+def _describe(err: BaseException) -> str:
+    """One line for any exception the commands did not handle themselves."""
+    try:
+        url = get_settings().effective_database_url
+    except Exception:
+        url = ""
+    db_error = _database_error(err, url)
+    if db_error:
+        return db_error
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return (
+        f"unexpected {type(err).__name__}: {_first_line(str(err))} "
+        "(OCORE_LOG_LEVEL=DEBUG logs the traceback)"
+    )
 
 
 def _celery(args: list[str], env: dict[str, str] | None = None) -> None:
+    """Become ``celery -A worker ARGS`` (exec, same PID): in a container this CLI is
+    PID 1, and `docker stop`'s SIGTERM must reach Celery for a warm shutdown."""
     cmd = [sys.executable, "-m", "celery", "-A", "worker", *args]
-    raise SystemExit(subprocess.call(cmd, env=env))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env if env is not None else dict(os.environ))  # noqa: S606
 
 
 def _multiproc_env(settings: Settings) -> dict[str, str]:
@@ -119,35 +233,97 @@ def beat() -> None:
 @click.option("--host", default=None, help="Default: OCORE_API_HOST.")
 @click.option("--port", default=None, type=int, help="Default: OCORE_API_PORT.")
 @click.option("--threads", default=16, show_default=True, help="Request threads.")
-@click.option("--dev", is_flag=True, help="werkzeug's development server instead of gunicorn.")
-def api(host: str | None, port: int | None, threads: int, dev: bool) -> None:
-    """Serve the HTTP API (gunicorn, one process with request threads)."""
+@click.option("--dev", is_flag=True, help="werkzeug's development server instead of gunicorn; "
+              "accepts the built-in development JWT secret.")  # fmt: skip
+def api(
+    host: str | None, port: int | None, threads: int, dev: bool, loopback_dev_secret: bool = False
+) -> None:
+    """Serve the HTTP API (gunicorn, one process with request threads).
+
+    Refuses to start when HS256 tokens are accepted and OCORE_JWT_SECRET is the built-in
+    development secret or shorter than 32 bytes, unless --dev or
+    OCORE_ALLOW_INSECURE_DEV_SECRET=1 (``serve`` also allows it on a loopback address).
+    """
     from api import create_app
+    from api.auth import InsecureSecretError, check_secret, insecure_secret_allowed_by_env
 
     settings = _settings()
     bind_host, bind_port = host or settings.api_host, port or settings.api_port
+    allow = (
+        dev or insecure_secret_allowed_by_env() or (loopback_dev_secret and _is_loopback(bind_host))
+    )
+    try:
+        warning = check_secret(settings, allow)
+    except InsecureSecretError as err:
+        raise CliError(str(err)) from None
+    if warning:
+        click.echo(warning, err=True)
+    _check_port_free(bind_host, bind_port)
+    app = create_app(settings, allow_insecure_secret=True)  # checked just above
     if dev:
         from werkzeug.serving import run_simple
 
-        run_simple(bind_host, bind_port, create_app(settings), threaded=True)
+        run_simple(bind_host, bind_port, app, threaded=True)
         return
     from api.server import serve_api
 
     # One process: the API's request metrics live in that process's registry.
-    serve_api(create_app(settings), f"{bind_host}:{bind_port}", threads=threads)
+    serve_api(app, f"{bind_host}:{bind_port}", threads=threads)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind the API's address once before starting the server, so a busy port is one
+    clear line (gunicorn and werkzeug would print a traceback or retry forever)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise CliError(
+            f"cannot resolve the API host {host!r} ({err}): set OCORE_API_HOST"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # like the servers: a port left in TIME_WAIT by a previous run is not "in use"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise CliError(
+                    f"port {port} is in use on {host} (set OCORE_API_PORT or --port)"
+                ) from None
+            raise CliError(
+                f"cannot listen on {host}:{port}: {err.strerror} "
+                "(set OCORE_API_HOST / OCORE_API_PORT)"
+            ) from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @cli.command()
 def serve() -> None:
     """Worker + beat + API in one command (the embedded default)."""
     settings = _settings()
+    _check_port_free(settings.api_host, settings.api_port)  # before starting the worker
     env = _multiproc_env(settings)
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
     cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "-s", schedule,
            "-Q", QUEUES, "-c", "2", "--loglevel", settings.log_level]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     try:
-        api.callback(None, None, 16, False)  # type: ignore[misc]
+        # the embedded default: its development JWT secret is fine on loopback only
+        api.callback(None, None, 16, False, loopback_dev_secret=True)  # type: ignore[misc]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -157,21 +333,23 @@ def serve() -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def seed(file: Path) -> None:
     """Load organizations, projects, destinations, backups... from a JSON file."""
+    from sqlalchemy.exc import IntegrityError
     from sqlalchemy.orm import Session
 
     from worker.seed import SeedError, load_seed_file
 
     settings = _settings()
+    url = settings.effective_database_url
     with Session(_engine(settings)) as session:
         try:
             counts = load_seed_file(session, file)
         except SeedError as err:
             raise CliError(f"seed failed: {err}") from None
         except Exception as err:
-            raise CliError(
-                f"seed failed: {type(err).__name__}: {err}. Run `ocore-storage db upgrade` "
-                "first, and check that referenced ids exist."
-            ) from None
+            what = _database_error(err, url) or _describe(err)
+            if isinstance(err, IntegrityError):
+                what += "; check that the ids the file references exist (docs/seed.md)"
+            raise CliError(f"seed failed: {what}") from None
     click.echo(json.dumps(counts))
 
 
@@ -183,6 +361,121 @@ def jobs() -> None:
 JOB_TYPES = {"scan": "scan", "scan-cleanup": "scan_cleanup", "orphan-cleanup": "orphan_cleanup",
              "cleanup-orphans": "orphan_cleanup", "purge": "purge"}  # fmt: skip
 
+_CLEAR = "\r\x1b[K"  # carriage return + erase to the end of the line
+
+
+def status_text(label: str, phase: str, listed: int, deleted: int, elapsed: float) -> str:
+    """The status line of ``jobs run`` on a terminal."""
+    minutes, seconds = divmod(int(elapsed), 60)
+    hours, minutes = divmod(minutes, 60)
+    clock = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    return f"{label}: {phase} | {listed:,} objects listed | {deleted:,} files deleted | {clock}"
+
+
+class StatusLine:
+    """While a job runs in this thread, a second thread reads the job row (the runner
+    writes ``phase`` and ``progress`` every few seconds) and redraws one line on a
+    terminal. Log lines written meanwhile go above it; the line is erased on exit."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, engine: Any, job_id: uuid.UUID, label: str, stream: IO[str]) -> None:
+        self._engine, self._job_id, self._label, self._stream = engine, job_id, label, stream
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="ocore-status", daemon=True)
+        self._started = time.monotonic()
+        self._phase, self._listed, self._deleted = "queued", 0, 0
+        self._shown = ""
+        self._closed = False
+        self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
+
+    def __enter__(self) -> StatusLine:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self._stream:
+                self._handlers.append((handler, handler.setStream(_AboveStatus(self))))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            if self._shown:
+                self._stream.write(_CLEAR)
+                self._stream.flush()
+            self._shown, self._closed = "", True
+        for handler, previous in self._handlers:
+            handler.setStream(previous)
+
+    def update(self, phase: str, progress: dict[str, Any]) -> None:
+        self._phase = phase
+        objects = progress.get("objects")
+        if isinstance(objects, int) and phase in ("listing", "reconciling"):
+            self._listed = max(self._listed, objects)
+        totals = progress.get("totals")
+        if isinstance(totals, dict) and isinstance(totals.get("deleted_files"), int):
+            self._deleted = totals["deleted_files"]
+        elif phase == "deleting" and isinstance(objects, int):
+            self._deleted = objects
+
+    def _poll(self) -> None:
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from db.models import Job
+
+        while True:
+            try:
+                with Session(self._engine) as s:
+                    row = s.execute(
+                        select(Job.phase, Job.progress).where(Job.id == self._job_id)
+                    ).first()
+                if row is not None:
+                    self.update(row.phase, row.progress or {})
+            except Exception as err:  # a status line never disturbs the job it shows
+                logging.getLogger(__name__).debug("status line: %s", err)
+            self.draw()
+            if self._stop.wait(self.INTERVAL):
+                return
+
+    def draw(self) -> None:
+        import shutil
+
+        text = status_text(
+            self._label, self._phase, self._listed, self._deleted, time.monotonic() - self._started
+        )
+        text = text[: max(shutil.get_terminal_size((80, 24)).columns - 1, 10)]
+        with self._lock:
+            if self._closed:
+                return
+            self._stream.write(_CLEAR + text)
+            self._stream.flush()
+            self._shown = text
+
+    def write_above(self, text: str) -> None:
+        with self._lock:
+            if self._shown:
+                self._stream.write(_CLEAR)
+            self._stream.write(text)
+            if self._shown and text.endswith("\n"):
+                self._stream.write(self._shown)
+            self._stream.flush()
+
+
+class _AboveStatus:
+    """The stream a log handler writes to while a :class:`StatusLine` is shown."""
+
+    def __init__(self, status: StatusLine) -> None:
+        self._status = status
+
+    def write(self, text: str) -> int:
+        self._status.write_above(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
 
 @jobs.command("run")
 @click.argument("job_type", type=click.Choice(sorted(JOB_TYPES)))
@@ -190,7 +483,11 @@ JOB_TYPES = {"scan": "scan", "scan-cleanup": "scan_cleanup", "orphan-cleanup": "
 @click.option("--retention-days", type=click.IntRange(1, 36500), default=None)
 @click.option("--dry-run", is_flag=True, default=False)
 def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_run: bool) -> None:
-    """Run one job synchronously in this process and print its result as JSON."""
+    """Run one job synchronously in this process and print its result as JSON.
+
+    On a terminal, a status line on stderr shows the phase, objects listed, files
+    deleted and elapsed time while the job runs.
+    """
     from sqlalchemy.orm import Session
 
     from db.models import BackupDestination, Job
@@ -214,7 +511,11 @@ def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_ru
             raise CliError(f"destination {dest_id} does not exist (list them in the database)")
         job, _ = request_job(s, JOB_TYPES[job_type], dest, params, requested_by="cli")
     try:
-        run_job(job.id, settings, engine)
+        if sys.stderr.isatty():
+            with StatusLine(engine, job.id, job_type, sys.stderr):
+                run_job(job.id, settings, engine)
+        else:
+            run_job(job.id, settings, engine)
     except LocationBusy as err:
         raise CliError(f"{err}; try again when it has finished") from None
     except RetryableJobError as err:
@@ -285,11 +586,34 @@ def demo(directory: Path) -> None:
         raise CliError(f"demo failed: {err}") from None
 
 
-def main() -> None:
+def _fail(message: str, status: int) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    raise SystemExit(status)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console script: every error becomes one line on stderr (module docstring)."""
     try:
-        cli.main(standalone_mode=True)
-    except KeyboardInterrupt:
+        rv = cli.main(args, prog_name="ocore-storage", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:  # a bare group: show its help
+        err.show()
+        raise SystemExit(err.exit_code) from None
+    except click.UsageError as err:
+        command = err.ctx.command_path if err.ctx else "ocore-storage"
+        _fail(f"{err.format_message()} (try: {command} --help)", err.exit_code)
+    except click.ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("", err=True)  # end the terminal's ^C line
         raise SystemExit(130) from None
+    except BrokenPipeError:  # e.g. `ocore-storage jobs show ID | head -1`
+        # Python's recipe: point stdout at /dev/null so the flush at exit stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except Exception as err:
+        logging.getLogger("worker.cli").debug("unexpected error", exc_info=err)
+        _fail(_describe(err), 1)
+    raise SystemExit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

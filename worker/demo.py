@@ -4,16 +4,23 @@ Builds a local-directory destination with backups, snapshots, orphans (older and
 than the retention window), an ambiguous file and a record whose file is missing; then
 runs a scan and an orphan cleanup through a real Celery worker on kombu's filesystem
 broker and SQLite, and prints what was found, deleted and kept.
+
+Only the demo's own lines and tables reach the terminal: alembic's INFO lines and
+kombu's "No hostname was supplied" warning (the filesystem transport has no host) are
+silenced for the duration of the run; the worker's log goes to a file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,6 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.migrate import upgrade
 from db.models import TERMINAL_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import make_engine
 from worker.jobs import dispatch, request_job
@@ -122,8 +128,33 @@ def _wait(engine: Any, job_id: uuid.UUID, worker: Any, timeout: float = 120) -> 
     raise RuntimeError(f"job {job_id} did not finish within {timeout:.0f}s")
 
 
+def _no_default_hostname_warning(record: logging.LogRecord) -> bool:
+    return "No hostname was supplied" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    alembic = logging.getLogger("alembic")
+    kombu = logging.getLogger("kombu.connection")
+    level = alembic.level
+    alembic.setLevel(logging.WARNING)
+    kombu.addFilter(_no_default_hostname_warning)
+    try:
+        yield
+    finally:
+        alembic.setLevel(level)
+        kombu.removeFilter(_no_default_hostname_warning)
+
+
 def run_demo(base: Path, console: Console) -> dict[str, Any]:
     """Run the demo in ``base`` (wiped first); return the figures it printed."""
+    with _quiet_libraries():
+        return _run_demo(base, console)
+
+
+def _run_demo(base: Path, console: Console) -> dict[str, Any]:
+    from db.migrate import upgrade  # imports alembic, which logs its plugins: quiet first
+
     if base.exists():
         shutil.rmtree(base)
     storage = base / "storage"

@@ -41,7 +41,20 @@ _job: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
 def job_context(
     *, job_id: uuid.UUID | str, job_type: str, destination_id: uuid.UUID | str | None
 ) -> Iterator[None]:
-    """Tag every log line written inside the block with the job's ids and phase."""
+    """Tag every log line written inside the block with the job's ids and phase.
+
+    Inside a context of the same job (the Celery task's, opened with the id only), the
+    type and destination are filled in *that* context instead: the lines written after
+    this block (Celery's "Task ... succeeded") and the threads sharing it keep them.
+    """
+    outer = _job.get()
+    if outer is not None and outer.get("job_id") == str(job_id):
+        if job_type:
+            outer["job_type"] = job_type
+        if destination_id:
+            outer["destination_id"] = str(destination_id)
+        yield
+        return
     token = _job.set(
         {
             "job_id": str(job_id),
@@ -57,10 +70,13 @@ def job_context(
 
 
 def set_phase(phase: str) -> None:
-    """Record the running job's phase (listing, deleting...); no-op outside a job."""
+    """Record the running job's phase (listing, deleting...); no-op outside a job.
+
+    Updated in place: a thread started with a copy of the job's context (the listing
+    read-ahead) follows the phase too."""
     ctx = _job.get()
-    if ctx is not None and ctx.get("phase") != phase:
-        _job.set({**ctx, "phase": phase})
+    if ctx is not None:
+        ctx["phase"] = phase
 
 
 def current_job() -> dict[str, str] | None:

@@ -3,13 +3,74 @@
 Under Celery's prefork pool, children count in prometheus-client's multiprocess mode
 when ``PROMETHEUS_MULTIPROC_DIR`` is set (``ocore-storage worker`` sets it up); the
 worker's ``/metrics`` endpoint then aggregates every child. Labels are bounded: job
-type, outcome, backend, operation, destination id (bounded by destinations); never a
-path, key, user or job id.
+type, outcome, backend, operation, destination id (bounded by destinations), project id
+(bounded by projects); never a path, key, user or job id.
+
+Importing this module never fails on that variable: a directory that does not exist
+yet is created, and one that cannot be created turns multiprocess mode off for this
+process (a warning says so) instead of crashing at the first counter (the API and beat
+import this module too, through :mod:`worker.jobs`).
+
+:class:`DatabaseCollector` is read at scrape time from the database: freshness of every
+destination (last successful scan, whether the last recorded scan completed, creation
+time), its name and kind, and storage per project from the last successful scan. It
+survives worker restarts and covers destinations never scanned.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_MULTIPROC_VARS = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+
+
+def ensure_multiproc_dir() -> Path | None:
+    """Make ``PROMETHEUS_MULTIPROC_DIR`` usable, or turn multiprocess mode off.
+
+    prometheus-client opens ``<dir>/counter_<pid>.db`` when the first counter child is
+    created and raises ``FileNotFoundError`` when the directory is missing. Returns the
+    directory in use, or None (single-process mode).
+    """
+    value = next((os.environ[v] for v in _MULTIPROC_VARS if os.environ.get(v)), None)
+    if value is None:
+        return None
+    folder = Path(value)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+        problem = "not writable"
+    except OSError as err:
+        problem = f"cannot be created ({err.strerror or err})"
+    log.warning(
+        "PROMETHEUS_MULTIPROC_DIR=%s %s: metrics of this process stay in its memory",
+        value,
+        problem,
+    )
+    for name in _MULTIPROC_VARS:
+        os.environ.pop(name, None)
+    import prometheus_client.values as pc_values  # chose its value class on import
+
+    pc_values.ValueClass = pc_values.MutexValue
+    return None
+
+
+MULTIPROC_DIR = ensure_multiproc_dir()
+
+# After ensure_multiproc_dir(): prometheus-client picks its value class on import.
+from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
+from prometheus_client.metrics_core import Metric  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
 
 #: Bounded label values (db.models.JOB_TYPES, TERMINAL_JOB_STATUSES): listed here so the
 #: series exist at 0 from the start (see :func:`init_series`).
@@ -49,8 +110,26 @@ BACKEND_RETRIES = Counter(
 ORPHANS_FOUND = Counter("ocore_orphans_found_total", "Orphan files found by scans", ["backend"])
 ORPHANS_DELETED = Counter("ocore_files_deleted_total", "Files deleted", ["backend", "reason"])
 BYTES_FREED = Counter("ocore_bytes_freed_total", "Bytes freed by deletions", ["backend", "reason"])
-STALE_REMOVED = Counter(
-    "ocore_stale_records_removed_total", "Records soft-deleted by scan-cleanup", ["type"]
+
+
+class _UnlabelledCounter(Counter):
+    """A counter without labels that still accepts the former ``.labels("records")``.
+
+    ``ocore_stale_records_removed_total`` used to carry ``type="records"``, a constant;
+    the label is gone and callers should call ``.inc(n)`` directly. Until they all do,
+    the old call returns the counter itself (same series, nothing lost).
+    """
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+        if not self._labelnames and (
+            labelvalues in ((), ("records",)) and labelkwargs in ({}, {"type": "records"})
+        ):
+            return self
+        return super().labels(*labelvalues, **labelkwargs)
+
+
+STALE_REMOVED = _UnlabelledCounter(
+    "ocore_stale_records_removed_total", "Records soft-deleted by scan-cleanup"
 )
 GUARDED = Counter(
     "ocore_deletions_refused_total", "Jobs refused by the budget or the guard", ["type"]
@@ -106,3 +185,250 @@ def init_series() -> None:
 
 
 init_series()
+
+
+# --- read from the database at scrape time -------------------------------------------
+
+DB_TIMEOUT = 3.0  # seconds to connect and per statement: a scrape must answer
+PROJECTS_PER_DESTINATION = 100  # the scan's attribution keeps the top 100 projects
+_LOG_EVERY = 300.0  # seconds between repeated "database unreachable" warnings
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _stamp(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def project_samples(
+    attribution: Mapping[str, Any] | None, limit: int = PROJECTS_PER_DESTINATION
+) -> list[tuple[str, float, float]]:
+    """``[(project id, bytes, files)]`` from an analytics row's ``details["attribution"]``
+    (or directly its ``"projects"`` list), biggest first; malformed entries are skipped."""
+    if not attribution:
+        return []
+    projects = attribution.get("projects") if isinstance(attribution, Mapping) else attribution
+    out: dict[str, tuple[float, float]] = {}
+    for entry in projects if isinstance(projects, list) else []:
+        if not isinstance(entry, Mapping) or not entry.get("id"):
+            continue
+        try:
+            size, files = float(entry.get("bytes") or 0), float(entry.get("files") or 0)
+        except (TypeError, ValueError):
+            continue
+        out[str(entry["id"])] = (size, files)
+    ranked = sorted(out.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [(pid, size, files) for pid, (size, files) in ranked]
+
+
+class DatabaseCollector(Collector):
+    """Per-destination freshness, names and storage per project, read from the database
+    at every scrape (registered next to the multiprocess collector by
+    :func:`worker.metrics_server.build_registry`).
+
+    One query per scrape over ``backup_destinations`` with correlated look-ups of
+    ``storage_analytics`` by its ``destination_id`` index; the attribution of a
+    destination's last successful scan is fetched once per new analytics row and cached,
+    project names by primary key. Connections are not pooled (nothing to inherit across
+    the prefork pool's forks) and time out after :data:`DB_TIMEOUT`.
+
+    Never raises: an unreachable database exports only ``ocore_db_collector_up 0`` and
+    counts ``ocore_db_collector_errors_total``.
+    """
+
+    def __init__(self, database_url: str, timeout: float = DB_TIMEOUT) -> None:
+        self.url = database_url
+        self.timeout = timeout
+        self.errors = 0
+        self._engine: Any = None
+        self._lock = threading.Lock()
+        #: destination id -> (analytics row id, [(project, bytes, files)])
+        self._projects: dict[str, tuple[str, list[tuple[str, float, float]]]] = {}
+        self._last_warning = 0.0
+        self._was_up = True
+
+    # -- database --------------------------------------------------------------------
+    def _get_engine(self) -> Any:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        if self._engine is None:
+            if self.url.startswith("sqlite"):
+                path = self.url.split(":///", 1)[-1].split("?", 1)[0]
+                if path and path != ":memory:" and not Path(path).is_file():
+                    raise FileNotFoundError(f"no SQLite database at {path}")
+                args: dict[str, Any] = {"timeout": self.timeout}
+            else:
+                ms = int(self.timeout * 1000)
+                args = {
+                    "connect_timeout": max(1, int(self.timeout)),
+                    "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+                }
+            self._engine = create_engine(self.url, poolclass=NullPool, connect_args=args)
+        return self._engine
+
+    def read(self) -> dict[str, Any]:
+        """Query the database (raises on any failure)."""
+        from sqlalchemy import select
+
+        from db.models import BackupDestination, Project, StorageAnalytics
+
+        d = BackupDestination.__table__.c
+        a = StorageAnalytics.__table__.c
+
+        def latest(column: Any, *where: Any) -> Any:
+            return (
+                select(column)
+                .where(a.destination_id == d.id, *where)
+                .order_by(a.finished_at.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+
+        ok = a.status == "succeeded"
+        stmt = select(
+            d.id,
+            d.name,
+            d.kind,
+            d.created_at,
+            latest(a.finished_at, ok).label("last_ok_at"),
+            latest(a.id, ok).label("last_ok_id"),
+            latest(a.status).label("last_status"),
+        ).order_by(d.id)
+        with self._get_engine().connect() as conn:
+            rows = conn.execute(stmt).all()
+            latest_ok = {str(r.id): r.last_ok_id for r in rows if r.last_ok_id is not None}
+            # the attribution of a scan never changes: fetch it once per new analytics row
+            new_ids = [
+                aid
+                for did, aid in latest_ok.items()
+                if self._projects.get(did, ("",))[0] != str(aid)
+            ]
+            fetched: dict[str, list[tuple[str, float, float]]] = {}
+            for i in range(0, len(new_ids), 500):
+                chunk = new_ids[i : i + 500]
+                projects_of = select(a.id, a.details["attribution"]["projects"])
+                for aid, projects in conn.execute(projects_of.where(a.id.in_(chunk))):
+                    fetched[str(aid)] = project_samples({"projects": projects})
+            for did, aid in latest_ok.items():
+                if str(aid) in fetched:
+                    self._projects[did] = (str(aid), fetched[str(aid)])
+            for did in set(self._projects) - set(latest_ok):
+                del self._projects[did]
+            project_ids = {pid for _, ps in self._projects.values() for pid, _, _ in ps}
+            names: dict[str, str] = {}
+            if project_ids:
+                p = Project.__table__.c
+                wanted = [uuid.UUID(x) for x in sorted(project_ids) if _is_uuid(x)]
+                for pid, name in conn.execute(select(p.id, p.name).where(p.id.in_(wanted))):
+                    names[str(pid)] = name
+        return {"destinations": rows, "projects": dict(self._projects), "names": names}
+
+    # -- exposition ------------------------------------------------------------------
+    @staticmethod
+    def _health() -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+        up = GaugeMetricFamily(
+            "ocore_db_collector_up", "1 if the last read of the database for /metrics worked"
+        )
+        errors = CounterMetricFamily(
+            "ocore_db_collector_errors", "Failed reads of the database for /metrics"
+        )
+        return up, errors
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples (no query when the collector is registered)."""
+        return [*self._health(), *self._families({"destinations": [], "projects": {}})]
+
+    def collect(self) -> Iterable[Metric]:
+        up, errors = self._health()
+        with self._lock:
+            try:
+                data = self.read()
+            except Exception as err:  # never fail the scrape: report the database down
+                self.errors += 1
+                self._warn(err)
+                up.add_metric([], 0)
+                errors.add_metric([], self.errors)
+                return [up, errors]
+            if not self._was_up:
+                log.info("database readable again for /metrics")
+            self._was_up = True
+        up.add_metric([], 1)
+        errors.add_metric([], self.errors)
+        return [up, errors, *self._families(data)]
+
+    def _warn(self, err: BaseException) -> None:
+        now = time.monotonic()
+        if self._was_up or now - self._last_warning > _LOG_EVERY:
+            # the class only: a driver's message may quote the connection string
+            log.warning(
+                "database unreadable for /metrics (%s); destination freshness not exported",
+                type(err).__name__,
+            )
+            self._last_warning = now
+        self._was_up = False
+
+    @staticmethod
+    def _families(data: Mapping[str, Any]) -> list[Metric]:
+        info = GaugeMetricFamily(
+            "ocore_destination_info",
+            "Name and kind of each destination (value 1), to join on the destination id",
+            labels=["destination", "name", "kind"],
+        )
+        created = GaugeMetricFamily(
+            "ocore_destination_created_timestamp_seconds",
+            "When the destination was created",
+            labels=["destination"],
+        )
+        last_ok = GaugeMetricFamily(
+            "ocore_destination_last_successful_scan_timestamp_seconds",
+            "End of the last scan whose listing completed (storage_analytics); absent if none",
+            labels=["destination"],
+        )
+        complete = GaugeMetricFamily(
+            "ocore_destination_last_scan_complete",
+            "1 if the destination's last recorded scan listed everything, 0 if it stopped",
+            labels=["destination"],
+        )
+        project_bytes = GaugeMetricFamily(
+            "ocore_project_bytes",
+            "Bytes of a project's linked files in a destination, from its last successful scan",
+            labels=["destination", "project"],
+        )
+        project_files = GaugeMetricFamily(
+            "ocore_project_files",
+            "Linked files of a project in a destination, from its last successful scan",
+            labels=["destination", "project"],
+        )
+        project_info = GaugeMetricFamily(
+            "ocore_project_info",
+            "Name of each project that has storage (value 1), to join on the project id",
+            labels=["project", "name"],
+        )
+        for row in data["destinations"]:
+            did = str(row.id)
+            info.add_metric([did, row.name or "", row.kind or ""], 1)
+            stamp = _stamp(row.created_at)
+            if stamp is not None:
+                created.add_metric([did], stamp)
+            stamp = _stamp(row.last_ok_at)
+            if stamp is not None:
+                last_ok.add_metric([did], stamp)
+            if row.last_status is not None:
+                complete.add_metric([did], 1 if row.last_status == "succeeded" else 0)
+        seen: set[str] = set()
+        names: Mapping[str, str] = data.get("names", {})
+        for did, (_, projects) in sorted(data["projects"].items()):
+            for pid, size, files in projects:
+                project_bytes.add_metric([did, pid], size)
+                project_files.add_metric([did, pid], files)
+                if pid not in seen:
+                    seen.add(pid)
+                    project_info.add_metric([pid, names.get(pid, "")], 1)
+        return [info, created, last_ok, complete, project_bytes, project_files, project_info]

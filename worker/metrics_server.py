@@ -7,7 +7,9 @@ Without that variable (an embedded test, ``jobs run`` in one process) the defaul
 registry is served instead.
 
 Every scrape also reads the broker (:class:`BrokerCollector`): messages waiting per
-queue and messages delivered but not acknowledged yet.
+queue and messages delivered but not acknowledged yet; and the database
+(:class:`worker.metrics.DatabaseCollector`): each destination's last successful scan,
+name and storage per project, which survive a worker restart.
 """
 
 from __future__ import annotations
@@ -197,8 +199,11 @@ def build_registry(
     broker_url: str | None = None,
     queues: Sequence[str] = (),
     transport_options: dict[str, Any] | None = None,
+    database_url: str | None = None,
 ) -> CollectorRegistry:
-    """The registry ``/metrics`` serves: every child's values, plus the broker's."""
+    """The registry ``/metrics`` serves: every child's values, plus the broker's and,
+    with ``database_url``, the destinations' freshness read from the database
+    (:class:`worker.metrics.DatabaseCollector`)."""
     registry = CollectorRegistry()
     folder = multiproc_dir()
     if folder is not None:
@@ -208,6 +213,10 @@ def build_registry(
         registry.register(_DefaultRegistryProxy())
     if broker_url:
         registry.register(BrokerCollector(broker_url, queues, transport_options))
+    if database_url:
+        from worker.metrics import DatabaseCollector
+
+        registry.register(DatabaseCollector(database_url))
     return registry
 
 

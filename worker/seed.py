@@ -4,7 +4,10 @@ The file is one object; each key names a table and holds a list of rows. Keys ar
 loaded in dependency order: organizations, users, projects, environments, servers,
 instances, domains, destinations, backups, snapshots. Ids are UUID strings (generated
 when absent), timestamps ISO 8601 with a timezone. Rows with an existing id are
-updated, so seeding twice is harmless. See docs/seed.md for every field.
+updated, so seeding twice is harmless, archived (soft-deleted) rows included: the load
+runs under the soft-delete opt-out, so it finds them instead of inserting a duplicate id.
+A field absent from the file keeps its stored value (an archived row stays archived
+unless the file sets ``"deleted_at": null``). See docs/seed.md for every field.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from db.models import (
     Snapshot,
     User,
 )
+from db.softdelete import skip_soft_delete
 from db.types import UTCDateTime
 from storage_backends.paths import normalize_root
 
@@ -86,7 +90,9 @@ def load_seed(session: Session, data: dict[str, Any]) -> dict[str, int]:
     if unknown:
         raise SeedError(f"unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     counts: dict[str, int] = {}
-    with session.no_autoflush:
+    # merge() looks rows up by id: it must see archived rows too, or it would insert a
+    # second row with the same id.
+    with skip_soft_delete(session), session.no_autoflush:
         for name, model in ORDER:
             rows = data.get(name, [])
             if not isinstance(rows, list):

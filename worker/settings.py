@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     cleanup_max_files: int = 100_000
     cleanup_max_bytes: int = 10 * 1024**4  # 10 TiB
     cleanup_max_share: float = 0.50
+    # S3/GCS orphan cleanup: delete batches under way at once (each fenced and
+    # re-checked right before it is sent); SFTP and local always send one at a time.
+    cleanup_deletes_in_flight: int = 2
     lock_lease_seconds: int = 600
     job_soft_time_limit: int = 6 * 3600
     job_hard_time_limit: int = 6 * 3600 + 300
@@ -74,6 +77,13 @@ class Settings(BaseSettings):
     def _retention_at_least_one_day(cls, v: int) -> int:
         if v < 1:
             raise ValueError("retention_days must be at least 1 (SAFETY rule 6)")
+        return v
+
+    @field_validator("cleanup_deletes_in_flight")
+    @classmethod
+    def _in_flight_range(cls, v: int) -> int:
+        if not 1 <= v <= 8:
+            raise ValueError("cleanup_deletes_in_flight must be between 1 and 8")
         return v
 
     @field_validator("broker_visibility_timeout")

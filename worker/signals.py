@@ -56,7 +56,8 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     broker_url = str(conf.broker_url) if conf is not None and conf.broker_url else None
     queues = [q.name for q in (conf.task_queues or [])] if conf is not None else []
     options = dict(conf.broker_transport_options or {}) if conf is not None else {}
-    registry = build_registry(broker_url, queues, options)
+    database_url = get_settings().effective_database_url
+    registry = build_registry(broker_url, queues, options, database_url=database_url)
     _server = start_metrics_server(get_settings().metrics_port, metrics_host(), registry)
 
 

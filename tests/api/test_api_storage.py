@@ -99,6 +99,32 @@ def test_project_storage_counts_overlapping_destinations_once(client, auth, env,
     assert body["last_scan_at"] == max(scans)
 
 
+def test_project_storage_counts_local_destinations_nested_through_the_base_directory_once(
+    client, auth, env, db, tmp_path
+):
+    """``<base>`` + root ``x/`` and ``<base>/x`` + root ``""`` are the same files: one
+    scan counts them. ``<base>/x0`` is another directory and counts on its own."""
+    w = env.world
+    base = str(tmp_path / "data")
+    outer = make_destination(db, w, bucket=base, root_prefix="x/", name="outer")
+    inner = make_destination(db, w, bucket=f"{base}/x", root_prefix="", name="inner")
+    other = make_destination(db, w, bucket=f"{base}/x0", root_prefix="", name="other")
+    _scan(db, outer, total_files=5, total_bytes=50)
+    _scan(db, inner, total_files=5, total_bytes=50)
+    _scan(db, other, total_files=1, total_bytes=7)
+    db.commit()
+    body = client.get(f"/api/projects/{w.project.id}/storage", headers=auth()).get_json()
+    by_id = {d["id"]: d for d in body["destinations"]}
+    counted = {i for i in (str(outer.id), str(inner.id)) if by_id[i]["counted"]}
+    assert len(counted) == 1  # one of the two, never both
+    assert by_id[str(other.id)]["counted"] is True
+    mine = {str(outer.id), str(inner.id), str(other.id)}
+    totals = sum(
+        d["figures"]["files"] for d in body["destinations"] if d["counted"] and d["id"] in mine
+    )
+    assert totals == 6
+
+
 def test_project_storage_siblings_under_an_unscanned_root_both_count(client, auth, env, db):
     w = env.world
     top = make_destination(db, w, bucket="/b", root_prefix="", name="top")

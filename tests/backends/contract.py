@@ -39,8 +39,22 @@ BAD_PATHS = [
     "a//b",
     "",
     "x" * 1025,
+    "x" * 256,  # a name over 255 bytes (NAME_MAX), on every backend
+    "d/" + "\u00e9" * 128,  # 256 bytes of UTF-8 in 128 characters
+    "\ud800",  # a lone surrogate: not UTF-8
+    SURROGATE_ESCAPED := "a/\udcff.bak",  # what surrogateescape makes of a non-UTF-8 byte
 ]
-BAD_PREFIXES = ["../", "/abs/", "a/../../", "\uff0e\uff0e/", "a\x00/", "a\\b/", "//"]
+BAD_PREFIXES = [
+    "../",
+    "/abs/",
+    "a/../../",
+    "\uff0e\uff0e/",
+    "a\x00/",
+    "a\\b/",
+    "//",
+    "y" * 256 + "/",
+    "\ud800/",
+]
 
 SPECIAL_NAMES = [
     "space in name.tar",
@@ -53,6 +67,7 @@ SPECIAL_NAMES = [
     unicodedata.normalize("NFD", "nfd/caf\u00e9.tar"),
     "trailing space ",
     "~tilde=equals;semi,comma.tar",
+    "n255/" + "\u00e9" * 127 + "x",  # a name of exactly 255 bytes
 ]
 
 
@@ -70,6 +85,13 @@ def long_name(budget: int) -> str:
         used += 201
     parts.append("e" * (budget - used))
     return "/".join(parts)
+
+
+def assert_utc(value: datetime | None) -> None:
+    """A server time in UTC: zero offset, and UTC itself as the zone (a ``tzlocal`` time
+    that happens to have a zero offset on a machine set to UTC is not)."""
+    assert value is not None and value.utcoffset() == timedelta(0), value
+    assert value.tzinfo is UTC, f"{value!r} is not in UTC"
 
 
 class FailingStream(io.RawIOBase):
@@ -137,6 +159,7 @@ class BackendContract:
         assert sorted(names) == [f"d{i:02d}" for i in range(50)]
         assert calls >= 8
 
+    @pytest.mark.usefixtures("non_utc_local_time")
     def test_browse_files_and_folders(self, backend: StorageBackend, seed) -> None:
         for key in ["top.bak", "sub/one.bak", "sub/deeper/two.bak"]:
             seed(ROOT + key, b"12345")
@@ -146,6 +169,8 @@ class BackendContract:
             ("top.bak", "top.bak", False),
         ]
         assert page.entries[1].size == 5
+        assert_utc(page.entries[1].last_modified)
+        assert abs(page.entries[1].last_modified - datetime.now(UTC)) < timedelta(minutes=5)
         inner = backend.browse("sub/")
         assert [(e.name, e.path, e.is_dir) for e in inner.entries] == [
             ("deeper", "sub/deeper/", True),
@@ -185,7 +210,9 @@ class BackendContract:
             lambda: backend.delete(bad),
         ]
         calls.append(lambda: backend.download_url(bad))
-        if not backend.opaque_keys:  # object stores take listed keys as they are (rule 5)
+        # Object stores take listed keys as they are (rule 5); a filesystem may list a
+        # name that is not UTF-8 (local: test_local.py deletes one).
+        if not backend.opaque_keys and bad != SURROGATE_ESCAPED:
             calls.append(lambda: backend.delete_many(["ok.bak", bad]))
         for call in calls:
             with pytest.raises(InvalidPathError):
@@ -202,13 +229,14 @@ class BackendContract:
         assert self.request_count() == before
 
     # -- objects ---------------------------------------------------------------------
+    @pytest.mark.usefixtures("non_utc_local_time")
     def test_stat_and_streaming_read(self, backend: StorageBackend) -> None:
         data = os.urandom(3 * MIB + 17)
         info = backend.upload("dir/file.bin", io.BytesIO(data), len(data))
         assert info.path == "dir/file.bin" and info.size == len(data)
         stat = backend.stat("dir/file.bin")
         assert stat.size == len(data)
-        assert stat.last_modified is not None and stat.last_modified.utcoffset() == timedelta(0)
+        assert_utc(stat.last_modified)
         assert abs(stat.last_modified - datetime.now(UTC)) < timedelta(minutes=5)
         if self.HAS_ETAG:
             assert stat.etag and '"' not in stat.etag
@@ -217,7 +245,7 @@ class BackendContract:
         assert len(chunks) >= 3
         listed = [o for page in backend.walk() for o in page]
         assert [(o.path, o.size) for o in listed] == [("dir/file.bin", len(data))]
-        assert listed[0].last_modified is not None and listed[0].last_modified.tzinfo is not None
+        assert_utc(listed[0].last_modified)
 
     def test_missing_object(self, backend: StorageBackend) -> None:
         with pytest.raises(NotFoundError):
@@ -303,7 +331,9 @@ class SlashKeysContract:
         assert sorted(o.path for page in backend.walk() for o in page) == sorted(keys)
 
     def test_listed_keys_are_deleted_exactly_as_listed(self, backend: StorageBackend, seed) -> None:
-        keys = ["a/b", "a//b", "a/", "x/../y", "/lead"]
+        # a 300-byte name is a valid key on an object store (the 255-byte limit is for
+        # paths we are given, not for keys the server listed)
+        keys = ["a/b", "a//b", "a/", "x/../y", "/lead", "n" * 300, "m/" + "\u00e9" * 150]
         for key in keys:
             seed(ROOT + key, key.encode())
         listed = [o.path for page in backend.walk() for o in page]
@@ -314,3 +344,31 @@ class SlashKeysContract:
         assert [o.path for page in backend.walk() for o in page] == ["a/b"]
         with pytest.raises(InvalidPathError):
             backend.delete_many(["a\x00b"])
+        with pytest.raises(InvalidPathError):
+            backend.delete_many(["\ud800"])  # not UTF-8: no listing gives it
+        with pytest.raises(InvalidPathError):
+            backend.stat("n" * 300)  # a path we are given still has the 255-byte limit
+
+    @pytest.mark.usefixtures("non_utc_local_time")
+    def test_folders_with_empty_names_are_browsable(self, backend: StorageBackend, seed) -> None:
+        """``a//b`` lists as a folder ``a//`` (its name, between the slashes, is empty):
+        browse accepts the prefix a listing gave, byte for byte. Folders no prefix may
+        name (``/`` of ``/lead/x``, ``x/../``) are left out of browse."""
+        for key in ["a/b", "a//b", "a///c", "/lead/x", "x/../y", "x/ok"]:
+            seed(ROOT + key, key.encode())
+
+        def entries(prefix: str) -> list[tuple[str, str, bool]]:
+            page = backend.browse(prefix)
+            for e in page.entries:
+                if not e.is_dir:
+                    assert_utc(e.last_modified)
+            return [(e.name, e.path, e.is_dir) for e in page.entries]
+
+        assert entries("") == [("a", "a/", True), ("x", "x/", True)]
+        assert entries("a/") == [("", "a//", True), ("b", "a/b", False)]
+        assert entries("a//") == [("", "a///", True), ("b", "a//b", False)]
+        assert entries("a///") == [("c", "a///c", False)]
+        assert entries("x/") == [("ok", "x/ok", False)]
+        for bad in ("/", "x/../", "a/./"):
+            with pytest.raises(InvalidPathError):
+                backend.browse(bad)

@@ -11,7 +11,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from storage_backends.errors import TransientStorageError
+from storage_backends.errors import InvalidPathError, TransientStorageError
+from tests.backends.contract import assert_utc
 from tests.servers.destinations import make_s3_backend
 from tests.servers.s3 import seed_objects
 
@@ -33,15 +34,36 @@ def test_walk_retries_transient_faults(
     assert s3_proxied_backend.retries == 2
 
 
-def test_walk_fails_loudly_when_faults_persist(s3_server, s3_bucket, fault_proxy):
+@pytest.mark.parametrize("action", ["503", "reset"])
+def test_walk_fails_loudly_when_faults_persist(s3_server, s3_bucket, fault_proxy, action):
     seed_objects(s3_server, s3_bucket, [f"k/{i:03d}" for i in range(120)])
-    backend = make_s3_backend(s3_server, s3_bucket, endpoint=fault_proxy.endpoint)
+    backend = make_s3_backend(s3_server, s3_bucket, endpoint=fault_proxy.endpoint, max_attempts=3)
     pages = backend.walk(page_size=50)
     assert len(next(pages)) == 50
-    fault_proxy.fail_next(100, action="503", method="GET", path=LIST)
+    fault_proxy.fail_next(100, action=action, method="GET", path=LIST)
     with pytest.raises(TransientStorageError):
         list(pages)  # a partial listing is an error, never a short success
-    assert backend.retries == 3
+    assert fault_proxy.faults_fired == 3  # every attempt of the page, no more
+    assert backend.retries == 3 - 1
+
+
+@pytest.mark.parametrize("action", ["503", "reset"])
+def test_boto_retries_counted_once_when_faults_persist(s3_server, s3_bucket, fault_proxy, action):
+    """A request that never succeeds: max_attempts requests, max_attempts - 1 retries
+    (not botocore's RetryAttempts counted twice, and a reset counts too)."""
+    with make_s3_backend(
+        s3_server, s3_bucket, endpoint=fault_proxy.endpoint, max_attempts=3
+    ) as backend:
+        backend.upload("a.bak", io.BytesIO(b"abc"))
+        assert backend.retries == 0
+        fault_proxy.fail_next(100, action=action, method="HEAD")
+        with pytest.raises(TransientStorageError):
+            backend.stat("a.bak")
+        assert fault_proxy.faults_fired == 3
+        assert backend.retries == 3 - 1
+        fault_proxy.reset()  # the server is back: a request needs no retry
+        assert backend.stat("a.bak").size == 3
+        assert backend.retries == 3 - 1
 
 
 @pytest.mark.parametrize("action", ["503", "500", "reset"])
@@ -104,9 +126,24 @@ def test_multipart_uploads_listed_and_aborted(request, which):
         assert [(u.path, u.upload_id, u.size) for u in uploads] == [
             ("pending.bin", upload["UploadId"], 1000)
         ]
+        assert_utc(uploads[0].initiated)  # present, and in UTC (it is the upload's age)
         backend.abort_multipart_upload("pending.bin", upload["UploadId"])
         backend.abort_multipart_upload("pending.bin", upload["UploadId"])  # idempotent
         assert list(backend.list_multipart_uploads()) == []
+
+
+def test_listed_multipart_upload_with_slashes_is_aborted(s3_server, s3_bucket):
+    """A key only a listing can name (``a//b``: moto keeps it) is aborted as listed."""
+    client = s3_server.client()
+    for key in ("r/a//b.bin", "r/a/b.bin"):
+        client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    with make_s3_backend(s3_server, s3_bucket, "r") as backend:
+        uploads = {u.path: u for u in backend.list_multipart_uploads()}
+        assert sorted(uploads) == ["a//b.bin", "a/b.bin"]
+        backend.abort_multipart_upload("a//b.bin", uploads["a//b.bin"].upload_id)
+        assert [u.path for u in backend.list_multipart_uploads()] == ["a/b.bin"]
+        with pytest.raises(InvalidPathError):
+            backend.abort_multipart_upload("a\x00b", "x")
 
 
 def test_seaweedfs_rejects_expired_and_tampered_urls(seaweedfs_backend):

@@ -89,3 +89,49 @@ def test_fast_path_steps_aside(name: str) -> None:
 def test_not_a_listing_is_rejected() -> None:
     with pytest.raises(StorageError):
         s3.parse_list_page(b"<Error><Code>x</Code></Error>")
+
+
+def _keys(data: bytes) -> list[str]:
+    return [o.path for o in s3.parse_list_page(data)[0]]
+
+
+def _etree_keys(data: bytes) -> list[str]:
+    """What an XML parser reads as the keys (the reference for the unescaping)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(data)  # noqa: S314 - a document built by this test
+    return [el.text or "" for el in root.iter() if el.tag.rpartition("}")[2] == "Key"]
+
+
+XML_KEYS = [
+    b"&#x80;",  # U+0080: html.unescape makes it the euro sign
+    b"&#128;x&#x9F;",
+    b"&amp;#x80;",  # a literal '&#x80;': unescaped once, not twice
+    b"a&amp;b&lt;c&gt;d&quot;e&apos;f",
+    b"&#xe9;&#233;&#x1F600;",
+    b"&#38;amp;",  # '&amp;' as a literal
+]
+
+
+@pytest.mark.parametrize("raw", XML_KEYS, ids=repr)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_keys_are_unescaped_as_xml(raw: bytes, fast: bool, monkeypatch) -> None:
+    data = _doc([_seaweed(raw), _seaweed(b"plain")], encoded=False)
+    if not fast:
+        monkeypatch.setattr(s3, "_fast_items", lambda _data, _encoded: None)
+    assert _keys(data) == _etree_keys(data)
+
+
+def test_numeric_reference_is_not_read_as_windows_1252() -> None:
+    data = _doc([_seaweed(b"&#x80;&#x99;")], encoded=False)
+    assert _keys(data) == ["\x80\x99"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"&eacute;", b"&nbsp;x", b"a&b", b"&#0;", b"&#xD800;", b"&#x110000;", b"&#12a;"]
+)
+def test_what_xml_does_not_define_is_refused(raw: bytes) -> None:
+    """An HTML entity, a bare '&' or a reference to no character: the key would be
+    misread, so the page is refused (the walk fails, never lists a wrong key)."""
+    with pytest.raises(StorageError):
+        s3.parse_list_page(_doc([_seaweed(raw)], encoded=False))

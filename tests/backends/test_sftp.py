@@ -6,9 +6,16 @@ import io
 import os
 from pathlib import Path
 
+import paramiko
 import pytest
 
-from storage_backends.errors import PermissionDeniedError
+from storage_backends.errors import (
+    BackendUnavailableError,
+    InvalidPathError,
+    NotFoundError,
+    PathConflictError,
+    PermissionDeniedError,
+)
 from tests.backends.contract import ROOT, BackendContract, big_key
 from tests.servers.destinations import make_sftp_backend
 from tests.servers.sshd import _ed25519_pair
@@ -40,17 +47,109 @@ class TestSFTP(BackendContract):
             yield backend
 
 
+def _tree(base: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(base)): p.read_bytes()
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
 def test_symlinks_are_never_followed(sftp_server, sftp_dir, tmp_path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.bak").write_bytes(b"s")
+    (outside / "deeper").mkdir()
+    (outside / "deeper" / "x.bak").write_bytes(b"x")
     write(sftp_dir, "real/file.bak", b"r")
     os.symlink(outside, sftp_dir / "real" / "link-dir")
     os.symlink(outside / "secret.bak", sftp_dir / "real" / "link-file.bak")
     os.symlink(sftp_dir, sftp_dir / "real" / "loop")  # would loop forever if followed
+    before = _tree(outside)
     with make_sftp_backend(sftp_server, sftp_dir) as backend:
         assert [o.path for page in backend.walk() for o in page] == ["real/file.bak"]
         assert [e.name for e in backend.browse("real/").entries] == ["file.bak"]
+        with pytest.raises(NotFoundError):
+            backend.stat("real/link-file.bak")
+        # every operation through a symlinked folder (as a parent or as the prefix)
+        for target in ("real/link-dir/secret.bak", "real/link-dir/deeper/x.bak"):
+            with pytest.raises(InvalidPathError):
+                backend.stat(target)
+            with pytest.raises(InvalidPathError):
+                list(backend.read_chunks(target))
+            with pytest.raises(InvalidPathError):
+                backend.upload(target, io.BytesIO(b"overwritten"))
+            with pytest.raises(InvalidPathError):
+                backend.upload(target.replace(".bak", "-new.bak"), io.BytesIO(b"new"))
+            with pytest.raises(InvalidPathError):
+                backend.delete(target)
+            result = backend.delete_many([target])
+            assert result.deleted == [] and "InvalidPathError" in result.errors[target]
+        for prefix in ("real/link-dir/", "real/link-dir/deeper/", "real/loop/real/"):
+            with pytest.raises(InvalidPathError):
+                list(backend.walk(prefix))
+            with pytest.raises(InvalidPathError):
+                backend.browse(prefix)
+        with pytest.raises(InvalidPathError):
+            backend.upload("real/loop/real/file.bak", io.BytesIO(b"via the loop"))
+    assert _tree(outside) == before  # nothing outside the root was read into, written or deleted
+    assert (sftp_dir / "real" / "file.bak").read_bytes() == b"r"
+
+
+def test_symlinked_root_prefix_is_refused(sftp_server, sftp_dir, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    (outside / "1" / "secret.bak").write_bytes(b"s")
+    os.symlink(outside, sftp_dir / "backups")
+    with make_sftp_backend(sftp_server, sftp_dir, "backups/1") as backend:
+        with pytest.raises(InvalidPathError):
+            list(backend.walk())
+        with pytest.raises(InvalidPathError):
+            backend.stat("secret.bak")
+        with pytest.raises(InvalidPathError):
+            backend.delete("secret.bak")
+    assert (outside / "1" / "secret.bak").exists()
+
+
+def test_folder_checks_are_cached_briefly(sftp_server, sftp_dir, monkeypatch) -> None:
+    """A batch in one folder lstats its folders once; a folder swapped for a symlink is
+    caught once the short trust window has passed."""
+    write(sftp_dir, "a/b/c/keep.bak", b"k")
+    with make_sftp_backend(sftp_server, sftp_dir) as backend:
+        backend.upload("a/b/c/one.bak", io.BytesIO(b"1"))  # connects; checks a, a/b, a/b/c
+        calls: list[str] = []
+        real_lstat = paramiko.SFTPClient.lstat
+
+        def counting(self, path):
+            calls.append(path)
+            return real_lstat(self, path)
+
+        monkeypatch.setattr(paramiko.SFTPClient, "lstat", counting)
+        for i in range(20):
+            backend.stat("a/b/c/keep.bak")
+            backend.delete(f"a/b/c/missing-{i}.bak")
+        assert len(calls) == 20  # one lstat per stat of the file, none for its folders
+        os.rename(sftp_dir / "a" / "b", sftp_dir / "a" / "moved")
+        os.symlink(sftp_dir / "a" / "moved", sftp_dir / "a" / "b")
+        backend._real_dirs.clear()  # what the passing of DIR_CHECK_TTL seconds does
+        with pytest.raises(InvalidPathError):
+            backend.stat("a/b/c/keep.bak")
+
+
+def test_path_through_a_file(sftp_backend, sftp_dir) -> None:
+    sftp_backend.upload("f", io.BytesIO(b"file"))
+    sftp_backend.upload("d/inner.bak", io.BytesIO(b"x"))
+    with pytest.raises(PathConflictError):
+        sftp_backend.upload("f/x.bak", io.BytesIO(b"x"))
+    with pytest.raises(PathConflictError):
+        sftp_backend.upload("d", io.BytesIO(b"a file named like a folder"))
+    assert sorted(os.listdir(sftp_dir / "d")) == ["inner.bak"]
+    with pytest.raises(NotFoundError):
+        sftp_backend.stat("f/x.bak")
+    sftp_backend.delete("f/x.bak")  # nothing there: nothing to do
+    assert sftp_backend.browse("f/").entries == []
+    assert list(sftp_backend.walk("f/")) == []
+    assert (sftp_dir / "f").read_bytes() == b"file"
 
 
 def test_unknown_host_key_is_refused(sftp_server, sftp_dir) -> None:
@@ -87,3 +186,30 @@ def test_upload_is_atomic_rename(sftp_backend, sftp_dir) -> None:
     sftp_backend.upload("d/f.bak", io.BytesIO(b"two"))
     assert sorted(os.listdir(sftp_dir / "d")) == ["f.bak"]  # no temp files left
     assert b"".join(sftp_backend.read_chunks("d/f.bak")) == b"two"
+
+
+def test_password_authentication(rclone_sftp_server) -> None:
+    """Password auth against a real server that takes passwords only (rclone)."""
+    server = rclone_sftp_server
+    (server.data / "pw").mkdir(exist_ok=True)
+    (server.data / "pw" / "seeded.bak").write_bytes(b"seeded")
+    with make_sftp_backend(server, "/", "pw", credentials=server.credentials()) as backend:
+        assert backend.stat("seeded.bak").size == 6
+        assert b"".join(backend.read_chunks("seeded.bak")) == b"seeded"
+        backend.upload("up/loaded.bak", io.BytesIO(b"uploaded"))
+        assert (server.data / "pw" / "up" / "loaded.bak").read_bytes() == b"uploaded"
+        assert sorted(o.path for page in backend.walk() for o in page) == [
+            "seeded.bak",
+            "up/loaded.bak",
+        ]
+        backend.delete("up/loaded.bak")
+        assert not (server.data / "pw" / "up" / "loaded.bak").exists()
+    wrong = server.credentials(password="not-" + server.password)
+    backend = make_sftp_backend(server, "/", "pw", credentials=wrong)
+    with backend, pytest.raises(PermissionDeniedError, match="authentication failed"):
+        backend.stat("seeded.bak")
+    keyless = server.credentials(password=None)
+    with make_sftp_backend(server, "/", "pw", credentials=keyless) as backend:
+        with pytest.raises(BackendUnavailableError, match="password"):
+            backend.stat("seeded.bak")
+        assert backend.retries == 0  # a configuration error, not a dropped connection

@@ -27,12 +27,16 @@ from tests.faults.realworker import CREDS, Worker, job_row, sender, wait_job
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.jobs import dispatch, request_job
+from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 ORPHANS = 3000
 LINKED = 20
 LISTING_PAGE = r"continuation-token"  # the second ListObjectsV2 page onwards
 DELETE = r"[?&]delete"
+#: DeleteObjects requests under way at once: each batch goes as 8 concurrent requests,
+#: and the default window keeps this many batches in flight
+DELETE_REQUESTS_IN_FLIGHT = 8 * Settings().cleanup_deletes_in_flight
 
 
 class Bucket:
@@ -105,7 +109,9 @@ def test_kill_9_of_the_worker_child_mid_cleanup_and_the_restarted_child_finishes
     if point == "listing":
         hold = fault_proxy.hold_next(1, method="GET", path=LISTING_PAGE)
     else:  # the first delete batch; 'after-delete' lets it reach moto first
-        hold = fault_proxy.hold_next(8, method="POST", path=DELETE, forward=point == "after-delete")
+        hold = fault_proxy.hold_next(
+            DELETE_REQUESTS_IN_FLIGHT, method="POST", path=DELETE, forward=point == "after-delete"
+        )
     worker = start_worker(own_redis.url, OCORE_CLEANUP_MAX_SHARE="1")
     job = start_cleanup(db, bucket, own_redis.url)
     assert hold.wait(1, 90), log_of(worker)
@@ -195,7 +201,7 @@ def test_database_connections_cut_under_a_real_worker_and_the_job_converges(
     if point == "listing":
         hold = fault_proxy.hold_next(1, method="GET", path=LISTING_PAGE)
     else:
-        hold = fault_proxy.hold_next(8, method="POST", path=DELETE)
+        hold = fault_proxy.hold_next(DELETE_REQUESTS_IN_FLIGHT, method="POST", path=DELETE)
     app_name = "ocore-fault-worker"
     sep = "&" if "?" in pg_url else "?"
     worker = start_worker(
@@ -222,10 +228,11 @@ def test_database_connections_cut_under_a_real_worker_and_the_job_converges(
 def test_a_worker_stopped_between_two_delete_batches_sends_no_more_after_sigcont(
     db, world, engine, cfg, own_redis, start_worker, fault_proxy, bucket, s3_server, monkeypatch
 ) -> None:
-    """SIGSTOP the pool child right after its first delete batch reached the server, let
-    its 2 s lease expire while a cleanup of another root of the same bucket takes the
-    lock and finishes, SIGCONT: the stopped job records its first batch, then stops at
-    the fence before the second one. Not one more delete request (SAFETY rule 8)."""
+    """SIGSTOP the pool child right after the delete batches it had under way (its
+    window, each fenced before it was sent) reached the server, let its 2 s lease
+    expire while a cleanup of another root of the same bucket takes the lock and
+    finishes, SIGCONT: the stopped job records those batches, then stops at the fence
+    before the next one. Not one more delete request (SAFETY rule 8)."""
     from worker.runner import run_job
 
     monkeypatch.setenv("OCORE_CREDENTIALS_FAULT", CREDS)  # job B runs in this process
@@ -237,18 +244,21 @@ def test_a_worker_stopped_between_two_delete_batches_sends_no_more_after_sigcont
                               root_prefix="other/", credentials_ref="fault",
                               options=make_s3_destination_options())  # fmt: skip
     db.commit()
-    hold = fault_proxy.hold_next(8, method="POST", path=DELETE, forward=True)
+    # Every delete request the job has under way (its whole window of batches, each
+    # fenced before it was sent) reaches the server and waits there for its answer.
+    hold = fault_proxy.hold_next(
+        DELETE_REQUESTS_IN_FLIGHT, method="POST", path=DELETE, forward=True
+    )
     worker = start_worker(own_redis.url, OCORE_LOCK_LEASE_SECONDS="2", OCORE_CLEANUP_MAX_SHARE="1")
     job_a = start_cleanup(db, bucket, own_redis.url)
-    assert hold.wait(1, 90), log_of(worker)
-    time.sleep(0.5)  # every request of the first batch has reached the server
+    assert hold.wait(DELETE_REQUESTS_IN_FLIGHT, 90), log_of(worker)
     hold.disarm()
     child = worker.child()
     os.kill(child, signal.SIGSTOP)
     try:
         hold.release()  # the answers wait in the stopped process's sockets
         first_batch = bucket.orphans - bucket.keys()
-        assert first_batch, "the first batch had reached the server"
+        assert first_batch, "the batches under way had reached the server"
         time.sleep(3.5)  # past the 2 s lease
         job_b, _ = request_job(db, "orphan_cleanup", dest_b, {"retention_days": 7})
         outcome_b = run_job(job_b.id, cfg, engine)

@@ -24,7 +24,9 @@ def _free_port() -> int:
 
 def test_api_command_serves_health_and_stops_on_sigterm(pg_url, tmp_path):
     port = _free_port()
-    env = {**os.environ, "OCORE_DATABASE_URL": pg_url, "OCORE_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "OCORE_DATABASE_URL": pg_url, "OCORE_DATA_DIR": str(tmp_path),
+           # the API refuses the built-in development secret outside --dev
+           "OCORE_JWT_SECRET": "a-test-secret-of-more-than-32-bytes-0123"}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -34,7 +36,7 @@ def test_api_command_serves_health_and_stops_on_sigterm(pg_url, tmp_path):
     try:
         deadline = time.monotonic() + 30
         body = None
-        while time.monotonic() < deadline and body is None:
+        while time.monotonic() < deadline and body is None and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                     body = json.loads(r.read())

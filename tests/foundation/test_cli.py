@@ -1,17 +1,28 @@
-"""The CLI: clear one-line errors, seed, jobs run."""
+"""The CLI: clear one-line errors, seed, jobs run.
+
+Every error is exactly one line on stderr starting with ``error: `` (a usage error ends
+with ``(try: ocore-storage <command> --help)``), and a non-zero exit status.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy import text
 
 from tests.factories import make_destination, make_world
+from worker.cli import StatusLine, status_text
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -90,3 +101,189 @@ def test_jobs_run_on_factory_destination(cli_env, db, tmp_path):
                   env=cli_env)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["result"]["dry_run"] is True
+
+
+# --- every error is exactly one line ("error: ..."), never a traceback ----------------
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, expected: str, status: int = 1):
+    assert res.returncode == status, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert expected in lines[0], lines[0]
+    return lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def empty_pg_url():
+    """A PostgreSQL database without the schema (`db upgrade` never ran)."""
+    from tests.conftest import PG_ADMIN
+
+    name = f"ocore_cli_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + (
+            f"/{name}"
+        )
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_malformed_and_missing_seed_files(cli_env, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"organizations": [')
+    assert_one_line_error(run_cli("seed", str(bad), env=cli_env), "is not valid JSON")
+    assert_one_line_error(run_cli("seed", str(tmp_path / "nope.json"), env=cli_env),
+                          "does not exist")  # fmt: skip
+
+
+def test_seed_referencing_a_missing_row_prints_the_first_line_only(cli_env, tmp_path, db):
+    f = tmp_path / "orphan.json"
+    f.write_text(json.dumps({"projects": [{"organization_id": str(uuid.uuid4()), "name": "p"}]}))
+    line = assert_one_line_error(run_cli("seed", str(f), env=cli_env), "seed failed")
+    assert "foreign key" in line and "check that the ids the file references exist" in line
+    assert db.execute(text("SELECT count(*) FROM projects")).scalar_one() == 0
+
+
+@pytest.mark.parametrize("which", ["sqlite", "postgresql"])
+def test_unmigrated_database_says_run_db_upgrade(which, request, tmp_path):
+    env = {"OCORE_DATA_DIR": str(tmp_path / "var")}
+    if which == "postgresql":
+        env["OCORE_DATABASE_URL"] = request.getfixturevalue("empty_pg_url")
+    else:
+        env["OCORE_DATABASE_URL"] = ""  # the embedded default: a new SQLite file
+    hint = "run `ocore-storage db upgrade`"
+    assert_one_line_error(run_cli("jobs", "show", str(uuid.uuid4()), env=env), hint)
+    res = run_cli("jobs", "run", "scan", "--destination", str(uuid.uuid4()), env=env)
+    assert_one_line_error(res, hint)
+    seed = tmp_path / "s.json"
+    seed.write_text('{"organizations": [{"name": "o"}]}')
+    assert_one_line_error(run_cli("seed", str(seed), env=env), hint)
+
+
+def test_unreachable_database_names_the_url_without_its_password(tmp_path):
+    port = _closed_port()
+    env = {
+        "OCORE_DATABASE_URL": f"postgresql+psycopg://ocore:s3cret-pw@127.0.0.1:{port}/ocore",
+        "OCORE_DATA_DIR": str(tmp_path),
+    }
+    for args in (["jobs", "show", str(uuid.uuid4())], ["db", "upgrade"]):
+        line = assert_one_line_error(run_cli(*args, env=env), "cannot connect to the database")
+        assert f"postgresql+psycopg://ocore:***@127.0.0.1:{port}/ocore" in line
+        assert "s3cret-pw" not in line and "check that it is running" in line
+
+
+def test_unparseable_database_url(tmp_path):
+    env = {"OCORE_DATABASE_URL": "notaurl:/x:y@", "OCORE_DATA_DIR": str(tmp_path)}
+    for args in (["db", "upgrade"], ["jobs", "show", str(uuid.uuid4())]):
+        line = assert_one_line_error(run_cli(*args, env=env), "OCORE_DATABASE_URL")
+        assert "<unparseable URL>" in line and "notaurl" not in line
+
+
+def test_unknown_job_type_is_a_usage_error_with_a_hint(cli_env):
+    res = run_cli("jobs", "run", "frobnicate", "--destination", str(uuid.uuid4()), env=cli_env)
+    line = assert_one_line_error(res, "'frobnicate' is not one of", status=2)
+    assert line.endswith("(try: ocore-storage jobs run --help)")
+    res = run_cli("no-such-command", env=cli_env)
+    assert_one_line_error(res, "(try: ocore-storage --help)", status=2)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("abc", "OCORE_RETENTION_DAYS: Input should be a valid integer"),
+     ("0", "OCORE_RETENTION_DAYS: retention_days must be at least 1")],
+)  # fmt: skip
+def test_bad_setting_value_names_the_variable(value, message, cli_env):
+    env = {**cli_env, "OCORE_RETENTION_DAYS": value}
+    for args in (["db", "upgrade"], ["jobs", "show", str(uuid.uuid4())]):
+        assert_one_line_error(run_cli(*args, env=env), message)
+
+
+def test_busy_api_port(cli_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**cli_env, "OCORE_API_HOST": "127.0.0.1", "OCORE_API_PORT": str(port),
+               "OCORE_JWT_SECRET": "a-test-secret-of-more-than-32-bytes-0123"}  # fmt: skip
+        expected = f"port {port} is in use on 127.0.0.1 (set OCORE_API_PORT"
+        assert_one_line_error(run_cli("api", env=env), expected)
+        assert_one_line_error(run_cli("api", "--dev", env=env), expected)
+        # serve checks before it starts its worker
+        assert_one_line_error(run_cli("serve", env=env), expected)
+
+
+# --- jobs run: a status line on a terminal, nothing extra otherwise ---------------------
+
+
+def test_status_text_and_progress_reading():
+    assert status_text("scan", "listing", 1_234_567, 0, 3725.2) == (
+        "scan: listing | 1,234,567 objects listed | 0 files deleted | 1:02:05"
+    )
+    line = StatusLine(None, uuid.uuid4(), "orphan-cleanup", sys.stderr)
+    line.update("listing", {"objects": 5000})
+    line.update("deleting", {"objects": 5000, "totals": {"deleted_files": 12}})
+    assert (line._listed, line._deleted, line._phase) == (5000, 12, "deleting")
+    line.update("deleting", {"objects": 40})  # purge reports deleted files as objects
+    assert (line._listed, line._deleted) == (5000, 40)
+
+
+def _run_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on one pseudo-terminal, as in a shell."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, **env},
+    )
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=30), out.decode()
+
+
+def test_jobs_run_shows_a_status_line_on_a_terminal_only(cli_env, db, tmp_path):
+    w = make_world(db)
+    (tmp_path / "store").mkdir()
+    for i in range(20):
+        (tmp_path / "store" / f"f{i}.bin").write_bytes(b"x")
+    d = make_destination(db, w, bucket=str(tmp_path / "store"))
+    db.commit()
+    env = {**cli_env, "OCORE_LOG_FORMAT": "console"}
+    status, out = _run_on_a_terminal(["jobs", "run", "scan", "--destination", str(d.id)], env)
+    assert status == 0, out
+    clear = "\r\x1b[K"
+    assert f"{clear}scan: " in out and "objects listed |" in out and "files deleted |" in out
+    # a log line written while the line is shown is printed above it, on its own line
+    assert re.search(r"\r\x1b\[K[^\r\n]*finished: succeeded", out), out
+    # erased before the result: the JSON is the last thing on the terminal
+    result_at = out.index("{")
+    assert out.rindex(clear) < result_at and "objects listed" not in out[result_at:]
+    assert json.loads(out[result_at:].replace("\r\n", "\n"))["result"]["total_files"] == 20
+    # not a terminal: no status line, no control characters
+    res = run_cli("jobs", "run", "scan", "--destination", str(d.id), env=env)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "\x1b" not in res.stderr
+    assert "objects listed" not in res.stderr + res.stdout
+    json.loads(res.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -14,11 +15,20 @@ from worker.demo import FILES, run_demo
 pytestmark = pytest.mark.slow
 
 
-def test_demo_deletes_exactly_the_old_orphans(tmp_path, monkeypatch):
+def test_demo_deletes_exactly_the_old_orphans(tmp_path, monkeypatch, caplog):
     for var in ("OCORE_DATABASE_URL", "OCORE_BROKER_URL"):
         monkeypatch.delenv(var, raising=False)
     out = io.StringIO()
+    caplog.set_level(logging.INFO)
     result = run_demo(tmp_path / "demo", Console(file=out, width=160))
+    # only the demo's own output: no alembic INFO lines, no kombu hostname warning
+    noise = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("alembic") or "No hostname was supplied" in r.getMessage()
+    ]
+    assert noise == []
+    assert logging.getLogger("alembic").level == logging.NOTSET  # restored afterwards
     assert result["scan_status"] == "succeeded"
     assert result["cleanup_status"] == "succeeded"
     assert sorted(result["deleted"]) == [

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
+import pytest
 import yaml
-from click.testing import CliRunner
 
 from worker.cli import cli
 
@@ -27,30 +28,61 @@ def test_compose_has_the_services_with_healthchecks():
     )
 
 
-def test_every_ocore_command_exists_in_the_cli():
-    runner = CliRunner()
-    for name, svc in _compose()["services"].items():
-        if svc.get("image") != "ocore-storage-worker:latest":
-            continue
-        args = [a for a in svc["command"] if not a.startswith("-")]
-        # walk the click groups down to the command and ask for its help
-        result = runner.invoke(cli, [*svc["command"][:1], "--help"])
-        assert result.exit_code == 0, (name, result.output)
-        if args[0] == "db":
-            assert runner.invoke(cli, ["db", args[1], "--help"]).exit_code == 0
-        cmd = cli.get_command(None, args[0])
-        assert cmd is not None, name
-        options = {o for p in cmd.params for o in getattr(p, "opts", [])}
-        for flag in (a for a in svc["command"] if a.startswith("--")):
-            assert flag in options, (name, flag)
+def _parse(args: list[str]) -> click.Context:
+    """Parse a full command line the way ``ocore-storage`` does (types, choices, required
+    options, unknown flags), down to the leaf command, without running it."""
+    ctx = cli.make_context("ocore-storage", list(args))
+    command: click.Command = cli
+    rest = list(args)  # the root group takes no options of its own
+    while isinstance(command, click.Group):
+        name, sub, rest = command.resolve_command(ctx, rest)
+        assert name is not None and sub is not None, args
+        command = sub
+        ctx = command.make_context(name, list(rest), parent=ctx)
+    return ctx
+
+
+def _project_services() -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in _compose()["services"].items()
+        if svc.get("image") == "ocore-storage-worker:latest" or "build" in svc
+    }
+
+
+def test_every_project_service_command_parses_in_the_cli():
+    services = _project_services()
+    assert set(services) == {"migrate", "api", "worker", "beat"}
+    parsed = {name: _parse(svc["command"]) for name, svc in services.items()}
+    assert parsed["migrate"].command_path == "ocore-storage db upgrade"
+    assert parsed["api"].params["host"] == "0.0.0.0" and parsed["api"].params["port"] == 8080
+    assert parsed["worker"].params["queues"] == "scan,cleanup,maintenance"
+    assert parsed["worker"].params["concurrency"] == 2
+    assert parsed["beat"].command_path == "ocore-storage beat"
+
+
+def test_the_parser_rejects_what_the_cli_would():
+    with pytest.raises(click.UsageError):
+        _parse(["worker", "--no-such-flag"])
+    with pytest.raises(click.UsageError):
+        _parse(["api", "--port", "eighty"])
+    with pytest.raises(click.UsageError):
+        _parse(["db", "migrate"])
 
 
 def test_every_file_the_compose_file_mounts_exists():
     for svc in _compose()["services"].values():
         for volume in svc.get("volumes", []):
             src = volume.split(":")[0]
-            if src.startswith("./") and src != "./secrets":
+            if src.startswith("./"):
                 assert (ROOT / src).exists(), src
+
+
+def test_the_secrets_folder_exists_and_git_ignores_what_is_put_in_it():
+    assert (ROOT / "secrets" / ".gitkeep").is_file()
+    rules = [x.strip() for x in (ROOT / ".gitignore").read_text().splitlines()]
+    assert "secrets/*" in rules and "!secrets/.gitkeep" in rules
+    assert rules.index("!secrets/.gitkeep") > rules.index("secrets/*")
 
 
 def test_dockerfile_is_multistage_non_root_and_uses_the_lock_file():
@@ -75,3 +107,37 @@ def test_hadolint_passes():
         [binary, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_only_the_worker_gets_a_prometheus_multiproc_dir():
+    # The image used to set it for every container: api, beat and the CLI crashed on
+    # importing worker.metrics (FileNotFoundError: counter_<pid>.db).
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert not [x for x in lines if "PROMETHEUS_MULTIPROC_DIR" in x and not x.startswith("#")]
+    services = _compose()["services"]
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        if name == "worker":
+            assert env["PROMETHEUS_MULTIPROC_DIR"] == "/var/lib/ocore/metrics"
+        else:
+            assert "PROMETHEUS_MULTIPROC_DIR" not in env, name
+
+
+def test_prometheus_keeps_30_days_on_a_volume():
+    compose = _compose()
+    prom = compose["services"]["prometheus"]
+    flags = dict(a.split("=", 1) for a in prom["command"])
+    assert flags["--storage.tsdb.retention.time"] == "30d"
+    assert flags["--config.file"] == "/etc/prometheus/prometheus.yml"
+    mounts = dict(v.split(":")[:2] for v in prom["volumes"])
+    data = next(src for src, dst in mounts.items() if dst == flags["--storage.tsdb.path"])
+    assert not data.startswith(("./", "/")), "a named volume, not a bind mount"
+    assert data in compose["volumes"]
+
+
+def test_containers_without_an_http_port_do_not_inherit_the_api_healthcheck():
+    services = _compose()["services"]
+    assert services["beat"]["healthcheck"] == {"disable": True}
+    assert services["migrate"]["healthcheck"] == {"disable": True}
+    worker_check = " ".join(services["worker"]["healthcheck"]["test"])
+    assert ":9808/metrics" in worker_check

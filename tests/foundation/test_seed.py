@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Backup, BackupDestination, Snapshot, User
+from db.models import Backup, BackupDestination, Organization, Snapshot, User
+from db.softdelete import skip_soft_delete
+from db.types import utcnow
 from worker.seed import SeedError, load_seed, load_seed_file
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "seed.json"
@@ -39,3 +41,33 @@ def test_example_seed_loads_idempotently(db):
 def test_bad_seed_is_a_clear_error(db, data, message):
     with pytest.raises(SeedError, match=message):
         load_seed(db, data)
+
+
+def test_seeding_again_after_a_row_was_archived_updates_it(db):
+    """merge() must see soft-deleted rows, or the second load inserts a duplicate id."""
+    data = json.loads(EXAMPLE.read_text())
+    load_seed(db, data)
+    backup = db.scalars(select(Backup)).one()
+    org = db.scalars(select(Organization)).one()
+    backup.deleted_at = utcnow()
+    org.deleted_at = utcnow()
+    db.commit()
+    db.expunge_all()  # a later `ocore-storage seed`: a new session, nothing in memory
+    data["backups"][0]["size_bytes"] = 4242
+    counts = load_seed(db, data)  # raised IntegrityError (UNIQUE) before the fix
+    assert counts["backups"] == 1
+    db.expire_all()
+    with skip_soft_delete(db):
+        rows = db.scalars(select(Backup)).all()
+        assert len(rows) == 1
+        assert rows[0].size_bytes == 4242
+        # fields the file leaves out keep their value: still archived
+        assert rows[0].deleted_at is not None
+        assert db.execute(select(func.count()).select_from(Organization)).scalar_one() == 1
+    # the opt-out ended with the load: ordinary queries hide archived rows again
+    assert db.scalars(select(Backup)).all() == []
+    data["backups"][0]["deleted_at"] = None  # the file can restore a row explicitly
+    db.expunge_all()
+    load_seed(db, data)
+    db.expire_all()
+    assert db.scalars(select(Backup)).one().size_bytes == 4242

@@ -81,6 +81,12 @@ def worker_metric_names() -> set[str]:
 BROKER_NAMES = {"ocore_broker_up", "ocore_broker_queue_length", "ocore_broker_unacked_messages"}
 
 
+def database_metric_names() -> set[str]:
+    from worker.metrics import DatabaseCollector
+
+    return exposed_names([DatabaseCollector("sqlite://")])
+
+
 def api_metric_names() -> set[str]:
     from api.metrics import ApiMetrics
 
@@ -89,7 +95,9 @@ def api_metric_names() -> set[str]:
 
 
 def known_names() -> set[str]:
-    return worker_metric_names() | BROKER_NAMES | api_metric_names() | {"up"}
+    return (
+        worker_metric_names() | BROKER_NAMES | database_metric_names() | api_metric_names() | {"up"}
+    )
 
 
 def scrape(url: str, timeout: float = 5) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

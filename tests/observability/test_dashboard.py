@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.observability.helpers import GRAFANA_DIR, known_names, promql_metric_names
+from tests.observability.helpers import (
+    GRAFANA_DIR,
+    known_names,
+    promql_metric_names,
+    run_promtool,
+)
 
 DASHBOARD = GRAFANA_DIR / "dashboards" / "ocore-storage.json"
 
@@ -43,6 +49,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     titles = " | ".join(p["title"].lower() for p in panels)
     for words in (
         "storage per destination",
+        "storage per project",
         "orphan bytes over time",
         "job outcomes",
         "job duration p50 / p95",
@@ -81,3 +88,30 @@ def test_provisioning_points_at_the_dashboard_and_datasource() -> None:
     # docker-compose.yml mounts deploy/grafana/dashboards there
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
     assert _load()["uid"] == "ocore-storage"
+
+
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every panel query is valid PromQL: promtool parses it as a recording rule."""
+    exprs = [t["expr"] for p in _panels(_load()) for t in p.get("targets", [])]
+    rules = [
+        {
+            "record": f"dashboard:query_{i}",
+            "expr": e.replace("$__rate_interval", "5m").replace("$destination", ".*"),
+        }
+        for i, e in enumerate(exprs)
+    ]
+    (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
+    res = run_promtool("check", "rules", "dash.yml", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_storage_per_project_uses_names_from_the_info_metric() -> None:
+    panels = {p["title"].lower(): p for p in _panels(_load())}
+    per_project = panels["storage per project (linked bytes, last scan)"]
+    (target,) = per_project["targets"]
+    assert "ocore_project_bytes" in target["expr"] and "ocore_project_info" in target["expr"]
+    assert target["legendFormat"] == "{{name}}"
+    per_dest = panels["storage per destination (bytes by state)"]["targets"][0]
+    assert "ocore_destination_info" in per_dest["expr"]
+    freshness = panels["time since last successful scan"]["targets"][0]["expr"]
+    assert "ocore_destination_created_timestamp_seconds" in freshness  # never scanned too

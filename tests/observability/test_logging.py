@@ -207,3 +207,42 @@ def test_runner_tags_the_jobs_log_lines(
     assert finished[-1]["job_type"] == "scan"
     assert finished[-1]["destination_id"] == str(dest.id)
     assert finished[-1]["phase"] == "reconciling"  # the last phase the scan reported
+
+
+def test_the_tasks_context_learns_the_type_destination_and_phase(restore_logging: None) -> None:
+    """Celery's task context knows only the job id; the runner's context of the same job
+    fills it in, so lines after the job (Celery's "succeeded") and threads started with a
+    copy of the context (the listing read-ahead) carry everything, with the current phase."""
+    import contextvars
+    import threading
+
+    out = _capture()
+    log = logging.getLogger("celery.app.trace")
+    jid, did, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    go = threading.Event()
+    with job_context(job_id=jid, job_type="", destination_id=None):  # task_prerun
+        log.info("received")
+        with job_context(job_id=jid, job_type="scan", destination_id=did):  # run_job
+            set_phase("listing")
+            reader = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(lambda: (go.wait(5), log.info("page read")),),
+            )
+            reader.start()
+            set_phase("reconciling")
+            go.set()
+            reader.join(5)
+            with job_context(job_id=other, job_type="purge", destination_id=None):
+                log.info("another job")
+        log.info("Task succeeded")
+    received, page, another, succeeded = _lines(out)
+    assert received["job_id"] == str(jid) and "job_type" not in received
+    assert (page["job_type"], page["destination_id"], page["phase"]) == (
+        "scan", str(did), "reconciling",
+    )  # fmt: skip
+    assert (another["job_id"], another["job_type"]) == (str(other), "purge")
+    assert (succeeded["job_id"], succeeded["job_type"], succeeded["phase"]) == (
+        str(jid), "scan", "reconciling",
+    )  # fmt: skip
+    assert succeeded["destination_id"] == str(did)
+    assert current_job() is None

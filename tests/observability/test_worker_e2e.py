@@ -216,11 +216,13 @@ def test_worker_metrics_match_the_jobs(
     assert value(m, "ocore_bytes_freed_total", backend=kind, reason="orphan") == r["bytes_freed"]
     assert r["bytes_freed"] == OLD_ORPHANS * 1000
     assert value(m, "ocore_stale_records_removed_total") == MISSING
-    found = scan_r["orphan_files"] + stale_r["orphan_files"]
+    # every listing counts: the scan, the orphan cleanup's own (the same files as the
+    # scan's: nothing changed in between) and the scan-cleanup's (after the deletions)
+    found = 2 * scan_r["orphan_files"] + stale_r["orphan_files"]
     assert value(m, "ocore_orphans_found_total", backend=kind) == found
-    listed = scan_r["total_files"] + stale_r["total_files"]
+    listed = 2 * scan_r["total_files"] + stale_r["total_files"]
     assert value(m, "ocore_objects_listed_total", backend=kind) == listed
-    listed_bytes = scan_r["total_bytes"] + stale_r["total_bytes"]
+    listed_bytes = 2 * scan_r["total_bytes"] + stale_r["total_bytes"]
     assert value(m, "ocore_bytes_listed_total", backend=kind) == listed_bytes
 
     # destination gauges: from the last scan (the scan-cleanup's, after the deletions)

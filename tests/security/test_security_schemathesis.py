@@ -33,6 +33,8 @@ def _fill_ids(case, a: Attack) -> None:
         # An opaque cursor is only valid when a previous page gave it: a random string is
         # rightly a 400 (negative mode still sends them).
         del case.query["cursor"]
+    if case.method.upper() == "DELETE" and case.path.endswith("/files"):
+        _one_path(case)
     if "destId" in params:
         params["destId"] = str(a.local.id)
     if "id" in params:
@@ -42,6 +44,19 @@ def _fill_ids(case, a: Attack) -> None:
             params["id"] = str(a.ids["job"])
         elif params.get("entity_type") == "backups":
             params["id"] = str(a.ids["entity"])
+
+
+def _one_path(case) -> None:
+    """DELETE .../files takes the path in the query or in the body, and both must agree
+    when both are given (documented in the descriptions; OpenAPI cannot express a rule
+    across two locations): make a positive case follow that rule."""
+    body_path = case.body.get("path") if isinstance(case.body, dict) else None
+    query = dict(case.query or {})
+    if "path" in query and body_path is not None:
+        case.body = {**case.body, "path": query["path"]}
+    elif "path" not in query and body_path is None:
+        query["path"] = "backups/fuzzed.dump"
+    case.query = query
 
 
 def _fuzz(operation, mode, checks, a: Attack, headers) -> None:

@@ -28,7 +28,7 @@ from db.models import (
     Snapshot,
 )
 from storage_backends.base import DeleteResult, ObjectInfo, StorageBackend
-from storage_backends.errors import TransientStorageError
+from storage_backends.errors import StorageError, TransientStorageError
 from storage_backends.local import LocalBackend
 from storage_backends.paths import normalize_root
 from tasks.outcome import JobOutcome
@@ -152,7 +152,8 @@ class ProbeBackend(LocalBackend):
     """LocalBackend with hooks where the tests inject faults or concurrent changes.
 
     - ``page_size``: walk pages of this size (to get several pages from small trees);
-    - ``walk_error_after``: raise TransientStorageError after listing that many files;
+    - ``walk_error_after``: raise ``walk_error`` (TransientStorageError: a throttled
+      listing) after listing that many files;
     - ``on_page(n_listed)``: called after each page was consumed;
     - ``no_mtime``: keys listed without a last-modified time;
     - ``fail_keys``: keys the server refuses to delete (reported per key, S3 style);
@@ -166,6 +167,7 @@ class ProbeBackend(LocalBackend):
         *,
         page_size: int | None = None,
         walk_error_after: int | None = None,
+        walk_error: type[StorageError] = TransientStorageError,
         on_page: Callable[[int], None] | None = None,
         no_mtime: Iterable[str] = (),
         fail_keys: Iterable[str] = (),
@@ -175,6 +177,7 @@ class ProbeBackend(LocalBackend):
         super().__init__(dest.bucket, normalize_root(dest.root_prefix or ""))
         self.page_size = page_size
         self.walk_error_after = walk_error_after
+        self.walk_error = walk_error
         self.on_page = on_page
         self.no_mtime = set(no_mtime)
         self.fail_keys = set(fail_keys)
@@ -196,7 +199,12 @@ class ProbeBackend(LocalBackend):
             if limit is not None and listed + len(page) > limit:
                 if limit > listed:
                     yield page[: limit - listed]
-                raise TransientStorageError(f"SlowDown: listing throttled after {limit} keys")
+                code = (
+                    "SlowDown"
+                    if issubclass(self.walk_error, TransientStorageError)
+                    else ("AccessDenied")
+                )
+                raise self.walk_error(f"{code}: listing stopped after {limit} keys")
             listed += len(page)
             yield page
             if self.on_page:

@@ -335,3 +335,114 @@ def test_rule17_the_reaper_requests_a_purge_for_every_unfinished_debt(
     assert pending_paths(engine) == []
     assert not any(store.exists(f"backups/{k}") for k in FILES)
     assert a.dest.id is not None
+
+
+# -- cascades: a project, an organization ------------------------------------------------
+def _archived_tree(db: Session, store: Store, dest: BackupDestination, owner: World) -> list[str]:
+    """Under ``owner``'s project: two environments, each with a domain and an instance
+    with a file backup, a directory backup and a snapshot; everything soft-deleted (as
+    archiving the parent does). Returns the files the records name."""
+    from db.models import Domain, Environment, Project, Server, User
+
+    files: list[str] = []
+    second = Environment(project_id=owner.project.id, name="staging")
+    db.add(second)
+    db.flush()
+    envs = [owner.env, second]
+    for e, env in enumerate(envs):
+        db.add(Domain(environment_id=env.id, name=f"d{e}.example.com"))
+        inst = owner.instance if e == 0 else Instance(environment_id=env.id, name="db2")
+        if e:
+            db.add(inst)
+            db.flush()
+        w = World(owner.org, owner.project, env, inst)
+        record(db, w, dest, f"t/{e}/full.tar", deleted=True)
+        record(db, w, dest, f"t/{e}/dir/", deleted=True)
+        record(db, w, dest, f"t/{e}/snap.img", deleted=True, snapshot=True)
+        files += [f"t/{e}/full.tar", f"t/{e}/dir/a.tar", f"t/{e}/dir/b/c.tar", f"t/{e}/snap.img"]
+    db.add(User(organization_id=owner.org.id, email="u@example.com"))
+    db.add(Server(organization_id=owner.org.id, name="srv"))
+    db.flush()
+    now = utcnow()
+    for model in (Domain, Environment, Instance, Project, User, Server):
+        column = {
+            Domain: Domain.environment_id.in_([e.id for e in envs]),
+            Environment: Environment.project_id == owner.project.id,
+            Instance: Instance.environment_id.in_([e.id for e in envs]),
+            Project: Project.id == owner.project.id,
+            User: User.organization_id == owner.org.id,
+            Server: Server.organization_id == owner.org.id,
+        }[model]
+        db.execute(update(model).where(column).values(deleted_at=now))
+    db.commit()
+    store.put_many(f"backups/{k}" for k in files)
+    return files
+
+
+def _rows_of(engine: Engine, owner: World) -> dict[str, int]:
+    from db.models import Domain, Environment, Organization, Project, Server, User
+
+    with Session(engine) as s:
+        out = {}
+        for name, model, where in (
+            ("organizations", Organization, Organization.id == owner.org.id),
+            ("projects", Project, Project.id == owner.project.id),
+            ("environments", Environment, Environment.project_id == owner.project.id),
+            ("instances", Instance, Instance.name.in_([owner.instance.name, "db2"])),
+            ("domains", Domain, Domain.name.like("d%.example.com")),
+            ("users", User, User.organization_id == owner.org.id),
+            ("servers", Server, Server.organization_id == owner.org.id),
+        ):
+            stmt = select(model.id).where(where).execution_options(include_deleted=True)
+            out[name] = len(s.scalars(stmt).all())
+        return out
+
+
+@pytest.mark.parametrize("entity", ["projects", "organizations"])
+def test_rule17_purge_cascades_from_a_project_or_an_organization(
+    db: Session, engine: Engine, cfg: Settings, store: Store, entity: str
+) -> None:
+    platform = make_world(db, "platform")  # owns the destination (an organization that
+    db.commit()  # owns one cannot be purged)
+    customer = make_world(db, "customer")
+    db.commit()
+    dest = local_dest(db, platform, store)
+    files = _archived_tree(db, store, dest, customer)
+    record(db, platform, dest, "platform/keep.tar")  # live records of another tenant
+    unrelated = ["platform/keep.tar", "t/0/dir2/x.tar", "t/9.tar"]
+    store.put_many(f"backups/{k}" for k in unrelated)
+    if entity == "organizations":
+        from db.models import Organization
+
+        db.execute(
+            update(Organization)
+            .where(Organization.id == customer.org.id)
+            .values(deleted_at=utcnow())
+        )
+        db.commit()
+    ident = customer.org.id if entity == "organizations" else customer.project.id
+
+    result = archive.purge(db, entity, ident, "admin@example.com")
+
+    assert result.destination_ids == {dest.id} and result.files_pending == 6
+    gone = _rows_of(engine, customer)
+    expected = {"environments": 0, "instances": 0, "domains": 0, "projects": 0}
+    if entity == "organizations":
+        expected |= {"organizations": 0, "users": 0, "servers": 0}
+    assert {k: gone[k] for k in expected} == expected
+    if entity == "projects":  # the organization and its users stay
+        assert (gone["organizations"], gone["users"], gone["servers"]) == (1, 1, 1)
+    assert record_count(engine) == 1  # only the other tenant's record
+    backend = ProbeBackend(dest)
+
+    job = purge_job(db, engine, cfg, dest, backend)
+
+    assert job.status == "succeeded", job.error
+    assert sorted(backend.deleted_keys) == sorted(files)  # every file, nothing else
+    assert not any(store.exists(f"backups/{k}") for k in files)
+    assert store.keys() == {f"backups/{k}" for k in unrelated}
+    assert pending_paths(engine) == []
+    rows = audit_rows(engine)
+    assert sorted(r.path for r in rows) == sorted(files)
+    assert {(r.reason, r.state, r.job_id) for r in rows} == {("purge", "deleted", job.id)}
+    assert job.result is not None and job.result["records"] == 6

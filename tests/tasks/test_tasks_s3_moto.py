@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Backup, BackupDestination, StorageAnalytics
+from db.types import utcnow
 from storage_backends.registry import credentials_env_name, open_backend
 from tests.factories import World, make_destination, make_world
 from tests.servers.fault_proxy import FaultProxy
@@ -30,6 +31,7 @@ from tests.tasks.kit import (
     request,
     run,
 )
+from worker.runner import RetryableJobError
 from worker.settings import Settings
 
 CREDS_REF = "moto-tests"
@@ -166,6 +168,9 @@ def test_s3_orphan_cleanup_killed_between_batches_converges(
 
     from worker.runner import run_job
 
+    # one DeleteObjects at a time: "between batches" is a point in the run (the window
+    # of several deletes in flight has its own tests)
+    cfg = cfg.model_copy(update={"cleanup_deletes_in_flight": 1})
     with pytest.raises(Interrupted):
         run_job(job.id, cfg, engine, backend_factory=hooked)
     assert len(bucket.keys()) == 2100 + 1 - 2000
@@ -243,12 +248,14 @@ def test_s3_interrupted_listing_removes_and_deletes_nothing(
     fault_proxy.fail_next(100, action="503", method="GET", path=r"continuation-token")
 
     cleanup = request(db, dest, "scan_cleanup")
-    run(engine, cfg, cleanup)
+    with pytest.raises(RetryableJobError):  # 503 SlowDown: back to the queue
+        run(engine, cfg, cleanup)
     orphans = request(db, dest, "orphan_cleanup")
-    run(engine, cfg, orphans)
+    with pytest.raises(RetryableJobError):
+        run(engine, cfg, orphans)
 
-    assert job_row(engine, cleanup.id).status == "failed"
-    assert job_row(engine, orphans.id).status == "failed"
+    assert job_row(engine, cleanup.id).status == "queued"
+    assert job_row(engine, orphans.id).status == "queued"
     with Session(engine) as s:
         assert s.scalars(select(Backup).where(Backup.deleted_at.is_not(None))).all() == []
         gone = s.scalars(
@@ -268,7 +275,21 @@ def test_s3_scan_analytics_and_scan_cleanup(
     gone = record(db, world, dest, "gone.tar")
     bucket.seed({f"backups/ok/{i}.tar": 3.0 for i in range(10)} | {"backups/o.log": 100.0})
     client = bucket.server.client()
-    client.create_multipart_upload(Bucket=bucket.name, Key="backups/partial.bin")
+    first = client.create_multipart_upload(Bucket=bucket.name, Key="backups/partial.bin")
+    for n, size in ((1, 5 * 1024 * 1024), (2, 1234)):  # parts of an unfinished upload
+        client.upload_part(
+            Bucket=bucket.name,
+            Key="backups/partial.bin",
+            UploadId=first["UploadId"],
+            PartNumber=n,
+            Body=b"p" * size,
+        )
+    client.create_multipart_upload(Bucket=bucket.name, Key="backups/later.bin")
+    client.create_multipart_upload(Bucket=bucket.name, Key="elsewhere/other.bin")  # not ours
+    initiated = {
+        u["Key"]: u["Initiated"]
+        for u in client.list_multipart_uploads(Bucket=bucket.name)["Uploads"]
+    }
 
     job = request(db, dest, "scan_cleanup")
     run(engine, cfg, job)
@@ -283,7 +304,12 @@ def test_s3_scan_analytics_and_scan_cleanup(
     assert a.missing_records == 1
     assert a.details["orphans_past_retention"] == {"files": 1, "bytes": 10}
     assert a.details["by_storage_class"] == {"STANDARD": {"files": 11, "bytes": 110}}
-    assert a.details["multipart_uploads"]["count"] == 1
+    oldest = min(initiated["backups/partial.bin"], initiated["backups/later.bin"])
+    assert a.details["multipart_uploads"] == {
+        "count": 2,
+        "bytes": 5 * 1024 * 1024 + 1234,
+        "oldest": oldest.astimezone(UTC).isoformat(),
+    }
     assert a.details["by_age"]["1-7d"]["files"] == 10
     assert a.details["by_age"]["90-365d"]["files"] == 1
     assert row.result is not None and row.result["removed_records"] == 1
@@ -311,3 +337,36 @@ def test_s3_keys_that_cannot_be_sent_back_exactly_are_kept_and_do_not_block_the_
     assert bucket.keys() == set(odd)
     assert {a.path for a in audit_rows(engine, state="deleted")} == {"ok.tar", "dir/in.tar"}
     assert audit_rows(engine, state="pending") == []
+
+
+def test_s3_purge_deletes_every_file_of_the_purged_records(
+    db: Session, engine: Engine, cfg: Settings, world: World, bucket: Bucket
+) -> None:
+    from db import archive
+    from db.models import Instance, PendingDeletion
+
+    dest = s3_dest(db, world, bucket)
+    record(db, world, dest, "i/b1.tar", deleted=True)
+    record(db, world, dest, "i/dir/", deleted=True)
+    record(db, world, dest, "i/s1.snap", deleted=True, snapshot=True)
+    db.execute(update(Instance).where(Instance.id == world.instance.id).values(deleted_at=utcnow()))
+    db.commit()
+    files = ["i/b1.tar", "i/dir/a.tar", "i/dir/b/c.tar", "i/s1.snap"]
+    kept = ["i/dirx.tar", "i/dir2/x.tar", "i/b1.tar.bak"]
+    bucket.seed({f"backups/{k}": 3.0 for k in files + kept} | {"elsewhere/i/b1.tar": 3.0})
+    archive.purge(db, "instances", world.instance.id, "admin@example.com")
+
+    job = request(db, dest, "purge")
+    run(engine, cfg, job)  # the real open_backend: DeleteObjects against moto
+
+    row = job_row(engine, job.id)
+    assert row.status == "succeeded", row.error
+    assert bucket.keys() == {f"backups/{k}" for k in kept} | {"elsewhere/i/b1.tar"}
+    audits = audit_rows(engine)
+    assert sorted(a.path for a in audits) == sorted(files)
+    assert {(a.reason, a.state) for a in audits} == {("purge", "deleted")}
+    assert all(a.etag and a.size_bytes == 10 for a in audits)
+    with Session(engine) as s:
+        assert s.scalars(select(PendingDeletion)).all() == []
+    assert row.result is not None
+    assert (row.result["deleted_files"], row.result["records"]) == (4, 3)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from db.models import Environment, Instance, StorageAnalytics
 from tests.factories import World, make_world
 from tests.tasks.kit import ProbeBackend, Store, job_row, local_dest, record, request, run
+from worker.runner import RetryableJobError
 from worker.settings import Settings
 
 #: path -> (size, age in days)
@@ -24,9 +26,22 @@ FILES = {
 }
 
 
+@pytest.mark.parametrize("owners", ["2-byte", "4-byte"])
 def test_scan_analytics_every_figure(
-    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+    db: Session,
+    engine: Engine,
+    cfg: Settings,
+    world: World,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    owners: str,
 ) -> None:
+    """Also with the link index's owner column widened from the first record on (as
+    past 32,767 instances): the same figures, the same attribution."""
+    if owners == "4-byte":
+        import tasks.linking
+
+        monkeypatch.setattr(tasks.linking, "OWNER16_MAX", 0)
     env2 = Environment(project_id=world.project.id, name="staging")
     db.add(env2)
     db.flush()
@@ -139,15 +154,17 @@ def test_scan_of_an_interrupted_listing_reports_no_missing_records(
     record(db, world, dest, "gone.tar")
 
     job = request(db, dest, "scan")
-    run(engine, cfg, job, ProbeBackend(dest, page_size=3, walk_error_after=4))
+    with pytest.raises(RetryableJobError):  # a throttled listing: retried with a backoff
+        run(engine, cfg, job, ProbeBackend(dest, page_size=3, walk_error_after=4))
 
-    assert job_row(engine, job.id).status == "failed"
+    assert job_row(engine, job.id).status == "queued"
     with Session(engine) as s:
         a = s.scalars(select(StorageAnalytics)).one()
     assert a.status == "partial" and a.missing_records == 0
     assert a.details["missing_records"]["count"] is None
     assert "TransientStorageError" in a.details["error"]
     assert a.total_files == 4
+    assert job_row(engine, job.id).phase == "retrying"
 
 
 def test_scan_missing_records_sees_directory_records_through_any_file(
@@ -166,3 +183,29 @@ def test_scan_missing_records_sees_directory_records_through_any_file(
         a = s.scalars(select(StorageAnalytics)).one()
     assert a.missing_records == 1  # only gone/
     assert a.linked_files == 2
+
+
+def test_scan_top_prefixes_other_row_young_files_and_speed(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    dest = local_dest(db, world, store)
+    files = {"a/1": 50, "a/2": 50, "b/1": 40, "c/1": 7, "d/1": 3, "top.tar": 1}
+    for key, size in files.items():
+        store.put(f"backups/{key}", size=size, age_days=0.25 if key == "c/1" else 3)
+
+    job = request(db, dest, "scan")
+    run(engine, cfg.model_copy(update={"analytics_top_prefixes": 2}), job)
+
+    with Session(engine) as s:
+        a = s.scalars(select(StorageAnalytics).where(StorageAnalytics.job_id == job.id)).one()
+    d = a.details
+    assert d["by_prefix"] == [
+        {"key": "a/", "files": 2, "bytes": 100},
+        {"key": "b/", "files": 1, "bytes": 40},
+        {"key": "(other)", "files": 3, "bytes": 11},  # c/, d/ and the root's files
+    ]
+    assert d["by_age"]["<1d"] == {"files": 1, "bytes": 7}  # six hours old
+    assert d["by_age"]["1-7d"] == {"files": 5, "bytes": 144}
+    assert a.duration_seconds > 0
+    assert d["objects_per_second"] == round(6 / a.duration_seconds, 1)
+    assert d["objects_per_second"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +14,21 @@ from sqlalchemy.orm import Session
 
 from db import archive
 from db.models import Backup, Job, Snapshot, StorageAnalytics
+from storage_backends.errors import PermissionDeniedError
+from storage_backends.errors import TransientStorageError as RetryableListing
 from tests.factories import World
-from tests.tasks.kit import ProbeBackend, Store, job_row, local_dest, record, request, run
+from tests.tasks.kit import (
+    ProbeBackend,
+    Store,
+    candidates,
+    job_row,
+    local_dest,
+    record,
+    request,
+    run,
+)
 from worker import metrics
+from worker.runner import RetryableJobError
 from worker.settings import Settings
 
 GRACE_MINUTES = 60
@@ -24,9 +37,25 @@ GRACE_MINUTES = 60
 def scan_cleanup(
     db: Session, engine: Engine, settings: Settings, dest: Any, backend: Any = None
 ) -> Job:
+    """Run a scan-cleanup; whatever it does to records, it sends no delete to the storage
+    and leaves every file as it was (rules 14-16: records only, soft-deleted)."""
+    backend = backend or ProbeBackend(dest)
+    before = files_under(dest.bucket)
     job = request(db, dest, "scan_cleanup")
     run(engine, settings, job, backend)
+    assert backend.delete_calls == []
+    assert files_under(dest.bucket) == before
     return job_row(engine, job.id)
+
+
+def files_under(base: str) -> dict[str, tuple[int, int]]:
+    """Every file of a local store with its size and mtime."""
+    out = {}
+    for path in Path(base).rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            out[str(path.relative_to(base))] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def records(engine: Engine) -> dict[str, Backup | Snapshot]:
@@ -51,43 +80,71 @@ def present_records(db: Session, world: World, store: Store, dest: Any, n: int =
 
 
 # -- rule 13 ---------------------------------------------------------------------------
-@pytest.mark.parametrize("interrupted", [True, False], ids=["interrupted", "control"])
+@pytest.mark.parametrize("interrupted", ["transient", "permanent", "control"], ids=lambda v: str(v))
 def test_rule13_interrupted_listing_removes_no_record(
-    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, interrupted: bool
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, interrupted: str
 ) -> None:
     dest = local_dest(db, world, store)
     present_records(db, world, store, dest, 20)
     record(db, world, dest, "missing.tar")
-    backend = ProbeBackend(dest, page_size=5, walk_error_after=12 if interrupted else None)
+    backend = ProbeBackend(
+        dest,
+        page_size=5,
+        walk_error_after=None if interrupted == "control" else 12,
+        walk_error=PermissionDeniedError if interrupted == "permanent" else RetryableListing,
+    )
+    job = request(db, dest, "scan_cleanup")
 
-    job = scan_cleanup(db, engine, cfg, dest, backend)
+    if interrupted == "transient":  # throttled: back to the queue with a backoff
+        with pytest.raises(RetryableJobError, match="SlowDown"):
+            run(engine, cfg, job, backend)
+    else:
+        run(engine, cfg, job, backend)
+    row = job_row(engine, job.id)
 
-    if interrupted:
-        assert job.status == "failed"
-        assert job.error is not None and "no record was removed" in job.error
-        assert removed(engine) == set()
-        with Session(engine) as s:
-            scan = s.scalars(select(StorageAnalytics)).one()
-            assert scan.status == "partial" and scan.details["listing_complete"] is False
-    else:  # the same tree listed completely does remove it: the test has teeth
-        assert job.status == "succeeded", job.error
+    if interrupted == "control":  # the same tree listed completely does remove it
+        assert row.status == "succeeded", row.error
         assert removed(engine) == {"missing.tar"}
+        return
+    assert removed(engine) == set()
+    assert backend.delete_calls == []
+    with Session(engine) as s:
+        scan = s.scalars(select(StorageAnalytics)).one()  # the partial row is written
+        assert scan.status == "partial" and scan.details["listing_complete"] is False
+    if interrupted == "transient":
+        assert (row.status, row.phase) == ("queued", "retrying")
+        assert row.error is not None and "SlowDown" in row.error
+    else:
+        assert row.status == "failed"
+        assert row.error is not None and "no record was removed" in row.error
 
 
+@pytest.mark.parametrize("transient", [True, False], ids=["transient", "permanent"])
 def test_rule13_interrupted_listing_deletes_no_orphan(
-    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, transient: bool
 ) -> None:
     dest = local_dest(db, world, store)
     store.put_many(f"backups/o/{i}.tar" for i in range(30))
     before = store.keys()
-    backend = ProbeBackend(dest, page_size=10, walk_error_after=25)
+    error = RetryableListing if transient else PermissionDeniedError
+    backend = ProbeBackend(dest, page_size=10, walk_error_after=25, walk_error=error)
 
     job = request(db, dest, "orphan_cleanup")
-    run(engine, cfg, job, backend)
+    if transient:
+        with pytest.raises(RetryableJobError):
+            run(engine, cfg, job, backend)
+    else:
+        run(engine, cfg, job, backend)
     row = job_row(engine, job.id)
 
-    assert row.status == "failed"
+    assert row.status == ("queued" if transient else "failed")
     assert store.keys() == before and backend.delete_calls == []
+    assert candidates(engine, job.id) == {}  # the partial plan is dropped
+    # retried with the storage healthy, the job completes and deletes the orphans
+    if transient:
+        run(engine, cfg, job, ProbeBackend(dest))
+        assert job_row(engine, job.id).status == "succeeded"
+        assert store.keys() == set()
 
 
 # -- rule 14 ---------------------------------------------------------------------------
@@ -172,6 +229,33 @@ def test_rule15_a_second_run_leaves_removed_records_as_they_are(
     assert first.status == second.status == "succeeded"
     assert second.result is not None and second.result["removed_records"] == 0
     assert records(engine)["gone.tar"].deleted_reason == reason
+
+
+def test_a_dry_run_scan_cleanup_removes_nothing_and_reports_the_plan(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    """``dry_run`` (accepted by the API on scan-cleanup): the records a real run would
+    soft-delete are counted and sampled, and every record stays as it is."""
+    dest = local_dest(db, world, store)
+    present_records(db, world, store, dest)
+    gone = record(db, world, dest, "gone.tar")
+    before = files_under(dest.bucket)
+    backend = ProbeBackend(dest)
+    job = request(db, dest, "scan_cleanup", dry_run=True)
+    run(engine, cfg, job, backend)
+
+    row = job_row(engine, job.id)
+    assert row.status == "succeeded", row.error
+    assert removed(engine) == set()  # nothing soft-deleted
+    assert backend.delete_calls == [] and files_under(dest.bucket) == before
+    assert row.result is not None
+    assert row.result["dry_run"] is True and row.result["removed_records"] == 0
+    assert row.result["would_remove"] == 1
+    assert row.result["would_remove_sample"] == [str(gone.id)]
+
+    real = scan_cleanup(db, engine, cfg, dest)  # the same plan, carried out
+    assert real.result is not None and real.result["removed_records"] == 1
+    assert removed(engine) == {"gone.tar"}
 
 
 # -- rule 16 ---------------------------------------------------------------------------

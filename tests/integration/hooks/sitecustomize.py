@@ -16,7 +16,9 @@ if _delay or _pidfile:
 
     from storage_backends.local import LocalBackend
 
-    _delete = LocalBackend.delete
+    # Every delete of one file goes through _delete_listed (delete_many per key, and
+    # delete after its path check).
+    _delete = LocalBackend._delete_listed
 
     def _slow_delete(self: LocalBackend, path: str) -> None:
         if _pidfile and not os.path.exists(_pidfile):
@@ -25,7 +27,7 @@ if _delay or _pidfile:
         time.sleep(_delay)
         _delete(self, path)
 
-    LocalBackend.delete = _slow_delete  # type: ignore[method-assign]
+    LocalBackend._delete_listed = _slow_delete  # type: ignore[method-assign]
 
 if _busy_retry:
     import worker.celery_tasks

@@ -1,0 +1,176 @@
+"""worker.metrics.DatabaseCollector: destination freshness, names and storage per project
+read from PostgreSQL at scrape time (it survives a worker restart and sees destinations
+never scanned); an unreachable database costs the scrape nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.orm import Session
+
+from db.models import Project, StorageAnalytics
+from tests.factories import World, make_destination, make_world
+from tests.observability.helpers import value
+from worker.metrics import DatabaseCollector, project_samples
+from worker.metrics_server import build_registry
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def _samples(collector: Any) -> Samples:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    out: Samples = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _analytics(
+    db: Session, dest_id: uuid.UUID, status: str, finished: datetime, projects: list[Any]
+) -> StorageAnalytics:
+    row = StorageAnalytics(
+        id=uuid.uuid4(),
+        destination_id=dest_id,
+        status=status,
+        started_at=finished - timedelta(minutes=5),
+        finished_at=finished,
+        details={"attribution": {"projects": projects, "instances": []}, "top": ["x"] * 50},
+    )
+    db.add(row)
+    db.commit()
+    return row
+
+
+@pytest.fixture
+def world(db: Session) -> World:
+    w = make_world(db, "acme")
+    db.commit()
+    return w
+
+
+def test_freshness_names_and_projects_come_from_the_database(
+    db: Session, world: World, pg_url: str
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    never = make_destination(db, world, "s3", bucket="b1", name="never scanned")
+    broken = make_destination(db, world, "sftp", bucket="/srv", name="broken")
+    good = make_destination(db, world, "gcs", bucket="b3", name="good")
+    other = Project(organization_id=world.org.id, name="beta-project")
+    db.add(other)
+    db.commit()
+    p1, p2 = str(world.project.id), str(other.id)
+    # broken: a complete scan 3 days ago, then one whose listing stopped
+    _analytics(db, broken.id, "succeeded", now - timedelta(days=3), [{"id": p1, "bytes": 7}])
+    _analytics(db, broken.id, "partial", now - timedelta(hours=1), [])
+    # good: an older and a newer complete scan; the newer one's attribution counts
+    _analytics(db, good.id, "succeeded", now - timedelta(days=1), [{"id": p1, "bytes": 1}])
+    _analytics(
+        db,
+        good.id,
+        "succeeded",
+        now - timedelta(minutes=10),
+        [{"id": p1, "files": 3, "bytes": 300}, {"id": p2, "files": 1, "bytes": 50}],
+    )
+
+    collector = DatabaseCollector(pg_url)
+    m = _samples(collector)
+    assert value(m, "ocore_db_collector_up") == 1
+    assert value(m, "ocore_db_collector_errors_total") == 0
+    info = {dict(k)["destination"]: dict(k) for k in m["ocore_destination_info"]}
+    assert info[str(never.id)] == {
+        "destination": str(never.id),
+        "name": "never scanned",
+        "kind": "s3",
+    }
+    assert info[str(good.id)]["kind"] == "gcs"
+    for d in (never, broken, good):
+        created = value(m, "ocore_destination_created_timestamp_seconds", destination=str(d.id))
+        assert abs(created - d.created_at.timestamp()) < 1
+    last_ok = m["ocore_destination_last_successful_scan_timestamp_seconds"]
+    assert (("destination", str(never.id)),) not in last_ok  # never scanned: absent
+    assert last_ok[(("destination", str(broken.id)),)] == (now - timedelta(days=3)).timestamp()
+    assert last_ok[(("destination", str(good.id)),)] == (now - timedelta(minutes=10)).timestamp()
+    complete = m["ocore_destination_last_scan_complete"]
+    assert complete == {(("destination", str(broken.id)),): 0, (("destination", str(good.id)),): 1}
+    g, b = str(good.id), str(broken.id)
+    assert value(m, "ocore_project_bytes", destination=g, project=p1) == 300
+    assert value(m, "ocore_project_files", destination=g, project=p1) == 3
+    assert value(m, "ocore_project_bytes", destination=g, project=p2) == 50
+    assert value(m, "ocore_project_bytes", destination=b, project=p1) == 7
+    assert len(m["ocore_project_bytes"]) == 3
+    names = {dict(k)["project"]: dict(k)["name"] for k in m["ocore_project_info"]}
+    assert names == {p1: "acme-project", p2: "beta-project"}
+
+    # a new complete scan replaces the projects: one that left disappears
+    _analytics(db, good.id, "succeeded", now, [{"id": p2, "files": 2, "bytes": 80}])
+    other.name = "beta-renamed"
+    db.commit()
+    m = _samples(collector)
+    assert value(m, "ocore_project_bytes", destination=g, project=p2) == 80
+    assert value(m, "ocore_project_bytes", destination=g, project=p1) == 0
+    assert (("destination", g), ("project", p1)) not in m["ocore_project_bytes"]
+    assert {dict(k)["name"] for k in m["ocore_project_info"]} == {"acme-project", "beta-renamed"}
+    assert (
+        m["ocore_destination_last_successful_scan_timestamp_seconds"][(("destination", g),)]
+        == now.timestamp()
+    )
+
+
+def test_labels_stay_bounded_by_destinations_and_projects() -> None:
+    projects = [{"id": str(uuid.uuid4()), "bytes": i, "files": 1} for i in range(250)]
+    projects.append({"id": "", "bytes": 5})  # malformed entries are skipped
+    projects.append({"bytes": 5})
+    projects.append("junk")
+    out = project_samples({"projects": projects})
+    assert len(out) == 100
+    assert out[0][1] == 249  # biggest first
+    assert project_samples(None) == [] and project_samples({"projects": "x"}) == []
+
+
+def test_an_unreachable_database_exports_nothing_but_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "postgresql+psycopg://ocore:s3cr3t-pw@127.0.0.1:1/ocore"  # nothing listens on 1
+    collector = DatabaseCollector(url, timeout=1)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="worker.metrics"):
+        first = _samples(collector)
+        second = _samples(collector)
+    assert time.monotonic() - t0 < 5
+    for m, errors in ((first, 1), (second, 2)):
+        assert value(m, "ocore_db_collector_up") == 0
+        assert value(m, "ocore_db_collector_errors_total") == errors
+        assert not [n for n in m if n.startswith(("ocore_destination", "ocore_project"))]
+    assert "database unreadable for /metrics" in caplog.text
+    assert caplog.text.count("database unreadable") == 1  # not once per scrape
+    assert "s3cr3t-pw" not in caplog.text
+
+
+def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "nothing-here.db"
+    m = _samples(DatabaseCollector(f"sqlite:///{path}"))
+    assert value(m, "ocore_db_collector_up") == 0
+    assert not path.exists()
+
+
+def test_the_worker_registry_serves_the_database_collector(
+    db: Session, world: World, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    dest = make_destination(db, world, "local", bucket="/x", name="local one")
+    db.commit()
+    page = generate_latest(build_registry(database_url=pg_url)).decode()
+    info = f'ocore_destination_info{{destination="{dest.id}",kind="local",name="local one"}} 1.0'
+    assert info in page
+    assert "ocore_db_collector_up 1.0" in page
+    assert "ocore_destination_info" not in generate_latest(build_registry()).decode()

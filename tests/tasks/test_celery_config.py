@@ -1,0 +1,218 @@
+"""The Celery application's configuration, task names and queues, and the retries of a
+job task with backoff (run through Celery's own task machinery, ``Task.apply``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import signals
+from celery.exceptions import Retry
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tests.factories import World, make_destination
+from tests.tasks.kit import job_row, request
+from worker.celery_app import QUEUES, make_celery
+from worker.jobs import TASKS
+from worker.logging import configure_logging
+from worker.settings import Settings, get_settings
+
+REDIS = "redis://127.0.0.1:6379/14"
+
+
+def test_celery_conf_json_late_acks_prefetch_one_time_limits_and_visibility() -> None:
+    settings = Settings(broker_url=REDIS, job_soft_time_limit=3600, job_hard_time_limit=3700)
+    conf = make_celery(settings).conf
+
+    assert conf.broker_url == REDIS
+    assert conf.task_serializer == "json" and conf.result_serializer == "json"
+    assert list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert (conf.task_soft_time_limit, conf.task_time_limit) == (3600, 3700)
+    assert conf.task_soft_time_limit < conf.task_time_limit
+    options = conf.broker_transport_options
+    assert options["visibility_timeout"] > conf.task_time_limit  # no second copy of a job
+    assert options["unacked_restore_interval"] == settings.broker_restore_interval
+    assert {q.name for q in conf.task_queues} == set(QUEUES) == {"scan", "cleanup", "maintenance"}
+
+
+def test_celery_conf_an_explicit_visibility_timeout_is_used_as_given() -> None:
+    conf = make_celery(Settings(broker_url=REDIS, broker_visibility_timeout=99_999)).conf
+    assert conf.broker_transport_options["visibility_timeout"] == 99_999
+
+
+def test_beat_schedule_comes_from_the_settings() -> None:
+    settings = Settings(
+        broker_url=REDIS, scan_interval=111.0, cleanup_interval=222.0, reaper_interval=33.0
+    )
+    beat = make_celery(settings).conf.beat_schedule
+
+    assert {(e["task"], e["schedule"], e["options"]["queue"]) for e in beat.values()} == {
+        ("ocore.schedule_scans", 111.0, "maintenance"),
+        ("ocore.schedule_cleanups", 222.0, "maintenance"),
+        ("ocore.reap", 33.0, "maintenance"),
+    }
+
+
+def test_every_task_has_its_fixed_name_and_queue() -> None:
+    from worker.celery_tasks import app
+
+    expected = {
+        "ocore.scan": "scan",
+        "ocore.scan_cleanup": "cleanup",
+        "ocore.orphan_cleanup": "cleanup",
+        "ocore.purge": "cleanup",  # purge deletions run on the cleanup queue
+        "ocore.schedule_scans": "maintenance",
+        "ocore.schedule_cleanups": "maintenance",
+        "ocore.reap": "maintenance",
+    }
+    assert {name: queue for name, queue in TASKS.values()} == {
+        k: v for k, v in expected.items() if k in {n for n, _q in TASKS.values()}
+    }
+    ours = {name: task for name, task in app.tasks.items() if name.startswith("ocore.")}
+    assert {name: task.queue for name, task in ours.items()} == expected
+    for name, _queue in TASKS.values():
+        task = ours[name]
+        assert task.acks_late is True and task.reject_on_worker_lost is True
+
+
+# -- retries with backoff ---------------------------------------------------------------
+DEAD_CREDS = "dead-s3"
+
+
+@pytest.fixture
+def task_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The settings the Celery tasks read (get_settings): this test database."""
+    monkeypatch.setenv("OCORE_DATABASE_URL", pg_url)
+    monkeypatch.setenv("OCORE_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("OCORE_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv(
+        "OCORE_CREDENTIALS_DEAD_S3", json.dumps({"access_key_id": "a", "secret_access_key": "b"})
+    )
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+def unreachable_s3(db: Session, world: World) -> object:
+    """An S3 destination on a port nothing listens on: every listing fails transiently."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dest = make_destination(
+        db,
+        world,
+        "s3",
+        bucket="b",
+        endpoint=f"http://127.0.0.1:{port}",
+        region="us-east-1",
+        credentials_ref=DEAD_CREDS,
+        options={"addressing_style": "path", "max_attempts": 1, "connect_timeout": 1},
+    )
+    db.commit()
+    return dest
+
+
+def test_retries_back_off_exponentially_then_the_job_fails(
+    db: Session, engine: Engine, world: World, task_env: Settings
+) -> None:
+    """Eager ``apply`` runs each retry at once (the countdown is what a worker would wait,
+    reported through Celery's ``task_retry`` signal)."""
+    from worker import metrics
+    from worker.celery_tasks import retry_countdown, scan_task
+
+    assert [retry_countdown(n) for n in range(8)] == [10, 20, 40, 80, 160, 320, 600, 600]
+    job = request(db, unreachable_s3(db, world), "scan")
+    retries: list[Retry] = []
+
+    def on_retry(reason: Retry, **_: object) -> None:
+        retries.append(reason)
+
+    failed = metrics.JOBS_FINISHED.labels("scan", "failed")._value.get()
+    signals.task_retry.connect(on_retry, weak=False)
+    try:
+        result = scan_task.apply(args=[str(job.id)])
+    finally:
+        signals.task_retry.disconnect(on_retry)
+
+    assert [r.when for r in retries] == [10, 20, 40]  # grows: 10 * 2**n
+    assert result.state == "SUCCESS" and result.result == "failed"
+    row = job_row(engine, job.id)
+    assert row.status == "failed" and row.error is not None and "gave up" in row.error
+    assert row.attempts == task_env.max_attempts + 1  # the last one only failed it
+    assert metrics.JOBS_FINISHED.labels("scan", "failed")._value.get() == failed + 1
+
+
+def test_max_retries_exceeded_ends_the_job_failed(
+    db: Session, engine: Engine, world: World, task_env: Settings
+) -> None:
+    """Celery's own retry cap (retries counted apart from attempts: a worker shutting
+    down requeues a job without using an attempt) also ends the job ``failed``."""
+    from worker import metrics
+    from worker.celery_tasks import scan_task
+
+    job = request(db, unreachable_s3(db, world), "scan")
+    failed = metrics.JOBS_FINISHED.labels("scan", "failed")._value.get()
+
+    result = scan_task.apply(args=[str(job.id)], retries=task_env.max_attempts + 1)
+
+    assert result.state == "SUCCESS" and result.result == "failed"
+    row = job_row(engine, job.id)
+    assert row.status == "failed" and row.attempts == 1
+    assert row.error is not None and f"after {task_env.max_attempts} retries" in row.error
+    assert metrics.JOBS_FINISHED.labels("scan", "failed")._value.get() == failed + 1
+
+
+def test_every_line_a_job_task_writes_carries_the_job_id(
+    db: Session, engine: Engine, world: World, task_env: Settings
+) -> None:
+    """``task_prerun`` sets the log context from the job id (lines written outside
+    ``run_job`` too, like the give-up below); ``task_postrun`` drops it."""
+    from worker.celery_tasks import scan_task
+
+    job = request(db, unreachable_s3(db, world), "scan")
+    lines = CapturedJson()
+    with lines:
+        scan_task.apply(args=[str(job.id)], retries=task_env.max_attempts + 1)
+        logging.getLogger("test.after").warning("after the task")
+
+    during = [line for line in lines.records if line["logger"] != "test.after"]
+    assert any("gave up after" in line["message"] for line in during), lines.records
+    assert during and all(line.get("job_id") == str(job.id) for line in during), during
+    after = [line for line in lines.records if line["logger"] == "test.after"]
+    assert len(after) == 1 and "job_id" not in after[0]
+
+
+class CapturedJson:
+    """JSON log lines (the production formatter and filters) written inside the block."""
+
+    def __init__(self) -> None:
+        self.out = io.StringIO()
+        self.records: list[dict[str, Any]] = []
+
+    def __enter__(self) -> CapturedJson:
+        root = logging.getLogger()
+        self._saved = (list(root.handlers), root.level)
+        configure_logging(Settings(log_format="json", log_level="INFO"), stream=self.out)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        handlers, level = self._saved
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        self.records = [json.loads(line) for line in self.out.getvalue().splitlines()]
