@@ -2,7 +2,7 @@
 
 The :class:`LinkIndex` holds, for every record of every destination overlapping the one
 being scanned (soft-deleted, pending and failed records included), a 64-bit hash of its
-absolute key in sorted numpy arrays: about 11 bytes a record (hash, owner, seen flag),
+absolute key in sorted numpy arrays: about 9 bytes a record (hash and owner, seen flag),
 never the records themselves. A hash collision can only make an orphan look linked, so
 it fails closed; and every delete batch re-checks its keys exactly against the database
 (rule 7).
@@ -176,50 +176,60 @@ def overlapping_destinations(session: Session, dest: BackupDestination) -> list[
 
 
 class _HashTable:
-    """Sorted unique int64 hashes with an owner index and a 'seen' flag each."""
+    """Sorted unique keys, one int64 each: a 64-bit hash of the key whose low ``bits``
+    bits are replaced by the owner index (instance). The hash keeps the other bits: a
+    collision can only link a file (keep it), never unlink one. Plus a 'seen' flag.
 
-    def __init__(self, hashes: array[int], owners: array[int]) -> None:
+    One array to sort, in place: the peak while building is the inputs (8 + 2 or 4
+    bytes a record), and what stays is 9 bytes a record (key + flag)."""
+
+    def __init__(self, hashes: array[int], owners: array[int], n_owners: int) -> None:
+        self.bits = max(1, (n_owners - 1).bit_length())
+        self.mask = (1 << self.bits) - 1
+        self.high = np.int64(~self.mask)  # keeps the hash part
         h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
-        odt = np.int16 if owners.typecode == "h" else np.int32
-        o = np.frombuffer(owners, dtype=odt) if len(owners) else np.zeros(0, odt)
-        # Peak memory, per record: the inputs (8 + 2 or 4), the order (8) and the
-        # permuted owners (2 or 4). Both sorts are introsorts (in place, no merge
-        # buffer); the hashes are sorted in the caller's buffer (dropped after).
-        order = np.argsort(h, kind="quicksort")
-        o = o[order]
-        del order
         if not h.flags.writeable:
             h = h.copy()
-        h.sort(kind="quicksort")
+        np.bitwise_and(h, self.high, out=h)  # in the caller's buffer (dropped after)
+        if len(owners):
+            odt = np.int16 if owners.typecode == "h" else np.int32
+            np.bitwise_or(h, np.frombuffer(owners, dtype=odt), out=h)
+        h.sort(kind="quicksort")  # introsort: in place, no merge buffer
         if len(h) > 1:
+            # one entry per hash part: the first of each group, i.e. its lowest owner
             keep = np.empty(len(h), dtype=bool)
             keep[0] = True
-            np.not_equal(h[1:], h[:-1], out=keep[1:])
+            step = 1 << 16  # bounded temporaries
+            for i in range(1, len(h), step):
+                j = min(i + step, len(h))
+                np.not_equal(h[i:j] >> self.bits, h[i - 1 : j - 1] >> self.bits, out=keep[i:j])
             if not keep.all():  # duplicates are rare: no copies without them
-                # one entry per key; its owner: the lowest of the records sharing it
-                # (deterministic whatever order the sort left them in)
-                o = np.minimum.reduceat(o, np.flatnonzero(keep))
                 h = h[keep]
         self.h = h
-        self.owner = o
         self.seen = np.zeros(len(self.h), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.h)
 
+    def owners_at(self, pos: np.ndarray) -> np.ndarray:
+        """The owner index of the entries at ``pos``."""
+        return (self.h[pos] & self.mask).astype(np.int32)
+
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """Positions of ``hashes`` in the table, -1 where absent."""
         if len(self.h) == 0:
             return np.full(len(hashes), -1, dtype=np.int64)
-        pos = np.searchsorted(self.h, hashes)
+        q = hashes & self.high  # owner 0: the lowest entry its group can have
+        pos = np.searchsorted(self.h, q)
         clipped = np.minimum(pos, len(self.h) - 1)
-        return np.where(self.h[clipped] == hashes, clipped, -1)
+        return np.where((self.h[clipped] & self.high) == q, clipped, -1)
 
     def find(self, key_hash: int) -> int:
         if len(self.h) == 0:
             return -1
-        pos = int(np.searchsorted(self.h, key_hash))
-        if pos < len(self.h) and self.h[pos] == key_hash:
+        q = np.int64(key_hash) & self.high
+        pos = int(np.searchsorted(self.h, q))
+        if pos < len(self.h) and (self.h[pos] & self.high) == q:
             return pos
         return -1
 
@@ -282,11 +292,11 @@ class LinkIndex:
                         lfiles_h.append(hash(loose(key)))
             self.record_count += len(keys)
         self.instances = [uuid.UUID(i) for i in inst_index]
-        self.files = _HashTable(files_h, files_o)
+        self.files = _HashTable(files_h, files_o, len(inst_index))
         del files_h, files_o
-        self.dirs = _HashTable(dirs_h, dirs_o)
-        self.loose_files = _HashTable(lfiles_h, array("h", bytes(2 * len(lfiles_h))))
-        self.loose_dirs = _HashTable(ldirs_h, array("h", bytes(2 * len(ldirs_h))))
+        self.dirs = _HashTable(dirs_h, dirs_o, len(inst_index))
+        self.loose_files = _HashTable(lfiles_h, array("h"), 1)
+        self.loose_dirs = _HashTable(ldirs_h, array("h"), 1)
 
     def _stream(self, session: Session) -> Iterator[tuple[str, list[str], list[str]]]:
         """(destination root, paths, instance ids as text) of every record of every
@@ -313,7 +323,7 @@ class LinkIndex:
         found = pos >= 0
         self.files.seen[pos[found]] = True
         owner = np.full(n, -1, dtype=np.int32)
-        owner[found] = self.files.owner[pos[found]]
+        owner[found] = self.files.owners_at(pos[found])
         ambiguous = np.zeros(n, dtype=bool)
         if len(self.dirs):
             # Every file marks every directory record above it as seen, also files a
@@ -347,7 +357,7 @@ class LinkIndex:
         pos = self.dirs.lookup(np.fromiter(map(hash, flat), dtype=np.int64, count=len(flat)))
         found = pos >= 0
         self.dirs.seen[pos[found]] = True
-        owners = np.where(found, self.dirs.owner[np.maximum(pos, 0)], -1).tolist()
+        owners = np.where(found, self.dirs.owners_at(np.maximum(pos, 0)), -1).tolist()
         out: dict[str, int] = {}
         for k, parent in enumerate(parents):
             out[parent] = next((o for o in owners[starts[k] : starts[k + 1]] if o >= 0), -1)
