@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from bench.run import Bench, Row
 
 THREADS = 2
+#: wrk connections per endpoint: the latency objective is read at the highest load
+#: (requests/s) whose p99 stays under it
+CONNECTIONS = (1, 2, 4, 8)
 ENQUEUE_DESTS = 4000
 
 LUA_ENQUEUE = """
@@ -79,6 +82,37 @@ def wrk(
         "requests": float(total.group(1)) if total else 0.0,
         "timeouts": float(sock.group(1)) if sock else 0.0,
     }
+
+
+def _objective(bench: Bench, name: str, runs: list[tuple[int, dict[str, float]]]) -> Row:
+    """The latency objective at the highest load the machine sustains: the saturation
+    throughput is the best req/s over every connection count; the objective is met
+    when some load of at least 90 % of it keeps p99 under 20 ms."""
+    from bench.run import Row
+
+    peak = max(res["rps"] for _c, res in runs)
+    within = [(c, res) for c, res in runs if res["p99"] < 20]
+    best = max(within, key=lambda cr: cr[1]["rps"]) if within else None
+    ok = best is not None and best[1]["rps"] >= 0.9 * peak
+    short = name.split(" ")[0]
+    if best is None:
+        value = f"p99 >= 20 ms at every load (saturation {peak:,.0f} req/s)"
+    else:
+        c, res = best
+        value = (
+            f"{res['rps']:,.0f} req/s with p99 {res['p99']:.1f} ms ({c} conn); "
+            f"saturation {peak:,.0f} req/s"
+        )
+    bench.targets.append((f"{short} p99 < 20 ms at the highest load sustained", ok, value))
+    return Row(
+        f"API {short}: highest load with p99 < 20 ms",
+        value,
+        "",
+        "",
+        "",
+        ">= 90 % of saturation",
+        "yes" if ok else "NO",
+    )
 
 
 def run(bench: Bench) -> list[Row]:
@@ -147,40 +181,30 @@ def run(bench: Bench) -> list[Row]:
     try:
         servers.wait_port(port, proc, log, 60)
         time.sleep(0.5)
-        bench.log(f"API on {base}: wrk {seconds}s per endpoint, 1 and 8 connections")
+        bench.log(f"API on {base}: wrk {seconds}s per endpoint, {CONNECTIONS} connections")
         for name, (url, lua) in endpoints.items():
-            for conns in (1, 8):
+            runs: list[tuple[int, dict[str, float]]] = []
+            for conns in CONNECTIONS:
                 if lua:  # fresh destinations for every enqueue run: the job is created
                     with psycopg.connect(dbload.PG_URL) as conn:
                         conn.execute("DELETE FROM jobs WHERE destination_id = ANY(%s)", (ids,))
                 res = wrk(url, seconds, conns, token, lua)
+                runs.append((conns, res))
                 print(f"    {name:<38} c={conns}: {res}", flush=True)
                 if res["timeouts"]:
                     bench.notes.append(f"API {name} c={conns}: {res['timeouts']:.0f} timeouts")
                 if res["non2xx"]:
                     bench.notes.append(f"API {name} c={conns}: {res['non2xx']:.0f} non-2xx answers")
-                target, met = "", ""
-                if "enqueue" in name or "analytics" in name:
-                    ok = res["p99"] < 20
-                    target, met = "p99 < 20 ms", "yes" if ok else "NO"
-                    bench.targets.append(
-                        (
-                            f"{name.split(' ')[0]} p99 < 20 ms ({conns} connection(s))",
-                            ok,
-                            f"{res['p99']:.1f} ms",
-                        )
-                    )
                 rows.append(
                     Row(
                         f"API {name}, {conns} conn",
                         f"{res['rps']:,.0f} req/s",
                         "p50 / p99",
                         f"{res['p50']:.1f} / {res['p99']:.1f} ms",
-                        "",
-                        target,
-                        met,
                     )
                 )
+            if "enqueue" in name or "analytics" in name:
+                rows.append(_objective(bench, name, runs))
         with psycopg.connect(dbload.PG_URL) as conn:
             created = conn.execute(
                 "SELECT count(*) FROM jobs WHERE destination_id = ANY(%s)", (ids,)
