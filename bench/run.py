@@ -148,6 +148,9 @@ class Bench:
             "raw signed walk": lambda: py_target(
                 "raw_walk", {"endpoint": ep, "bucket": bucket}, env
             ),
+            "parallel prefix fan-out (4 processes)": lambda: py_target(
+                "fanout_walk", {"endpoint": ep, "bucket": bucket, "processes": 4}, env
+            ),
             "rclone size": lambda: run_child(
                 self.rclone("size", f"bench:{bucket}"), renv, stdout_null=True
             ),

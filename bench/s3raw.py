@@ -151,7 +151,7 @@ _TRUNC = re.compile(rb"<IsTruncated>true</IsTruncated>")
 _PARSE = re.compile(r"^([^/]+)/([^/]+)/([^/]+)/(\d{4})/(\d\d)/(\d\d)/(.+)$")
 
 
-def raw_walk(endpoint: str, bucket: str) -> dict[str, int]:
+def raw_walk(endpoint: str, bucket: str, prefix: str = "") -> dict[str, int]:
     """The reference limit: botocore-signed ListObjectsV2 GETs on one connection, a
     regex for Key/Size and a cheap key parser (org/project/instance/date/name)."""
     from html import unescape
@@ -168,6 +168,8 @@ def raw_walk(endpoint: str, bucket: str) -> dict[str, int]:
     files = total = parsed = 0
     while True:
         params = "list-type=2&max-keys=1000"
+        if prefix:
+            params += "&prefix=" + quote(prefix, safe="")
         if token:
             params += "&continuation-token=" + quote(token, safe="")
         url = f"{endpoint}/{bucket}?{params}"
@@ -193,6 +195,53 @@ def raw_walk(endpoint: str, bucket: str) -> dict[str, int]:
         token = unescape(m.group(1).decode())
     conn.close()
     return {"files": files, "bytes": total, "parsed": parsed}
+
+
+_PREFIX = re.compile(rb"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
+
+
+def top_prefixes(endpoint: str, bucket: str) -> tuple[list[str], int]:
+    """The bucket's top-level folders (delimiter '/'), and how many keys sit at the top."""
+    from html import unescape
+
+    found: list[str] = []
+    loose = 0
+    token: str | None = None
+    while True:
+        query = "delimiter=%2F&list-type=2&max-keys=1000"
+        if token:
+            query += "&continuation-token=" + quote(token, safe="")
+        status, body = request(endpoint, "GET", f"/{bucket}", query=query)
+        if status != 200:
+            raise RuntimeError(f"list prefixes: HTTP {status} {body[:300]!r}")
+        found += [unescape(p.decode()) for p in _PREFIX.findall(body)]
+        loose += len(_ENTRY.findall(body))
+        m = _TOKEN.search(body)
+        if not _TRUNC.search(body) or not m:
+            return found, loose
+        token = unescape(m.group(1).decode())
+
+
+def _walk_one(args: tuple[str, str, str]) -> dict[str, int]:
+    return raw_walk(*args)
+
+
+def fanout_walk(endpoint: str, bucket: str, processes: int = 4) -> dict[str, int]:
+    """The raw signed walk fanned out over the top-level folders in ``processes``
+    worker processes (one connection each): what a parallel listing gets from the
+    server when the key layout has a known first level."""
+    import multiprocessing
+
+    prefixes, loose = top_prefixes(endpoint, bucket)
+    totals = {"files": 0, "bytes": 0, "parsed": 0, "prefixes": len(prefixes)}
+    if loose:  # keys at the top level: one more walk would double count the folders
+        raise RuntimeError("fanout_walk expects every key under a top-level folder")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes) as pool:
+        for part in pool.imap_unordered(_walk_one, [(endpoint, bucket, p) for p in prefixes]):
+            for k in ("files", "bytes", "parsed"):
+                totals[k] += part[k]
+    return totals
 
 
 def boto3_client(endpoint: str):  # type: ignore[no-untyped-def]

@@ -55,6 +55,14 @@ def raw_walk(args: dict[str, Any]) -> dict[str, Any]:
     return {**walk(args["endpoint"], args["bucket"]), "inner_seconds": time.perf_counter() - t0}
 
 
+def fanout_walk(args: dict[str, Any]) -> dict[str, Any]:
+    from bench.s3raw import fanout_walk as walk
+
+    t0 = time.perf_counter()
+    out = walk(args["endpoint"], args["bucket"], int(args.get("processes", 4)))
+    return {**out, "inner_seconds": time.perf_counter() - t0}
+
+
 def boto3_walk(args: dict[str, Any]) -> dict[str, Any]:
     from bench.s3raw import boto3_walk as walk
 

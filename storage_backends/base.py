@@ -156,6 +156,14 @@ class StorageBackend(abc.ABC):
         a caller that saw an error must treat the listing as partial (SAFETY rule 13).
         """
 
+    def walk_unordered(
+        self, prefix: str = "", page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """:meth:`walk`, with no order at all between pages: a backend may list several
+        parts of the tree at once (S3 fans out over folders). Each file exactly once;
+        memory stays bounded by a few pages. Scans use it."""
+        return self.walk(prefix, page_size)
+
     @abc.abstractmethod
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
         """One level under ``prefix``: files and sub-folders, ``limit`` at a time."""

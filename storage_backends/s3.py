@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import re
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -124,6 +126,10 @@ def translate(err: BaseException, what: str) -> StorageError:
 def _strip_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag else None
 
+
+#: walk_unordered lists this many folders at once (destination option walk_connections)
+WALK_CONNECTIONS = 3
+_COMMON_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
 
 #: delete_many sends a batch as this many concurrent requests of DELETE_CHUNK keys
 DELETE_PARALLEL = 8
@@ -367,6 +373,8 @@ class S3Backend(StorageBackend):
         self.url_expiry = url_expiry
         #: attempts of a request (botocore and the listing): 1 + the retries it may take
         self.max_attempts = max(1, int(options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
+        #: folders listed at once by walk_unordered (scans); 1 = one sequential walk
+        self.walk_connections = max(1, int(options.get("walk_connections", WALK_CONNECTIONS)))
         self.addressing_style = options.get("addressing_style") or (
             "path" if endpoint else "virtual"
         )
@@ -386,7 +394,7 @@ class S3Backend(StorageBackend):
         )
         self._list_url = self._bucket_url(self.client.meta.endpoint_url)
         self._http = urllib3.PoolManager(
-            maxsize=4,
+            maxsize=max(4, 2 * self.walk_connections),
             retries=False,
             timeout=urllib3.Timeout(
                 connect=float(options.get("connect_timeout", 10)),
@@ -440,7 +448,7 @@ class S3Backend(StorageBackend):
         full = self.root + self.check_prefix(prefix)
         return self._walk(full, max(1, min(page_size, 1000)))
 
-    def _walk(self, full_prefix: str, max_keys: int) -> Iterator[list[ObjectInfo]]:
+    def _walk(self, full_prefix: str, max_keys: int) -> Generator[list[ObjectInfo], None, None]:
         """Pages in order; the next page is requested (one background thread) as soon
         as this one's continuation token is known, before its objects are parsed, so
         the server's time overlaps parsing and the caller's work."""
@@ -474,16 +482,133 @@ class S3Backend(StorageBackend):
                 if token is None:
                     return
 
+    def walk_unordered(
+        self, prefix: str = "", page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """Every object under ``prefix``, listing up to ``walk_connections`` folders at
+        once (one connection each): the objects directly under ``prefix`` first, from a
+        delimiter listing, then the pages of every sub-folder in the order they arrive.
+        A sub-folder's keys all start with its prefix and no other's do, so every key
+        comes exactly once, byte-exact (the prefixes come from the listing itself).
+        Memory: a few pages per connection. Any error stops every connection."""
+        full = self.root + self.check_prefix(prefix)
+        max_keys = max(1, min(page_size, 1000))
+        if self.walk_connections <= 1:
+            return self._walk(full, max_keys)
+        return self._fan_out(full, max_keys, self.walk_connections)
+
+    def _level(self, full_prefix: str) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
+        """Delimiter listing of one level: (objects at this level, sub-folder prefixes),
+        page by page."""
+        token: str | None = None
+        while True:
+            data, encoded, token = call_with_retry(
+                self,
+                functools.partial(self._list_page, full_prefix, 1000, token, "/"),
+                attempts=self.max_attempts,
+            )
+            try:
+                items = parse_list_items(data, encoded) if b"<Contents>" in data else []
+                folders = [_text(p) for p in _COMMON_PREFIX.findall(data)]
+            except StorageError:
+                raise
+            except Exception as err:
+                raise self.translate_error(err, f"list {full_prefix or '/'}") from err
+            if encoded:
+                folders = [unquote_plus(f) for f in folders]
+            if self.root:
+                items = [self._relative_info(o) for o in items if o.path != self.root]
+            yield items, folders
+            if token is None:
+                return
+
+    def _fan_out(
+        self, full_prefix: str, max_keys: int, connections: int
+    ) -> Iterator[list[ObjectInfo]]:
+        folders: list[str] = []
+        for items, subs in self._level(full_prefix):
+            if items:
+                yield items
+            folders.extend(subs)
+        # too few folders to keep every connection busy: go one level deeper, once
+        if 0 < len(folders) < connections:
+            deeper: list[str] = []
+            for folder in folders:
+                for items, subs in self._level(folder):
+                    if items:
+                        yield items
+                    deeper.extend(subs)
+            folders = deeper
+        if not folders:
+            return
+        work: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for folder in folders:
+            work.put(folder)
+        out: queue.Queue[Any] = queue.Queue(maxsize=2 * connections)
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def lister() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        folder = work.get_nowait()
+                    except queue.Empty:
+                        break
+                    pages = self._walk(folder, max_keys)
+                    try:
+                        for page in pages:
+                            if not put(page):
+                                return
+                    finally:
+                        pages.close()
+            except BaseException as err:  # handed to the consumer
+                put(err)
+            finally:
+                put(done)
+
+        threads = [
+            threading.Thread(target=lister, name=f"s3-walk-{i}", daemon=True)
+            for i in range(min(connections, len(folders)))
+        ]
+        for t in threads:
+            t.start()
+        try:
+            running = len(threads)
+            while running:
+                item = out.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+
     def _relative_info(self, info: ObjectInfo) -> ObjectInfo:
         return ObjectInfo(
             self._rel(info.path), info.size, info.last_modified, info.etag, info.storage_class
         )
 
     def _list_page(
-        self, prefix: str, max_keys: int, token: str | None
+        self, prefix: str, max_keys: int, token: str | None, delimiter: str = ""
     ) -> tuple[bytes, bool, str | None]:
         """One ListObjectsV2 request: (body, keys URL-encoded?, next token)."""
         params = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
+        if delimiter:
+            params["delimiter"] = delimiter
         if prefix:
             params["prefix"] = prefix
         if token:

@@ -300,7 +300,9 @@ def run_scan(
     """
     t0 = time.perf_counter()
     started = db_now(session)
-    pages = ReadAhead(backend.walk(""))  # the listing starts while the index builds
+    # the listing starts while the index builds; its order does not matter (lookups
+    # are by hash), so a backend may list several folders at once
+    pages = ReadAhead(backend.walk_unordered(""))
     try:
         index = LinkIndex(session, dest)
     except BaseException:

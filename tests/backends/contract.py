@@ -139,6 +139,51 @@ class BackendContract:
         assert set(seen) == {big_key(i) for i in range(self.BIG_N)}
         assert pages >= self.BIG_N // 300
 
+    def test_walk_unordered_yields_every_key_exactly_once(
+        self, big_backend: StorageBackend
+    ) -> None:
+        """The scan's listing (S3 lists several folders at once): the same keys as the
+        ordered walk, each once, in pages of at most ``page_size``."""
+        seen: list[str] = []
+        for page in big_backend.walk_unordered(page_size=300):
+            assert 0 < len(page) <= 300
+            seen.extend(o.path for o in page)
+        assert len(seen) == len(set(seen)) == self.BIG_N
+        assert set(seen) == {big_key(i) for i in range(self.BIG_N)}
+        under = [o.path for page in big_backend.walk_unordered("d07") for o in page]
+        assert sorted(under) == sorted(big_key(i) for i in range(self.BIG_N) if i % 50 == 7)
+
+    def test_walk_unordered_of_tricky_trees_matches_walk(
+        self, backend: StorageBackend, seed
+    ) -> None:
+        """Files at the top and at every depth, spaces, '+', '%' and Unicode: the
+        fan-out yields exactly what the ordered walk does (slash variants and folder
+        markers: ``test_walk_unordered_of_slash_keys`` on the object stores)."""
+        keys = [
+            "top.tar", "a/b", "a/c/d.tar", "a/c/e/f.tar", "x/ y", "x/y ",
+            "p+q/r%20s", "é/ü.tar", "z/1", "z/2/3", "zz",
+        ]  # fmt: skip
+        for key in keys:
+            seed(ROOT + key, key.encode())
+        walked = sorted(o.path for page in backend.walk() for o in page)
+        unordered = [o.path for page in backend.walk_unordered() for o in page]
+        assert sorted(unordered) == walked and len(unordered) == len(set(unordered))
+        sizes = {o.path: o.size for page in backend.walk_unordered() for o in page}
+        assert all(sizes[k] == len(k.encode()) for k in sizes)
+
+    def test_walk_unordered_stops_cleanly_when_the_caller_does(
+        self, big_backend: StorageBackend
+    ) -> None:
+        import threading
+
+        before = {t.name for t in threading.enumerate()}
+        pages = big_backend.walk_unordered(page_size=100)
+        first = next(iter(pages))
+        assert first
+        pages.close()  # type: ignore[attr-defined]
+        left = {t.name for t in threading.enumerate()} - before
+        assert not [n for n in left if n.startswith("s3-walk")]
+
     def test_walk_prefix_is_segment_wise(self, big_backend: StorageBackend) -> None:
         got = {o.path for page in big_backend.walk("d07") for o in page}
         assert got == {big_key(i) for i in range(self.BIG_N) if i % 50 == 7}
@@ -329,6 +374,15 @@ class SlashKeysContract:
         for key in keys:
             seed(ROOT + key, key.encode())
         assert sorted(o.path for page in backend.walk() for o in page) == sorted(keys)
+
+    def test_walk_unordered_of_slash_keys(self, backend: StorageBackend, seed) -> None:
+        """The fan-out over folders keeps ``a//b``, ``a/``, ``/lead`` and friends apart
+        and byte-exact: each key once, as the ordered walk gives it."""
+        keys = ["a/b", "a//b", "a/", "a/b/", "a///b", "/lead", "//x", "top", "q/r/", "q/r/s"]
+        for key in keys:
+            seed(ROOT + key, key.encode())
+        unordered = [o.path for page in backend.walk_unordered() for o in page]
+        assert sorted(unordered) == sorted(keys)
 
     def test_listed_keys_are_deleted_exactly_as_listed(self, backend: StorageBackend, seed) -> None:
         # a 300-byte name is a valid key on an object store (the 255-byte limit is for

@@ -47,6 +47,25 @@ def test_walk_fails_loudly_when_faults_persist(s3_server, s3_bucket, fault_proxy
     assert backend.retries == 3 - 1
 
 
+def test_walk_unordered_fails_loudly_when_one_folder_keeps_failing(
+    s3_server, s3_bucket, fault_proxy
+):
+    """The fan-out lists folders on several connections: one folder whose listing keeps
+    failing fails the whole walk (never a short success), and every lister stops."""
+    import threading
+
+    seed_objects(s3_server, s3_bucket, [f"f{j}/{i:03d}" for j in range(6) for i in range(60)])
+    backend = make_s3_backend(s3_server, s3_bucket, endpoint=fault_proxy.endpoint, max_attempts=2)
+    rule = fault_proxy.fail_next(100, action="503", method="GET", path=r"prefix=[^&]*f3%2F")
+    with pytest.raises(TransientStorageError):
+        list(backend.walk_unordered(page_size=20))
+    assert not [t for t in threading.enumerate() if t.name.startswith("s3-walk")]
+    assert 100 - rule.remaining == 2  # both attempts of that folder's page, then stop
+    rule.remaining = 0
+    got = [o.path for page in backend.walk_unordered(page_size=20) for o in page]
+    assert len(got) == len(set(got)) == 360
+
+
 @pytest.mark.parametrize("action", ["503", "reset"])
 def test_boto_retries_counted_once_when_faults_persist(s3_server, s3_bucket, fault_proxy, action):
     """A request that never succeeds: max_attempts requests, max_attempts - 1 retries
