@@ -129,10 +129,17 @@ class AgedBackend:
             setattr(self._inner, name, value)
 
     def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[Any]]:
+        return self._aged(self._inner.walk(prefix, page_size))
+
+    def walk_unordered(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[Any]]:
+        # what scans (and so the cleanup's planning) list with: it must age too
+        return self._aged(self._inner.walk_unordered(prefix, page_size))
+
+    def _aged(self, pages: Iterator[list[Any]]) -> Iterator[list[Any]]:
         from storage_backends.base import ObjectInfo
 
         shift = self._shift
-        for page in self._inner.walk(prefix, page_size):
+        for page in pages:
             yield [
                 ObjectInfo(
                     o.path,
