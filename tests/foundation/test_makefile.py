@@ -4,7 +4,6 @@ not in requirements.lock (left by an older lock, or installed by hand) is remove
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import venv
@@ -13,8 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.skipif(not shutil.which("make"), reason="needs make")
 
 
 def _fake_dist(site: Path, name: str, version: str) -> Path:
