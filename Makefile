@@ -53,7 +53,7 @@ test-fast: install ## tests without the slow (real worker, fault) ones
 
 bench: install ## benchmarks (not part of make test); writes docs/benchmarks.md
 	WITH_BENCH=1 bash scripts/install-system-deps.sh
-	$(BIN)/python -m bench.run --sizes 10000,100000,1000000 --cleanup-sizes 10000,100000
+	$(BIN)/python -m bench.run --sizes 10000,100000,1000000 --cleanup-sizes 10000,100000 --backend-sizes 10000,100000
 
 bench-quick: install
 	WITH_BENCH=1 bash scripts/install-system-deps.sh

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, any_, create_engine, event, literal, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 import db.softdelete  # noqa: F401 - registers the soft-delete filter
@@ -77,3 +78,26 @@ def db_now(session: Session) -> datetime:
 def is_postgresql(session: Session) -> bool:
     """True on PostgreSQL (array parameters, ``= ANY(...)``, ``unnest``)."""
     return session.get_bind().dialect.name == "postgresql"
+
+
+def update_by_ids(
+    session: Session, column: Any, ids: Sequence[Any], values: dict[str, Any]
+) -> None:
+    """``UPDATE <table> SET values WHERE id IN ids`` inside the caller's transaction:
+    the ids as one array parameter (``= ANY(...)``) on PostgreSQL, chunked ``IN`` lists
+    of 500 elsewhere. ``column`` is the mapped primary-key column (its type types the
+    array)."""
+    if not ids:
+        return
+    table = column.class_
+    if is_postgresql(session):
+        stmt = update(table).where(column == any_(literal(list(ids), ARRAY(column.type))))
+        session.execute(stmt.values(**values).execution_options(synchronize_session=False))
+        return
+    for i in range(0, len(ids), 500):
+        session.execute(
+            update(table)
+            .where(column.in_(ids[i : i + 500]))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )

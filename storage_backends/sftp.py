@@ -11,14 +11,16 @@ import base64
 import contextlib
 import errno
 import io
+import logging
 import posixpath
+import queue
 import socket
 import stat as stat_mod
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
 
@@ -47,11 +49,15 @@ from storage_backends.paths import normalize_root
 from storage_backends.retry import call_with_retry
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Channels a walk opens on one transport. OpenSSH's MaxSessions defaults to 10.
 WALK_THREADS = 8
 #: A directory listing is tried this often when the connection drops (a reconnect each time).
 WALK_ATTEMPTS = 4
+#: SSH connections a walk spreads its threads over (one sshd process and one paramiko
+#: transport thread encrypt everything on a connection, under one send lock)
+WALK_CONNECTIONS = 2
 #: How long a folder checked to be a real folder (not a symlink) is trusted without
 #: another lstat: a batch of deletes in one folder costs one check, not one per file.
 DIR_CHECK_TTL = 5.0
@@ -140,6 +146,7 @@ class SFTPBackend(StorageBackend):
         *,
         credentials: dict[str, Any],
         walk_threads: int = WALK_THREADS,
+        walk_connections: int = WALK_CONNECTIONS,
         timeout: float = 15.0,
     ) -> None:
         super().__init__(root)
@@ -147,6 +154,7 @@ class SFTPBackend(StorageBackend):
         self.base = base_dir.rstrip("/") or "/"
         self.top = posixpath.join(self.base, root) if root else self.base
         self.walk_threads = max(1, min(walk_threads, WALK_THREADS))
+        self.walk_connections = max(1, min(walk_connections, self.walk_threads))
         self.timeout = timeout
         self._credentials = credentials
         self._lock = threading.Lock()
@@ -308,12 +316,44 @@ class SFTPBackend(StorageBackend):
     def _walk(self, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
         local = threading.local()
         channels: list[paramiko.SFTPClient] = []
+        # thread slot k runs on connection k % walk_connections: 0 is the backend's own
+        # connection, the others are opened for this walk (and closed after it)
+        slots = iter(range(1 << 30))
+        extra: dict[int, paramiko.SSHClient] = {}
+        extra_lock = threading.Lock()
+
+        refused: list[str] = []  # a second connection failed: the walk uses one
+
+        def connection() -> paramiko.SSHClient:
+            if getattr(local, "slot", None) is None:
+                local.slot = next(slots) % self.walk_connections
+            if local.slot == 0 or refused:
+                return self._client()  # reconnects when the connection has gone away
+            with extra_lock:
+                client = extra.get(local.slot)
+                transport = client.get_transport() if client is not None else None
+                if client is None or transport is None or not transport.is_active():
+                    if client is not None:
+                        client.close()
+                    try:
+                        client = extra[local.slot] = self._connect()
+                    except Exception as err:  # e.g. a per-user connection limit
+                        extra.pop(local.slot, None)
+                        if not refused:
+                            refused.append(f"{type(err).__name__}: {err}")
+                            log.warning(
+                                "SFTP %s refused another connection (%s): the walk goes "
+                                "on over one (destination option walk_connections: 1)",
+                                self.endpoint_name,
+                                refused[0],
+                            )
+                        return self._client()
+                return client
 
         def channel() -> paramiko.SFTPClient:
             sftp: paramiko.SFTPClient | None = getattr(local, "sftp", None)
             if sftp is None:
-                # _client() reconnects when the connection has gone away
-                sftp = self._client().open_sftp()
+                sftp = connection().open_sftp()
                 local.sftp = sftp
                 channels.append(sftp)
             return sftp
@@ -347,18 +387,32 @@ class SFTPBackend(StorageBackend):
             )
             return self._split(rel, entries)
 
+        # Each listed folder comes back through one queue: waiting on a set of futures
+        # (concurrent.futures.wait) costs O(folders queued) per folder, O(n^2) in all.
+        done: queue.SimpleQueue[tuple[list[ObjectInfo], list[str]] | BaseException]
+        done = queue.SimpleQueue()
+
+        def run(rel: str) -> None:
+            try:
+                done.put(list_dir(rel))
+            except BaseException as err:  # handed to the consumer, raised there
+                done.put(err)
+
         pool = ThreadPoolExecutor(self.walk_threads)
         try:
-            pending: set[Future[tuple[list[ObjectInfo], list[str]]]] = {
-                pool.submit(list_dir, prefix)
-            }
+            pool.submit(run, prefix)
+            outstanding = 1
             page: list[ObjectInfo] = []
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    files, subdirs = fut.result()
-                    pending.update(pool.submit(list_dir, d) for d in subdirs)
-                    page.extend(files)
+            while outstanding:
+                result = done.get()
+                outstanding -= 1
+                if isinstance(result, BaseException):
+                    raise result
+                files, subdirs = result
+                for d in subdirs:
+                    pool.submit(run, d)
+                outstanding += len(subdirs)
+                page.extend(files)
                 while len(page) >= page_size:
                     yield page[:page_size]
                     page = page[page_size:]
@@ -369,6 +423,9 @@ class SFTPBackend(StorageBackend):
             for sftp in channels:
                 with contextlib.suppress(Exception):
                     sftp.close()
+            for client in extra.values():
+                with contextlib.suppress(Exception):
+                    client.close()
 
     @staticmethod
     def _split(
@@ -536,7 +593,8 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
 
     ``credentials``: ``username`` and ``password`` or ``private_key`` (PEM text) or
     ``private_key_path``; ``known_hosts`` (OpenSSH lines); ``allow_unknown_host_key``.
-    ``dest.bucket`` is the base directory; ``dest.options``: ``walk_threads``, ``timeout``.
+    ``dest.bucket`` is the base directory; ``dest.options``: ``walk_threads``,
+    ``walk_connections``, ``timeout``.
     """
     host, port = parse_endpoint(dest.endpoint)
     options = dict(dest.options or {})
@@ -547,5 +605,6 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
         normalize_root(dest.root_prefix or ""),
         credentials=credentials,
         walk_threads=int(options.get("walk_threads", WALK_THREADS)),
+        walk_connections=int(options.get("walk_connections", WALK_CONNECTIONS)),
         timeout=float(options.get("timeout", 15.0)),
     )

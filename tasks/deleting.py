@@ -28,12 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Uuid, any_, insert, literal, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
-from db.session import db_now, is_postgresql
+from db.session import db_now, is_postgresql, update_by_ids
 from db.types import as_utc, utcnow
 from storage_backends.base import MAX_DELETE_BATCH, DeleteResult, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
@@ -408,17 +407,6 @@ def settle_abandoned(ctx: DeleteContext) -> int:
 def _set_audit_ids(session: Session, ids: list[uuid.UUID], at: datetime) -> None:
     """Audit rows become ``deleted``, by primary key (an ``IN`` over paths made the
     database filter every row of the job, once per batch)."""
-    if not ids:
-        return
-    values = {"state": "deleted", "deleted_at": at, "error": None}
-    if is_postgresql(session):
-        stmt = update(DeletionAudit).where(DeletionAudit.id == any_(literal(ids, ARRAY(Uuid))))
-        session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-        return
-    for i in range(0, len(ids), 500):
-        session.execute(
-            update(DeletionAudit)
-            .where(DeletionAudit.id.in_(ids[i : i + 500]))
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
+    update_by_ids(
+        session, DeletionAudit.id, ids, {"state": "deleted", "deleted_at": at, "error": None}
+    )

@@ -13,12 +13,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import BigInteger, any_, delete, insert, literal, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, CleanupCandidate, Job
-from db.session import is_postgresql
+from db.session import is_postgresql, update_by_ids
 from db.types import as_utc
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from tasks.deleting import (
@@ -192,24 +191,7 @@ def _mark_paths(session: Session, job: Job, paths: list[str], state: str) -> Non
 
 def _mark(session: Session, ids: list[int], state: str) -> None:
     """Plan rows become ``state``, by primary key."""
-    if not ids:
-        return
-    if is_postgresql(session):
-        where = CleanupCandidate.id == any_(literal(ids, ARRAY(BigInteger)))
-        session.execute(
-            update(CleanupCandidate)
-            .where(where)
-            .values(state=state)
-            .execution_options(synchronize_session=False)
-        )
-        return
-    for i in range(0, len(ids), 500):
-        session.execute(
-            update(CleanupCandidate)
-            .where(CleanupCandidate.id.in_(ids[i : i + 500]))
-            .values(state=state)
-            .execution_options(synchronize_session=False)
-        )
+    update_by_ids(session, CleanupCandidate.id, ids, {"state": state})
 
 
 def run_orphan_cleanup(

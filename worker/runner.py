@@ -452,14 +452,8 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
                 f"no progress since {job.heartbeat_at}: the worker died or hung; "
                 f"requeued by the reaper (attempt {job.attempts} of {settings.max_attempts})"
             )
-            res = session.execute(
-                update(Job)
-                .where(*still_stuck)
-                .values(status="queued", phase="requeued", error=note, heartbeat_at=now)
-            )
-            session.commit()
-            if res.rowcount:  # type: ignore[attr-defined]
-                log.warning("job %s: %s", job.id, note)
+            values = {"status": "queued", "phase": "requeued", "heartbeat_at": now}
+            if _reap(session, job, still_stuck, note, **values):
                 if dispatch_or_fail(session, job, send):
                     out.requeued += 1
                 else:
@@ -470,19 +464,25 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
             f"no progress since {job.heartbeat_at}: the worker died or hung "
             f"({why}; reaped after {job.attempts} attempt(s))"
         )
-        res = session.execute(
-            update(Job)
-            .where(*still_stuck)
-            .values(status="failed", phase="failed", error=error, finished_at=now)
-        )
-        session.commit()
-        if res.rowcount:  # type: ignore[attr-defined]
-            log.warning("job %s: %s", job.id, error)
+        if _reap(
+            session, job, still_stuck, error, status="failed", phase="failed", finished_at=now
+        ):
             metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
             out.failed += 1
     if send is not None:
         queued_resend(session, settings, send, out)
     return out
+
+
+def _reap(session: Session, job: Job, still: tuple[Any, ...], error: str, **values: Any) -> bool:
+    """One reaper transition of ``job``, only if the row is still as read (``still``);
+    committed and logged. False when the job moved on in between."""
+    res = session.execute(update(Job).where(*still).values(error=error, **values))
+    session.commit()
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    log.warning("job %s: %s", job.id, error)
+    return True
 
 
 def queued_resend(session: Session, settings: Settings, send: Sender, out: Reaped) -> None:

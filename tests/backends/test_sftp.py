@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from storage_backends.errors import (
 from tests.backends.contract import ROOT, BackendContract, big_key
 from tests.servers.destinations import make_sftp_backend
 from tests.servers.sshd import _ed25519_pair
+from tests.servers.tcp_cutter import TcpCutter
 
 
 def write(base: Path, key: str, data: bytes) -> None:
@@ -203,3 +206,53 @@ def test_password_authentication(rclone_sftp_server) -> None:
         with pytest.raises(BackendUnavailableError, match="password"):
             backend.stat("seeded.bak")
         assert backend.retries == 0  # a configuration error, not a dropped connection
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine (client side)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote, state = fields[2], fields[3]
+                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def test_a_walk_spreads_over_several_connections_and_closes_them(sftp_server) -> None:
+    """``walk_connections``: the walk's threads list folders over that many SSH
+    connections (sshd encrypts each connection in one process), every file comes
+    back exactly once, and the extra connections close with the walk."""
+    base = sftp_server.make_dir()
+    expected = set()
+    for d in range(30):
+        for f in range(4):
+            key = f"org/p{d}/day/{f}.bak"
+            write(base, key, b"x" * f)
+            expected.add(key)
+    # through a relay of its own: only this backend's connections go to its port
+    relay = TcpCutter(sftp_server.host, sftp_server.port).start()
+    here, there = f"[127.0.0.1]:{sftp_server.port} ", f"[127.0.0.1]:{relay.port} "
+    creds = sftp_server.credentials(known_hosts=sftp_server.known_hosts.replace(here, there))
+    server = dataclasses.replace(sftp_server, port=relay.port)
+    try:
+        with make_sftp_backend(
+            server, base, credentials=creds, walk_threads=6, walk_connections=3
+        ) as backend:
+            backend.stat("org/p0/day/0.bak")  # the backend's own connection
+            assert _connections_to(relay.port) == 1
+            walk = backend.walk("", page_size=5)
+            seen = [o.path for o in next(walk)]
+            # the listing threads go on while the consumer holds its first page
+            deadline = time.monotonic() + 10
+            while _connections_to(relay.port) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _connections_to(relay.port) == 3
+            seen += [o.path for page in walk for o in page]
+            assert sorted(seen) == sorted(expected)  # each file once
+            assert _connections_to(relay.port) == 1  # the extra two are closed
+            assert backend.stat("org/p29/day/3.bak").size == 3
+    finally:
+        relay.stop()

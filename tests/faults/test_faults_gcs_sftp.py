@@ -168,3 +168,32 @@ def test_sftp_connections_reset_mid_walk_are_reconnected_and_the_scan_is_exact(
     assert outcome is not None and outcome.status == "succeeded", outcome
     assert outcome.result["total_files"] == total  # nothing missed, nothing twice
     assert outcome.result["total_bytes"] == total * 10
+
+
+def test_sftp_server_refusing_a_second_connection_the_walk_goes_on_over_one(
+    db, world, cfg, engine, cut_sftp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server with a per-user connection limit (the cutter resets every connection
+    after the first): the walk's extra connections are refused, it says so once and
+    lists everything over the one connection it has."""
+    cutter, sshd = cut_sftp
+    cutter.accept_at_most = 1
+    base = sshd.make_dir()
+    for d in range(12):
+        folder = base / f"org{d}" / "inst"
+        folder.mkdir(parents=True)
+        for i in range(5):
+            (folder / f"b{i}.tar.gz").write_bytes(b"abc")
+    dest = make_destination(db, world, "sftp", bucket=str(base),
+                            endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
+                            options={"walk_threads": 6, "walk_connections": 3})  # fmt: skip
+    db.commit()
+    job, _ = request_job(db, "scan", dest, {})
+    with caplog.at_level("WARNING", logger="storage_backends.sftp"):
+        outcome = run_job(job.id, cfg, engine)
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert outcome.result["total_files"] == 60
+    assert outcome.result["total_bytes"] == 180
+    assert cutter.connections == 1 and cutter.refused >= 1
+    refusals = [r for r in caplog.records if "refused another connection" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in caplog.records]

@@ -31,6 +31,8 @@ class TcpCutter:
         self.down_bytes = 0  # server -> client, in total
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._cut_at: list[int] = []  # down_bytes thresholds still to fire
+        self.accept_at_most: int | None = None  # later connections are reset at once
+        self.refused = 0
         self._lock = threading.Lock()
 
     def start(self) -> TcpCutter:
@@ -61,6 +63,10 @@ class TcpCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.accept_at_most is not None and self.connections >= self.accept_at_most:
+                self.refused += 1  # a server's per-user connection limit
+                _reset(client)
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=10)
                 server.settimeout(None)
