@@ -24,6 +24,7 @@ THREADS = 2
 #: wrk connections per endpoint: the latency objective is read at the highest load
 #: (requests/s) whose p99 stays under it
 CONNECTIONS = (1, 2, 4, 8)
+WARMUP_SECONDS = 2  # one wrk run at the most connections before each endpoint
 ENQUEUE_DESTS = 4000
 
 LUA_ENQUEUE = """
@@ -184,6 +185,10 @@ def run(bench: Bench) -> list[Row]:
         bench.log(f"API on {base}: wrk {seconds}s per endpoint, {CONNECTIONS} connections")
         for name, (url, lua) in endpoints.items():
             runs: list[tuple[int, dict[str, float]]] = []
+            # Warm-up, not measured: each server thread's first request (its database
+            # and Redis connections, first-use imports) would otherwise be the p99 of
+            # the first (1-connection) run.
+            wrk(url, WARMUP_SECONDS, max(CONNECTIONS), token, lua)
             for conns in CONNECTIONS:
                 if lua:  # fresh destinations for every enqueue run: the job is created
                     with psycopg.connect(dbload.PG_URL) as conn:

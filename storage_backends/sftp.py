@@ -58,6 +58,8 @@ WALK_ATTEMPTS = 4
 #: SSH connections a walk spreads its threads over (one sshd process and one paramiko
 #: transport thread encrypt everything on a connection, under one send lock)
 WALK_CONNECTIONS = 2
+#: Seconds an SFTP request may wait for any answer before the connection counts as lost.
+IO_TIMEOUT = 60.0
 #: How long a folder checked to be a real folder (not a symlink) is trusted without
 #: another lstat: a batch of deletes in one folder costs one check, not one per file.
 DIR_CHECK_TTL = 5.0
@@ -148,6 +150,7 @@ class SFTPBackend(StorageBackend):
         walk_threads: int = WALK_THREADS,
         walk_connections: int = WALK_CONNECTIONS,
         timeout: float = 15.0,
+        io_timeout: float = IO_TIMEOUT,
     ) -> None:
         super().__init__(root)
         self.host, self.port = host, port
@@ -156,6 +159,7 @@ class SFTPBackend(StorageBackend):
         self.walk_threads = max(1, min(walk_threads, WALK_THREADS))
         self.walk_connections = max(1, min(walk_connections, self.walk_threads))
         self.timeout = timeout
+        self.io_timeout = io_timeout
         self._credentials = credentials
         self._lock = threading.Lock()
         self._ssh: paramiko.SSHClient | None = None
@@ -219,8 +223,16 @@ class SFTPBackend(StorageBackend):
         client = self._client()
         with self._lock:
             if self._sftp_client is None:
-                self._sftp_client = client.open_sftp()
+                self._sftp_client = self._open_sftp(client)
             return self._sftp_client
+
+    def _open_sftp(self, client: paramiko.SSHClient) -> paramiko.SFTPClient:
+        """An SFTP session whose every wait for the server ends after ``io_timeout``
+        (socket.timeout: a lost connection, retried on a new one): a server or network
+        that goes silent must not hang a job until its time limit."""
+        sftp = client.open_sftp()
+        sftp.get_channel().settimeout(self.io_timeout)  # type: ignore[union-attr]
+        return sftp
 
     def _drop(self, _err: BaseException | None = None) -> None:
         with self._lock:
@@ -353,19 +365,23 @@ class SFTPBackend(StorageBackend):
         def channel() -> paramiko.SFTPClient:
             sftp: paramiko.SFTPClient | None = getattr(local, "sftp", None)
             if sftp is None:
-                sftp = connection().open_sftp()
+                sftp = self._open_sftp(connection())
                 local.sftp = sftp
                 channels.append(sftp)
             return sftp
 
         def reopen(_err: BaseException) -> None:
-            """Before a retry: this thread opens a new channel, on a new connection if
-            the old one died (the first thread to need it reconnects, under the lock)."""
+            """Before a retry: this thread opens a new channel on a new connection (the
+            first thread to need it reconnects, under the lock). The old connection is
+            closed: it died, or went silent past ``io_timeout`` (its other channels fail
+            over too)."""
             old: paramiko.SFTPClient | None = getattr(local, "sftp", None)
             local.sftp = None
             if old is not None:
                 with contextlib.suppress(Exception):
+                    transport = old.get_channel().get_transport()  # type: ignore[union-attr]
                     old.close()
+                    transport.close()
 
         def list_once(rel: str) -> list[paramiko.SFTPAttributes]:
             with self._op("list", rel or "/"):
@@ -594,7 +610,7 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
     ``credentials``: ``username`` and ``password`` or ``private_key`` (PEM text) or
     ``private_key_path``; ``known_hosts`` (OpenSSH lines); ``allow_unknown_host_key``.
     ``dest.bucket`` is the base directory; ``dest.options``: ``walk_threads``,
-    ``walk_connections``, ``timeout``.
+    ``walk_connections``, ``timeout``, ``io_timeout``.
     """
     host, port = parse_endpoint(dest.endpoint)
     options = dict(dest.options or {})
@@ -607,4 +623,5 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
         walk_threads=int(options.get("walk_threads", WALK_THREADS)),
         walk_connections=int(options.get("walk_connections", WALK_CONNECTIONS)),
         timeout=float(options.get("timeout", 15.0)),
+        io_timeout=float(options.get("io_timeout", IO_TIMEOUT)),
     )

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Backup
+from db import archive
+from db.models import Backup, DeletionAudit, Instance
+from db.types import utcnow
 from tests.factories import make_backup, make_destination
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.gcs import GcsServer
@@ -197,3 +199,125 @@ def test_sftp_server_refusing_a_second_connection_the_walk_goes_on_over_one(
     assert cutter.connections == 1 and cutter.refused >= 1
     refusals = [r for r in caplog.records if "refused another connection" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_sftp_connection_reset_mid_delete_is_reconnected_and_every_deletion_audited(
+    db, world, cfg, engine, cut_sftp
+) -> None:
+    """Orphan cleanup on SFTP with the connection reset while files are being removed:
+    the backend reconnects, a remove whose answer was lost finds the file gone (counts
+    as deleted), linked files stay, and every deletion has its audit row."""
+    cutter, sshd = cut_sftp
+    base = sshd.make_dir()
+    stamp = time.time() - 40 * DAY
+    orphans = [f"org/inst{d}/backup-{i:02d}.tar.gz" for d in range(4) for i in range(30)]
+    linked = ["org/inst0/kept-1.tar.gz", "org/inst3/kept-2.tar.gz"]
+    for key in orphans + linked:
+        path = base / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"0123456789")
+        os.utime(path, (stamp, stamp))
+    dest = make_destination(db, world, "sftp", bucket=str(base),
+                            endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
+                            retention_days=7)  # fmt: skip
+    for key in linked:
+        make_backup(db, world, dest, key)
+    db.commit()
+
+    def left() -> set[str]:  # (os.walk: files vanish while it runs, mid-delete)
+        return {
+            os.path.relpath(os.path.join(d, f), base)
+            for d, _dirs, files in os.walk(base)
+            for f in files
+        }
+
+    # a dry run lists exactly what the real run lists: the cut lands past the listing
+    dry, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": True})
+    before = cutter.down_bytes
+    assert run_job(dry.id, cfg, engine).status == "succeeded"  # type: ignore[union-attr]
+    listing = cutter.down_bytes - before
+    at_cut: list[int] = []
+    cutter.on_cut = lambda: at_cut.append(len(left()))
+    cutter.cut_after(listing + 2_500)  # a few dozen removes into the deletes
+    job, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": False})
+    outcome = run_job(job.id, cfg, engine)
+    assert cutter.cuts == 1
+    assert len(linked) < at_cut[0] < len(orphans) + len(linked), at_cut  # mid-delete
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert outcome.result["deleted_files"] == len(orphans), outcome.result
+    assert left() == set(linked)
+    with Session(engine) as s:
+        audits = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).all()
+    assert sorted(a.path for a in audits) == sorted(orphans)
+    assert {a.state for a in audits} == {"deleted"}
+
+
+def test_sftp_server_going_silent_mid_delete_times_out_and_the_job_finishes(
+    db, world, cfg, engine, cut_sftp
+) -> None:
+    """The connection goes silent mid-delete (nothing closed, no answer ever comes):
+    each wait ends after ``io_timeout``, the backend reconnects and the job finishes
+    instead of hanging until its time limit."""
+    cutter, sshd = cut_sftp
+    base = sshd.make_dir()
+    stamp = time.time() - 40 * DAY
+    orphans = [f"org/inst{d}/backup-{i:02d}.tar.gz" for d in range(3) for i in range(30)]
+    for key in orphans:
+        path = base / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"0123456789")
+        os.utime(path, (stamp, stamp))
+    dest = make_destination(db, world, "sftp", bucket=str(base),
+                            endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
+                            retention_days=7, options={"io_timeout": 1})  # fmt: skip
+    db.commit()
+    dry, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": True})
+    before = cutter.down_bytes
+    assert run_job(dry.id, cfg, engine).status == "succeeded"  # type: ignore[union-attr]
+    cutter.stall_after(cutter.down_bytes - before + 2_500)  # a few dozen removes in
+    job, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": False})
+    started = time.monotonic()
+    outcome = run_job(job.id, cfg, engine)
+    assert cutter.stalls == 1
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert time.monotonic() - started < 30  # one timeout and a reconnect, not a hang
+    assert outcome.result["deleted_files"] == len(orphans), outcome.result
+    assert [p for p in base.rglob("*") if p.is_file()] == []
+    with Session(engine) as s:
+        audits = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).all()
+    assert sorted(a.path for a in audits) == sorted(orphans)
+    assert {a.state for a in audits} == {"deleted"}
+
+
+def test_gcs_503s_and_resets_mid_delete_are_retried_and_the_purge_is_exact(
+    db, world, cfg, engine, gcs_server, gcs_proxy
+) -> None:
+    """A purge on GCS whose object DELETEs get 503s and TCP resets (before reaching the
+    server): each is retried, every purged file is gone and audited once, the
+    unrelated files stay."""
+    bucket = gcs_server.create_bucket()
+    purged = [f"i/b{i:02d}.tar" for i in range(30)]
+    unrelated = ["i/other-1.tar", "j/other-2.tar"]
+    _seed_gcs(gcs_server, bucket, [f"backups/{k}" for k in purged + unrelated])
+    dest = _gcs_dest(db, world, gcs_server, gcs_proxy, bucket)
+    for key in purged:
+        make_backup(db, world, dest, key, deleted=True)
+    db.execute(update(Instance).where(Instance.id == world.instance.id).values(deleted_at=utcnow()))
+    db.commit()
+    archive.purge(db, "instances", world.instance.id, "admin@example.com")
+    gcs_proxy.reset()
+    gcs_proxy.fail_next(3, method="DELETE", action="503")
+    gcs_proxy.fail_next(2, method="DELETE", action="reset")
+    job, _ = request_job(db, "purge", dest, {})
+    outcome = run_job(job.id, cfg, engine)
+    assert outcome is not None and outcome.status == "succeeded", outcome
+    assert gcs_proxy.faults_fired == 5
+    assert outcome.result["deleted_files"] == len(purged), outcome.result
+    left = {b.name for b in gcs_server.client().list_blobs(bucket)}
+    assert left == {f"backups/{k}" for k in unrelated}
+    deletes = [t for m, t in gcs_proxy.requests if m == "DELETE"]
+    assert len(deletes) == len(purged) + 5  # each retried request once more, no others
+    with Session(engine) as s:
+        audits = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).all()
+    assert sorted(a.path for a in audits) == sorted(purged)
+    assert {(a.reason, a.state) for a in audits} == {("purge", "deleted")}

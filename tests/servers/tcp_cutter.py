@@ -12,11 +12,17 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 
 def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # A pump blocked in recv() on this socket holds the kernel file open: close() alone
+    # would send nothing until that recv returns (never, if the peer waits for us).
+    # SHUT_RD wakes it; the close then takes effect and sends the reset.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -32,6 +38,10 @@ class TcpCutter:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._cut_at: list[int] = []  # down_bytes thresholds still to fire
         self.accept_at_most: int | None = None  # later connections are reset at once
+        self.on_cut: Callable[[], None] | None = None  # runs right before a cut_after cut
+        self.stalls = 0
+        self._stall_at: list[int] = []
+        self._silent: set[socket.socket] = set()  # stalled server sockets (kept alive)
         self.refused = 0
         self._lock = threading.Lock()
 
@@ -43,6 +53,13 @@ class TcpCutter:
         """Reset every open connection once the server has sent ``more_bytes`` more."""
         with self._lock:
             self._cut_at.append(self.down_bytes + more_bytes)
+
+    def stall_after(self, more_bytes: int) -> None:
+        """Once the server has sent ``more_bytes`` more, every connection open then goes
+        silent: what the server sends on it is swallowed, nothing is closed (a black
+        hole: a NAT that dropped the flow). Connections made later work."""
+        with self._lock:
+            self._stall_at.append(self.down_bytes + more_bytes)
 
     def cut(self) -> None:
         with self._lock:
@@ -89,6 +106,8 @@ class TcpCutter:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
+            if down and src in self._silent:
+                continue  # stalled: swallowed
             try:
                 dst.sendall(data)
             except OSError:
@@ -100,5 +119,11 @@ class TcpCutter:
                     if self._cut_at and self.down_bytes >= self._cut_at[0]:
                         self._cut_at.pop(0)
                         fire = True
+                    if self._stall_at and self.down_bytes >= self._stall_at[0]:
+                        self._stall_at.pop(0)
+                        self._silent.update(server for _client, server in self._pairs)
+                        self.stalls += 1
                 if fire:
+                    if self.on_cut is not None:
+                        self.on_cut()
                     self.cut()
