@@ -13,13 +13,14 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db import archive
-from db.models import Backup, DeletionAudit, Instance
+from db.models import Backup, BackupDestination, DeletionAudit, Instance
 from db.types import utcnow
 from tests.factories import make_backup, make_destination
 from tests.servers.fault_proxy import FaultProxy
@@ -201,25 +202,36 @@ def test_sftp_server_refusing_a_second_connection_the_walk_goes_on_over_one(
     assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_sftp_connection_reset_mid_delete_is_reconnected_and_every_deletion_audited(
-    db, world, cfg, engine, cut_sftp
-) -> None:
-    """Orphan cleanup on SFTP with the connection reset while files are being removed:
-    the backend reconnects, a remove whose answer was lost finds the file gone (counts
-    as deleted), linked files stay, and every deletion has its audit row."""
+def _aged_sftp_estate(
+    db, world, cut_sftp: tuple[TcpCutter, SshServer], keys: list[str], **options: object
+) -> tuple[Path, BackupDestination]:
+    """A fresh folder on the sshd holding ``keys`` (10 bytes, 40 days old) and an SFTP
+    destination (retention 7 days) reaching it through the relay."""
     cutter, sshd = cut_sftp
     base = sshd.make_dir()
     stamp = time.time() - 40 * DAY
-    orphans = [f"org/inst{d}/backup-{i:02d}.tar.gz" for d in range(4) for i in range(30)]
-    linked = ["org/inst0/kept-1.tar.gz", "org/inst3/kept-2.tar.gz"]
-    for key in orphans + linked:
+    for key in keys:
         path = base / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"0123456789")
         os.utime(path, (stamp, stamp))
     dest = make_destination(db, world, "sftp", bucket=str(base),
                             endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
-                            retention_days=7)  # fmt: skip
+                            retention_days=7, options=options)  # fmt: skip
+    db.commit()
+    return base, dest
+
+
+def test_sftp_connection_reset_mid_delete_is_reconnected_and_every_deletion_audited(
+    db, world, cfg, engine, cut_sftp
+) -> None:
+    """Orphan cleanup on SFTP with the connection reset while files are being removed:
+    the backend reconnects, a remove whose answer was lost finds the file gone (counts
+    as deleted), linked files stay, and every deletion has its audit row."""
+    cutter, _sshd = cut_sftp
+    orphans = [f"org/inst{d}/backup-{i:02d}.tar.gz" for d in range(4) for i in range(30)]
+    linked = ["org/inst0/kept-1.tar.gz", "org/inst3/kept-2.tar.gz"]
+    base, dest = _aged_sftp_estate(db, world, cut_sftp, orphans + linked)
     for key in linked:
         make_backup(db, world, dest, key)
     db.commit()
@@ -258,19 +270,9 @@ def test_sftp_server_going_silent_mid_delete_times_out_and_the_job_finishes(
     """The connection goes silent mid-delete (nothing closed, no answer ever comes):
     each wait ends after ``io_timeout``, the backend reconnects and the job finishes
     instead of hanging until its time limit."""
-    cutter, sshd = cut_sftp
-    base = sshd.make_dir()
-    stamp = time.time() - 40 * DAY
+    cutter, _sshd = cut_sftp
     orphans = [f"org/inst{d}/backup-{i:02d}.tar.gz" for d in range(3) for i in range(30)]
-    for key in orphans:
-        path = base / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"0123456789")
-        os.utime(path, (stamp, stamp))
-    dest = make_destination(db, world, "sftp", bucket=str(base),
-                            endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
-                            retention_days=7, options={"io_timeout": 1})  # fmt: skip
-    db.commit()
+    base, dest = _aged_sftp_estate(db, world, cut_sftp, orphans, io_timeout=1)
     dry, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": True})
     before = cutter.down_bytes
     assert run_job(dry.id, cfg, engine).status == "succeeded"  # type: ignore[union-attr]
