@@ -11,6 +11,7 @@ import base64
 import contextlib
 import errno
 import io
+import itertools
 import logging
 import posixpath
 import queue
@@ -330,10 +331,9 @@ class SFTPBackend(StorageBackend):
         channels: list[paramiko.SFTPClient] = []
         # thread slot k runs on connection k % walk_connections: 0 is the backend's own
         # connection, the others are opened for this walk (and closed after it)
-        slots = iter(range(1 << 30))
+        slots = itertools.count()
         extra: dict[int, paramiko.SSHClient] = {}
         extra_lock = threading.Lock()
-
         refused: list[str] = []  # a second connection failed: the walk uses one
 
         def connection() -> paramiko.SSHClient:
