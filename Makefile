@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 # PEP 503 names: lower case, runs of - _ . as one -
 NORMALIZE := tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g' | sort -u
 
-.PHONY: install sync demo lint format test test-fast sysdeps bench bench-quick clean
+.PHONY: install sync demo doctor lint format test test-fast test-deep sysdeps bench bench-quick clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ sync: ## uninstall what the lock file does not list (pip, setuptools, wheel and 
 demo: install ## run scan + orphan cleanup on the embedded default (SQLite, filesystem broker)
 	$(BIN)/ocore-storage demo
 
+doctor: install ## one line per check: Python, virtualenv, PostgreSQL, Redis, programs, destinations
+	$(BIN)/ocore-storage doctor
+
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -50,6 +53,9 @@ test: install lint sysdeps ## the README's test command: lint, then every test
 
 test-fast: install ## tests without the slow (real worker, fault) ones
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
+test-deep: install sysdeps ## the property suite (tests/property) with many random examples, ~15 min
+	OCORE_PROPERTY_PROFILE=deep $(BIN)/pytest -q -p no:cacheprovider tests/property --hypothesis-show-statistics
 
 bench: install ## benchmarks (not part of make test); writes docs/benchmarks.md
 	WITH_BENCH=1 bash scripts/install-system-deps.sh

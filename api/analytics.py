@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, StorageAnalytics
+from storage_backends.identity import location_root, storage_key
 from storage_backends.paths import normalize_root, roots_overlap
-from worker.jobs import bucket_key, location_root
 
 FIGURES = (
     ("files", "total_files"),
@@ -88,7 +88,7 @@ def _depth(dest: BackupDestination) -> int:
 def _location(dest: BackupDestination) -> str:
     """What two destinations must share to overlap: the bucket for S3/GCS, the host for
     local/SFTP (their base directories nest; :func:`location_root` holds the path)."""
-    return bucket_key(dest)
+    return storage_key(dest)
 
 
 def _overlaps(a: BackupDestination, b: BackupDestination) -> bool:

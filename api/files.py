@@ -15,8 +15,8 @@ from api.errors import ApiError
 from db.models import BackupDestination, DeletionAudit
 from db.session import db_now
 from storage_backends.base import ObjectInfo, StorageBackend
+from storage_backends.identity import DirResolver, location_key
 from tasks.linking import LinkRef, find_links
-from worker.jobs import location_key
 
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
 CHUNK_SIZE = 1024 * 1024
@@ -34,10 +34,19 @@ def link_to_dict(link: LinkRef) -> dict[str, Any]:
     }
 
 
-def refuse_if_linked(session: Session, dest: BackupDestination, path: str, action: str) -> None:
+def refuse_if_linked(
+    session: Session,
+    dest: BackupDestination,
+    path: str,
+    action: str,
+    resolve_dir: DirResolver | None = None,
+) -> None:
     """409 naming the records when any record (live, soft-deleted or only ambiguously)
-    references ``path`` (SAFETY rules 1-4)."""
-    links = find_links(session, dest, [path]).get(path, [])
+    of any destination that may name the same storage references ``path`` (SAFETY rules
+    1-4); ``resolve_dir``: the backend's, to resolve base directories."""
+    # (one path: the records spelled with '.'/'..' segments are read too)
+    found = find_links(session, dest, [path], resolve_dir=resolve_dir, dot_records=True)
+    links = found.get(path, [])
     if not links:
         return
     names = ", ".join(
@@ -122,7 +131,7 @@ def delete_with_audit(
     The audit row is committed as ``pending`` before the delete, so a crash in between
     still leaves a trace; a failed delete marks it ``failed`` and re-raises.
     """
-    refuse_if_linked(session, dest, info.path, "delete")
+    refuse_if_linked(session, dest, info.path, "delete", backend.resolve_dir)
     audit = DeletionAudit(
         destination_id=dest.id,
         location_key=location_key(dest),

@@ -21,9 +21,11 @@ from flask import Blueprint, Response, jsonify
 from api.auth import current_principal, load_destination, load_job
 from api.context import db, settings, state
 from api.errors import ApiError
-from api.params import json_body, parse_uuid, strict_bool, strict_int
+from api.params import json_body, parse_uuid, strict_bool
 from db.models import BackupDestination, Job
+from db.session import db_now
 from worker.jobs import dispatch, fail_job, job_to_dict, request_job
+from worker.runner import job_health
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api")
@@ -50,13 +52,40 @@ def _params(job_type: str, dest: BackupDestination) -> dict[str, Any]:
     if dry_run is not None:
         params["dry_run"] = dry_run
     if job_type == "orphan_cleanup":
-        # SAFETY rule 6: at least one day. The destination's own window, when set, is
-        # the default: it is the more specific setting.
-        retention = strict_int(body, "retention_days", 1, MAX_RETENTION_DAYS)
-        default = dest.retention_days if (dest.retention_days or 0) >= 1 else None
-        params["retention_days"] = retention or default or settings().retention_days
+        # Safety rule 6: at least one day, refused (never clamped) below. The
+        # destination's own window, when set, is the default: it is the more specific
+        # setting. A destination row whose window is below one day (written around this
+        # API) is not replaced by the setting: the job goes without one and fails,
+        # naming the destination (tasks.scan.resolve_retention).
+        retention = _retention_days(body)
+        if retention is not None:
+            params["retention_days"] = retention
+        elif dest.retention_days is None:
+            params["retention_days"] = settings().retention_days
+        elif dest.retention_days >= 1:
+            params["retention_days"] = dest.retention_days
         params.setdefault("dry_run", False)
     return params
+
+
+def _retention_days(body: dict[str, Any]) -> int | None:
+    """The request's ``retention_days``: a whole number of days from 1 to
+    ``MAX_RETENTION_DAYS``; None if absent. Anything else is a 400 naming the field."""
+    if "retention_days" not in body:
+        return None
+    value = body["retention_days"]
+    if type(value) is float and value.is_integer():
+        value = int(value)  # JSON Schema counts 144.0 as an integer; 7.5 stays refused
+    if type(value) is not int or not 1 <= value <= MAX_RETENTION_DAYS:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"retention_days must be a whole number of days, at least 1 and at most "
+            f"{MAX_RETENTION_DAYS} (got {json.dumps(value)}): a retention window below one "
+            "day is refused, never clamped; leave it out to use the destination's window",
+            extra={"field": "retention_days"},
+        )
+    return value
 
 
 def effective_params(
@@ -64,7 +93,7 @@ def effective_params(
 ) -> dict[str, Any]:
     """The options a job of this type runs with: ``params`` with the defaults the worker
     applies filled in (``tasks.orphans``: retention from the request, else the
-    destination's window, else the setting, at least 1 day; ``dry_run`` false)."""
+    destination's window, else the setting, never clamped; ``dry_run`` false)."""
     given = params or {}
     if job_type not in BODY_FIELDS:  # purge: nothing to compare
         return dict(given)
@@ -73,11 +102,11 @@ def effective_params(
         out["dry_run"] = given.get("dry_run", False) is True
     if job_type == "orphan_cleanup":
         own = dest.retention_days if dest is not None else None
-        requested = given.get("retention_days") or own or settings().retention_days
-        try:
-            out["retention_days"] = max(1, int(requested))
-        except (TypeError, ValueError):  # not written by this service: never equal
-            out["retention_days"] = requested
+        requested = given.get("retention_days")
+        if requested is None:
+            # never clamped: a window below one day stays what it is (the job fails)
+            requested = own if own is not None else settings().retention_days
+        out["retention_days"] = requested
     return out
 
 
@@ -169,4 +198,5 @@ def cleanup_orphans(dest_id: str) -> Response:
 def get_job(job_id: str) -> Response:
     """A job's status, progress and result."""
     job = load_job(parse_uuid(job_id, "id"))
-    return jsonify(job_to_dict(job))
+    # stale / waiting_for / activity: is anything happening (worker.runner.job_health)
+    return jsonify({**job_to_dict(job), **job_health(job, db_now(db()), settings())})

@@ -122,6 +122,17 @@ JOB = obj(
     created_at=TS,
     started_at=TS,
     finished_at=TS,
+    heartbeat_at=TS,
+    stale={
+        "type": "boolean",
+        "description": "Nothing happens although the job should be moving: running with "
+        "no heartbeat, or queued with its message long overdue (the reaper sends it again)",
+    },
+    waiting_for={
+        "type": ["object", "null"],
+        "description": "While waiting for a busy location: the lock, the job holding it",
+    },
+    activity={"type": "string", "description": "One line: running, stale, waiting for ..."},
 )
 
 SCHEMAS: J = {
@@ -133,6 +144,11 @@ SCHEMAS: J = {
         job_id={**UUID, "description": "On job_conflict (409): the active job"},
         status={"type": "string", "description": "On job_conflict (409): its status"},
         params={"type": "object", "description": "On job_conflict (409): its options"},
+        field={
+            "type": "string",
+            "description": "On bad_request (400) about one body field: its name "
+            "(e.g. retention_days below 1 day, refused and never clamped)",
+        },
     ),
     "Message": obj(["message"], message=STR),
     "Health": obj(["status"], status=STR),

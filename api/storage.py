@@ -30,6 +30,7 @@ from db.models import BackupDestination, StorageAnalytics
 from storage_backends.base import BrowseEntry, StorageBackend
 from storage_backends.errors import NotFoundError
 from storage_backends.registry import open_backend
+from tasks.analytics import escaped_name
 from tasks.linking import find_links
 
 bp = Blueprint("storage", __name__, url_prefix="/api")
@@ -90,10 +91,20 @@ def get_analytics(dest_id: str) -> Response:
     return jsonify({"analytics": analytics_to_dict(row)})
 
 
+def _text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _entry(entry: BrowseEntry, links: dict[str, list[Any]]) -> dict[str, Any]:
+    # a name that is not valid UTF-8 (local, SFTP) is shown with its bytes escaped
+    # (``caf\xe9.tar``): no record can name it, and no path can address it
     return {
-        "name": entry.name,
-        "path": entry.path,
+        "name": entry.name if _text(entry.name) else escaped_name(entry.name),
+        "path": entry.path if _text(entry.path) else escaped_name(entry.path),
         "size": entry.size,
         "last_modified": entry.last_modified.isoformat() if entry.last_modified else None,
         "is_dir": entry.is_dir,
@@ -112,7 +123,7 @@ def browse(dest_id: str) -> Response:
     dest = _destination(dest_id)
     with backend_of(dest) as backend:
         page = backend.browse(prefix, limit, cursor)
-    files = [e.path for e in page.entries if not e.is_dir]
+    files = [e.path for e in page.entries if not e.is_dir and _text(e.path)]
     links = find_links(db(), dest, files)
     return jsonify(
         {
@@ -194,7 +205,7 @@ def upload(dest_id: str) -> Response:
         except NotFoundError:
             pass
         else:
-            refuse_if_linked(db(), dest, path, "overwrite")
+            refuse_if_linked(db(), dest, path, "overwrite", backend.resolve_dir)
         try:
             info = backend.upload(path, cast(BinaryIO, form), None)
         except Exception:

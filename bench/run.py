@@ -25,6 +25,8 @@ from bench.measure import ROOT, Sample, Stat, alternate, py_target, run_child
 
 BENCH = ROOT / ".bench"
 REDIS_BENCH = "redis://127.0.0.1:6379/13"
+#: the orphan cleanup without the object-identity check (``--identity-ab``)
+NO_IDENTITY = "ours, no identity check"
 JWT_SECRET = "bench-only-hs256-secret-0123456789abcdef"
 
 
@@ -314,11 +316,18 @@ class Bench:
             fill()
             return run_child(self.rclone("delete", f"bench:{bucket}"), renv, stdout_null=True)
 
+        def ours_before() -> Sample:
+            fill()
+            return py_target("our_cleanup", {"dest": str(did), "identity": False}, env)
+
         self.log(f"orphan cleanup {n:,}: repopulated before every run")
         repeats = 1 if self.quick else self.repeats
-        stats = alternate(
-            {"ours (orphan_cleanup job)": ours, "rclone delete": rclone_delete}, repeats
-        )
+        runners = {"ours (orphan_cleanup job)": ours, "rclone delete": rclone_delete}
+        if self.args.identity_ab:
+            runners[NO_IDENTITY] = ours_before
+        stats = alternate(runners, repeats)
+        if self.args.identity_ab:
+            self._identity_cost(n, stats)
         sample_n = 1000
         s3raw.create_bucket(ep, bucket)
         self.populate(bucket, objs[:sample_n], marker=False)
@@ -361,6 +370,27 @@ class Bench:
                 f"{st.cpu:.2f} s / {st.rss:.0f} MB",
                 "rclone delete",
                 f"{stats['rclone delete'].cpu:.2f} s / {stats['rclone delete'].rss:.0f} MB",
+            )
+        )
+
+    def _identity_cost(self, n: int, stats: dict[str, Stat]) -> None:
+        """The cost of SAFETY rule 5a (re-reading each batch before its delete, and the
+        conditional delete): the same job with and without it, alternated."""
+        with_rate = n / stats["ours (orphan_cleanup job)"].wall
+        without_rate = n / stats[NO_IDENTITY].wall
+        ratio = with_rate / without_rate
+        ok = ratio >= 0.9
+        name = f"orphan cleanup {n:,} identity check costs <= 10%"
+        self.targets.append((name, ok, f"{ratio:.2f}x"))
+        self.rows.append(
+            Row(
+                f"orphan cleanup {n:,} orphans (files/s), object identity (rule 5a)",
+                f"{with_rate:,.0f}",
+                "without the identity check",
+                f"{without_rate:,.0f}",
+                f"{ratio:.2f}x",
+                ">= 0.9x",
+                "yes" if ok else "NO",
             )
         )
 
@@ -783,6 +813,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-unpopulated",
         action="store_true",
         help="report sizes whose bucket is not populated yet as 'not run' instead of populating",
+    )
+    p.add_argument(
+        "--identity-ab",
+        action="store_true",
+        help="orphan cleanup also without the object-identity check (rule 5a), alternated",
     )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument(

@@ -135,6 +135,36 @@ class AgedBackend:
         # what scans (and so the cleanup's planning) list with: it must age too
         return self._aged(self._inner.walk_unordered(prefix, page_size))
 
+    def current(self, keys: Any) -> dict[str, Any]:
+        now = self._inner.current(keys)
+        return {k: (self._age(o) if o is not None else None) for k, o in now.items()}
+
+    def delete_planned(self, items: Any) -> Any:
+        # the plan holds aged times: the server's own again for its re-check (rule 5a)
+        from tasks.deleting import Doomed
+
+        shift = self._shift
+        return self._inner.delete_planned(
+            [
+                Doomed(i.path, i.size, i.last_modified + shift, i.etag, i.generation)
+                if i.last_modified is not None
+                else i
+                for i in items
+            ]
+        )
+
+    def _age(self, o: Any) -> Any:
+        from storage_backends.base import ObjectInfo
+
+        return ObjectInfo(
+            o.path,
+            o.size,
+            o.last_modified - self._shift if o.last_modified else None,
+            o.etag,
+            o.storage_class,
+            o.generation,
+        )
+
     def _aged(self, pages: Iterator[list[Any]]) -> Iterator[list[Any]]:
         from storage_backends.base import ObjectInfo
 
@@ -147,6 +177,7 @@ class AgedBackend:
                     o.last_modified - shift if o.last_modified else None,
                     o.etag,
                     o.storage_class,
+                    o.generation,
                 )
                 for o in page
             ]
@@ -158,8 +189,25 @@ class AgedBackend:
         self._inner.close()
 
 
+def _without_object_identity() -> None:
+    """The cleanup as it was before SAFETY rule 5a, for the cost figure of the identity
+    check (``--identity-ab``): no re-read of the batch before its delete, no conditional
+    deletes. Never used outside the benchmark."""
+    from storage_backends.base import StorageBackend
+    from storage_backends.s3 import S3Backend
+
+    def no_recheck(self: Any, items: list[Any]) -> tuple[list[Any], list[str]]:
+        return list(items), []
+
+    StorageBackend.recheck = no_recheck  # type: ignore[method-assign]
+    S3Backend.conditional_deletes = lambda self: False  # type: ignore[method-assign]
+
+
 def our_cleanup(args: dict[str, Any]) -> dict[str, Any]:
-    """An orphan_cleanup job through worker.runner.run_job (plan, re-check, delete)."""
+    """An orphan_cleanup job through worker.runner.run_job (plan, re-check, delete);
+    ``{"identity": false}``: without the object-identity check (rule 5a), for its cost."""
+    if args.get("identity") is False:
+        _without_object_identity()
     from sqlalchemy.orm import Session
 
     from db.models import BackupDestination

@@ -158,6 +158,13 @@ class BackupDestination(TimestampMixin, Base):
     retention_days: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
+#: Record paths that only a scan of the records can match loosely ('.'/'..' and empty
+#: segments, '%'-escapes): the link re-check reads them through a partial index.
+ODD_RECORD_PATH_SQL = (
+    "path LIKE '%./%' OR path LIKE '%.' OR path LIKE '%//%' OR path LIKE '%!%%' ESCAPE '!'"
+)
+
+
 class _RecordMixin(SoftDeleteMixin, TimestampMixin):
     id: Mapped[uuid.UUID] = _uuid_pk()
     #: One file, or a directory of files when it ends in '/'.
@@ -181,6 +188,12 @@ class Backup(_RecordMixin, Base):
         Index("ix_backups_destination_path", "destination_id", "path"),
         # loose re-check before deletes (SAFETY rule 4, tasks/linking.find_links)
         Index("ix_backups_destination_lower_path", "destination_id", func.lower(text("path"))),
+        Index(
+            "ix_backups_destination_odd_path",
+            "destination_id",
+            postgresql_where=text(ODD_RECORD_PATH_SQL),
+            sqlite_where=text(ODD_RECORD_PATH_SQL),
+        ),
     )
 
 
@@ -196,6 +209,12 @@ class Snapshot(_RecordMixin, Base):
     __table_args__ = (
         Index("ix_snapshots_destination_path", "destination_id", "path"),
         Index("ix_snapshots_destination_lower_path", "destination_id", func.lower(text("path"))),
+        Index(
+            "ix_snapshots_destination_odd_path",
+            "destination_id",
+            postgresql_where=text(ODD_RECORD_PATH_SQL),
+            sqlite_where=text(ODD_RECORD_PATH_SQL),
+        ),
     )
 
 
@@ -220,11 +239,12 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     __table_args__ = (
-        # SAFETY rule 19: one active job per type and storage location.
+        # SAFETY rule 19: one active job per type and destination (destinations that
+        # overlap serialise on their location locks, worker.locks).
         Index(
-            "uq_jobs_active_per_location",
+            "uq_jobs_active_per_destination",
             "type",
-            "location_key",
+            "destination_id",
             unique=True,
             postgresql_where=text("status IN ('queued', 'running')"),
             sqlite_where=text("status IN ('queued', 'running')"),
@@ -257,7 +277,8 @@ class StorageAnalytics(Base):
 
 
 class DeletionAudit(Base):
-    """Every deleted file (SAFETY rule 9). ``state`` pending → deleted | failed | kept."""
+    """Every deleted file (SAFETY rule 9). ``state`` pending → deleted | failed | kept |
+    changed (written again since the plan: kept, rule 5a)."""
 
     __tablename__ = "deletion_audit"
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -269,6 +290,8 @@ class DeletionAudit(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     last_modified: Mapped[datetime | None] = mapped_column(default=None)
     etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    #: GCS generation / local inode and change time of the object deleted (rule 5a)
+    generation: Mapped[str | None] = mapped_column(String(100), default=None)
     reason: Mapped[str] = mapped_column(String(20))  # orphan | purge | manual
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True, default=None)
     actor: Mapped[str] = mapped_column(String(200), default="system")
@@ -330,7 +353,8 @@ ARCHIVABLE: dict[str, type[Base]] = {
 class CleanupCandidate(Base):
     """The stored plan of an orphan cleanup (SAFETY rule 11) and its work queue.
 
-    ``state``: planned → deleted | failed | kept (re-check found a link).
+    ``state``: planned → deleted | failed | kept (re-check found a link) | changed (the
+    object was written again since the plan: kept).
     """
 
     __tablename__ = "cleanup_candidates"
@@ -340,6 +364,8 @@ class CleanupCandidate(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     last_modified: Mapped[datetime | None] = mapped_column(default=None)
     etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    #: GCS generation / local inode and change time as listed (rule 5a)
+    generation: Mapped[str | None] = mapped_column(String(100), default=None)
     state: Mapped[str] = mapped_column(String(20), default="planned")
     __table_args__ = (
         UniqueConstraint("job_id", "path"),

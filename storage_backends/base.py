@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import BinaryIO
+from datetime import UTC, datetime
+from typing import BinaryIO, Protocol
 
-from storage_backends.errors import InvalidPathError, StorageError
+from storage_backends.errors import (
+    ChangedSincePlanError,
+    InvalidPathError,
+    NotFoundError,
+    StorageError,
+)
 from storage_backends.paths import (
     ASCII_CONTROL,
     MAX_PATH_BYTES,
     utf8_bytes,
     validate_path,
     validate_prefix,
+)
+
+#: the planned identity of each key of the :meth:`StorageBackend.delete_planned` call
+#: under way in this thread (read by the per-key loop of ``delete_many``)
+_PLANNED: contextvars.ContextVar[Mapping[str, Planned] | None] = contextvars.ContextVar(
+    "planned_objects", default=None
 )
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
@@ -40,6 +53,8 @@ class ObjectInfo:
       gave none (such a file is never an orphan-cleanup candidate, SAFETY rule 6).
     - ``etag``: the server's entity tag (S3/GCS); ``None`` on SFTP and local.
     - ``storage_class``: S3/GCS storage class; ``None`` where the backend has none.
+    - ``generation``: what changes whenever the object is written again, where the
+      server has it: the GCS generation, the local file's inode and change time.
     """
 
     path: str
@@ -47,6 +62,48 @@ class ObjectInfo:
     last_modified: datetime | None
     etag: str | None = None
     storage_class: str | None = None
+    generation: str | None = None
+
+
+class Planned(Protocol):
+    """What a plan knows of an object it will delete (an :class:`ObjectInfo`, or a plan
+    row): any of the identity fields may be unknown (``None``)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def last_modified(self) -> datetime | None: ...
+    @property
+    def etag(self) -> str | None: ...
+    @property
+    def generation(self) -> str | None: ...
+
+
+def _has_identity(item: Planned) -> bool:
+    return any(v is not None for v in (item.size, item.last_modified, item.etag, item.generation))
+
+
+def same_object(planned: Planned, now: ObjectInfo) -> bool:
+    """Whether ``now`` is still the object the plan saw (SAFETY rule 5a): generation
+    (GCS; local inode and change time), etag, size and last-modified (to the second:
+    S3's HEAD and SFTP have no finer time than that), each where both sides know it."""
+    if None not in (planned.generation, now.generation) and planned.generation != now.generation:
+        return False
+    if planned.etag is not None and now.etag is not None and planned.etag != now.etag:
+        return False
+    if planned.size is not None and planned.size != now.size:
+        return False
+    then, later = planned.last_modified, now.last_modified
+    if then is not None and later is not None:
+        if then.tzinfo is None:  # (a naive time read back from SQLite is UTC)
+            then = then.replace(tzinfo=UTC)
+        if later.tzinfo is None:
+            later = later.replace(tzinfo=UTC)
+        if int(then.timestamp()) != int(later.timestamp()):
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +133,8 @@ class DeleteResult:
 
     deleted: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    #: kept: the object at the key is not the planned one (a conditional delete failed)
+    changed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,19 +258,165 @@ class StorageBackend(abc.ABC):
         if len(keys) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
+        planned = _PLANNED.get() or {}
         for key in keys:
             try:
-                self._delete_listed(key)
+                self._delete_if_planned(key, planned.get(key))
+            except ChangedSincePlanError:
+                result.changed.append(key)
             except Exception as err:  # per-key outcome, reported not raised
                 result.errors[key] = f"{type(err).__name__}: {err}"
             else:
                 result.deleted.append(key)
         return result
 
+    def _delete_if_planned(self, key: str, planned: Planned | None) -> None:
+        """Delete one listed key; with its planned identity (:meth:`delete_planned` on a
+        backend that :attr:`checks_each_delete`), only after reading the object right
+        before: not the planned one, :class:`ChangedSincePlanError` (kept); gone, done."""
+        if planned is not None:
+            now = self._current(key)
+            if now is None:
+                return  # the planned object is gone: counts as deleted (rule 10)
+            if not same_object(planned, now):
+                raise ChangedSincePlanError(f"{key}: written again since the plan")
+        self._delete_listed(key)
+
     def _delete_listed(self, key: str) -> None:
         """Delete one key :meth:`delete_many` has checked with :meth:`check_listed_key`
         (a backend whose listed keys may fail :meth:`check_path` overrides this)."""
         self.delete(key)
+
+    # -- object identity (SAFETY rule 5a) --------------------------------------------
+    #: threads :meth:`current` reads keys with (object stores: one request a key)
+    current_threads: int = 1
+
+    def current(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        """What the server holds at each listed key now (None: nothing), read right
+        before a delete batch so that an object written again since the plan is kept."""
+        for key in keys:
+            self.check_listed_key(key)
+        if self.current_threads <= 1 or len(keys) <= 1:
+            return {k: self._current(k) for k in keys}
+        with ThreadPoolExecutor(min(self.current_threads, len(keys))) as pool:
+            return dict(zip(keys, pool.map(self._current, keys), strict=True))
+
+    #: a range listing (:meth:`_current_by_listing`) that answers fewer planned keys
+    #: than this switches to one read per key for the rest (the keys are sparse)
+    RELIST_MIN_HITS = 32
+
+    def _current_by_listing(
+        self,
+        keys: Sequence[str],
+        list_from: Callable[[str, str], tuple[dict[str, ObjectInfo], bool]],
+    ) -> dict[str, ObjectInfo | None]:
+        """:meth:`current` for an object store that lists in key order (S3, GCS).
+
+        The keys are grouped by folder (everything up to their last ``/``); each folder
+        is listed from its first planned key on, and one request answers every planned
+        key of the folder up to the last key it returned (listed: there; not listed:
+        gone), where a read per key would cost a request each. Folders are listed in
+        parallel (:attr:`current_threads`). ``list_from(folder, path)`` is one listing
+        request under ``folder`` from ``path`` on: ``({path: object}, whether the
+        listing goes on past them)``. Where a request answers fewer than
+        :attr:`RELIST_MIN_HITS` planned keys, the rest of its folder is read key by key.
+        """
+        for key in keys:
+            self.check_listed_key(key)
+        groups: dict[str, list[str]] = {}
+        for key in sorted(set(keys)):
+            groups.setdefault(key[: key.rfind("/") + 1], []).append(key)
+
+        def folder(item: tuple[str, list[str]]) -> dict[str, ObjectInfo | None]:
+            prefix, order = item
+            out: dict[str, ObjectInfo | None] = {}
+            i = 0
+            while i < len(order):
+                listed, more = list_from(prefix, order[i])
+                last = max(listed) if listed else None
+                j = i
+                while j < len(order) and (not more or (last is not None and order[j] <= last)):
+                    out[order[j]] = listed.get(order[j])
+                    j += 1
+                hits, i = j - i, j
+                if hits < self.RELIST_MIN_HITS and i < len(order):
+                    out.update({k: self._current(k) for k in order[i:]})  # sparse
+                    break
+            return out
+
+        found: dict[str, ObjectInfo | None] = {}
+        threads = min(self.current_threads, len(groups))
+        if threads <= 1:
+            for item in groups.items():
+                found.update(folder(item))
+            return found
+        with ThreadPoolExecutor(threads) as pool:
+            for part in pool.map(folder, groups.items()):
+                found.update(part)
+        return found
+
+    def _current(self, key: str) -> ObjectInfo | None:
+        try:
+            return self._stat_listed(key)
+        except NotFoundError:
+            return None
+
+    def _stat_listed(self, key: str) -> ObjectInfo:
+        """:meth:`stat` of a key a listing returned (checked with
+        :meth:`check_listed_key`; backends whose listed keys may fail :meth:`check_path`
+        override this)."""
+        return self.stat(key)
+
+    #: :meth:`delete_planned` checks each object itself right before deleting it (a
+    #: server-side condition, or a stat right before the unlink): the caller need not
+    #: re-read the batch with :meth:`current` first
+    checks_each_delete: bool = False
+
+    def delete_planned(self, items: Sequence[Planned]) -> DeleteResult:
+        """Delete planned objects, each only if it is still the planned one (SAFETY rule
+        5a); a key whose object changed since the plan is kept and listed in
+        ``DeleteResult.changed``; a key already gone counts as deleted.
+
+        With :attr:`checks_each_delete` (local, SFTP) each object is read right before
+        its own delete (a stat, then the unlink). Otherwise the batch is re-read with
+        :meth:`current` right before it is sent (:meth:`recheck`) and only the objects
+        still as planned are deleted; object stores override this to make the delete
+        itself conditional where the server honours that."""
+        paths = [i.path for i in items]
+        if not self.checks_each_delete:
+            unchanged, changed = self.recheck(items)
+            result = self.delete_many([i.path for i in unchanged])
+            result.changed.extend(changed)
+            return result
+        # (through delete_many, whose per-key loop reads each object right before its
+        # delete: wrappers that hook delete_many see the batch as before)
+        token = _PLANNED.set({i.path: i for i in items})
+        try:
+            return self.delete_many(paths)
+        finally:
+            _PLANNED.reset(token)
+
+    def recheck(self, items: Sequence[Planned]) -> tuple[list[Planned], list[str]]:
+        """Re-read planned objects (:meth:`current`): the items still as planned (or
+        already gone: they count as deleted), and the keys whose object changed."""
+        check = [i.path for i in items if _has_identity(i)]
+        now = self.current(check) if check else {}
+        unchanged: list[Planned] = []
+        changed: list[str] = []
+        for item in items:
+            info = now.get(item.path)
+            if info is not None and not same_object(item, info):
+                changed.append(item.path)
+            else:
+                unchanged.append(item)
+        return unchanged, changed
+
+    # -- identity -------------------------------------------------------------------
+    def resolve_dir(self, path: str) -> str:
+        """The real path of an absolute directory on this backend's file system, as
+        :mod:`storage_backends.identity` compares base directories (symlinks resolved).
+        Object stores have no directories: the path as given."""
+        return path
 
     # -- multipart (S3) --------------------------------------------------------------
     def list_multipart_uploads(self) -> Iterator[MultipartUpload]:

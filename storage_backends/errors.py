@@ -27,6 +27,11 @@ class InvalidPathError(ValueError, StorageError):
     """The path is unsafe or malformed; rejected before any I/O."""
 
 
+class ChangedSincePlanError(StorageError):
+    """A conditional delete found another object at the key than the planned one (it
+    was written again since): nothing was deleted (SAFETY rule 5a)."""
+
+
 class PathConflictError(NotADirectoryError, StorageError):
     """A path collides with what is there: one of its folders is a file (``f/x`` where
     ``f`` is a file), or the path itself is a folder where a file is expected.

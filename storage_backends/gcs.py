@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
@@ -29,20 +29,24 @@ from storage_backends.base import (
     BrowsePage,
     DeleteResult,
     ObjectInfo,
+    Planned,
     StorageBackend,
 )
 from storage_backends.errors import (
+    ChangedSincePlanError,
     InvalidPathError,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
     TransientStorageError,
 )
+from storage_backends.identity import canonical_endpoint
 from storage_backends.paths import normalize_root
 
 #: google.api_core / google.auth exception -> our error. First match wins.
 ERROR_TABLE: tuple[tuple[type[BaseException], type[StorageError]], ...] = (
     (gexc.NotFound, NotFoundError),
+    (gexc.PreconditionFailed, ChangedSincePlanError),
     (gexc.Forbidden, PermissionDeniedError),
     (gexc.Unauthorized, PermissionDeniedError),
     (auth_exc.RefreshError, PermissionDeniedError),
@@ -59,6 +63,8 @@ ERROR_TABLE: tuple[tuple[type[BaseException], type[StorageError]], ...] = (
 )
 
 DELETE_THREADS = 4
+#: the outcome of a conditional delete whose object was written again since the plan
+CHANGED = "changed since the plan"
 
 
 def translate(err: BaseException, what: str) -> StorageError:
@@ -145,8 +151,14 @@ class GCSBackend(StorageBackend):
         return translate(err, what)
 
     def _info(self, blob: storage.Blob, path: str) -> ObjectInfo:
+        generation = str(blob.generation) if blob.generation is not None else None
         return ObjectInfo(
-            path, int(blob.size or 0), _utc(blob.updated), _etag(blob.etag), blob.storage_class
+            path,
+            int(blob.size or 0),
+            _utc(blob.updated),
+            _etag(blob.etag),
+            blob.storage_class,
+            generation,
         )
 
     # -- listing ---------------------------------------------------------------------
@@ -208,9 +220,43 @@ class GCSBackend(StorageBackend):
         next_token = iterator.next_page_token
         return BrowsePage(entries[skip:], _encode_cursor(next_token, 0) if next_token else None)
 
+    current_threads = 16
+
+    def current(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        """What the bucket holds at each planned key right before a delete batch (SAFETY
+        rule 5a), read by listing the keys' folders in parallel (``startOffset`` at the
+        first planned key): one request answers up to 1,000 of a folder's keys (GETs
+        only where they are sparse)."""
+        return self._current_by_listing(keys, self._list_from)
+
+    def _list_from(self, folder: str, path: str) -> tuple[dict[str, ObjectInfo], bool]:
+        first = self._key(path)
+        iterator = self.client.list_blobs(
+            self.bucket,
+            prefix=self._key(folder),
+            start_offset=first,
+            max_results=1000,
+            page_size=1000,
+            retry=self.retry,
+        )
+        with self._op("list", first):
+            page = next(iterator.pages, None)
+            blobs = list(page) if page is not None else []
+        listed: dict[str, ObjectInfo] = {}
+        for blob in blobs:
+            if blob.name != self.root:
+                info = self._info(blob, self._rel(blob.name))
+                listed[info.path] = info
+        return listed, iterator.next_page_token is not None
+
     def stat(self, path: str) -> ObjectInfo:
         """Object metadata; :class:`NotFoundError` when absent."""
-        key = self._key(self.check_path(path))
+        return self._get(path, self._key(self.check_path(path)))
+
+    def _stat_listed(self, key: str) -> ObjectInfo:
+        return self._get(key, self._key(key))
+
+    def _get(self, path: str, key: str) -> ObjectInfo:
         with self._op("stat", key):
             blob = self.bucket.get_blob(key, retry=self.retry)
             if blob is None:
@@ -263,10 +309,13 @@ class GCSBackend(StorageBackend):
         """Delete one object; a missing object is success."""
         self._delete_key(self._key(self.check_path(path)))
 
-    def _delete_key(self, key: str) -> None:
+    def _delete_key(self, key: str, generation: str | None = None) -> None:
+        kwargs: dict[str, Any] = {}
+        if generation is not None:
+            kwargs["if_generation_match"] = int(generation)
         try:
             with self._op("delete", key):
-                self.bucket.delete_blob(key, retry=self.retry)
+                self.bucket.delete_blob(key, retry=self.retry, **kwargs)
         except NotFoundError:
             return
 
@@ -290,12 +339,40 @@ class GCSBackend(StorageBackend):
                 result.errors[rel] = error
         return result
 
-    def _delete_outcome(self, path: str) -> str | None:
+    def _delete_outcome(self, path: str, generation: str | None = None) -> str | None:
         try:
-            self._delete_key(self._key(path))  # checked by delete_many (listed keys)
+            # checked by delete_many (listed keys)
+            self._delete_key(self._key(path), generation)
+        except ChangedSincePlanError:
+            return CHANGED
         except StorageError as err:
             return f"{type(err).__name__}: {err}"
         return None
+
+    def delete_planned(self, items: Sequence[Planned]) -> DeleteResult:
+        """The batch re-read right before it is sent (:meth:`current`: an object
+        written again since the plan is kept, SAFETY rule 5a), then per-key deletes
+        conditional on each object's generation (``ifGenerationMatch``): real GCS
+        refuses (412) an object rewritten in between, which is kept too.
+        fake-gcs-server 1.54 ignores the condition: there the re-check is the guard."""
+        for item in items:
+            self.check_listed_key(item.path)
+        if len(items) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_planned takes at most {MAX_DELETE_BATCH} keys")
+        unchanged, changed = self.recheck(items)
+        rel_paths = [i.path for i in unchanged]
+        gens = [i.generation for i in unchanged]
+        result = DeleteResult(changed=changed)
+        with ThreadPoolExecutor(DELETE_THREADS) as pool:
+            outcomes = list(pool.map(self._delete_outcome, rel_paths, gens))
+        for rel, error in zip(rel_paths, outcomes, strict=True):
+            if error is None:
+                result.deleted.append(rel)
+            elif error == CHANGED:
+                result.changed.append(rel)
+            else:
+                result.errors[rel] = error
+        return result
 
     def close(self) -> None:
         """Close the client's HTTP session."""
@@ -305,7 +382,9 @@ class GCSBackend(StorageBackend):
 def _client(
     dest: Any, credentials: dict[str, Any], options: dict[str, Any]
 ) -> tuple[storage.Client, bool]:
-    client_options = {"api_endpoint": dest.endpoint} if dest.endpoint else None
+    # one spelling of the endpoint (a trailing '/' made the client ask for '//storage')
+    endpoint = canonical_endpoint("gcs", dest.endpoint)
+    client_options = {"api_endpoint": endpoint} if endpoint else None
     info = credentials.get("service_account")
     if not info or credentials.get("anonymous"):
         project = options.get("project") or "anonymous"
@@ -313,13 +392,13 @@ def _client(
             project=project, credentials=AnonymousCredentials(), client_options=client_options
         )
         return anon, False
-    if dest.endpoint:
+    if endpoint:
         # A custom endpoint (emulator, on-premises gateway) is its own universe: the
         # credentials then sign self-signed JWTs locally and never call Google's token
         # or regional-access-boundary endpoints.
         universe = options.get("universe_domain") or "custom-endpoint.invalid"
         info = {**info, "universe_domain": universe}
-        client_options = {"api_endpoint": dest.endpoint, "universe_domain": universe}
+        client_options = {"api_endpoint": endpoint, "universe_domain": universe}
     creds = service_account.Credentials.from_service_account_info(
         info, scopes=["https://www.googleapis.com/auth/devstorage.full_control"]
     )
@@ -342,7 +421,7 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> G
         dest.bucket,
         normalize_root(dest.root_prefix or ""),
         can_sign=can_sign,
-        endpoint=dest.endpoint or None,
+        endpoint=canonical_endpoint("gcs", dest.endpoint) or None,
         options=options,
         url_expiry=int(getattr(settings, "download_url_expiry", 900)),
     )

@@ -21,6 +21,7 @@ from storage_backends.errors import (
     PermissionDeniedError,
     StorageError,
 )
+from storage_backends.identity import local_realpath
 
 TMP_PREFIX = ".ocore-upload-"
 
@@ -38,6 +39,11 @@ def _decode_cursor(cursor: str) -> str:
 
 def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, tz=UTC)
+
+
+def _generation(st: os.stat_result) -> str:
+    """Changes whenever the file is written again or replaced (inode, change time)."""
+    return f"{st.st_ino}:{st.st_ctime_ns}"
 
 
 def translate(err: BaseException, what: str) -> StorageError:
@@ -75,6 +81,9 @@ class LocalBackend(StorageBackend):
     """Files under ``base_dir/root``. Symlinks are never followed (nor listed)."""
 
     kind = "local"
+    #: delete_planned lstats each file right before its unlink and keeps one that is
+    #: not the planned file (size, mtime, inode and change time: SAFETY rule 5a)
+    checks_each_delete = True
 
     def __init__(self, base_dir: str | os.PathLike[str], root: str = "") -> None:
         super().__init__(root)
@@ -105,6 +114,10 @@ class LocalBackend(StorageBackend):
                 if not stat_mod.S_ISDIR(mode):
                     raise PathConflictError(f"{path!r}: a folder on the way is a file")
         return self.top / path
+
+    def resolve_dir(self, path: str) -> str:
+        """The worker's real path of a directory (symlinks resolved)."""
+        return local_realpath(path)
 
     def walk(self, prefix: str = "", page_size: int = 1000) -> Iterator[list[ObjectInfo]]:
         prefix = self.check_prefix(prefix)
@@ -144,7 +157,9 @@ class LocalBackend(StorageBackend):
                         continue
                 if not stat_mod.S_ISREG(st.st_mode):
                     continue  # sockets, devices, fifos: not files of a backup
-                page.append(ObjectInfo(rel + name, st.st_size, _mtime(st)))
+                page.append(
+                    ObjectInfo(rel + name, st.st_size, _mtime(st), generation=_generation(st))
+                )
                 if len(page) >= page_size:
                     yield page
                     page = []
@@ -197,7 +212,7 @@ class LocalBackend(StorageBackend):
             raise NotFoundError(path) from err
         if not stat_mod.S_ISREG(st.st_mode):
             raise NotFoundError(path)
-        return ObjectInfo(path, st.st_size, _mtime(st))
+        return ObjectInfo(path, st.st_size, _mtime(st), generation=_generation(st))
 
     def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         self.stat(path)
@@ -235,6 +250,9 @@ class LocalBackend(StorageBackend):
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return self.stat(path)
+
+    def _stat_listed(self, key: str) -> ObjectInfo:
+        return self._stat(key)  # (also a name a listing gave that is not UTF-8)
 
     def delete(self, path: str) -> None:
         self.check_path(path)

@@ -8,12 +8,14 @@ parsed with the C ElementTree parser. Everything else goes through the boto3 cli
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import re
 import threading
+import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -43,6 +45,7 @@ from storage_backends.base import (
     DeleteResult,
     MultipartUpload,
     ObjectInfo,
+    Planned,
     StorageBackend,
 )
 from storage_backends.errors import (
@@ -52,11 +55,14 @@ from storage_backends.errors import (
     StorageError,
     TransientStorageError,
 )
+from storage_backends.identity import canonical_endpoint
 from storage_backends.paths import normalize_root
 from storage_backends.retry import call_with_retry
 
 # Never fall back to the instance-metadata address (TEST_SERVERS.md, SAFETY of tests).
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+log = logging.getLogger(__name__)
 
 #: S3 error code (or HTTP status) -> our error. One table for boto3 and the raw listing.
 ERROR_TABLE: dict[str, type[StorageError]] = {
@@ -121,6 +127,25 @@ def translate(err: BaseException, what: str) -> StorageError:
     if isinstance(err, BotoCoreError):
         return StorageError(f"{what}: {err}")
     return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+def _refused_request(err: StorageError) -> bool:
+    """A request the server refused as a whole for what it holds (400 MalformedXML,
+    InvalidArgument, 501 NotImplemented), not for who sent it or for its load."""
+    if isinstance(err, (PermissionDeniedError, NotFoundError, TransientStorageError)):
+        return False
+    text = str(err)
+    return any(
+        code in text
+        for code in (
+            "MalformedXML",
+            "InvalidArgument",
+            "NotImplemented",
+            "InvalidRequest",
+            " 400 ",
+            " 501 ",
+        )
+    )
 
 
 def _strip_etag(etag: str | None) -> str | None:
@@ -393,6 +418,12 @@ class S3Backend(StorageBackend):
             max_concurrency=int(options.get("max_concurrency", 4)),
         )
         self._list_url = self._bucket_url(self.client.meta.endpoint_url)
+        #: whether DeleteObjects honours per-object ETags (found out by the first one)
+        self._conditional: bool | None = None
+        self._probing = False
+        #: per-object ETags go with deletes until the server refuses a request for them
+        self._send_etags = True
+        self._probe_lock = threading.Lock()
         self._http = urllib3.PoolManager(
             maxsize=max(4, 2 * self.walk_connections),
             retries=False,
@@ -603,12 +634,19 @@ class S3Backend(StorageBackend):
         )
 
     def _list_page(
-        self, prefix: str, max_keys: int, token: str | None, delimiter: str = ""
+        self,
+        prefix: str,
+        max_keys: int,
+        token: str | None,
+        delimiter: str = "",
+        start_after: str = "",
     ) -> tuple[bytes, bool, str | None]:
         """One ListObjectsV2 request: (body, keys URL-encoded?, next token)."""
         params = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
         if delimiter:
             params["delimiter"] = delimiter
+        if start_after:
+            params["start-after"] = start_after
         if prefix:
             params["prefix"] = prefix
         if token:
@@ -661,9 +699,39 @@ class S3Backend(StorageBackend):
         token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
         return BrowsePage(entries, token)
 
+    current_threads = 16
+
+    def current(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        """What the bucket holds at each planned key, right before a delete batch
+        (SAFETY rule 5a), read by listing the keys' folders in parallel: a ListObjectsV2
+        under the folder from just before its first planned key answers up to 1,000
+        of its keys in one request, where a HEAD per key would cost a request each
+        (HEADs only where the keys are sparse)."""
+        return self._current_by_listing(keys, self._list_from)
+
+    def _list_from(self, folder: str, path: str) -> tuple[dict[str, ObjectInfo], bool]:
+        prefix, first = self._key(folder), self._key(path)
+        data, encoded, token = call_with_retry(
+            self,
+            # start-after the key less its last character: the key itself is listed
+            functools.partial(self._list_page, prefix, 1000, None, start_after=first[:-1]),
+            attempts=self.max_attempts,
+        )
+        listed: dict[str, ObjectInfo] = {}
+        for o in parse_list_items(data, encoded):
+            if o.path != self.root:
+                info = self._relative_info(o)
+                listed[info.path] = info
+        return listed, token is not None
+
     def stat(self, path: str) -> ObjectInfo:
         """HEAD the object; S3 omits the storage class header for STANDARD."""
-        key = self._key(self.check_path(path))
+        return self._head(path, self._key(self.check_path(path)))
+
+    def _stat_listed(self, key: str) -> ObjectInfo:
+        return self._head(key, self._key(key))  # a listed key: sent back as listed
+
+    def _head(self, path: str, key: str) -> ObjectInfo:
         with self._op("stat", key):
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
         return ObjectInfo(
@@ -729,10 +797,68 @@ class S3Backend(StorageBackend):
         alone leaves the connection idle on our side.
         """
         rel_paths = [self.check_listed_key(p) for p in paths]
-        if len(rel_paths) > MAX_DELETE_BATCH:
+        return self._delete_objects([(p, None) for p in rel_paths])
+
+    def delete_planned(self, items: Sequence[Planned]) -> DeleteResult:
+        """Right before the DeleteObjects, the batch is re-read (:meth:`current`, a
+        listing of its folders) and an object written again since the plan is kept
+        (SAFETY rule 5a); then each object still as planned is deleted with its ETag as
+        a per-object condition, so that a server that honours it (AWS S3, SeaweedFS)
+        refuses an object rewritten in between (``PreconditionFailed``: kept). A server
+        that ignores the element (moto) deletes as before: there the re-check is the
+        guard. A server that rejects requests carrying it gets none from then on."""
+        for item in items:
+            self.check_listed_key(item.path)
+        if len(items) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_planned takes at most {MAX_DELETE_BATCH} keys")
+        unchanged, changed = self.recheck(items)
+        result = self._delete_objects([(i.path, i.etag) for i in unchanged])
+        result.changed.extend(changed)
+        return result
+
+    def conditional_deletes(self) -> bool:
+        """Whether the server honours the per-object ``ETag`` of DeleteObjects (AWS S3
+        since September 2025; SeaweedFS 4.48 does, moto 5.2.5 ignores it).
+
+        Found out once per backend (so once per job), writing nothing and costing no
+        request of its own: the first DeleteObjects of planned objects also carries two
+        random keys that do not exist (``.ocore-probe-…`` under the root), one with an
+        ETag and one without. A server that evaluates the condition refuses the
+        conditional one (``NoSuchKey`` or ``PreconditionFailed``) while it confirms the
+        plain one; a server that ignores it confirms both; any other answer counts as
+        not honoured. Called before any delete, this sends that request on its own.
+        The verdict is logged; it decides nothing (the re-check always runs)."""
+        if self._conditional is None:
+            self._delete_chunk([], probe=True)
+        return bool(self._conditional)
+
+    def _claim_probe(self) -> bool:
+        with self._probe_lock:
+            if self._conditional is not None or self._probing:
+                return False
+            self._probing = True
+            return True
+
+    def _probe_verdict(self, resp: dict[str, Any], conditional: str, plain: str) -> None:
+        deleted = {d.get("Key") for d in resp.get("Deleted", [])}
+        refused = {e.get("Key"): e.get("Code") for e in resp.get("Errors", [])}
+        verdict = plain in deleted and refused.get(conditional) in (
+            "NoSuchKey",
+            "PreconditionFailed",
+        )
+        with self._probe_lock:
+            self._conditional, self._probing = verdict, False
+        log.info(
+            "s3 %s: per-object ETag conditions of DeleteObjects %s",
+            self.bucket,
+            "honoured" if verdict else "not honoured (the re-check before each batch guards)",
+        )
+
+    def _delete_objects(self, items: list[tuple[str, str | None]]) -> DeleteResult:
+        if len(items) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
-        chunks = [rel_paths[i : i + DELETE_CHUNK] for i in range(0, len(rel_paths), DELETE_CHUNK)]
+        chunks = [items[i : i + DELETE_CHUNK] for i in range(0, len(items), DELETE_CHUNK)]
         if len(chunks) <= 1:
             outcomes = [self._delete_chunk(c) for c in chunks]
         else:
@@ -741,22 +867,69 @@ class S3Backend(StorageBackend):
         for part in outcomes:
             result.deleted.extend(part.deleted)
             result.errors.update(part.errors)
+            result.changed.extend(part.changed)
         return result
 
-    def _delete_chunk(self, rel_paths: list[str]) -> DeleteResult:
-        result = DeleteResult()
-        objects = [{"Key": self._key(p)} for p in rel_paths]
-        with self._op("delete_many", f"{len(objects)} keys"):
-            resp = self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": objects, "Quiet": False}
+    def _delete_chunk(
+        self, items: list[tuple[str, str | None]], probe: bool = False
+    ) -> DeleteResult:
+        """One DeleteObjects request; an item with an ETag is deleted only if the object
+        still has it, where the server honours that (``PreconditionFailed``: changed).
+        The first request with ETags also carries the probe of
+        :meth:`conditional_deletes`; a request with ETags the server refuses as a whole
+        (a 4xx other than a denial) is sent again without them, and so is every later
+        one."""
+        etags = self._send_etags and any(etag for _rel, etag in items)
+        probing = self._claim_probe() if (etags or probe) else False
+        if not items and not probing:
+            return DeleteResult()
+        objects: list[dict[str, str]] = []
+        for rel, etag in items:
+            obj = {"Key": self._key(rel)}
+            if etag and self._send_etags:
+                obj["ETag"] = f'"{etag}"'
+            objects.append(obj)
+        if probing:
+            tag = uuid.uuid4().hex
+            conditional, plain = (self._key(f".ocore-probe-{tag}-{n}") for n in ("c", "p"))
+            objects += [{"Key": conditional, "ETag": f'"{tag}"'}, {"Key": plain}]
+        try:
+            with self._op("delete_many", f"{len(objects)} keys"):
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objects, "Quiet": False}
+                )
+        except StorageError as err:
+            if probing:
+                with self._probe_lock:
+                    self._probing = False
+            if not (etags or probing) or not _refused_request(err):
+                raise
+            log.warning(
+                "s3 %s: DeleteObjects with per-object ETags refused (%s): sent without them",
+                self.bucket,
+                err,
             )
+            with self._probe_lock:
+                self._send_etags, self._conditional = False, False
+            return self._delete_chunk(items)
+        if probing:
+            self._probe_verdict(resp, conditional, plain)
+        return self._chunk_result(items, resp)
+
+    def _chunk_result(
+        self, items: list[tuple[str, str | None]], resp: dict[str, Any]
+    ) -> DeleteResult:
+        result = DeleteResult()
         deleted = {d["Key"] for d in resp.get("Deleted", [])}
         errors = {e["Key"]: e for e in resp.get("Errors", [])}
-        for rel in rel_paths:
+        for rel, _etag in items:
             key = self._key(rel)
             err = errors.get(key)
-            if err is not None and err.get("Code") != "NoSuchKey":
-                result.errors[rel] = f"{err.get('Code')}: {err.get('Message', '')}"
+            code = err.get("Code") if err is not None else None
+            if code == "PreconditionFailed":  # another object than the planned one: kept
+                result.changed.append(rel)
+            elif err is not None and code != "NoSuchKey":
+                result.errors[rel] = f"{code}: {err.get('Message', '')}"
             elif err is not None or key in deleted:
                 result.deleted.append(rel)
             else:
@@ -824,7 +997,7 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
         session,
         dest.bucket,
         normalize_root(dest.root_prefix or ""),
-        endpoint=dest.endpoint or None,
+        endpoint=canonical_endpoint("s3", dest.endpoint) or None,  # one spelling
         options=dict(dest.options or {}),
         url_expiry=int(getattr(settings, "download_url_expiry", 900)),
     )

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
 
 import paramiko
+from paramiko import sftp as sftp_mod
 
 from storage_backends.base import (
     MAX_DELETE_BATCH,
@@ -139,6 +140,9 @@ class SFTPBackend(StorageBackend):
     """A directory tree on an SFTP server."""
 
     kind = "sftp"
+    #: delete_planned lstats each file right before its remove and keeps one that is
+    #: not the planned file (size and mtime, whole seconds in SFTP v3: SAFETY rule 5a)
+    checks_each_delete = True
 
     def __init__(
         self,
@@ -317,6 +321,14 @@ class SFTPBackend(StorageBackend):
                 self._real_dirs[current] = now + DIR_CHECK_TTL
 
     # -- listing ---------------------------------------------------------------------
+    def resolve_dir(self, path: str) -> str:
+        """The server's real path of a directory (``realpath``: symlinks resolved), or
+        the path as given when the server cannot resolve it (it does not exist)."""
+        try:
+            return self._call("realpath", path, lambda sftp: sftp.normalize(path))
+        except NotFoundError:
+            return path
+
     def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
         """Every regular file under ``prefix``; directories listed by parallel channels.
 
@@ -389,7 +401,7 @@ class SFTPBackend(StorageBackend):
                 try:
                     if rel == prefix:  # below it, only real folders are entered
                         self._check_dirs(sftp, prefix)
-                    return sftp.listdir_attr(self._abs(rel))
+                    return _listdir_raw(sftp, self._abs(rel))
                 except (FileNotFoundError, PathConflictError):
                     return []  # removed while we walked, never existed, or under a file
 
@@ -466,7 +478,7 @@ class SFTPBackend(StorageBackend):
         def listing(sftp: paramiko.SFTPClient) -> list[paramiko.SFTPAttributes]:
             try:
                 self._check_dirs(sftp, prefix)
-                return sftp.listdir_attr(self._abs(prefix))
+                return _listdir_raw(sftp, self._abs(prefix))  # names as local's: rule 5
             except (FileNotFoundError, PathConflictError):
                 return []
 
@@ -482,6 +494,9 @@ class SFTPBackend(StorageBackend):
     def stat(self, path: str) -> ObjectInfo:
         """lstat one file; directories and symlinks are :class:`NotFoundError`."""
         self.check_path(path)
+        return self._stat_listed(path)
+
+    def _stat_listed(self, path: str) -> ObjectInfo:
 
         def lstat(sftp: paramiko.SFTPClient) -> paramiko.SFTPAttributes:
             try:
@@ -577,6 +592,39 @@ class SFTPBackend(StorageBackend):
     def close(self) -> None:
         """Close the SSH connection."""
         self._drop()
+
+
+def _listdir_raw(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
+    """``SFTPClient.listdir_attr`` that takes names as the bytes they are: paramiko
+    decodes them as strict UTF-8, so one name that is not (``caf\\xe9.tar``) failed the
+    whole listing. Names are decoded with ``surrogateescape`` (the scan reports and
+    keeps them, SAFETY rule 5); a folder with such a name is listed by its bytes."""
+    raw_path = path.encode("utf-8", "surrogateescape")
+    client: Any = sftp  # paramiko's request layer (not in its type stubs)
+    attrs_cls: Any = paramiko.SFTPAttributes
+    t, msg = client._request(sftp_mod.CMD_OPENDIR, raw_path)
+    if t != sftp_mod.CMD_HANDLE:
+        raise paramiko.SFTPError("Expected handle")
+    handle = msg.get_binary()
+    out: list[paramiko.SFTPAttributes] = []
+    while True:
+        try:
+            t, msg = client._request(sftp_mod.CMD_READDIR, handle)
+        except EOFError:
+            break
+        if t != sftp_mod.CMD_NAME:
+            raise paramiko.SFTPError("Expected name response")
+        for _ in range(msg.get_int()):
+            name = msg.get_string().decode("utf-8", "surrogateescape")
+            longname = msg.get_string().decode("utf-8", "replace")
+            attrs = attrs_cls._from_msg(msg, name, longname)
+            if name not in (".", ".."):
+                out.append(attrs)
+    # closed on success only, as paramiko does: after an error (a dropped or silent
+    # connection) the channel is reopened anyway, and a close would mask the error
+    # or wait another io_timeout
+    client._request(sftp_mod.CMD_CLOSE, handle)
+    return out
 
 
 def _usable(attrs: paramiko.SFTPAttributes) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 MAX_TRACKED_KEYS = 10_000  # distinct prefixes / types tracked before lumping into "other"
 SAMPLE = 20
+log = logging.getLogger(__name__)
+
+
+def escaped_name(name: str) -> str:
+    """A name as text whatever its bytes: bytes that are not UTF-8 (surrogate-escaped
+    by the listing) as ``\\xNN``, e.g. ``caf\\xe9.tar``."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no listing makes (``\ud800``)
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def file_type(path: str) -> str:
@@ -87,6 +99,9 @@ class ScanStats:
     ambiguous: _Tally = field(default_factory=_Tally)
     no_timestamp: int = 0
     ambiguous_sample: list[str] = field(default_factory=list)
+    #: files whose name is not valid UTF-8 (local, SFTP): kept, never planned, reported
+    undecodable: _Tally = field(default_factory=_Tally)
+    undecodable_sample: list[str] = field(default_factory=list)
     by_prefix: dict[str, _Tally] = field(default_factory=dict)
     by_type: dict[str, _Tally] = field(default_factory=dict)
     by_class: dict[str, _Tally] = field(default_factory=dict)
@@ -96,6 +111,32 @@ class ScanStats:
     oldest: tuple[datetime, str] | None = None
     newest: tuple[datetime, str] | None = None
     multipart: dict[str, Any] = field(default_factory=dict)
+
+    def set_aside_undecodable(self, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]:
+        """Count the files whose name is not valid UTF-8 apart and return the others.
+
+        Such a name cannot be stored in a text column or named by any record: it is
+        never an orphan-cleanup candidate (kept) and is reported with its bytes escaped
+        (SAFETY rule 5). It never stops the listing, the plan or the job. Such files
+        still count in the totals (``total``): they are on the storage."""
+        keep: list[ObjectInfo] = []
+        for o in infos:
+            try:
+                o.path.encode("utf-8")
+            except UnicodeEncodeError:
+                self.undecodable.add(o.size)
+                self.total.add(o.size)
+                if len(self.undecodable_sample) < SAMPLE:
+                    self.undecodable_sample.append(escaped_name(o.path))
+                continue
+            keep.append(o)
+        if len(keep) < len(infos):
+            log.warning(
+                "kept %d file(s) whose name is not valid UTF-8, e.g. %s",
+                len(infos) - len(keep),
+                self.undecodable_sample[-1] if self.undecodable_sample else "?",
+            )
+        return keep
 
     def add_page(
         self, infos: Sequence[ObjectInfo], owner: np.ndarray, ambiguous: np.ndarray
@@ -250,6 +291,10 @@ class ScanStats:
             "orphans_past_retention": self.orphans_past_retention.as_dict(),
             "orphans_without_timestamp": self.no_timestamp,
             "ambiguous": {**self.ambiguous.as_dict(), "sample": self.ambiguous_sample},
+            "undecodable_names": {
+                **self.undecodable.as_dict(),
+                "sample": self.undecodable_sample,
+            },
             "missing_records": missing,
             "by_prefix": top(self.by_prefix, top_n),
             "by_age": {k: v.as_dict() for k, v in self.by_age.items()},
@@ -263,4 +308,11 @@ class ScanStats:
         }
 
     def owner_bytes(self, instances: list[uuid.UUID]) -> dict[uuid.UUID, _Tally]:
-        return {instances[i]: t for i, t in self.by_owner.items()}
+        """Linked files and bytes per ``instances[owner]`` (several owners may share
+        a key: an instance with records on two destinations)."""
+        out: dict[uuid.UUID, _Tally] = {}
+        for i, t in self.by_owner.items():
+            tally = out.setdefault(instances[i], _Tally())
+            tally.files += t.files
+            tally.bytes += t.bytes
+        return out

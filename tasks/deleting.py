@@ -2,10 +2,15 @@
 
 For each batch of at most 1,000 keys (SAFETY rule 10):
 1. one transaction: fence check of the location lock (rule 8), exact re-check of the
-   links against the database (rule 7), audit rows written as ``pending`` (rule 9);
-2. the storage delete, sending back exactly the listed keys (rule 5);
-3. one transaction: audit rows become ``deleted`` or ``failed``, and the caller's own
-   bookkeeping (plan rows, pending deletions) is updated.
+   links against the database (rule 7), audit rows written as ``pending`` with the
+   planned object's identity (rule 9);
+2. the storage delete (``StorageBackend.delete_planned``), sending back exactly the
+   listed keys (rule 5), each only while the object is still the planned one (rule
+   5a): object stores re-read the batch right before sending it and make the delete
+   itself conditional where the server honours that (GCS generation, S3 ETag);
+   local and SFTP stat each file right before its unlink. A changed object is kept;
+3. one transaction: audit rows become ``deleted``, ``failed`` or ``changed``, and the
+   caller's own bookkeeping (plan rows, pending deletions) is updated.
 A crash between the steps is repaired by running the job again (rule 20): pending audit
 rows are reused, never duplicated, and a key already gone counts as deleted.
 
@@ -34,11 +39,15 @@ from sqlalchemy.orm import Session
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import db_now, is_postgresql, update_by_ids
 from db.types import as_utc, utcnow
-from storage_backends.base import MAX_DELETE_BATCH, DeleteResult, StorageBackend
+from storage_backends.base import (
+    MAX_DELETE_BATCH,
+    DeleteResult,
+    StorageBackend,
+)
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
+from storage_backends.identity import location_key
 from tasks.linking import find_links
 from worker import shutdown
-from worker.jobs import location_key
 from worker.locks import Lease, check_and_renew
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,11 @@ class Doomed:
     size: int | None = None
     last_modified: datetime | None = None
     etag: str | None = None
+    generation: str | None = None
+
+
+#: the error text of an audit row whose object was written again since the plan
+CHANGED_ERROR = "written again since the plan: kept (SAFETY rule 5a)"
 
 
 @dataclass
@@ -59,6 +73,8 @@ class BatchOutcome:
     deleted: list[Doomed] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)  # a record links it now
+    #: kept: the object at the key was written again since the plan (rule 5a)
+    changed: list[str] = field(default_factory=list)
 
     @property
     def bytes_freed(self) -> int:
@@ -207,19 +223,21 @@ def _send(ctx: DeleteContext, prepared: _Prepared) -> DeleteResult | None:
     """Step 2: the storage delete (nothing to send: None)."""
     if not prepared.doomed:
         return None
-    return ctx.backend.delete_many([d.path for d in prepared.doomed])
+    return ctx.backend.delete_planned(prepared.doomed)
 
 
 def _close(
     ctx: DeleteContext, prepared: _Prepared, result: DeleteResult | None, finalize: Finalize
 ) -> BatchOutcome:
-    """Step 3: audit rows become ``deleted`` / ``failed`` / ``kept`` and the caller's
+    """Step 3: audit rows become ``deleted`` / ``failed`` / ``kept`` / ``changed`` and the caller's
     bookkeeping is updated, one transaction (committed)."""
     session = ctx.session
     outcome = prepared.outcome
     if result is not None:
         outcome.failed.update(result.errors)
-        outcome.deleted = [d for d in prepared.doomed if d.path not in result.errors]
+        outcome.changed.extend(result.changed)
+        gone = set(result.errors) | set(result.changed)
+        outcome.deleted = [d for d in prepared.doomed if d.path not in gone]
     now = db_now(session)
     # every key sent has its row id (_write_pending returns one per doomed key)
     _set_audit_ids(session, [prepared.audit_ids[d.path] for d in outcome.deleted], now)
@@ -232,6 +250,14 @@ def _close(
                 DeletionAudit.path == path,
             )
             .values(state="failed", error=err[:2000])
+        )
+    if result is not None and result.changed:  # written again since the plan: kept
+        log.info("kept %d file(s) written again since planning", len(result.changed))
+        update_by_ids(
+            session,
+            DeletionAudit.id,
+            [prepared.audit_ids[p] for p in result.changed],
+            {"state": "changed", "error": CHANGED_ERROR},
         )
     if outcome.kept:  # a pending row from an earlier attempt whose file a record now links
         session.execute(
@@ -271,6 +297,7 @@ def _write_pending(
                 "sizes": [d.size for d in doomed],
                 "lms": [as_utc(d.last_modified) for d in doomed],
                 "etags": [d.etag for d in doomed],
+                "gens": [d.generation for d in doomed],
                 "dest": ctx.dest.id,
                 "loc": loc,
                 "reason": ctx.reason,
@@ -294,6 +321,7 @@ def _write_pending(
             "size_bytes": d.size,
             "last_modified": d.last_modified,
             "etag": d.etag,
+            "generation": d.generation,
             "reason": ctx.reason,
             "job_id": ctx.job_id,
             "actor": ctx.actor,
@@ -312,11 +340,12 @@ def _write_pending(
 _INSERT_PENDING = text(
     """
     INSERT INTO deletion_audit (id, destination_id, location_key, path, size_bytes,
-        last_modified, etag, reason, job_id, actor, state, created_at)
-    SELECT t.id, :dest, :loc, t.path, t.size, t.lm, t.etag, :reason, :job, :actor,
+        last_modified, etag, generation, reason, job_id, actor, state, created_at)
+    SELECT t.id, :dest, :loc, t.path, t.size, t.lm, t.etag, t.gen, :reason, :job, :actor,
         'pending', :now
     FROM unnest(CAST(:ids AS uuid[]), CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
-        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[])) AS t(id, path, size, lm, etag)
+        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[]), CAST(:gens AS varchar[]))
+        AS t(id, path, size, lm, etag, gen)
     ON CONFLICT (job_id, destination_id, path) DO NOTHING
     """
 )
@@ -340,7 +369,7 @@ def _unsendable(backend: StorageBackend, items: Sequence[Doomed]) -> dict[str, s
     out: dict[str, str] = {}
     for d in items:
         try:
-            backend.check_path(d.path)
+            backend.check_listed_key(d.path)  # the listed-key check: sent back byte-exact
         except InvalidPathError as err:
             out[d.path] = f"kept, not sent to storage: {err}"
     return out
@@ -359,6 +388,7 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
                 DeletionAudit.size_bytes,
                 DeletionAudit.last_modified,
                 DeletionAudit.etag,
+                DeletionAudit.generation,
             )
             .where(
                 DeletionAudit.job_id == ctx.job_id,
@@ -370,7 +400,7 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
         ctx.session.commit()
         if not rows:
             return repaired
-        delete_batch(ctx, [Doomed(p, s, m, e) for p, s, m, e in rows], finalize)
+        delete_batch(ctx, [Doomed(p, s, m, e, g) for p, s, m, e, g in rows], finalize)
         repaired += len(rows)
 
 

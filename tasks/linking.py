@@ -25,13 +25,25 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 import psycopg
-from sqlalchemy import String, any_, bindparam, cast, func, literal, select, union_all
+from sqlalchemy import (
+    String,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import Backup, BackupDestination, Snapshot
-from storage_backends.paths import normalize_root, roots_overlap
+from db.models import ODD_RECORD_PATH_SQL, Backup, BackupDestination, Snapshot
+from storage_backends import identity
+from storage_backends.identity import PATH_KINDS, DirResolver
+from storage_backends.paths import normalize_root
 
 RECORD_MODELS: tuple[Any, ...] = (Backup, Snapshot)
 _SLASHES = re.compile(r"/{2,}")
@@ -46,7 +58,10 @@ def _already_loose(key: str) -> bool:
     return (
         key.isascii()
         and "%" not in key
+        and "+" not in key
         and "//" not in key
+        and "./" not in key  # no '.' or '..' segment (nor a name ending in '.')
+        and not key.endswith(".")
         and not key.startswith("/")
         and key == key.lower()
     )
@@ -60,7 +75,11 @@ def _all_already_loose(keys: list[str]) -> bool:
     return (
         text.isascii()
         and "%" not in text
+        and "+" not in text
         and "//" not in text
+        and "./" not in text
+        and ".\n" not in text
+        and not text.endswith(".")
         and not text.startswith("/")
         and "\n/" not in text
         and text == text.lower()
@@ -96,14 +115,41 @@ def stream_columns(session: Session, stmt: Any, ncols: int) -> Iterator[list[lis
         yield [list(col) for col in zip(*part, strict=True)] if part else [[]] * ncols
 
 
-def loose(key: str) -> str:
-    """The loose form of a key (rule 4): URL-decoded once, NFC, case-folded, with
-    leading '/' removed and runs of '/' collapsed."""
+def loose(key: str, *, decode: bool = True) -> str:
+    """The loose form of a key (rule 4): URL-decoded once, '+' read as a space, NFC,
+    case-folded, leading '/' removed, runs of '/' collapsed, '.' and '..' segments
+    resolved."""
     if _already_loose(key):
         return key
-    text = unquote(key)
+    text = unquote(key) if decode else key
+    text = text.replace("+", " ")  # '+' read as a space (form encoding)
     text = unicodedata.normalize("NFC", text).casefold()
-    return _SLASHES.sub("/", text).lstrip("/")
+    text = _SLASHES.sub("/", text).lstrip("/")
+    if "." in text:
+        text = _resolve_dots(text)
+    return text
+
+
+def _resolve_dots(key: str) -> str:
+    """``.`` segments dropped and ``..`` segments resolved (never above the start); a
+    trailing '/' kept."""
+    parts: list[str] = []
+    segments = key.split("/")
+    for seg in segments[:-1]:
+        if seg == ".":
+            continue
+        if seg == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(seg)
+    last = segments[-1]
+    if last in (".", ".."):
+        if last == ".." and parts:
+            parts.pop()
+        return "/".join(parts) + "/" if parts else ""
+    parts.append(last)
+    return "/".join(parts)
 
 
 def ancestors(key: str) -> Iterator[str]:
@@ -120,9 +166,17 @@ class OverlapOutsideFrame(ValueError):
     records cannot be expressed relative to this destination's base directory."""
 
 
-def overlapping_destinations(session: Session, dest: BackupDestination) -> list[BackupDestination]:
-    """Destinations whose storage location overlaps ``dest`` (itself included),
-    compared segment-wise on :func:`worker.jobs.location_root`.
+def overlapping_destinations(
+    session: Session, dest: BackupDestination, resolve_dir: DirResolver | None = None
+) -> list[BackupDestination]:
+    """Every destination whose files may be files of ``dest`` (itself included):
+    :func:`storage_backends.identity.overlaps`, the one comparison of locations (same
+    kind and bucket whatever the endpoint; overlapping canonical base directories
+    whatever the host; roots compared loosely).
+
+    ``resolve_dir`` resolves local/SFTP base directories (symlinks) where the caller
+    can ask their file system (an SFTP backend asks its server); without it, local
+    directories are resolved through the worker's file system and SFTP ones lexically.
 
     For local/SFTP, where a base directory and a root prefix are one path (``/data`` +
     ``x/`` is ``/data/x`` + ``""``), a destination on another base directory is returned
@@ -130,24 +184,34 @@ def overlapping_destinations(session: Session, dest: BackupDestination) -> list[
     ``dest``'s base directory, and as root the rest of its path. Callers key records by
     ``root_prefix + path`` in ``dest``'s frame, so its records link the same files.
     One that covers ``dest`` from *above* its base directory (``/data`` + ``""`` seen from
-    ``/data/x``) cannot be re-expressed: :class:`OverlapOutsideFrame` is raised and the
-    job fails before it reads or deletes anything (fail closed)."""
-    from worker.jobs import PATH_KINDS, base_path, location_root
-
-    mine = location_root(dest)
-    stmt = select(BackupDestination).where(
-        BackupDestination.kind == dest.kind,
-        BackupDestination.endpoint == dest.endpoint,
-    )
-    if dest.kind not in PATH_KINDS:
-        stmt = stmt.where(BackupDestination.bucket == dest.bucket)
+    ``/data/x``), or whose base directory is relative (it may be any directory), cannot
+    be re-expressed: :class:`OverlapOutsideFrame` is raised and the job fails before it
+    reads or deletes anything (fail closed)."""
+    path_kind = dest.kind in PATH_KINDS
+    # local: the worker's own file system decides; SFTP: the server (the backend's)
+    resolve = identity.resolver(dest.kind) or resolve_dir
+    stmt = select(BackupDestination).where(BackupDestination.kind == dest.kind)
+    if not path_kind:
+        bucket = (dest.bucket or "").strip().lower()
+        stmt = stmt.where(func.lower(func.trim(BackupDestination.bucket)) == bucket)
+    if path_kind:
+        identity.canonical_dir(dest.bucket)  # RelativeBaseDirectory: the job fails, says why
+    candidates = [d for d in session.scalars(stmt).all() if identity.overlaps(d, dest, resolve)]
+    if not path_kind:
+        return candidates
+    base = identity.base_frame(dest, resolve)
     out: list[BackupDestination] = []
-    base = base_path(dest) if dest.kind in PATH_KINDS else ""
-    for d in session.scalars(stmt).all():
-        theirs = location_root(d)
-        if not roots_overlap(theirs, mine):
+    for d in candidates:
+        if d.id == dest.id:
+            out.append(d)
             continue
-        if dest.kind not in PATH_KINDS or base_path(d) == base:
+        if not identity.is_absolute_dir(d.bucket):
+            raise OverlapOutsideFrame(
+                f"destination {d.id} has the relative base directory {d.bucket!r}, which "
+                "may be this destination's directory: give it an absolute base directory"
+            )
+        theirs = identity.location_root(d, resolve)
+        if identity.base_frame(d, resolve) == base and d.bucket == dest.bucket:
             out.append(d)
         elif theirs.startswith(base):
             out.append(
@@ -246,26 +310,29 @@ class Classified:
 class LinkIndex:
     """Hashes of every record key that can link files under one destination."""
 
-    def __init__(self, session: Session, dest: BackupDestination) -> None:
+    def __init__(
+        self, session: Session, dest: BackupDestination, resolve_dir: DirResolver | None = None
+    ) -> None:
         self.dest = dest
         self.root = normalize_root(dest.root_prefix or "")
-        self.destinations = overlapping_destinations(session, dest)
+        self.destinations = overlapping_destinations(session, dest, resolve_dir)
         self.instances: list[uuid.UUID] = []
         self.built_at: datetime | None = None
         self.record_count = 0
-        inst_index: dict[str, int] = {}
+        # owner: a (destination, instance) pair, so that links are told by both
+        inst_index: dict[tuple[int, str], int] = {}
         # owners: 2 bytes a record while there are few instances, widened when needed
         files_h, files_o, dirs_h, dirs_o = array("q"), array("h"), array("q"), array("h")
         lfiles_h, ldirs_h = array("q"), array("q")
-        for d_root, paths, instance_ids in self._stream(session):
+        for d_idx, d_root, paths, instance_ids in self._stream(session):
             # Columnar, a batch of rows at a time: the owner column, the hashes and the
             # loose check go through C-level passes; only keys not already in loose
             # form (rare) are visited one by one.
             owners = []
             for inst in instance_ids:
-                owner = inst_index.get(inst)
+                owner = inst_index.get((d_idx, inst))
                 if owner is None:
-                    owner = inst_index[inst] = len(inst_index)
+                    owner = inst_index[(d_idx, inst)] = len(inst_index)
                 owners.append(owner)
             if files_o.typecode == "h" and len(inst_index) > OWNER16_MAX:
                 files_o, dirs_o = array("i", files_o), array("i", dirs_o)
@@ -286,23 +353,27 @@ class LinkIndex:
                 for key, dir_ in zip(keys, is_dir, strict=True):
                     if _already_loose(key):
                         continue
-                    if dir_:
-                        ldirs_h.append(hash(loose(key).rstrip("/") + "/"))
-                    else:
-                        lfiles_h.append(hash(loose(key)))
+                    forms = {loose(key), loose(key, decode=False)} if "%" in key else {loose(key)}
+                    for form in forms:
+                        if dir_:
+                            ldirs_h.append(hash(form.rstrip("/") + "/"))
+                        else:
+                            lfiles_h.append(hash(form))
             self.record_count += len(keys)
-        self.instances = [uuid.UUID(i) for i in inst_index]
+        #: per owner index: its instance, and the destination whose record it is
+        self.instances = [uuid.UUID(i) for _d, i in inst_index]
+        self.owner_destinations = [self.destinations[d].id for d, _i in inst_index]
         self.files = _HashTable(files_h, files_o, len(inst_index))
         del files_h, files_o
         self.dirs = _HashTable(dirs_h, dirs_o, len(inst_index))
         self.loose_files = _HashTable(lfiles_h, array("h"), 1)
         self.loose_dirs = _HashTable(ldirs_h, array("h"), 1)
 
-    def _stream(self, session: Session) -> Iterator[tuple[str, list[str], list[str]]]:
-        """(destination root, paths, instance ids as text) of every record of every
+    def _stream(self, session: Session) -> Iterator[tuple[int, str, list[str], list[str]]]:
+        """(destination index, root, paths, instance ids as text) of every record of every
         overlapping destination, a batch at a time. Soft-deleted records are included:
         they protect their files (rule 2)."""
-        for d in self.destinations:
+        for d_idx, d in enumerate(self.destinations):
             d_root = normalize_root(d.root_prefix or "")
             for model in RECORD_MODELS:
                 # Core rows on the session's connection (no ORM loading, so no
@@ -311,7 +382,7 @@ class LinkIndex:
                     model.destination_id == d.id
                 )
                 for rows in stream_columns(session, stmt, 2):
-                    yield d_root, rows[0], rows[1]
+                    yield d_idx, d_root, rows[0], rows[1]
 
     # -- files -------------------------------------------------------------------------
     def classify(self, rel_paths: Sequence[str], *, loose_all: bool = False) -> Classified:
@@ -370,22 +441,35 @@ class LinkIndex:
         forms: list[str] = []
         form_of: list[int] = []
         for t, lk in enumerate(lks):
-            forms.append(lk)
-            form_of.append(t)
-            if lk.endswith("/"):
-                forms.append(lk.rstrip("/"))
+            # '%' decoded on one side only counts too (``x%2520y`` names ``x%20y``)
+            variants = (lk, loose(keys[t], decode=False)) if "%" in keys[t] else (lk,)
+            for v in variants:
+                forms.append(v)
                 form_of.append(t)
+                if v.endswith("/"):
+                    forms.append(v.rstrip("/"))
+                    form_of.append(t)
         form_hit = self._find_loose(self.loose_files, self.files, forms)
         hit = (
             np.bincount(np.asarray(form_of, dtype=np.int64), weights=form_hit, minlength=len(lks))
             > 0
         )
         if len(self.loose_dirs) or len(self.dirs):
+            # a folder record of the file's own name (``b/1/`` over an object ``b/1``)
+            # links it loosely: a trailing '/' added (rule 4, decided: kept)
+            hit |= self._find_loose(
+                self.loose_dirs, self.dirs, [lk if lk.endswith("/") else lk + "/" for lk in lks]
+            )
+        if len(self.loose_dirs) or len(self.dirs) or len(self.loose_files) or len(self.files):
             lparents = [lk[: lk.rfind("/") + 1] for lk in lks]
             uniq = list(dict.fromkeys(lparents))
             flat, starts = self._ancestor_runs(uniq)
-            anc_hit = self._find_loose(self.loose_dirs, self.dirs, flat).tolist()
-            parent_hit = {p: any(anc_hit[starts[k] : starts[k + 1]]) for k, p in enumerate(uniq)}
+            anc_hit = self._find_loose(self.loose_dirs, self.dirs, flat)
+            # a record that names a folder without its trailing '/' (``b/1`` over
+            # ``b/1/x``) links what is under it, loosely (rule 4)
+            anc_hit |= self._find_loose(self.loose_files, self.files, [a[:-1] for a in flat])
+            hits = anc_hit.tolist()
+            parent_hit = {p: any(hits[starts[k] : starts[k + 1]]) for k, p in enumerate(uniq)}
             hit |= np.fromiter((parent_hit[p] for p in lparents), dtype=bool, count=len(lks))
         return hit
 
@@ -466,7 +550,8 @@ def _loose_variants(rel: str) -> set[str]:
         base = unicodedata.normalize(form, rel)
         for v in (base, unquote(base), quote(base, safe="/")):
             v = _SLASHES.sub("/", v).lower()
-            out.update({v, "/" + v})
+            for w in {v, v.replace(" ", "+"), v.replace("+", " ")}:
+                out.update({w, "/" + w})
     return out
 
 
@@ -477,6 +562,8 @@ def find_links(
     *,
     loose_check: bool = True,
     destinations: list[BackupDestination] | None = None,
+    resolve_dir: DirResolver | None = None,
+    dot_records: bool = True,
 ) -> dict[str, list[LinkRef]]:
     """Records of overlapping destinations that reference each path (relative to
     ``dest``'s root), exactly, through a directory record, or (``loose_check``) after
@@ -485,13 +572,18 @@ def find_links(
 
     Exact keys use the ``(destination_id, path)`` index; loose variants (NFC/NFD,
     URL-decoded or encoded once, '//' collapsed, leading '/', lower case) the
-    ``(destination_id, lower(path))`` expression index."""
+    ``(destination_id, lower(path))`` expression index. ``dot_records`` (default)
+    also reads the destination's records that no variant can reach
+    (:func:`odd_record_path`: '.'/'..' segments, '//', '%'-escapes) and compares their
+    loose forms: a record spelled so and committed mid-run saves its file too."""
     wanted = list(dict.fromkeys(paths))
     out: dict[str, list[LinkRef]] = {p: [] for p in wanted}
     if not wanted:
         return out
     root = normalize_root(dest.root_prefix or "")
-    dests = destinations if destinations is not None else overlapping_destinations(session, dest)
+    if destinations is None:
+        destinations = overlapping_destinations(session, dest, resolve_dir)
+    dests = destinations
     found: set[tuple[str, uuid.UUID]] = set()
     variants: dict[str, set[str]] = {}  # files of a batch share their directories
     for d in dests:
@@ -500,17 +592,26 @@ def find_links(
         fuzzy: dict[str, list[str]] = {}
         for p in wanted:
             key = root + p
-            if not key.startswith(d_root):
+            in_root = key.startswith(d_root)
+            if not in_root and not (
+                # a root that differs only loosely (letter case...): its records link
+                # loosely (rule 4, roots too)
+                loose_check
+                and identity.loose_root(key[: len(d_root)]) == identity.loose_root(d_root)
+            ):
                 continue
             rel = key[len(d_root) :]
             cands = (rel, *ancestors(rel))
-            for cand in cands:
+            for cand in cands if in_root else ():
                 if (hits := exact.get(cand)) is None:
                     exact[cand] = [p]
                 else:
                     hits.append(p)
-            if loose_check:  # the file itself and every directory above it (rule 4)
-                for cand in cands:
+            if loose_check:  # the file itself and every directory above it (rule 4),
+                # also each directory without its trailing '/' (a file record over it)
+                # and the file with one (a folder record of its name: ``b/1/`` over ``b/1``)
+                own_dir = () if rel.endswith("/") else (rel + "/",)
+                for cand in (*cands, *(a[:-1] for a in cands[1:]), *own_dir):
                     if (forms := variants.get(cand)) is None:
                         forms = variants[cand] = _loose_variants(cand)
                     for v in forms:
@@ -528,16 +629,56 @@ def find_links(
                 if (p, rid) not in found:
                     found.add((p, rid))
                     out[p].append(LinkRef(kind, rid, d.id, rpath, deleted, is_loose))
+        if dot_records and loose_check:
+            # records spelled with '.'/'..' segments, '//' or '%'-escapes ('%2F', '%2E',
+            # twice encoded) match no variant above: they are rare, so read them (this
+            # destination's) and compare loose forms
+            for model in RECORD_MODELS:
+                kind = "backup" if model is Backup else "snapshot"
+                stmt = (
+                    select(model.id, model.path, model.deleted_at)
+                    .where(model.destination_id == d.id, odd_record_path(model))
+                    .execution_options(include_deleted=True)
+                )
+                for rid, rpath, deleted_at in session.execute(stmt):
+                    for p in wanted:
+                        if (p, rid) not in found and _loosely_links(d_root + rpath, root + p):
+                            found.add((p, rid))
+                            out[p].append(
+                                LinkRef(kind, rid, d.id, rpath, deleted_at is not None, True)
+                            )
     return out
+
+
+#: Record paths the loose variants of :func:`find_links` cannot reach by index: '.' or
+#: '..' segments, '//', '%'-escapes. A literal predicate (no parameters), so that a
+#: partial index ``ON backups (destination_id) WHERE <this>`` can serve it.
+
+
+def odd_record_path(model: Any) -> Any:
+    """:data:`ODD_RECORD_PATH_SQL` on ``model``'s table."""
+    return text(f"({ODD_RECORD_PATH_SQL.replace('path', f'{model.__tablename__}.path')})")
 
 
 def _loosely_links(record_key: str, file_key: str) -> bool:
     """Rule 4: the record links the file once both are in loose form."""
-    lf = loose(file_key)
-    if record_key.endswith("/"):
-        return lf.startswith(loose(record_key).rstrip("/") + "/")
-    lr = loose(record_key)
-    return lf == lr or lf.rstrip("/") == lr
+    # '%' decoded once on both sides, or on one side only (``x%2520y`` names ``x%20y``)
+    for lf in _both(file_key):
+        for lr in _both(record_key):
+            if record_key.endswith("/"):
+                ld = lr.rstrip("/") + "/"
+                # a folder record links what is under it, and a file of its own name
+                if lf.startswith(ld) or lf + "/" == ld:
+                    return True
+            # a file record without its trailing '/' over a folder links what is under it
+            elif lf == lr or lf.rstrip("/") == lr or (lr != "" and lf.startswith(lr + "/")):
+                return True
+    return False
+
+
+def _both(key: str) -> tuple[str, ...]:
+    """The loose forms of a key: '%'-decoded once, and (when it holds a '%') not."""
+    return (loose(key), loose(key, decode=False)) if "%" in key else (loose(key),)
 
 
 def _records_of(

@@ -29,7 +29,14 @@ from tasks.deleting import (
 )
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
-from tasks.scan import LISTED_KEY, Progress, listing_figures, run_scan
+from tasks.scan import (
+    LISTED_KEY,
+    InvalidRetention,
+    Progress,
+    listing_figures,
+    resolve_retention,
+    run_scan,
+)
 from worker.locks import Lease, check_and_renew
 from worker.settings import Settings
 
@@ -75,6 +82,7 @@ def _plan(
                     "sizes": [o.size for o in infos],
                     "lms": [as_utc(o.last_modified) for o in infos],
                     "etags": [o.etag for o in infos],
+                    "gens": [o.generation for o in infos],
                 },
             )
             return
@@ -87,6 +95,7 @@ def _plan(
                     "size_bytes": o.size,
                     "last_modified": o.last_modified,
                     "etag": o.etag,
+                    "generation": o.generation,
                     "state": "planned",
                 }
                 for o in infos
@@ -121,6 +130,14 @@ def _plan(
         "analytics_id": str(scan.analytics.id),
         "ambiguous_kept": scan.analytics.ambiguous_files,
         "no_timestamp_kept": scan.analytics.details["orphans_without_timestamp"],
+        # names that are not UTF-8: kept and reported (rule 5)
+        "undecodable_kept": scan.analytics.details["undecodable_names"]["files"],
+        # files kept because records of other destinations on the same storage link them
+        "kept_linked_by": [
+            entry
+            for entry in scan.analytics.details.get("linked_by_destination", [])
+            if entry["destination_id"] != str(dest.id)
+        ],
     }
     _save_progress(session, job, phase="planned", **plan)
     return {**plan, LISTED_KEY: listing_figures(scan)}
@@ -143,10 +160,12 @@ def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
 
 _INSERT_CANDIDATES = text(
     """
-    INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag, state)
-    SELECT :job, t.path, t.size, t.lm, t.etag, 'planned'
+    INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag,
+        generation, state)
+    SELECT :job, t.path, t.size, t.lm, t.etag, t.gen, 'planned'
     FROM unnest(CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
-        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[])) AS t(path, size, lm, etag)
+        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[]), CAST(:gens AS varchar[]))
+        AS t(path, size, lm, etag, gen)
     """
 )
 
@@ -164,6 +183,7 @@ def _planned(session: Session, job: Job, ids: dict[str, int]) -> Iterator[list[D
                 CleanupCandidate.size_bytes,
                 CleanupCandidate.last_modified,
                 CleanupCandidate.etag,
+                CleanupCandidate.generation,
             )
             .where(
                 CleanupCandidate.job_id == job.id,
@@ -176,8 +196,8 @@ def _planned(session: Session, job: Job, ids: dict[str, int]) -> Iterator[list[D
         if not rows:
             return
         after = rows[-1][0]
-        ids.update((p, i) for i, p, _s, _m, _e in rows)
-        yield [Doomed(p, s, m, e) for _i, p, s, m, e in rows]
+        ids.update((row[1], row[0]) for row in rows)
+        yield [Doomed(p, s, m, e, g) for _i, p, s, m, e, g in rows]
 
 
 def _mark_paths(session: Session, job: Job, paths: list[str], state: str) -> None:
@@ -207,8 +227,10 @@ def run_orphan_cleanup(
     params = job.params or {}
     # The destination's own window applies when the request names none (rule 6): the
     # global default may be shorter than what the destination promises to keep.
-    requested = params.get("retention_days") or dest.retention_days or settings.retention_days
-    retention = max(1, int(requested))
+    try:
+        retention = resolve_retention(dest, settings, params.get("retention_days"))
+    except InvalidRetention as err:
+        return JobOutcome("failed", {}, str(err))
     dry_run = bool(params.get("dry_run", False))
     plan: dict[str, Any] | JobOutcome
     if (job.progress or {}).get("plan_complete"):
@@ -226,6 +248,8 @@ def run_orphan_cleanup(
         "total_files": plan["total_files"],
         "ambiguous_kept": plan.get("ambiguous_kept", 0),
         "no_timestamp_kept": plan.get("no_timestamp_kept", 0),
+        "kept_linked_by": plan.get("kept_linked_by", []),
+        "undecodable_kept": plan.get("undecodable_kept", 0),
     }
     if listed is not None:
         result[LISTED_KEY] = listed
@@ -244,11 +268,12 @@ def run_orphan_cleanup(
         reason="orphan",
         job_id=job.id,
         actor=job.requested_by,
-        destinations=overlapping_destinations(session, dest),
+        destinations=overlapping_destinations(session, dest, backend.resolve_dir),
         # SFTP shares one session; the local disk gains nothing from threads
         in_flight=settings.cleanup_deletes_in_flight if dest.kind in ("s3", "gcs") else 1,
     )
     totals = {"deleted_files": 0, "bytes_freed": 0, "failed_files": 0, "kept_linked": 0}
+    totals["changed_since_plan"] = 0
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
 
     ids: dict[str, int] = {}  # candidate id of each path of the batches under way
@@ -262,6 +287,8 @@ def run_orphan_cleanup(
         mark(s, [d.path for d in out.deleted], "deleted")
         mark(s, list(out.failed), "failed")
         mark(s, out.kept, "kept")
+        mark(s, out.changed, "changed")
+        totals["changed_since_plan"] += len(out.changed)
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
         totals["failed_files"] += len(out.failed)

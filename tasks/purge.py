@@ -81,7 +81,7 @@ def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
         for page in backend.walk(path):
             for i in range(0, len(page), MAX_DELETE_BATCH):
                 yield [
-                    Doomed(o.path, o.size, o.last_modified, o.etag)
+                    Doomed(o.path, o.size, o.last_modified, o.etag, o.generation)
                     for o in page[i : i + MAX_DELETE_BATCH]
                 ]
         return
@@ -89,7 +89,7 @@ def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
         info = backend.stat(path)
     except NotFoundError:
         return
-    yield [Doomed(info.path, info.size, info.last_modified, info.etag)]
+    yield [Doomed(info.path, info.size, info.last_modified, info.etag, info.generation)]
 
 
 def run_purge(
@@ -110,10 +110,11 @@ def run_purge(
         reason="purge",
         job_id=job.id,
         actor=job.requested_by,
-        destinations=overlapping_destinations(session, dest),
+        destinations=overlapping_destinations(session, dest, backend.resolve_dir),
     )
     totals = {"records": 0, "deleted_files": 0, "bytes_freed": 0, "failed_files": 0}
     totals["kept_linked"] = 0
+    totals["changed_since_plan"] = 0  # written again since the listing: kept (rule 5a)
     # Counts of earlier attempts, saved with the batches they count (rule 20).
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
     totals["invalid_paths"] = 0  # recounted by every run: their rows stay
@@ -128,6 +129,7 @@ def run_purge(
         totals["bytes_freed"] += out.bytes_freed
         totals["failed_files"] += len(out.failed)
         totals["kept_linked"] += len(out.kept)
+        totals["changed_since_plan"] += len(out.changed)
         save(s)
 
     def record_done(s: Session) -> None:

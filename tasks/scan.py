@@ -22,7 +22,7 @@ from db.session import db_now
 from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
-from tasks.analytics import ScanStats
+from tasks.analytics import ScanStats, escaped_name
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
 from worker.logging import set_phase
 from worker.settings import Settings
@@ -34,6 +34,8 @@ Progress = Callable[[str, int], None]
 #: receives each page's orphan-cleanup candidates
 CandidateSink = Callable[[list[ObjectInfo]], None]
 MISSING_SAMPLE = 20
+#: names that are not UTF-8 shown in a job result (the analytics row keeps more)
+UNDECODABLE_SAMPLE = 5
 #: seconds between progress writes (which also renew a destructive job's lock lease)
 PROGRESS_EVERY = 2.0
 
@@ -123,9 +125,21 @@ class ScanResult:
             "orphan_bytes": a.orphan_bytes,
             "missing_records": a.missing_records,
             "ambiguous_files": a.ambiguous_files,
+            # names that are not UTF-8 (local, SFTP): kept, reported escaped (rule 5)
+            "undecodable_names": _undecodable(a),
             "duration_seconds": round(a.duration_seconds, 3),
             "error": self.error,
         }
+
+
+def _undecodable(a: StorageAnalytics) -> dict[str, Any]:
+    """Files whose name is not valid UTF-8: count, bytes and a few names, escaped."""
+    names = (a.details or {}).get("undecodable_names") or {}
+    return {
+        "files": names.get("files", 0),
+        "bytes": names.get("bytes", 0),
+        "sample": list(names.get("sample", []))[:UNDECODABLE_SAMPLE],
+    }
 
 
 #: Key of a job result holding what the job's own listing walked (files, bytes, orphans
@@ -145,8 +159,53 @@ def listing_figures(scan: ScanResult) -> dict[str, Any]:
     }
 
 
+class InvalidRetention(ValueError):
+    """A retention window below one day (SAFETY rule 6): refused, never clamped."""
+
+
+def resolve_retention(dest: BackupDestination, settings: Settings, override: Any = None) -> int:
+    """The retention window in days: the request's, else the destination's, else the
+    setting's. A value below 1 day anywhere it is set (also where it is not the one
+    used) is refused with :class:`InvalidRetention` naming where it came from (SAFETY
+    rule 6): never clamped, never skipped."""
+    chosen: dict[str, int] = {}
+    # the destination's row first: a bad row is named even when a caller copied it
+    for where, value in (
+        (f"destination {dest.id}'s retention_days", dest.retention_days),
+        ("the job's retention_days", override),
+        ("the setting OCORE_RETENTION_DAYS", settings.retention_days),
+    ):
+        if value is None:
+            continue
+        try:
+            days = int(value)
+        except (TypeError, ValueError):
+            raise InvalidRetention(f"{where} is {value!r}: give a whole number of days") from None
+        if days < 1:
+            raise InvalidRetention(
+                f"{where} is {days}: a retention window is at least 1 day; set 1 or more "
+                "(nothing was deleted)"
+            )
+        chosen[where.split("'")[0]] = days
+    for source in ("the job", f"destination {dest.id}", "the setting OCORE_RETENTION_DAYS"):
+        for where, days in chosen.items():
+            if where.startswith(source):
+                return days
+    raise InvalidRetention("no retention window is configured")
+
+
 def _retention(dest: BackupDestination, settings: Settings, override: int | None) -> int:
-    return max(1, override or dest.retention_days or settings.retention_days)
+    return resolve_retention(dest, settings, override)
+
+
+def _all_text(page: list[ObjectInfo]) -> bool:
+    """Whether every name of the page is valid Unicode text (the common case, checked
+    in one pass: a listing decodes bytes that are not UTF-8 to lone surrogates)."""
+    try:
+        "\n".join(o.path for o in page).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _attribution(session: Session, stats: ScanStats, index: LinkIndex) -> dict[str, Any]:
@@ -304,7 +363,7 @@ def run_scan(
     # are by hash), so a backend may list several folders at once
     pages = ReadAhead(backend.walk_unordered(""))
     try:
-        index = LinkIndex(session, dest)
+        index = LinkIndex(session, dest, backend.resolve_dir)
     except BaseException:
         pages.close()
         raise
@@ -318,18 +377,22 @@ def run_scan(
         progress("listing", 0)
     try:
         for page in pages:
+            listed += len(page)
+            if not _all_text(page):
+                page = stats.set_aside_undecodable(page)  # kept, never planned: rule 5
             classified = index.classify([o.path for o in page], loose_all=loose_all)
             candidates = stats.add_page(page, classified.owner, classified.ambiguous)
             if on_candidates and candidates:
                 on_candidates(candidates)
-            listed += len(page)
             if progress and time.monotonic() - last_report > PROGRESS_EVERY:
                 progress("listing", listed)
                 last_report = time.monotonic()
         stats.add_multipart(list(backend.list_multipart_uploads()))
     except StorageError as err:
         listing_error = err
-        error = f"listing failed after {listed} objects: {type(err).__name__}: {err}"
+        # escaped: the message may quote a name that is not UTF-8, which no text
+        # column (nor JSON in PostgreSQL) can hold
+        error = escaped_name(f"listing failed after {listed} objects: {type(err).__name__}: {err}")
         log.warning("scan of %s: %s", dest.id, error)
     finally:
         pages.close()
@@ -351,6 +414,12 @@ def run_scan(
     details["objects_per_second"] = round(listed / duration, 1) if duration > 0 else None
     details["listing_complete"] = complete
     details["error"] = error
+    # whose records link the files (other destinations on the same storage too)
+    by_dest = stats.owner_bytes(index.owner_destinations)
+    details["linked_by_destination"] = [
+        {"destination_id": str(d), "files": t.files, "bytes": t.bytes}
+        for d, t in sorted(by_dest.items(), key=lambda kv: (-kv[1].bytes, str(kv[0])))
+    ]
     row = StorageAnalytics(
         id=uuid.uuid4(),
         destination_id=dest.id,

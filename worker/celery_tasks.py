@@ -1,55 +1,69 @@
 """Thin Celery tasks: decode the id, call :func:`worker.runner.run_job`.
 
 Fixed names and queues (see :data:`worker.jobs.TASKS`); arguments are job ids only.
-A transient failure retries with an exponential backoff (:func:`retry_countdown`) up
-to ``max_attempts`` times, then fails the job. Every log line a job task writes (Celery's
-own included) carries the job id: ``task_prerun`` sets the log context from the task's
-first argument, ``task_postrun`` drops it.
+A transient failure retries with an exponential backoff (:func:`retry_countdown`); the
+job's ``attempts`` in the database (``max_attempts``) ends it, not Celery's retry
+counter: the job tasks have ``max_retries = None`` (unlimited), because in Celery
+``retry(max_retries=None)`` means "the task's default" (3), and a job waiting for a busy
+location, requeued by a worker shutting down or meeting a database outage must never
+run out of a budget and have its message acked and gone. Every log line a job task
+writes (Celery's own included) carries the job id: ``task_prerun`` sets the log context
+from the task's first argument, ``task_postrun`` drops it.
+
+Every worker also runs the reaper's recovery pass in a thread of its main process
+(:func:`start_worker_reaper`), so dead workers' jobs and lost messages are recovered
+without a beat process (beat is still what schedules scans, cleanups and purges).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import threading
 import uuid
 from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import MaxRetriesExceededError
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
 from db.models import BackupDestination
 from db.session import get_engine, session_scope
 from worker.celery_app import app, send
-from worker.jobs import TASKS, Sender, dispatch_or_fail, fail_job, request_job
+from worker.jobs import TASKS, Sender, dispatch_or_fail, request_job
 from worker.logging import job_context
+from worker.runner import (  # re-exported (tests, callers)
+    RETRY_BASE_SECONDS as RETRY_BASE_SECONDS,
+)
+from worker.runner import (
+    RETRY_MAX_SECONDS as RETRY_MAX_SECONDS,
+)
 from worker.runner import (
     LocationBusy,
     Requeued,
     RetryableJobError,
+    StateNotRecorded,
+    outage_countdown,
+    reap_stuck_jobs,
     run_job,
 )
 from worker.runner import (
     reap as reap_jobs,
 )
+from worker.runner import (
+    retry_countdown as retry_countdown,
+)
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-BUSY_RETRY_SECONDS = 30
-#: first retry delay after a transient failure, doubled at each retry, capped
-RETRY_BASE_SECONDS = 10
-RETRY_MAX_SECONDS = 600
 
 _JOB_TASKS = frozenset(name for name, _queue in TASKS.values())
 #: task id -> what task_postrun has to undo
 _log_contexts: dict[str, Any] = {}
-
-
-def retry_countdown(retries: int) -> int:
-    """Seconds before retry number ``retries + 1``: 10, 20, 40, ... at most 600."""
-    return int(min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**retries))
 
 
 @signals.task_prerun.connect
@@ -83,23 +97,35 @@ def _execute(task: Task, job_id: str) -> str:
     try:
         outcome = run_job(jid, settings, engine)
     except Requeued as err:
-        raise task.retry(countdown=1, max_retries=None) from err
+        raise _retry(task, jid, 1, err) from err
     except LocationBusy as err:
-        log.info("job %s waits: %s", jid, err)
-        raise task.retry(countdown=BUSY_RETRY_SECONDS, max_retries=None) from err
+        log.info("%s", err)  # names the job, the lock and its holder
+        raise _retry(task, jid, err.countdown, err) from err
     except RetryableJobError as err:
-        countdown = retry_countdown(task.request.retries)
-        try:
-            raise task.retry(countdown=countdown, max_retries=settings.max_attempts) from err
-        except MaxRetriesExceededError:
-            log.warning("job %s: gave up after %d retries: %s", jid, settings.max_attempts, err)
-            with session_scope(engine) as s:
-                fail_job(s, jid, f"gave up after {settings.max_attempts} retries: {err}")
-            return "failed"
+        # the job's attempts (database) cap the retries: run_job fails it at the cap
+        raise _retry(task, jid, err.countdown, err) from err
+    except (StateNotRecorded, DBAPIError) as err:
+        # The database is away (the job's state could not be read or written): come back
+        # later, for as long as it takes; the job row is repaired by that run.
+        countdown = outage_countdown(task.request.retries)
+        log.warning("job %s: database unavailable (%s); task retried in %.1f s",
+                    jid, type(err).__name__, countdown)  # fmt: skip
+        raise _retry(task, jid, countdown, err) from err
     return outcome.status if outcome else "skipped"
 
 
-_OPTS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True}
+def _retry(task: Task, jid: uuid.UUID, countdown: float, err: Exception) -> BaseException:
+    """``task.retry`` with no retry cap (the job row holds the budget). A retry that
+    cannot be sent (the broker away too) ends this message; the job row says when it
+    was due (``progress.due_at``) or that it runs, and the reaper sends it again."""
+    try:
+        return task.retry(countdown=countdown, max_retries=None)  # raises Retry
+    except MaxRetriesExceededError:  # only with a cap set on the task by hand
+        log.warning("job %s: Celery retry cap reached (%s); the reaper sends it again", jid, err)
+        raise
+
+
+_OPTS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
 
 
 @app.task(name=TASKS["scan"][0], queue=TASKS["scan"][1], **_OPTS)
@@ -162,3 +188,74 @@ def reap() -> dict[str, int]:
     settings = get_settings()
     with session_scope(get_engine(settings.effective_database_url)) as s:
         return dataclasses.asdict(reap_jobs(s, settings, send))
+
+
+class WorkerReaper:
+    """The reaper's recovery pass (:func:`worker.runner.reap_stuck_jobs`: jobs whose
+    worker died, messages lost) every ``reaper_interval`` seconds, in a daemon thread of
+    the worker's main process, so recovery never depends on a beat process. Several
+    workers reaping at once is harmless: each transition is a conditional UPDATE.
+
+    Its own engine without a pool and its own Celery app (producer pool): the prefork
+    pool forks children from this process, and a child must never inherit a lock this
+    thread holds. Errors (database or broker away) are logged and the next pass tries
+    again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ocore-reaper", daemon=True)
+
+    def start(self) -> WorkerReaper:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from sqlalchemy.pool import NullPool
+
+        from db.session import make_engine
+        from worker.celery_app import make_celery
+
+        own = make_celery(self.settings)
+        engine = make_engine(self.settings.effective_database_url, poolclass=NullPool)
+
+        def sender(name: str, args: list[str], queue: str) -> None:
+            own.send_task(name, args=args, queue=queue)
+
+        interval = self.settings.reaper_interval
+        # spread the passes of workers started together
+        delay = interval * random.uniform(0.2, 1.0)  # noqa: S311
+        while not self._stop.wait(delay):
+            try:
+                with session_scope(engine) as s:
+                    out = reap_stuck_jobs(s, self.settings, sender)
+                if out.failed or out.requeued or out.resent or out.lost:
+                    log.info("worker reaper: %s", dataclasses.asdict(out))
+            except Exception as err:
+                log.warning("worker reaper pass failed (%s: %s); next in %.0f s",
+                            type(err).__name__, str(err)[:200], interval)  # fmt: skip
+            delay = interval
+        engine.dispose()
+        own.close()
+
+
+_worker_reaper: WorkerReaper | None = None
+
+
+@signals.worker_ready.connect
+def start_worker_reaper(**_: Any) -> None:
+    """Start the worker's reaper thread (``OCORE_WORKER_REAPER=false`` turns it off)."""
+    global _worker_reaper
+    settings = get_settings()
+    if settings.worker_reaper and _worker_reaper is None:
+        _worker_reaper = WorkerReaper(settings).start()
+        log.info("worker reaper: a recovery pass every %.0f s", settings.reaper_interval)
+
+
+@signals.worker_shutdown.connect
+def _stop_worker_reaper(**_: Any) -> None:
+    if _worker_reaper is not None:
+        _worker_reaper.stop()

@@ -238,7 +238,7 @@ def beat() -> None:
 def api(
     host: str | None, port: int | None, threads: int, dev: bool, loopback_dev_secret: bool = False
 ) -> None:
-    """Serve the HTTP API (gunicorn, one process with request threads).
+    """Serve the HTTP API (waitress, one process with request threads; limits: docs/serving.md).
 
     Refuses to start when HS256 tokens are accepted and OCORE_JWT_SECRET is the built-in
     development secret or shorter than 32 bytes, unless --dev or
@@ -477,10 +477,32 @@ class _AboveStatus:
         pass
 
 
+MAX_RETENTION_DAYS = 36_500
+
+
+def _retention_option(_ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """A retention window below one day is refused, never clamped (docs/safety.md, 6)."""
+    if value is not None and not 1 <= value <= MAX_RETENTION_DAYS:
+        raise click.BadParameter(
+            f"{value} days: a retention window is at least 1 day and at most "
+            f"{MAX_RETENTION_DAYS} (a shorter one is refused, never clamped); give 1 or more, "
+            "or leave the option out to use the destination's window",
+            param=param,
+        )
+    return value
+
+
 @jobs.command("run")
 @click.argument("job_type", type=click.Choice(sorted(JOB_TYPES)))
 @click.option("--destination", "destination", required=True, help="Destination id (UUID).")
-@click.option("--retention-days", type=click.IntRange(1, 36500), default=None)
+@click.option(
+    "--retention-days",
+    type=int,
+    default=None,
+    callback=_retention_option,
+    help="Orphans younger than this many days are kept (at least 1; default: the "
+    "destination's window, else OCORE_RETENTION_DAYS).",
+)
 @click.option("--dry-run", is_flag=True, default=False)
 def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_run: bool) -> None:
     """Run one job synchronously in this process and print its result as JSON.
@@ -535,17 +557,22 @@ def jobs_show(job_id: str) -> None:
     from sqlalchemy.orm import Session
 
     from db.models import Job
+    from db.session import db_now
     from worker.jobs import job_to_dict
+    from worker.runner import job_health
 
     try:
         jid = uuid.UUID(job_id)
     except ValueError:
         raise CliError(f"job id must be a UUID, got {job_id!r}") from None
-    with Session(_engine(_settings())) as s:
+    settings = _settings()
+    with Session(_engine(settings)) as s:
         job = s.get(Job, jid)
         if job is None:
             raise CliError(f"job {jid} does not exist")
-        click.echo(json.dumps(job_to_dict(job), indent=2))
+        # stale / waiting_for / activity, as the API shows them
+        health = job_health(job, db_now(s), settings)
+        click.echo(json.dumps({**job_to_dict(job), **health}, indent=2, default=str))
 
 
 @cli.command()
@@ -584,6 +611,23 @@ def demo(directory: Path) -> None:
         run_demo(directory.resolve(), Console(width=None if sys.stdout.isatty() else 140))
     except RuntimeError as err:
         raise CliError(f"demo failed: {err}") from None
+
+
+@cli.command()
+@click.option("--tests/--no-tests", default=None,
+              help="Also check the test suite's PostgreSQL, Redis and programs "
+              "(default: when run from a source checkout).")  # fmt: skip
+def doctor(tests: bool | None) -> None:
+    """Check Python, the virtualenv, database, broker, programs and destinations.
+
+    One line each: ok, or what is wrong and the command that fixes it; exit status 1
+    when anything is wrong.
+    """
+    from worker.doctor import run
+
+    status = run(_settings(), click.echo, tests)
+    if status:
+        raise SystemExit(status)
 
 
 def _fail(message: str, status: int) -> None:

@@ -7,7 +7,6 @@ the database (ids only travel through the broker).
 from __future__ import annotations
 
 import logging
-import posixpath
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_JOB_STATUSES, JOB_TYPES, BackupDestination, Job
 from db.types import utcnow
-from storage_backends.paths import normalize_root
+from storage_backends.identity import location_key
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -33,52 +32,11 @@ TASKS: dict[str, tuple[str, str]] = {
 DESTRUCTIVE = frozenset({"scan_cleanup", "orphan_cleanup", "purge"})
 
 
-#: Kinds whose "bucket" is a base directory of one file system (a host): a base
-#: directory and a root prefix are one path there, so ``/data`` + ``x/`` and ``/data/x``
-#: + ``""`` are the same storage location.
-PATH_KINDS = frozenset({"local", "sftp"})
-
-
-def base_path(dest: BackupDestination) -> str:
-    """A local/SFTP base directory as a relative path with a trailing '/', '' for '/'.
-
-    Compared lexically: ``.`` and ``..`` are resolved, repeated and trailing slashes
-    dropped; a relative and an absolute spelling of one directory are taken as the same
-    (over-matching only ever protects more files and serialises more jobs)."""
-    raw = (dest.bucket or "").replace("\\", "/")
-    parts = [p for p in posixpath.normpath("/" + raw).split("/") if p not in ("", ".")]
-    return "/".join(parts) + "/" if parts else ""
-
-
-def location_root(dest: BackupDestination) -> str:
-    """The destination's root in the frame shared by every destination it can overlap:
-    the root prefix for S3/GCS (frame: the bucket), base directory + root prefix for
-    local/SFTP (frame: the host's file system). Segment-wise, ends in '/' or is ''."""
-    root = normalize_root(dest.root_prefix or "")
-    if dest.kind in PATH_KINDS:
-        return base_path(dest) + root
-    return root
-
-
-def bucket_key(dest: BackupDestination) -> str:
-    """What destructive jobs serialise on (SAFETY rules 8, 19): the bucket for S3/GCS;
-    for local/SFTP the whole host, since base directories nest in any way."""
-    if dest.kind in PATH_KINDS:
-        return f"{dest.kind}|{dest.endpoint or ''}|/"
-    return f"{dest.kind}|{dest.endpoint or ''}|{dest.bucket}"
-
-
-def location_key(dest: BackupDestination) -> str:
-    """Kind + endpoint + bucket/base directory + root prefix (SAFETY "storage location");
-    for local/SFTP the base directory and the root are one path (:func:`location_root`)."""
-    return f"{bucket_key(dest)}|{location_root(dest)}"
-
-
-def active_job(session: Session, job_type: str, key: str) -> Job | None:
+def active_job(session: Session, job_type: str, destination_id: uuid.UUID) -> Job | None:
     return session.scalars(
         select(Job).where(
             Job.type == job_type,
-            Job.location_key == key,
+            Job.destination_id == destination_id,
             Job.status.in_(ACTIVE_JOB_STATUSES),
         )
     ).first()
@@ -91,7 +49,9 @@ def request_job(
     params: dict[str, Any] | None = None,
     requested_by: str = "system",
 ) -> tuple[Job, bool]:
-    """Create a queued job, or return the one already queued/running for this location.
+    """Create a queued job, or return the one of this type already queued or running for
+    this destination (never another destination's: each belongs to its own organization;
+    destinations that overlap run one at a time through their location locks).
 
     Returns ``(job, created)``. Commits. The caller sends the Celery message with
     :func:`dispatch` only when ``created`` is true.
@@ -99,7 +59,7 @@ def request_job(
     if job_type not in JOB_TYPES:
         raise ValueError(f"unknown job type {job_type!r}")
     key = location_key(dest)
-    existing = active_job(session, job_type, key)
+    existing = active_job(session, job_type, dest.id)
     if existing is not None:
         return existing, False
     job = Job(
@@ -119,7 +79,7 @@ def request_job(
     except IntegrityError:
         # Lost the race against a concurrent request: the partial unique index holds.
         session.rollback()
-        existing = active_job(session, job_type, key)
+        existing = active_job(session, job_type, dest.id)
         if existing is None:
             raise
         return existing, False

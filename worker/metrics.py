@@ -135,6 +135,11 @@ GUARDED = Counter(
     "ocore_deletions_refused_total", "Jobs refused by the budget or the guard", ["type"]
 )
 AMBIGUOUS = Counter("ocore_ambiguous_files_total", "Files kept as ambiguous matches", ["backend"])
+CHANGED_SINCE_PLAN = Counter(
+    "ocore_files_changed_since_plan_total",
+    "Planned deletions kept because the object was written again since the plan",
+    ["backend", "reason"],
+)
 
 DEST_BYTES = Gauge(
     "ocore_destination_bytes",
@@ -225,6 +230,36 @@ def project_samples(
         out[str(entry["id"])] = (size, files)
     ranked = sorted(out.items(), key=lambda kv: -kv[1][0])[:limit]
     return [(pid, size, files) for pid, (size, files) in ranked]
+
+
+def _job_activity(conn: Any) -> dict[str, tuple[int, float]]:
+    """``{job type: (stale jobs, age in seconds of the oldest queued job)}`` over the
+    active jobs (few: at most one per type and destination), judged like the job API
+    (:func:`worker.runner.job_health`)."""
+    from datetime import UTC
+
+    from sqlalchemy import select
+
+    from db.models import ACTIVE_JOB_STATUSES, Job
+    from worker.runner import job_health
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    now = datetime.now(UTC)
+    out: dict[str, tuple[int, float]] = {}
+    j = Job.__table__.c
+    cols = (j.type, j.status, j.phase, j.heartbeat_at, j.created_at, j.progress)
+    for row in conn.execute(select(*cols).where(j.status.in_(ACTIVE_JOB_STATUSES))):
+        job = Job(type=row.type, status=row.status, phase=row.phase,
+                  heartbeat_at=row.heartbeat_at, created_at=row.created_at,
+                  progress=row.progress)  # fmt: skip
+        count, age = out.get(row.type, (0, 0.0))
+        if job_health(job, now, settings)["stale"]:
+            count += 1
+        if row.status == "queued" and row.created_at is not None:
+            age = max(age, (now - row.created_at).total_seconds())
+        out[row.type] = (count, age)
+    return out
 
 
 class DatabaseCollector(Collector):
@@ -328,7 +363,13 @@ class DatabaseCollector(Collector):
                 wanted = [uuid.UUID(x) for x in sorted(project_ids) if _is_uuid(x)]
                 for pid, name in conn.execute(select(p.id, p.name).where(p.id.in_(wanted))):
                     names[str(pid)] = name
-        return {"destinations": rows, "projects": dict(self._projects), "names": names}
+            jobs = _job_activity(conn)
+        return {
+            "destinations": rows,
+            "projects": dict(self._projects),
+            "names": names,
+            "jobs": jobs,
+        }
 
     # -- exposition ------------------------------------------------------------------
     @staticmethod
@@ -431,4 +472,30 @@ class DatabaseCollector(Collector):
                 if pid not in seen:
                     seen.add(pid)
                     project_info.add_metric([pid, names.get(pid, "")], 1)
-        return [info, created, last_ok, complete, project_bytes, project_files, project_info]
+        stale = GaugeMetricFamily(
+            "ocore_jobs_stale",
+            "Active jobs nothing happens to: running with no heartbeat, or queued with their "
+            "message long overdue (the reaper sends them again)",
+            labels=["type"],
+        )
+        oldest = GaugeMetricFamily(
+            "ocore_jobs_queued_oldest_age_seconds",
+            "Age of the oldest queued job (waiting for a location, a worker or a retry)",
+            labels=["type"],
+        )
+        jobs: Mapping[str, tuple[int, float]] = data.get("jobs", {})
+        for job_type in JOB_TYPES:
+            count, age = jobs.get(job_type, (0, 0.0))
+            stale.add_metric([job_type], count)
+            oldest.add_metric([job_type], age)
+        return [
+            info,
+            created,
+            last_ok,
+            complete,
+            project_bytes,
+            project_files,
+            project_info,
+            stale,
+            oldest,
+        ]

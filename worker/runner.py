@@ -22,12 +22,14 @@ The reaper (:func:`reap`, beat) looks after jobs nobody works on:
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
@@ -39,6 +41,7 @@ from db.session import db_now, session_scope
 from db.types import utcnow
 from storage_backends.base import StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
+from storage_backends.identity import coarse_lock_key, lock_key
 from storage_backends.registry import open_backend
 from tasks.orphans import run_orphan_cleanup
 from tasks.outcome import JobOutcome
@@ -46,8 +49,8 @@ from tasks.purge import has_purgeable_pending, run_purge
 from tasks.scan import LISTED_KEY, run_scan
 from tasks.scan_cleanup import run_scan_cleanup
 from worker import metrics, shutdown
-from worker.jobs import DESTRUCTIVE, Sender, bucket_key, dispatch_or_fail, request_job
-from worker.locks import Lease, LockLost, acquire, check_and_renew, release
+from worker.jobs import DESTRUCTIVE, Sender, dispatch_or_fail, request_job
+from worker.locks import Lease, LockLost, acquire, check_and_renew, holder, release
 from worker.logging import job_context, set_phase
 from worker.settings import Settings
 from worker.shutdown import ShutdownRequested
@@ -56,8 +59,40 @@ log = logging.getLogger(__name__)
 BackendFactory = Callable[[BackupDestination, Settings], StorageBackend]
 
 
+#: first retry delay after a transient failure, doubled at each attempt, capped
+RETRY_BASE_SECONDS = 10
+RETRY_MAX_SECONDS = 600
+#: Progress keys of a queued job's bookkeeping, dropped when a worker claims it.
+QUEUE_KEYS = ("resends", "waits", "due_at", "waiting_for")
+
+
+def retry_countdown(retries: int) -> int:
+    """Seconds before retry number ``retries + 1``: 10, 20, 40, ... at most 600."""
+    return int(min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**retries))
+
+
+def busy_countdown(settings: Settings, waits: int) -> float:
+    """Seconds before a job that met a busy location tries again (its wait number
+    ``waits``, from 1): ``busy_retry_seconds`` doubled at each wait up to
+    ``busy_retry_max_seconds``, with jitter (a random 50-100 % of it) so that the jobs
+    waiting for one location do not all come back at the same instant."""
+    base = min(settings.busy_retry_max_seconds, settings.busy_retry_seconds * 2 ** (waits - 1))
+    return round(base * random.uniform(0.5, 1.0), 3)  # noqa: S311 - jitter, not crypto
+
+
+def outage_countdown(retries: int) -> float:
+    """Seconds before a task whose job state could not be read or written (the database
+    unreachable) tries again: 2, 4, 8, ... at most 30, with jitter."""
+    return round(min(30.0, 2.0 * 2 ** min(retries, 8)) * random.uniform(0.5, 1.0), 3)  # noqa: S311
+
+
 class LocationBusy(Exception):
-    """Another destructive job holds the location's lock: try again later."""
+    """Another destructive job holds the location's lock: try again in ``countdown``
+    seconds (no attempt counted, no retry budget used: a wait never ends a job)."""
+
+    def __init__(self, message: str, countdown: float = 30.0) -> None:
+        super().__init__(message)
+        self.countdown = countdown
 
 
 class Requeued(Exception):
@@ -65,7 +100,19 @@ class Requeued(Exception):
 
 
 class RetryableJobError(Exception):
-    """A transient storage or database failure: the job goes back to the queue."""
+    """A transient storage or database failure: the job goes back to the queue and its
+    message comes back in ``countdown`` seconds."""
+
+    def __init__(self, message: str, countdown: float = RETRY_BASE_SECONDS) -> None:
+        super().__init__(message)
+        self.countdown = countdown
+
+
+class StateNotRecorded(Exception):
+    """Handling a failure failed too (the database went away while the runner wrote
+    ``queued/retrying``): the job row may still say ``running``. The task must come
+    back (Celery retry with back-off, never an ack that ends the work); the reaper
+    re-sends the job if that message is lost as well."""
 
 
 def _set(engine: Engine, job_id: uuid.UUID, **values: Any) -> None:
@@ -100,8 +147,8 @@ def _progress_writer(
 
 def _claim(session: Session, job: Job) -> None:
     extra: dict[str, Any] = {}
-    if "resends" in (job.progress or {}):  # picked up: its message was not lost after all
-        extra["progress"] = {k: v for k, v in job.progress.items() if k != "resends"}
+    if set(QUEUE_KEYS) & set(job.progress or {}):  # picked up: no longer waiting or lost
+        extra["progress"] = {k: v for k, v in job.progress.items() if k not in QUEUE_KEYS}
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
@@ -186,6 +233,7 @@ def _record_metrics(
         reason = "orphan" if job.type == "orphan_cleanup" else "purge"
         metrics.ORPHANS_DELETED.labels(dest.kind, reason).inc(r.get("deleted_files", 0))
         metrics.BYTES_FREED.labels(dest.kind, reason).inc(r.get("bytes_freed", 0))
+        metrics.CHANGED_SINCE_PLAN.labels(dest.kind, reason).inc(r.get("changed_since_plan", 0))
         if job.type == "orphan_cleanup" and outcome.status in ("succeeded", "partial"):
             metrics.LAST_CLEANUP.labels(d).set(time.time())
     if job.type == "scan_cleanup":
@@ -283,11 +331,12 @@ def _run_job(
                 metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
             return JobOutcome("failed", {}, "destination missing")
         if job.type in DESTRUCTIVE:
-            lease = acquire(session, bucket_key(dest), job.id, settings.lock_lease_seconds)
+            key = _lock_key(dest, settings, backend_factory)
+            lease = acquire(session, key, job.id, settings.lock_lease_seconds)
             if lease is None:
-                # a sign of life: the reaper does not take a waiting job for a lost one
-                _set(engine, job.id, phase="waiting", heartbeat_at=utcnow())
-                raise LocationBusy(f"another destructive job holds {bucket_key(dest)}")
+                busy = holder(session, key)
+                session.rollback()
+                raise _wait(engine, settings, job, key, busy)
         if job.attempts >= settings.max_attempts:
             # checked before claiming: a job over the cap never shows 'running' again
             error = (
@@ -295,6 +344,7 @@ def _run_job(
                 "died every time; see the worker logs"
             )
             if _fail_active(engine, job.id, error, attempts=job.attempts + 1):
+                log.warning("job %s: %s", job.id, error)
                 metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
             return JobOutcome("failed", {}, error)
         _claim(session, job)
@@ -312,6 +362,69 @@ def _run_job(
             except DBAPIError:
                 log.warning("could not release %s; its lease will expire", lease.key)
         session.close()
+
+
+def _wait(
+    engine: Engine, settings: Settings, job: Job, key: str, busy: tuple[str, uuid.UUID] | None
+) -> LocationBusy:
+    """Record that ``job`` waits for ``key`` (held by ``busy``) and when its message is
+    due back (``progress.due_at``, database clock): a sign of life, so the reaper does
+    not take the waiting job for a lost one until that time has long passed."""
+    waits = int((job.progress or {}).get("waits", 0)) + 1
+    countdown = busy_countdown(settings, waits)
+    with session_scope(engine) as s:
+        now = db_now(s)
+        progress = {
+            **{k: v for k, v in (job.progress or {}).items() if k not in QUEUE_KEYS},
+            "waits": waits,
+            "due_at": (now + timedelta(seconds=countdown)).isoformat(),
+            "waiting_for": {
+                "lock": key,
+                "held_by": str(busy[1]) if busy else None,
+                "held_lock": busy[0] if busy else None,
+            },
+        }
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+            # running: a copy whose write of its failure was lost; no copy runs it now
+            # (it would hold the lock), so it is queued again
+            .values(status="queued", phase="waiting", heartbeat_at=now, progress=progress)
+        )
+    held = f": held by job {busy[1]} ({busy[0]})" if busy else ""
+    return LocationBusy(
+        f"job {job.id} waits for {key}{held}; wait {waits}, back in {countdown:.1f} s", countdown
+    )
+
+
+def _set_due(engine: Engine, job_id: uuid.UUID, countdown: float) -> None:
+    """Note when a job put back in the queue is due to run again (``progress.due_at``)."""
+    with session_scope(engine) as s:
+        now = db_now(s)
+        row = s.get(Job, job_id)
+        if row is None or row.status != "queued":
+            return
+        due = (now + timedelta(seconds=countdown)).isoformat()
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(progress={**(row.progress or {}), "due_at": due})
+        )
+
+
+def _lock_key(dest: BackupDestination, settings: Settings, backend_factory: BackendFactory) -> str:
+    """The destination's lock key. An SFTP base directory is resolved by its server
+    (symlinks), so a short connection is opened first; when that fails, the coarse key
+    (every SFTP location) is taken instead: the job fails closed, never beside another."""
+    if dest.kind != "sftp":
+        return lock_key(dest)
+    try:
+        with backend_factory(dest, settings) as backend:
+            return lock_key(dest, backend.resolve_dir)
+    except Exception as err:
+        log.warning("could not resolve %s's base directory on its server (%s): locking "
+                    "every SFTP location", dest.id, err)  # fmt: skip
+        return coarse_lock_key(dest)
 
 
 def _fail_active(engine: Engine, job_id: uuid.UUID, error: str, **values: Any) -> bool:
@@ -344,8 +457,9 @@ def _execute(
 
         t0 = time.perf_counter()
         metrics.JOBS_IN_PROGRESS.labels(job.type).inc()
+        beat = Heartbeat(engine, job.id, settings.heartbeat_interval)
         try:
-            with backend_factory(dest, settings) as backend:
+            with beat, backend_factory(dest, settings) as backend:
                 backend.request_hook = _backend_hook(dest.kind)
                 try:
                     outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
@@ -353,8 +467,13 @@ def _execute(
                     metrics.BACKEND_RETRIES.labels(dest.kind).inc(backend.retries)
         except ShutdownRequested as err:
             session.rollback()
-            _finish(engine, job.id, lease, status="queued", phase="requeued",
-                    attempts=Job.attempts - 1, error=None, heartbeat_at=utcnow())  # fmt: skip
+            try:
+                _finish(engine, job.id, lease, status="queued", phase="requeued",
+                        attempts=Job.attempts - 1, error=None, heartbeat_at=utcnow())  # fmt: skip
+                _set_due(engine, job.id, 1)
+            except Exception as second:  # the row stays running: the next copy claims it
+                log.warning("job %s: could not write requeued (%s: %s)",
+                            job.id, type(second).__name__, second)  # fmt: skip
             log.info("job %s: %s", job.id, err)
             raise Requeued(str(err)) from err
         except LockLost as err:
@@ -363,15 +482,25 @@ def _execute(
             _on_lock_lost(engine, job, lease, err)
             return None
         except (TransientStorageError, DBAPIError) as err:
-            session.rollback()
             msg = f"{type(err).__name__}: {err}"[:2000]
-            if not _finish(engine, job.id, lease, status="queued", phase="retrying", error=msg,
-                           heartbeat_at=utcnow()):  # fmt: skip
-                return None
+            countdown = retry_countdown(max(0, job.attempts - 1))
+            try:
+                session.rollback()
+                if not _finish(engine, job.id, lease, status="queued", phase="retrying",
+                               error=msg, heartbeat_at=utcnow()):  # fmt: skip
+                    return None
+                _set_due(engine, job.id, countdown)
+            except Exception as second:
+                # The failure could not be recorded (the database is still away): the
+                # row may say running. Never end the work here: the task comes back.
+                log.warning("job %s: %s, and recording it failed too (%s: %s); the task "
+                            "will be retried", job.id, msg[:200], type(second).__name__,
+                            str(second)[:200])  # fmt: skip
+                raise StateNotRecorded(f"{msg[:500]}; then {type(second).__name__}") from err
             metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
             if job.type in SCAN_TYPES:  # this scan did not complete
                 metrics.LAST_SCAN_OK.labels(str(dest.id)).set(0)
-            raise RetryableJobError(msg) from err
+            raise RetryableJobError(msg, countdown) from err
         except StorageError as err:
             session.rollback()
             outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
@@ -396,6 +525,54 @@ def _execute(
         _record_metrics(job, dest, outcome, time.perf_counter() - t0, listed)
         log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
         return outcome
+
+
+class Heartbeat:
+    """While a job runs, a thread writes its ``heartbeat_at`` every ``interval`` seconds
+    on a connection of its own, whatever the job is doing (a long listing page, a slow
+    delete batch): a job whose heartbeat is older than ``heartbeat_timeout`` has no live
+    worker (killed, OOM, node lost, stopped), and the reaper puts it back in the queue.
+    A failed write (the database away) is retried at the next beat. The lock lease is
+    not renewed here: only the job's own fenced writes do that (a paused job loses it).
+    """
+
+    def __init__(self, engine: Engine, job_id: uuid.UUID, interval: float) -> None:
+        self.engine, self.job_id, self.interval = engine, job_id, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        with session_scope(self.engine) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == "running")
+                .values(heartbeat_at=utcnow())
+            )
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                failing = False
+            except Exception as err:
+                if not failing:
+                    log.warning("job %s: heartbeat not written (%s)", self.job_id,
+                                type(err).__name__)  # fmt: skip
+                failing = True
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval > 0:
+            self._thread = threading.Thread(
+                target=self._run, name=f"heartbeat-{self.job_id}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.interval))
 
 
 def _backend_hook(kind: str) -> Callable[[str, str, float], None]:
@@ -431,7 +608,7 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
     else ``failed``. Then queued jobs whose message looks lost (:func:`queued_resend`)."""
     out = Reaped()
     now = db_now(session)
-    stale = now - timedelta(seconds=max(2 * settings.lock_lease_seconds, 600))
+    stale = now - timedelta(seconds=settings.heartbeat_timeout)
     too_old = now - timedelta(seconds=settings.job_hard_time_limit + 300)
     rows = session.scalars(
         select(Job).where(
@@ -452,8 +629,12 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
                 f"no progress since {job.heartbeat_at}: the worker died or hung; "
                 f"requeued by the reaper (attempt {job.attempts} of {settings.max_attempts})"
             )
-            values = {"status": "queued", "phase": "requeued", "heartbeat_at": now}
+            progress = {k: v for k, v in (job.progress or {}).items() if k not in QUEUE_KEYS}
+            progress["due_at"] = now.isoformat()
+            values = {"status": "queued", "phase": "requeued", "heartbeat_at": now,
+                      "progress": progress}  # fmt: skip
             if _reap(session, job, still_stuck, note, **values):
+                _release_locks_of(session, job.id)
                 if dispatch_or_fail(session, job, send):
                     out.requeued += 1
                 else:
@@ -467,11 +648,28 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
         if _reap(
             session, job, still_stuck, error, status="failed", phase="failed", finished_at=now
         ):
+            _release_locks_of(session, job.id)
             metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
             out.failed += 1
     if send is not None:
         queued_resend(session, settings, send, out)
     return out
+
+
+def _release_locks_of(session: Session, job_id: uuid.UUID) -> None:
+    """Free the locks of a job the reaper took from its dead worker, so that the jobs
+    waiting for its location need not wait for the lease to run out. Safe: a copy that
+    was only paused finds the lock no longer its own at its next fenced write and stops
+    (SAFETY rule 8); the job itself takes its lock again when its message runs."""
+    res = session.execute(
+        update(LocationLock)
+        .where(LocationLock.job_id == job_id)
+        .values(job_id=None, expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if res.rowcount:  # type: ignore[attr-defined]
+        log.info("job %s: released %d lock(s) of its dead worker", job_id, res.rowcount)  # type: ignore[attr-defined]
 
 
 def _reap(session: Session, job: Job, still: tuple[Any, ...], error: str, **values: Any) -> bool:
@@ -494,7 +692,20 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
     harmless: it finds the job finished, or takes over its lock (fencing)."""
     now = db_now(session)
     cutoff = now - timedelta(seconds=queued_resend_after(settings))
+    grace = timedelta(seconds=settings.heartbeat_timeout)
+    # A job with a due time (waiting for a lock, retrying, requeued) whose message is
+    # that long overdue lost it: a worker that held its delayed message died, a retry
+    # could not be sent. Re-sent quickly. One never picked up may just be waiting its
+    # turn behind others in the broker: re-sent after the visibility timeout only.
+    recent = func.coalesce(Job.heartbeat_at, Job.created_at) < now - grace
+    overdue = [
+        job.id
+        for job in session.scalars(select(Job).where(Job.status == "queued", recent)).all()
+        if _due_at(job) is not None and _due_at(job) + grace < now  # type: ignore[operator]
+    ]
     quiet = func.coalesce(Job.heartbeat_at, Job.created_at) < cutoff
+    if overdue:
+        quiet = quiet | (Job.id.in_(overdue) & recent)
     jobs = session.scalars(select(Job).where(Job.status == "queued", quiet)).all()
     for job in jobs:
         resends = int((job.progress or {}).get("resends", 0))
@@ -527,6 +738,47 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
                 out.resent += 1
             else:
                 out.lost += 1
+
+
+def _due_at(job: Job) -> datetime | None:
+    """When the job's message is due back (``progress.due_at``), if it says."""
+    raw = (job.progress or {}).get("due_at")
+    try:
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+def job_health(job: Job, now: datetime, settings: Settings) -> dict[str, Any]:
+    """What an operator needs beside the status (API, CLI): ``stale`` when nothing
+    happens although the job should be moving (running with a heartbeat older than
+    ``heartbeat_timeout``, or queued with its message that long overdue: the reaper
+    sends it again at its next pass), ``waiting_for`` (the lock and the job holding it,
+    as seen at the job's last wait) and a one-line ``activity``."""
+    beat = job.heartbeat_at or job.created_at
+    grace = timedelta(seconds=settings.heartbeat_timeout)
+    due = _due_at(job)
+    stale = False
+    if job.status == "running":
+        stale = beat is None or beat < now - grace
+    elif job.status == "queued" and due is not None:
+        stale = due + grace < now and (beat is None or beat < now - grace)
+    waiting = (job.progress or {}).get("waiting_for") if job.phase == "waiting" else None
+    if job.status not in ACTIVE_JOB_STATUSES:
+        activity = job.status
+    elif stale:
+        activity = f"stale: no sign of life since {beat.isoformat() if beat else 'creation'}"
+    elif isinstance(waiting, dict):
+        held = f" held by job {waiting.get('held_by')}" if waiting.get("held_by") else ""
+        activity = f"waiting for {waiting.get('lock')}{held}"
+    else:
+        activity = job.phase or job.status
+    return {
+        "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
+        "stale": stale,
+        "waiting_for": waiting if isinstance(waiting, dict) else None,
+        "activity": activity,
+    }
 
 
 def reap(session: Session, settings: Settings, send: Sender) -> Reaped:

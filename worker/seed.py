@@ -8,11 +8,17 @@ updated, so seeding twice is harmless, archived (soft-deleted) rows included: th
 runs under the soft-delete opt-out, so it finds them instead of inserting a duplicate id.
 A field absent from the file keeps its stored value (an archived row stays archived
 unless the file sets ``"deleted_at": null``). See docs/seed.md for every field.
+
+Destinations are checked on the way in (docs/safety.md): a ``retention_days`` below one
+day is refused; a local destination's relative base directory (``bucket``) is resolved
+against the seed file's own directory, the one documented anchor, and stored absolute;
+an SFTP destination's base directory must be absolute.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +42,7 @@ from db.models import (
 )
 from db.softdelete import skip_soft_delete
 from db.types import UTCDateTime
+from storage_backends.identity import is_absolute_dir
 from storage_backends.paths import normalize_root
 
 ORDER: tuple[tuple[str, type[Base]], ...] = (
@@ -83,8 +90,44 @@ def _convert(model: type[Base], key: str, value: Any, where: str) -> Any:
     return value
 
 
-def load_seed(session: Session, data: dict[str, Any]) -> dict[str, int]:
-    """Insert or update every row; commits. Returns counts by table key."""
+def _check_destination(
+    values: dict[str, Any], kind: str | None, where: str, anchor: Path | None
+) -> None:
+    """Refuse what would make a destination unsafe, resolve a relative local base
+    directory against ``anchor`` (the seed file's directory). In place."""
+    if "retention_days" in values and values["retention_days"] is not None:
+        days = values["retention_days"]
+        if type(days) is not int or days < 1:
+            raise SeedError(
+                f"{where}: retention_days is {json.dumps(days)}: a retention window is a "
+                "whole number of days, at least 1 (a shorter one is refused, never "
+                "clamped); set 1 or more, or leave it out to use OCORE_RETENTION_DAYS"
+            )
+    if kind not in ("local", "sftp") or "bucket" not in values:
+        return
+    base = values["bucket"]
+    if not isinstance(base, str) or not base.strip():
+        raise SeedError(f"{where}: bucket (the base directory) must be a non-empty path")
+    if is_absolute_dir(base):
+        return
+    if kind == "sftp":
+        raise SeedError(
+            f"{where}: bucket {base!r} is a relative SFTP base directory (it would depend "
+            "on the login directory of the server's user): give the absolute path, e.g. "
+            "the output of `pwd` in an sftp session followed by the folder"
+        )
+    if anchor is None:
+        raise SeedError(
+            f"{where}: bucket {base!r} is a relative base directory: give an absolute path "
+            "(relative ones are resolved only in seed files, against the file's directory)"
+        )
+    values["bucket"] = os.path.normpath(os.path.join(anchor, base))
+
+
+def load_seed(session: Session, data: dict[str, Any], anchor: Path | None = None) -> dict[str, int]:
+    """Insert or update every row; commits. Returns counts by table key. ``anchor`` (an
+    absolute directory: the seed file's) is what a local destination's relative base
+    directory is resolved against; without it a relative one is refused."""
     known = {name for name, _ in ORDER}
     unknown = set(data) - known
     if unknown:
@@ -109,6 +152,10 @@ def load_seed(session: Session, data: dict[str, Any]) -> dict[str, int]:
                 values.setdefault("id", uuid.uuid4())
                 if model is BackupDestination:
                     values["root_prefix"] = normalize_root(values.get("root_prefix") or "")
+                    kind = values.get("kind")
+                    if kind is None and (stored := session.get(model, values["id"])):
+                        kind = stored.kind  # an update that leaves the kind out
+                    _check_destination(values, kind, where, anchor)
                 session.merge(model(**values))
             session.flush()
             counts[name] = len(rows)
@@ -125,4 +172,4 @@ def load_seed_file(session: Session, path: Path) -> dict[str, int]:
         raise SeedError(f"seed file {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise SeedError("a seed file holds one JSON object")
-    return load_seed(session, data)
+    return load_seed(session, data, anchor=path.resolve().parent)

@@ -59,6 +59,18 @@ class Settings(BaseSettings):
     # by a sweep every broker_restore_interval seconds.
     broker_visibility_timeout: int = 0
     broker_restore_interval: int = 60
+    # Recovery (docs/reliability.md, "Never lost, never stuck"): a running job writes its
+    # heartbeat every heartbeat_interval seconds; one silent for heartbeat_timeout seconds
+    # has no live worker and the reaper (every reaper_interval seconds, in every worker
+    # and in beat) queues and sends it again: running again within
+    # heartbeat_timeout + reaper_interval (+ a worker's pick-up) = under 2 minutes.
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: int = 75
+    worker_reaper: bool = True
+    # A job meeting a busy location waits busy_retry_seconds, doubled per wait up to
+    # busy_retry_max_seconds (with jitter), for as long as it takes.
+    busy_retry_seconds: float = 5.0
+    busy_retry_max_seconds: float = 30.0
     download_url_expiry: int = 900
     upload_max_bytes: int = 5 * 1024**3
     upload_max_parts: int = 16
@@ -67,7 +79,7 @@ class Settings(BaseSettings):
     # Schedules (celery beat), seconds
     scan_interval: float = 86_400.0
     cleanup_interval: float = 7 * 86_400.0
-    reaper_interval: float = 300.0
+    reaper_interval: float = 30.0
 
     log_format: str = "auto"  # auto | json | console
     log_level: str = "INFO"
@@ -76,7 +88,11 @@ class Settings(BaseSettings):
     @classmethod
     def _retention_at_least_one_day(cls, v: int) -> int:
         if v < 1:
-            raise ValueError("retention_days must be at least 1 (SAFETY rule 6)")
+            raise ValueError(
+                f"retention_days must be at least 1 (it is {v}): a shorter retention window is "
+                "refused, never clamped (docs/safety.md, rule 6); set OCORE_RETENTION_DAYS to "
+                "1 or more"
+            )
         return v
 
     @field_validator("cleanup_deletes_in_flight")
@@ -98,6 +114,13 @@ class Settings(BaseSettings):
     def _restore_interval_positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("broker_restore_interval must be at least 1 second")
+        return v
+
+    @field_validator("heartbeat_timeout")
+    @classmethod
+    def _heartbeat_timeout_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("heartbeat_timeout must be at least 1 second")
         return v
 
     @property

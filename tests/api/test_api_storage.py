@@ -12,9 +12,9 @@ from sqlalchemy import select
 from api import create_app
 from db.models import DeletionAudit, StorageAnalytics
 from db.types import utcnow
+from storage_backends.identity import location_key
 from tests.api.helpers import assert_error
 from tests.factories import make_backup, make_destination, make_world
-from worker.jobs import location_key
 
 
 def _url(env, what: str) -> str:
@@ -202,6 +202,19 @@ def test_browse_one_level_with_links(client, auth, env, files):
     assert z["linked"][0]["type"] == "snapshot"
 
 
+def test_browse_shows_a_name_that_is_not_utf8_escaped(client, auth, env, files):
+    """SAFETY rule 5: such a name is listed with its bytes escaped, never a 500."""
+    import os
+
+    raw = os.path.join(os.fsencode(env.root / "backups"), b"caf\xe9.tar")
+    with open(raw, "wb") as fh:
+        fh.write(b"x")
+    r = client.get(_url(env, "browse") + "?prefix=backups", headers=auth())
+    assert r.status_code == 200, r.get_data(as_text=True)
+    odd = [f for f in r.get_json()["files"] if f["name"] == "caf\\xe9.tar"]
+    assert len(odd) == 1 and odd[0]["linked"] == [] and odd[0]["path"] == "backups/caf\\xe9.tar"
+
+
 def test_browse_pages_with_a_cursor(client, auth, env, files):
     seen, cursor = [], None
     for _ in range(10):
@@ -316,6 +329,28 @@ def test_delete_refuses_files_linked_by_an_overlapping_destination(client, auth,
     r = client.delete(_url(env, "files") + "?path=shared/f.dump", headers=auth())
     body = assert_error(r, 409, "file_linked")
     assert body["links"][0]["destination_id"] == str(deep.id)
+
+
+def test_delete_refuses_files_a_differently_spelled_destination_links(
+    client, auth, env, db, tmp_path
+):
+    """SAFETY rules 1 and 4 through the API: a base directory reached through a symlink
+    and a record path with a '.' segment still name the file."""
+    (env.root / "shared").mkdir()
+    (env.root / "shared" / "f.dump").write_bytes(b"f")
+    (env.root / "shared" / "g.dump").write_bytes(b"g")
+    alias = tmp_path / "alias"
+    alias.symlink_to(env.root)
+    other = make_world(db, "tenant3")
+    spelled = make_destination(db, other, bucket=str(alias) + "/./", root_prefix="shared")
+    make_backup(db, other, spelled, "f.dump")
+    make_backup(db, other, spelled, "./g.dump")
+    db.commit()
+    for name in ("f.dump", "g.dump"):
+        r = client.delete(_url(env, "files") + f"?path=shared/{name}", headers=auth())
+        body = assert_error(r, 409, "file_linked")
+        assert body["links"][0]["destination_id"] == str(spelled.id)
+        assert (env.root / "shared" / name).exists()
 
 
 def test_delete_missing_file_is_404_and_no_path_is_400(client, auth, env, db):

@@ -62,12 +62,13 @@ class CuttingBackend(LocalBackend):
         self._cut()
         yield from pages
 
-    def check_path(self, path: str) -> str:
+    def check_listed_key(self, key: str) -> str:
         # Called inside the re-check transaction, before its commit (tasks/deleting.py).
+        path = key
         if self.when == "inside-recheck" and not self.cuts and self.pg_url:
             self._cut()
         self.events.append(("check", path))
-        return super().check_path(path)
+        return super().check_listed_key(path)
 
     def delete_many(self, paths: Iterable[str]) -> DeleteResult:
         paths = list(paths)

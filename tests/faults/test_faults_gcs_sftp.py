@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from db import archive
 from db.models import Backup, BackupDestination, DeletionAudit, Instance
 from db.types import utcnow
+from storage_backends.registry import open_backend
 from tests.factories import make_backup, make_destination
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.gcs import GcsServer
@@ -248,9 +249,15 @@ def test_sftp_connection_reset_mid_delete_is_reconnected_and_every_deletion_audi
     before = cutter.down_bytes
     assert run_job(dry.id, cfg, engine).status == "succeeded"  # type: ignore[union-attr]
     listing = cutter.down_bytes - before
+    # the re-check of the planned objects right before the batch (SAFETY rule 5a) reads
+    # every key once more: measured the same way, through the relay
+    before = cutter.down_bytes
+    with open_backend(dest, cfg) as backend:
+        backend.current(orphans)
+    recheck = cutter.down_bytes - before
     at_cut: list[int] = []
     cutter.on_cut = lambda: at_cut.append(len(left()))
-    cutter.cut_after(listing + 2_500)  # a few dozen removes into the deletes
+    cutter.cut_after(listing + recheck + 2_500)  # a few dozen removes into the deletes
     job, _ = request_job(db, "orphan_cleanup", dest, {"retention_days": 7, "dry_run": False})
     outcome = run_job(job.id, cfg, engine)
     assert cutter.cuts == 1

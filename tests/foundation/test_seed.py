@@ -19,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "seed.json"
 def test_example_seed_loads_idempotently(db):
     counts = load_seed_file(db, EXAMPLE)
     assert counts["destinations"] == 1 and counts["backups"] == 1
-    load_seed(db, json.loads(EXAMPLE.read_text()))
+    load_seed(db, json.loads(EXAMPLE.read_text()), anchor=EXAMPLE.parent)
     assert db.execute(select(func.count()).select_from(BackupDestination)).scalar_one() == 1
     assert db.execute(select(func.count()).select_from(Snapshot)).scalar_one() == 1
     assert db.execute(select(func.count()).select_from(User)).scalar_one() == 1
@@ -40,13 +40,13 @@ def test_example_seed_loads_idempotently(db):
 )
 def test_bad_seed_is_a_clear_error(db, data, message):
     with pytest.raises(SeedError, match=message):
-        load_seed(db, data)
+        load_seed(db, data, anchor=EXAMPLE.parent)
 
 
 def test_seeding_again_after_a_row_was_archived_updates_it(db):
     """merge() must see soft-deleted rows, or the second load inserts a duplicate id."""
     data = json.loads(EXAMPLE.read_text())
-    load_seed(db, data)
+    load_seed(db, data, anchor=EXAMPLE.parent)
     backup = db.scalars(select(Backup)).one()
     org = db.scalars(select(Organization)).one()
     backup.deleted_at = utcnow()
@@ -54,7 +54,7 @@ def test_seeding_again_after_a_row_was_archived_updates_it(db):
     db.commit()
     db.expunge_all()  # a later `ocore-storage seed`: a new session, nothing in memory
     data["backups"][0]["size_bytes"] = 4242
-    counts = load_seed(db, data)  # raised IntegrityError (UNIQUE) before the fix
+    counts = load_seed(db, data, anchor=EXAMPLE.parent)  # was an IntegrityError
     assert counts["backups"] == 1
     db.expire_all()
     with skip_soft_delete(db):
@@ -68,6 +68,6 @@ def test_seeding_again_after_a_row_was_archived_updates_it(db):
     assert db.scalars(select(Backup)).all() == []
     data["backups"][0]["deleted_at"] = None  # the file can restore a row explicitly
     db.expunge_all()
-    load_seed(db, data)
+    load_seed(db, data, anchor=EXAMPLE.parent)
     db.expire_all()
     assert db.scalars(select(Backup)).one().size_bytes == 4242

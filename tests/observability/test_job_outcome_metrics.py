@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BackupDestination, Job, LocationLock
 from storage_backends.errors import BackendUnavailableError
+from storage_backends.identity import lock_key
 from tests.factories import World
 from tests.tasks import conftest as _tasks_fixtures
 from tests.tasks.kit import (
@@ -23,7 +24,7 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.jobs import bucket_key, fail_job
+from worker.jobs import fail_job
 from worker.runner import RetryableJobError, run_job
 from worker.settings import Settings
 
@@ -85,7 +86,7 @@ def test_a_job_that_lost_its_lock_counts_as_failed(
         with Session(engine) as s:
             s.execute(
                 update(LocationLock)
-                .where(LocationLock.location_key == bucket_key(dest))
+                .where(LocationLock.location_key == lock_key(dest))
                 .values(job_id=None, token=LocationLock.token + 1)
             )
             s.commit()

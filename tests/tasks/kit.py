@@ -243,6 +243,7 @@ class HookedBackend(StorageBackend):
         super().__init__(inner.root)
         self.inner = inner
         self.kind = inner.kind
+        self.current_threads = inner.current_threads
         self.before_delete = before_delete
         self.after_delete = after_delete
         self.delete_calls: list[list[str]] = []
@@ -255,6 +256,9 @@ class HookedBackend(StorageBackend):
 
     def stat(self, path: str) -> ObjectInfo:
         return self.inner.stat(path)
+
+    def _stat_listed(self, key: str) -> ObjectInfo:
+        return self.inner._stat_listed(key)
 
     def read_chunks(self, path: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         return self.inner.read_chunks(path, chunk_size)

@@ -154,11 +154,11 @@ def test_retries_back_off_exponentially_then_the_job_fails(
     assert metrics.JOBS_FINISHED.labels("scan", "failed")._value.get() == failed + 1
 
 
-def test_max_retries_exceeded_ends_the_job_failed(
+def test_the_attempt_cap_in_the_database_ends_the_job_failed(
     db: Session, engine: Engine, world: World, task_env: Settings
 ) -> None:
-    """Celery's own retry cap (retries counted apart from attempts: a worker shutting
-    down requeues a job without using an attempt) also ends the job ``failed``."""
+    """Celery's own retry count decides nothing (waits and requeues never use it up);
+    the job row's attempts do: a job failing every time ends ``failed`` at the cap."""
     from worker import metrics
     from worker.celery_tasks import scan_task
 
@@ -169,8 +169,8 @@ def test_max_retries_exceeded_ends_the_job_failed(
 
     assert result.state == "SUCCESS" and result.result == "failed"
     row = job_row(engine, job.id)
-    assert row.status == "failed" and row.attempts == 1
-    assert row.error is not None and f"after {task_env.max_attempts} retries" in row.error
+    assert row.status == "failed" and row.attempts == task_env.max_attempts + 1
+    assert row.error is not None and f"after {task_env.max_attempts} attempts" in row.error
     assert metrics.JOBS_FINISHED.labels("scan", "failed")._value.get() == failed + 1
 
 

@@ -14,10 +14,10 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from db.models import Backup, LocationLock
+from storage_backends.identity import lock_key
 from tasks.deleting import BatchOutcome, DeleteContext, Doomed, delete_batches
 from tests.factories import World
 from tests.tasks.kit import ProbeBackend, Store, audit_rows, local_dest, request
-from worker.jobs import bucket_key
 from worker.locks import LockLost, acquire
 
 BATCH = 100
@@ -30,7 +30,7 @@ def _setup(
     keys = sorted(f"o/{i:04d}.tar" for i in range(n))
     store.put_many(f"backups/{k}" for k in keys)
     job = request(db, dest, "orphan_cleanup")
-    lease = acquire(db, bucket_key(dest), job.id, 600)
+    lease = acquire(db, lock_key(dest), job.id, 600)
     assert lease is not None
     backend = ProbeBackend(dest, **backend_hooks)
     ctx = DeleteContext(db, backend, dest, lease, 600, "orphan", job.id, "tester")
@@ -142,7 +142,7 @@ def test_a_lock_lost_while_batches_are_in_flight_stops_before_the_next_batch(
             stolen.set()
 
     ctx, backend, batches, _keys = _setup(db, world, store, 5 * BATCH, 2, {"before_delete": hooks})
-    key["lock"] = bucket_key(ctx.dest)
+    key["lock"] = lock_key(ctx.dest)
 
     with pytest.raises(LockLost):
         delete_batches(ctx, batches, _noop)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db import archive
 from db.models import Backup, Job, LocationLock, PendingDeletion
+from storage_backends.identity import lock_key
 from tasks.scan import RecordIds, run_scan
 from tests.factories import World
 from tests.tasks.kit import (
@@ -31,7 +32,6 @@ from tests.tasks.kit import (
     run,
 )
 from worker.celery_tasks import schedule_jobs
-from worker.jobs import bucket_key
 from worker.locks import acquire
 from worker.runner import LocationBusy, queued_resend_after, reap, reap_stuck_jobs
 from worker.settings import Settings
@@ -79,7 +79,7 @@ def test_reaper_requeues_a_dead_workers_job_and_it_completes(
     record(db, world, dest, "keep.tar")
     store.put("backups/keep.tar")
     job = request(db, dest, "orphan_cleanup")
-    assert acquire(db, bucket_key(dest), job.id, 3600) is not None  # the dead copy's lock
+    assert acquire(db, lock_key(dest), job.id, 3600) is not None  # the dead copy's lock
     dead_worker(db, job)
     failed_before = finished("orphan_cleanup", "failed")
     send = Sender()
@@ -183,7 +183,7 @@ def test_a_job_waiting_on_the_lock_is_not_taken_for_a_lost_one(
     settings = cfg.model_copy(update={"broker_visibility_timeout": 120})
     dest = local_dest(db, world, store)
     holder = request(db, dest, "orphan_cleanup")
-    assert acquire(db, bucket_key(dest), holder.id, 600) is not None
+    assert acquire(db, lock_key(dest), holder.id, 600) is not None
     waiting = request(db, dest, "scan_cleanup")
     age(db, waiting, minutes=30, column="created_at")  # queued for half an hour
 
@@ -371,29 +371,32 @@ def test_beat_schedules_one_job_per_destination_on_its_queue_with_its_retention(
 ) -> None:
     a = local_dest(db, world, store, "a/")
     b = local_dest(db, world, store, "b/", retention_days=7)
-    twin = local_dest(db, world, store, "/a")  # the same location as a: one job
+    # the same location as a: a job of its own (each destination's job is its owner's),
+    # run one at a time with a's through their location lock
+    twin = local_dest(db, world, store, "/a")
     send = Sender()
 
-    assert schedule_jobs(db, cfg, "scan", send) == 2
-    assert schedule_jobs(db, cfg, "orphan_cleanup", send) == 2
+    assert schedule_jobs(db, cfg, "scan", send) == 3
+    assert schedule_jobs(db, cfg, "orphan_cleanup", send) == 3
     assert schedule_jobs(db, cfg, "scan", send) == 0  # second tick: no duplicates
     assert schedule_jobs(db, cfg, "orphan_cleanup", send) == 0
 
-    assert len(send.sent) == 4
+    assert len(send.sent) == 6
     assert sorted((n, q) for n, _a, q in send.sent) == [
         ("ocore.orphan_cleanup", "cleanup"),
         ("ocore.orphan_cleanup", "cleanup"),
+        ("ocore.orphan_cleanup", "cleanup"),
+        ("ocore.scan", "scan"),
         ("ocore.scan", "scan"),
         ("ocore.scan", "scan"),
     ]
     jobs = {(j.type, j.destination_id): j for j in db.scalars(select(Job)).all()}
-    assert len(jobs) == 4
+    assert len(jobs) == 6
     assert {j.requested_by for j in jobs.values()} == {"beat"}
     assert {str(j.id) for j in jobs.values()} == {args[0] for _n, args, _q in send.sent}
     cleanups = {d: j for (t, d), j in jobs.items() if t == "orphan_cleanup"}
     retention = {d: j.params["retention_days"] for d, j in cleanups.items()}
-    first = a.id if a.id in retention else twin.id
-    assert retention == {first: cfg.retention_days, b.id: 7}
+    assert retention == {a.id: cfg.retention_days, twin.id: cfg.retention_days, b.id: 7}
 
 
 # -- stale candidates: 16 bytes a record -------------------------------------------------
@@ -443,7 +446,7 @@ def test_a_dead_lock_holder_of_a_requeued_job_is_fenced(
     """The requeued copy takes the lock over: the old copy's token no longer passes."""
     dest = local_dest(db, world, store)
     job = request(db, dest, "orphan_cleanup")
-    old = acquire(db, bucket_key(dest), job.id, 3600)
+    old = acquire(db, lock_key(dest), job.id, 3600)
     assert old is not None
     dead_worker(db, job)
     reap(db, cfg, Sender())
@@ -451,6 +454,6 @@ def test_a_dead_lock_holder_of_a_requeued_job_is_fenced(
     run(engine, cfg, job)
 
     with Session(engine) as s:
-        lock = s.get(LocationLock, bucket_key(dest))
+        lock = s.get(LocationLock, lock_key(dest))
         assert lock is not None and lock.token > old.token and lock.job_id is None
     assert job_row(engine, job.id).status == "succeeded"

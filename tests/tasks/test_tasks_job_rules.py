@@ -11,6 +11,7 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Backup, CleanupCandidate, Job, LocationLock
+from storage_backends.identity import location_key, lock_key
 from tests.factories import World, make_destination
 from tests.tasks.kit import (
     Interrupted,
@@ -24,7 +25,7 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.jobs import bucket_key, location_key, request_job
+from worker.jobs import request_job
 from worker.locks import acquire, release
 from worker.runner import LocationBusy, run_job
 from worker.settings import Settings
@@ -46,8 +47,11 @@ def test_rule19_second_request_returns_the_existing_job(
     via_twin, created_twin = request_job(db, "orphan_cleanup", twin, {})
     other_type, created_other = request_job(db, "scan", dest, {})
 
-    assert created and not created_again and not created_twin and created_other
-    assert again.id == first.id == via_twin.id
+    # the twin's request is its own job (its owner may be another organization): the
+    # two run one at a time through their location lock
+    assert created and not created_again and created_twin and created_other
+    assert again.id == first.id != via_twin.id
+    assert lock_key(twin) == lock_key(dest)
     assert other_type.id != first.id
     run(engine, cfg, first)
     assert job_row(engine, first.id).status == "succeeded"
@@ -89,14 +93,20 @@ def test_rule19_concurrent_requests_create_one_job(
 def test_rule19_busy_location_raises_location_busy_and_deletes_nothing(
     db: Session, engine: Engine, cfg: Settings, world: World, store: Store
 ) -> None:
-    a = local_dest(db, world, store, "backups/a/")
-    b = local_dest(db, world, store, "backups/b/")  # another root in the same bucket
+    a = local_dest(db, world, store, "backups/")
+    b = local_dest(db, world, store, "backups/b/")  # inside a's root: they overlap
+    c = local_dest(db, world, store, "other/")  # disjoint: never waits for a
     store.put("backups/a/orphan.tar")
     store.put("backups/b/orphan.tar")
+    store.put("other/orphan.tar")
     job_a = request(db, a, "orphan_cleanup")
     job_b = request(db, b, "orphan_cleanup")
-    lease = acquire(db, bucket_key(a), job_a.id, 600)  # job a is running
+    lease = acquire(db, lock_key(a), job_a.id, 600)  # job a is running
     assert lease is not None
+    job_c = request(db, c, "orphan_cleanup")
+    run(engine, cfg, job_c)
+    assert job_row(engine, job_c.id).status == "succeeded"
+    assert not store.exists("other/orphan.tar")
 
     with pytest.raises(LocationBusy):
         run(engine, cfg, job_b)
@@ -122,7 +132,7 @@ def test_rule19_an_expired_lock_of_a_dead_job_is_taken_over(
     dest = local_dest(db, world, store)
     store.put("backups/orphan.tar")
     dead = request(db, dest, "scan_cleanup")
-    assert acquire(db, bucket_key(dest), dead.id, 600) is not None
+    assert acquire(db, lock_key(dest), dead.id, 600) is not None
     db.execute(
         text("UPDATE location_locks SET expires_at = clock_timestamp() - interval '1 second'")
     )
@@ -204,7 +214,7 @@ def test_rule20_orphan_cleanup_killed_and_run_again_converges(
     if hard_kill:  # kill -9 releases nothing: the lock still names the job
         db.execute(
             update(LocationLock)
-            .where(LocationLock.location_key == bucket_key(dest))
+            .where(LocationLock.location_key == lock_key(dest))
             .values(job_id=job.id, expires_at=text("clock_timestamp() + interval '10 minutes'"))
         )
         db.commit()
@@ -327,5 +337,5 @@ def test_rule20_too_many_attempts_fail_the_job_without_running_it(
     assert row.status == "failed" and row.error is not None and "gave up" in row.error
     assert backend.walks == 0 and store.exists("backups/orphan.tar")
     with Session(engine) as s:
-        lock = s.get(LocationLock, bucket_key(dest))
+        lock = s.get(LocationLock, lock_key(dest))
         assert lock is not None and lock.job_id is None  # released for the next job

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import DeletionAudit, Job, LocationLock
+from storage_backends.identity import lock_key
 from tests.factories import World
 from tests.tasks.kit import (
     ProbeBackend,
@@ -21,7 +22,6 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.jobs import bucket_key
 from worker.settings import Settings
 
 
@@ -44,7 +44,7 @@ def test_lease_is_renewed_while_listing(
     dest = local_dest(db, world, store)
     store.put_many(f"backups/o/{i:03d}.tar" for i in range(10))
     settings = cfg.model_copy(update={"lock_lease_seconds": 2})
-    key = bucket_key(dest)
+    key = lock_key(dest)
     seen: list[float] = []
 
     def slow_page(_listed: int) -> None:
@@ -66,7 +66,7 @@ def test_lock_lost_during_listing_deletes_nothing(
 ) -> None:
     dest = local_dest(db, world, store)
     keys = store.put_many(f"backups/o/{i:03d}.tar" for i in range(20))
-    key = bucket_key(dest)
+    key = lock_key(dest)
 
     def steal(listed: int) -> None:
         if listed == 5:

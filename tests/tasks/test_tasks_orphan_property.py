@@ -66,9 +66,9 @@ class Rec:
 
 
 def loose(key: str) -> str:
-    """SAFETY rule 4, literally: URL-decoded once, NFC, case-folded, '//' collapsed,
-    leading '/' removed."""
-    text = nfc(unquote(key)).casefold()
+    """SAFETY rule 4, literally: URL-decoded once, '+' read as a space, NFC, case-folded,
+    '//' collapsed, leading '/' removed ('.'/'..' segments do not occur here)."""
+    text = nfc(unquote(key).replace("+", " ")).casefold()
     return re.sub("/+", "/", text).lstrip("/")
 
 
@@ -80,7 +80,10 @@ def protects(rec: Rec, file_key: str) -> bool:
         loosely = loose(file_key).startswith(loose(rec.key).rstrip("/") + "/")
     else:
         exact = file_key == rec.key
-        loosely = loose(file_key) == loose(rec.key)
+        # equal loosely, or the record names a folder without its trailing '/'
+        loosely = loose(file_key) == loose(rec.key) or loose(file_key).startswith(
+            loose(rec.key) + "/"
+        )
     return exact or loosely
 
 

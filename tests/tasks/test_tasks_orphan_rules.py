@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, LocationLock, StorageAnalytics
 from db.session import db_now
+from storage_backends.identity import lock_key
 from tests.factories import World, make_destination, make_world
 from tests.tasks.kit import (
     ProbeBackend,
@@ -33,7 +34,6 @@ from tests.tasks.kit import (
     signal_index_built,
 )
 from worker import metrics
-from worker.jobs import bucket_key
 from worker.settings import Settings
 
 
@@ -298,21 +298,24 @@ def test_rule06_db_now_reads_the_database_clock(db: Session) -> None:
     assert abs((db_now(db) - server).total_seconds()) < 5
 
 
-def test_rule06_retention_is_at_least_one_day(
-    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+@pytest.mark.parametrize("where", ["request", "destination"])
+@pytest.mark.parametrize("days", [0, -5])
+def test_rule06_retention_below_one_day_is_refused_never_clamped(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, where: str, days: int
 ) -> None:
     with pytest.raises(ValidationError):
         Settings(retention_days=0)
-    dest = local_dest(db, world, store)
+    dest = local_dest(db, world, store, **({"retention_days": days} if where != "request" else {}))
     store.put("backups/two-days.tar", age_days=2)
     store.put("backups/half-day.tar", age_days=0.5)
 
-    job = cleanup(db, engine, cfg, dest, retention_days=-5)
+    params = {"retention_days": days} if where == "request" else {}
+    job = cleanup(db, engine, cfg, dest, **params)
 
-    assert job.status == "succeeded", job.error
-    assert job.result is not None and job.result["retention_days"] == 1
-    assert store.exists("backups/half-day.tar")
-    assert not store.exists("backups/two-days.tar")
+    assert job.status == "failed"
+    assert job.error is not None and "at least 1 day" in job.error
+    assert ("destination" in job.error) == (where == "destination")
+    assert store.exists("backups/half-day.tar") and store.exists("backups/two-days.tar")
 
 
 def test_rule06_destination_retention_applies_when_the_job_names_none(
@@ -418,7 +421,7 @@ def test_rule08_lost_lease_stops_before_the_next_batch(
 
     def after(call_no: int, _keys: list[str]) -> None:
         if call_no == 1:
-            lose(engine, bucket_key(dest))
+            lose(engine, lock_key(dest))
 
     backend = ProbeBackend(dest, after_delete=after)
     job = cleanup(db, engine, cfg, dest, backend)
@@ -607,9 +610,9 @@ def test_rule07_rule08_plain_function_call(
     dest = local_dest(db, world, store)
     store.put("backups/o.tar")
     job = request(db, dest, "orphan_cleanup")
-    lease = acquire(db, bucket_key(dest), job.id, 600)
+    lease = acquire(db, lock_key(dest), job.id, 600)
     assert lease is not None
-    newer = acquire(db, bucket_key(dest), job.id, 600)  # a redelivered copy took over
+    newer = acquire(db, lock_key(dest), job.id, 600)  # a redelivered copy took over
     assert newer is not None and newer.token == lease.token + 1
 
     with pytest.raises(LockLost):

@@ -8,10 +8,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from db.models import BackupDestination
+from storage_backends.identity import location_key, location_root, lock_key, locks_conflict
 from tasks.linking import overlapping_destinations
 from tests.factories import World, make_destination, make_world
 from tests.tasks.kit import ProbeBackend, Store, audit_rows, job_row, record, request, run
-from worker.jobs import bucket_key, location_key, location_root, request_job
+from worker.jobs import request_job
 from worker.locks import acquire
 from worker.runner import LocationBusy
 from worker.settings import Settings
@@ -87,15 +88,18 @@ def test_rule01_a_destination_covering_the_base_directory_from_above_fails_close
     assert store.exists("x/orphan.tar") and backend.delete_calls == []
 
 
-def test_rule01_overlap_never_crosses_hosts_or_kinds(db: Session, world: World) -> None:
+def test_rule01_overlap_crosses_host_names_never_kinds(db: Session, world: World) -> None:
     a = dest_at(db, world, "/srv", "b/", kind="sftp", endpoint="h1:22")
     same = dest_at(db, world, "/srv/b", kind="sftp", endpoint="h1:22")
+    # another name may be the same server: the worker cannot tell (fail closed)
     other_host = dest_at(db, world, "/srv/b", kind="sftp", endpoint="h2:22")
+    elsewhere = dest_at(db, world, "/srv/c", kind="sftp", endpoint="h1:22")
     local = dest_at(db, world, "/srv/b")
 
-    assert {d.id for d in overlapping_destinations(db, a)} == {a.id, same.id}
-    assert bucket_key(a) == bucket_key(same)
-    assert len({bucket_key(a), bucket_key(other_host), bucket_key(local)}) == 3
+    assert {d.id for d in overlapping_destinations(db, a)} == {a.id, same.id, other_host.id}
+    assert lock_key(a) == lock_key(same) == lock_key(other_host)  # one location
+    assert not locks_conflict(lock_key(a), lock_key(elsewhere))  # disjoint directories
+    assert not locks_conflict(lock_key(local), lock_key(a))
     copy = next(d for d in overlapping_destinations(db, a) if d.id == same.id)
     assert (copy.bucket, copy.root_prefix) == ("/srv", "b/")  # in a's frame
     assert copy not in db  # a transient copy, never written back
@@ -103,7 +107,7 @@ def test_rule01_overlap_never_crosses_hosts_or_kinds(db: Session, world: World) 
 
 
 # -- rule 19 --------------------------------------------------------------------------
-def test_rule19_one_job_and_one_lock_for_the_same_path_spelled_two_ways(
+def test_rule19_one_lock_for_the_same_path_spelled_two_ways(
     db: Session, engine: Engine, cfg: Settings, world: World, store: Store
 ) -> None:
     outer = dest_at(db, world, str(store.base), "x/")
@@ -112,14 +116,21 @@ def test_rule19_one_job_and_one_lock_for_the_same_path_spelled_two_ways(
     store.put("x/deep/orphan.tar")
 
     first, created = request_job(db, "orphan_cleanup", outer, {})
-    again, created_again = request_job(db, "orphan_cleanup", inner, {})
-    assert created and not created_again and again.id == first.id
+    again, created_again = request_job(db, "orphan_cleanup", outer, {})
+    assert created and not created_again and again.id == first.id  # same destination
+    twin, created_twin = request_job(db, "orphan_cleanup", inner, {})
+    assert created_twin and twin.id != first.id  # its own job, but the same lock
     deep, created_deep = request_job(db, "orphan_cleanup", nested, {})
     assert created_deep and deep.id != first.id
 
-    assert bucket_key(outer) == bucket_key(inner) == bucket_key(nested)
-    lease = acquire(db, bucket_key(outer), first.id, 600)  # the outer job runs
+    assert lock_key(outer) == lock_key(inner) != lock_key(nested)
+    assert locks_conflict(lock_key(outer), lock_key(nested))  # nested: they overlap
+    lease = acquire(db, lock_key(outer), first.id, 600)  # the outer job runs
     assert lease is not None
+    twin_backend = ProbeBackend(inner)
+    with pytest.raises(LocationBusy, match=str(first.id)):  # says who holds it
+        run(engine, cfg, twin, twin_backend)
+    assert twin_backend.walks == 0
     backend = ProbeBackend(nested)
     with pytest.raises(LocationBusy):
         run(engine, cfg, deep, backend)

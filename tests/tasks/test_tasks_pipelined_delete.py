@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, LocationLock
 from storage_backends.errors import TransientStorageError
+from storage_backends.identity import lock_key
 from tasks.deleting import BatchOutcome, DeleteContext, Doomed, delete_batches
 from tests.factories import World
 from tests.tasks.kit import (
@@ -30,7 +31,6 @@ from tests.tasks.kit import (
     run,
 )
 from worker import shutdown
-from worker.jobs import bucket_key
 from worker.locks import acquire
 from worker.runner import Requeued, RetryableJobError
 from worker.settings import Settings
@@ -72,7 +72,7 @@ def test_batch_k_is_closed_while_batch_k_plus_1_is_being_deleted(
     started. One batch after the other (close, then the next batch), it never would."""
     dest, keys = _orphans(db, world, store)
     job = request(db, dest, "orphan_cleanup")
-    lease = acquire(db, bucket_key(dest), job.id, 600)
+    lease = acquire(db, lock_key(dest), job.id, 600)
     assert lease is not None
     second_sent = threading.Event()
 
@@ -161,7 +161,7 @@ def test_a_lock_lost_while_a_batch_is_being_deleted_stops_before_the_next_batch(
 
     def steal(call_no: int, _keys: list[str]) -> None:
         if call_no == 2:
-            _steal(engine, bucket_key(dest))
+            _steal(engine, lock_key(dest))
 
     backend = ProbeBackend(dest, before_delete=steal)
     job = request(db, dest, "orphan_cleanup")

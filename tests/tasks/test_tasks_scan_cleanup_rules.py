@@ -319,7 +319,7 @@ def test_rule08_scan_cleanup_that_lost_its_lease_removes_nothing(
     from sqlalchemy import update
 
     from db.models import LocationLock
-    from worker.jobs import bucket_key
+    from storage_backends.identity import lock_key
 
     dest = local_dest(db, world, store)
     present_records(db, world, store, dest)
@@ -329,7 +329,7 @@ def test_rule08_scan_cleanup_that_lost_its_lease_removes_nothing(
         with Session(engine) as s:
             s.execute(
                 update(LocationLock)
-                .where(LocationLock.location_key == bucket_key(dest))
+                .where(LocationLock.location_key == lock_key(dest))
                 .values(job_id=uuid.uuid4(), token=LocationLock.token + 1)
             )
             s.commit()

@@ -1,0 +1,1 @@
+"""Property-based suites (hypothesis) that attack deletion safety on real servers."""
