@@ -420,20 +420,34 @@ def test_s3_probe_of_conditional_deletes_writes_nothing(
 
 
 def test_s3_seaweedfs_delete_planned_sends_the_etag(seaweedfs_server: S3Server) -> None:
+    """Once the probe has shown that SeaweedFS honours the per-object ETag, batches are
+    not re-read: the ETag sent with each key is what keeps a rewritten one. With
+    ``identity_recheck: always`` the batch is re-read too (a same-bytes rewrite, same
+    ETag, is kept by its new last-modified time)."""
     from tests.servers.destinations import make_s3_backend
 
     bucket = seaweedfs_server.create_bucket()
-    seed_objects(seaweedfs_server, bucket, ["r/a", "r/b", "r/c"], body=BODY)
+    seed_objects(seaweedfs_server, bucket, ["r/a", "r/b", "r/c", "r/d"], body=BODY)
     client = seaweedfs_server.client()
     with make_s3_backend(seaweedfs_server, bucket, "r/") as backend:
         planned = {o.path: o for page in backend.walk("") for o in page}
+        assert backend.conditional_deletes() is True
         client.put_object(Bucket=bucket, Key="r/b", Body=NEW_BODY)
         client.delete_object(Bucket=bucket, Key="r/c")
-        # no re-check: only the ETag sent with each key can keep r/b
-        backend.recheck = lambda items: (list(items), [])  # type: ignore[method-assign]
-        result = backend.delete_planned(list(planned.values()))
+        listed = backend.current
+        backend.current = lambda keys: pytest.fail(f"re-read {keys}")  # type: ignore[method-assign]
+        result = backend.delete_planned([planned[k] for k in ("a", "b", "c")])
+        backend.current = listed  # type: ignore[method-assign]
     assert (sorted(result.deleted), result.changed, result.errors) == (["a", "c"], ["b"], {})
-    assert _bucket_keys(seaweedfs_server, bucket) == {"r/b"}
+    assert _bucket_keys(seaweedfs_server, bucket) == {"r/b", "r/d"}
+
+    time.sleep(1.1)  # (a last-modified time in another second)
+    client.put_object(Bucket=bucket, Key="r/d", Body=BODY)  # same bytes, same ETag
+    with make_s3_backend(seaweedfs_server, bucket, "r/", identity_recheck="always") as backend:
+        assert backend.conditional_deletes() is True
+        result = backend.delete_planned([planned["d"]])
+    assert (result.deleted, result.changed) == ([], ["d"])
+    assert _bucket_keys(seaweedfs_server, bucket) == {"r/b", "r/d"}
 
 
 # -- GCS: the re-check by generation, and the delete itself conditional -------------------
