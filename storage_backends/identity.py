@@ -38,6 +38,8 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from storage_backends.paths import resolve_segments
+
 #: Object stores: a bucket is a flat namespace of keys.
 OBJECT_KINDS = frozenset({"s3", "gcs"})
 #: Kinds whose "bucket" is a base directory of a file system: a base directory and a
@@ -145,16 +147,7 @@ def canonical_dir(base_dir: str | None) -> str:
             "absolute base directory (a relative one would depend on the working "
             "directory of whichever process reads it)"
         )
-    parts: list[str] = []
-    for seg in raw.split("/"):
-        if seg in ("", "."):
-            continue
-        if seg == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(seg)
-    return "/" + "/".join(parts)
+    return "/" + "/".join(resolve_segments(raw.split("/")))
 
 
 def local_realpath(path: str) -> str:

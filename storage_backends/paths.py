@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 from storage_backends.errors import InvalidPathError
 
@@ -126,6 +127,19 @@ def validate_prefix(prefix: str, *, allow_empty_segments: bool = False) -> str:
     if not prefix.endswith("/"):
         prefix += "/"
     return validate_path(prefix, allow_dir=True, allow_empty_segments=allow_empty_segments)
+
+
+def resolve_segments(segments: Iterable[str]) -> list[str]:
+    """Path segments with empty and ``.`` ones dropped and each ``..`` taking back the one
+    before it (never above the start)."""
+    parts: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if parts:
+                parts.pop()
+        elif seg not in ("", "."):
+            parts.append(seg)
+    return parts
 
 
 def normalize_root(root: str) -> str:

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from db.models import ODD_RECORD_PATH_SQL, Backup, BackupDestination, Snapshot
 from storage_backends import identity
 from storage_backends.identity import PATH_KINDS, DirResolver
-from storage_backends.paths import normalize_root
+from storage_backends.paths import normalize_root, resolve_segments
 
 RECORD_MODELS: tuple[Any, ...] = (Backup, Snapshot)
 _SLASHES = re.compile(r"/{2,}")
@@ -133,23 +133,9 @@ def loose(key: str, *, decode: bool = True) -> str:
 def _resolve_dots(key: str) -> str:
     """``.`` segments dropped and ``..`` segments resolved (never above the start); a
     trailing '/' kept."""
-    parts: list[str] = []
-    segments = key.split("/")
-    for seg in segments[:-1]:
-        if seg == ".":
-            continue
-        if seg == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(seg)
-    last = segments[-1]
-    if last in (".", ".."):
-        if last == ".." and parts:
-            parts.pop()
-        return "/".join(parts) + "/" if parts else ""
-    parts.append(last)
-    return "/".join(parts)
+    parts = resolve_segments(key.split("/"))
+    folder = key.endswith(("/", "/.", "/..")) or key in (".", "..")
+    return "/".join(parts) + ("/" if folder and parts else "")
 
 
 def ancestors(key: str) -> Iterator[str]:
