@@ -8,7 +8,7 @@ LOCK ?= requirements.lock
 # PEP 503 names: lower case, runs of - _ . as one -
 NORMALIZE := tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g' | sort -u
 
-.PHONY: install sync demo doctor lint format test test-fast test-deep sysdeps bench bench-quick clean
+.PHONY: install sync demo doctor lint format test test-fast test-deep sysdeps bench bench-quick bench-upload clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ test-deep: install sysdeps ## the property suite (tests/property) with many rand
 bench: install ## benchmarks (not part of make test); writes docs/benchmarks.md
 	WITH_BENCH=1 bash scripts/install-system-deps.sh
 	$(BIN)/python -m bench.run --sizes 10000,100000,1000000 --cleanup-sizes 10000,100000 --backend-sizes 10000,100000
+
+bench-upload: install ## peak RSS of the API server for 1 and 8 concurrent 1 GiB uploads per backend (~9 min)
+	WITH_BENCH=1 bash scripts/install-system-deps.sh
+	$(BIN)/python -m bench.run --only upload
 
 bench-quick: install
 	WITH_BENCH=1 bash scripts/install-system-deps.sh

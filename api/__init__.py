@@ -12,7 +12,7 @@ api`` makes the same check (``--dev`` allows it); callers passing their own sett
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response
 from sqlalchemy import Engine
 
 from api import archived, auth, backends, context, errors, health, jobs, metrics, openapi, storage
@@ -70,7 +70,15 @@ def create_app(
     errors.init_app(app)
     for module in (storage, jobs, archived, health, metrics, openapi):
         app.register_blueprint(module.bp)
+    app.after_request(_no_store)
     return app
+
+
+def _no_store(response: Response) -> Response:
+    """Nothing the API answers may be kept by a cache on the way (tenant data, signed
+    URLs, tokens in error echoes): ``Cache-Control: no-store`` unless a route set one."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
 
 
 __all__ = ["InsecureSecretError", "create_app"]

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import BackupDestination, StorageAnalytics
+from db.models import BackupDestination, Project, StorageAnalytics
 from storage_backends.identity import location_root, storage_key
 from storage_backends.paths import normalize_root, roots_overlap
 
@@ -147,13 +147,29 @@ def _dest_entry(
     }
 
 
-def project_storage(session: Session, project_id: uuid.UUID) -> dict[str, Any]:
-    """The ``GET /api/projects/{id}/storage`` body."""
-    dests = session.scalars(
+def project_storage(
+    session: Session, project_id: uuid.UUID, organization_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """The ``GET /api/projects/{id}/storage`` body.
+
+    Only destinations of the project's own organization count (and of
+    ``organization_id``, the caller's, when given): a destination row of another
+    organization that names this project (inconsistent, refused by the schema since
+    migration 0006 but written around it) never shows its name, root or figures here.
+    """
+    stmt = (
         select(BackupDestination)
+        .join(
+            Project,
+            (Project.id == BackupDestination.project_id)
+            & (Project.organization_id == BackupDestination.organization_id),
+        )
         .where(BackupDestination.project_id == project_id)
         .order_by(BackupDestination.name, BackupDestination.id)
-    ).all()
+    )
+    if organization_id is not None:
+        stmt = stmt.where(BackupDestination.organization_id == organization_id)
+    dests = session.scalars(stmt).all()
     latest = latest_analytics(session, [d.id for d in dests])
     counted_by = choose_counted(dests, set(latest))
     totals = dict.fromkeys((name for name, _ in FIGURES), 0)

@@ -43,15 +43,17 @@ def list_archived(entity_type: str) -> Response:
 
 @bp.post("/<entity_type>/<entity_id>/restore")
 def restore(entity_type: str, entity_id: str) -> Response:
-    """Clear ``deleted_at`` (409 when the entity is not archived)."""
+    """Clear ``deleted_at`` of the entity and of what was archived with it (409 when it
+    is not archived, or when its parent is)."""
     ident = parse_uuid(entity_id, "id")
-    deleted_at = archive.restore(db(), entity_type, ident)
+    done = archive.restore(db(), entity_type, ident)
     return jsonify(
         {
             "message": f"{entity_type} {ident} restored",
             "id": str(ident),
             "type": entity_type,
-            "was_deleted_at": deleted_at.isoformat(),
+            "was_deleted_at": done.deleted_at.isoformat(),
+            "restored": done.restored,
         }
     )
 

@@ -10,15 +10,25 @@ Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member
 A member reaches only its organization's destinations, projects and jobs; anything
 else is a 404 that says nothing about whether it exists. Admins reach everything.
 
+A token outlives no subject: one whose ``sub`` names a soft-deleted user, or a user of
+a soft-deleted (archived) organization, or whose ``org`` names an archived organization,
+is refused (401, "no longer active"). The standing of each user and organization is
+remembered for :data:`SUBJECT_CACHE_TTL_SECONDS` in this process (no query per request),
+so an archive takes effect within that time; :func:`clear_subject_cache` forgets it. A
+``sub`` that names no user (a service identity such as ``dev-user``, or a user already
+purged from the archive) and the nil ``org`` of an admin token are not checked.
+
 A token whose ``exp`` lies more than :data:`MAX_TOKEN_LIFETIME_SECONDS` ahead is refused:
 a leaked token must not stay valid for years. :func:`insecure_secret` says when the HMAC
-secret is the public built-in default or too short; the app refuses to start with one
+secret is the public built-in default, too short or too predictable
+(:func:`worker.settings.secret_weakness`); the app refuses to start with one
 unless told it is a development setup (:func:`api.create_app`, ``ocore-storage api``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,12 +36,13 @@ from typing import Any
 
 import jwt
 from flask import Flask, g, request
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from api.context import db, settings
+from api.context import db, settings, state
 from api.errors import ApiError, not_found
-from db.models import BackupDestination, Job, Project
-from worker.settings import Settings
+from db.models import BackupDestination, Job, Organization, Project, User
+from worker.settings import MIN_SECRET_BYTES, Settings, secret_weakness
 
 ROLES = ("admin", "member")
 #: Routes under /api that need no token.
@@ -41,11 +52,19 @@ ASYMMETRIC_PREFIXES = ("RS", "ES", "PS", "Ed")
 #: ``ocore-storage token`` live an hour; anything far beyond is refused (401).
 MAX_TOKEN_LIFETIME_SECONDS = 7 * 24 * 3600
 #: Shortest accepted HMAC secret (RFC 7518 3.2: at least the hash size, 256 bits).
-MIN_HMAC_SECRET_BYTES = 32
+MIN_HMAC_SECRET_BYTES = MIN_SECRET_BYTES
 #: The development default of ``OCORE_JWT_SECRET`` (public: it is in the source).
 DEFAULT_JWT_SECRET: str = Settings.model_fields["jwt_secret"].default
 #: Set to 1/true/yes to run with an insecure HMAC secret anyway (local development).
 ALLOW_INSECURE_SECRET_ENV = "OCORE_ALLOW_INSECURE_DEV_SECRET"  # noqa: S105 - a variable name
+#: How long (seconds) this process remembers whether a user or an organization is still
+#: active: a user or organization archived meanwhile is refused at most this much later.
+SUBJECT_CACHE_TTL_SECONDS = 30.0
+#: Entries kept at most (each a few hundred bytes); past it the expired ones are dropped,
+#: then everything.
+SUBJECT_CACHE_MAX_ENTRIES = 10_000
+#: The ``org`` claim of an admin token minted without an organization.
+NIL_ORG = uuid.UUID(int=0)
 
 
 class InsecureSecretError(RuntimeError):
@@ -58,9 +77,8 @@ def insecure_secret(cfg: Settings) -> str | None:
         return None
     if cfg.jwt_secret == DEFAULT_JWT_SECRET:
         return "OCORE_JWT_SECRET is the built-in development secret"
-    if len(cfg.jwt_secret.encode("utf-8", "surrogatepass")) < MIN_HMAC_SECRET_BYTES:
-        return f"OCORE_JWT_SECRET is shorter than {MIN_HMAC_SECRET_BYTES} bytes"
-    return None
+    weakness = secret_weakness(cfg.jwt_secret)  # too short, or too few bits (34 spaces)
+    return f"OCORE_JWT_SECRET {weakness}" if weakness else None
 
 
 def insecure_secret_allowed_by_env() -> bool:
@@ -176,14 +194,119 @@ def _bearer_token() -> str:
     return token
 
 
+class SubjectCache:
+    """``key -> (why the subject is inactive, or None; monotonic expiry)``, thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str, uuid.UUID], tuple[str | None, float]] = {}
+
+    def get(self, key: tuple[str, str, uuid.UUID]) -> tuple[bool, str | None]:
+        """``(hit, reason)``."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] <= now:
+                return False, None
+            return True, entry[0]
+
+    def put(self, key: tuple[str, str, uuid.UUID], reason: str | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= SUBJECT_CACHE_MAX_ENTRIES:
+                self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+                if len(self._entries) >= SUBJECT_CACHE_MAX_ENTRIES:
+                    self._entries.clear()
+            self._entries[key] = (reason, now + SUBJECT_CACHE_TTL_SECONDS)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_SUBJECTS = SubjectCache()
+
+
+def clear_subject_cache() -> None:
+    """Forget every remembered user and organization standing (tests; after an archive
+    that must take effect at once in this process)."""
+    _SUBJECTS.clear()
+
+
+def _user_inactive(session: Session, user_id: uuid.UUID) -> str | None:
+    row = session.execute(
+        select(User.deleted_at, User.organization_id, Organization.deleted_at)
+        .join(Organization, Organization.id == User.organization_id)
+        .where(User.id == user_id)
+        .execution_options(include_deleted=True)
+    ).first()
+    if row is None:
+        return None  # not a user of this database: a service identity, or purged
+    user_deleted, org_id, org_deleted = row
+    if user_deleted is not None:
+        return f"user {user_id} is archived"
+    if org_deleted is not None:
+        return f"organization {org_id} of user {user_id} is archived"
+    return None
+
+
+def _organization_inactive(session: Session, org_id: uuid.UUID) -> str | None:
+    deleted = session.execute(
+        select(Organization.deleted_at)
+        .where(Organization.id == org_id)
+        .execution_options(include_deleted=True)
+    ).first()
+    if deleted is not None and deleted[0] is not None:
+        return f"organization {org_id} is archived"
+    return None
+
+
+def inactive_reason(engine: Engine, principal: Principal) -> str | None:
+    """Why the token's subject is no longer active (its user or an organization it names
+    is archived), or None. Each standing comes from :data:`_SUBJECTS` while fresh, else
+    from one query (its own short session, never the request's)."""
+    try:
+        user_id: uuid.UUID | None = uuid.UUID(principal.sub)
+    except ValueError:
+        user_id = None
+    checks: list[tuple[str, uuid.UUID]] = []
+    if user_id is not None:
+        checks.append(("user", user_id))
+    if principal.org != NIL_ORG:
+        checks.append(("organization", principal.org))
+    where = engine.url.render_as_string(hide_password=True)
+    session: Session | None = None
+    try:
+        for kind, ident in checks:
+            key = (where, kind, ident)
+            hit, reason = _SUBJECTS.get(key)
+            if not hit:
+                if session is None:
+                    session = Session(bind=engine)
+                check = _user_inactive if kind == "user" else _organization_inactive
+                reason = check(session, ident)
+                _SUBJECTS.put(key, reason)
+            if reason is not None:
+                return reason
+    finally:
+        if session is not None:
+            session.close()
+    return None
+
+
 def authenticate() -> None:
-    """``before_request``: every /api route except the public ones needs a valid token."""
+    """``before_request``: every /api route except the public ones needs a valid token
+    whose subject is still active."""
     if request.method == "OPTIONS":
         return
     path = request.path
     if not (path == "/api" or path.startswith("/api/")) or path in PUBLIC_PATHS:
         return
-    g.principal = principal_from_claims(decode_token(_bearer_token(), settings()))
+    principal = principal_from_claims(decode_token(_bearer_token(), settings()))
+    reason = inactive_reason(state().engine, principal)
+    if reason is not None:
+        raise _unauthorized(f"the token's subject is no longer active: {reason}")
+    g.principal = principal
 
 
 def current_principal() -> Principal:

@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Any
 
+from api.auth import SUBJECT_CACHE_TTL_SECONDS
+
 J = dict[str, Any]
 
 COMMAND = "python -m api.docs > docs/api.md"
@@ -280,8 +282,23 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "ones with `OCORE_JWT_PUBLIC_KEY`, among the algorithms of `OCORE_JWT_ALGORITHMS`. "
         "A member reaches only its organization's destinations, projects and jobs (anything "
         "else is 404); admins reach everything; endpoints listing 403 need the admin role. "
+        "A token outlives no subject: when `sub` names a user that is archived "
+        "(soft-deleted) or whose organization is archived, or `org` names an archived "
+        "organization, the token is refused with 401 `unauthorized` (\"the token's "
+        "subject is no longer active: ...\"). Each user's and organization's standing is "
+        f"remembered for {SUBJECT_CACHE_TTL_SECONDS:g} seconds per API process, so an "
+        "archive takes effect within a minute at most, a restore likewise. A `sub` that "
+        "names no user (a service "
+        "identity, e.g. `ocore-storage token`'s default `dev-user`) and the nil `org` of an "
+        "admin token are not checked. "
         "Every error body is an [Error](#error) object, "
         '`{"error": code, "message": text}`.',
+        "",
+        "Every answer carries `Cache-Control: no-store`. A browse `next_cursor` is valid "
+        "only for the destination and prefix that returned it, passed back unchanged: it "
+        "is signed with a key derived from the token-verification settings (the same on "
+        "every API replica), and any other cursor is refused with 400 `invalid_cursor` "
+        "before the storage is asked anything.",
         "",
         "The examples use two shell variables:",
         "",

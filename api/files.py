@@ -15,8 +15,9 @@ from api.errors import ApiError
 from db.models import BackupDestination, DeletionAudit
 from db.session import db_now
 from storage_backends.base import ObjectInfo, StorageBackend
-from storage_backends.identity import DirResolver, location_key
-from tasks.linking import LinkRef, find_links
+from storage_backends.errors import StorageError
+from storage_backends.identity import DirResolver, RelativeBaseDirectory, location_key
+from tasks.linking import LinkRef, OverlapOutsideFrame, find_links
 
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
 CHUNK_SIZE = 1024 * 1024
@@ -41,24 +42,36 @@ def refuse_if_linked(
     action: str,
     resolve_dir: DirResolver | None = None,
 ) -> None:
-    """409 naming the records when any record (live, soft-deleted or only ambiguously)
-    of any destination that may name the same storage references ``path`` (SAFETY rules
-    1-4); ``resolve_dir``: the backend's, to resolve base directories."""
-    # (one path: the records spelled with '.'/'..' segments are read too)
-    found = find_links(session, dest, [path], resolve_dir=resolve_dir, dot_records=True)
+    """409 naming the records when any record of any destination that may name the same
+    storage references ``path`` or would reference a file written there (SAFETY rules
+    1-4, 5b): a backup or snapshot of any status, live or soft-deleted, whether
+    its file exists or not, exactly, through a folder record, or only ambiguously.
+
+    The one check of the API's writes and deletes (upload, file delete): it reads only
+    the database (``resolve_dir``: the backend's, to resolve base directories), so an
+    upload runs it before reading its body and before anything reaches storage. When
+    the records that may name ``path`` cannot be placed (a destination covering this one
+    from above its base directory, a relative base directory) it refuses too (409
+    ``link_check_failed``): fail closed."""
+    try:
+        # (one path: the records spelled with '.'/'..' segments are read too)
+        found = find_links(session, dest, [path], resolve_dir=resolve_dir, dot_records=True)
+    except (OverlapOutsideFrame, RelativeBaseDirectory) as err:
+        why = f"the records that may name it cannot be checked: {err}"
+        raise ApiError(409, "link_check_failed", f"refusing to {action} {path!r}: {why}") from None
     links = found.get(path, [])
     if not links:
         return
-    names = ", ".join(
-        f"{ref.type} {ref.id}"
+    names = "; ".join(
+        f"{ref.type} {ref.id} of destination {ref.destination_id} points at this path"
         + (" (soft-deleted)" if ref.deleted else "")
-        + (" (ambiguous match)" if ref.ambiguous else "")
+        + (f" (ambiguous match: its path is {ref.path!r})" if ref.ambiguous else "")
         for ref in links
     )
     raise ApiError(
         409,
         "file_linked",
-        f"refusing to {action} {path!r}: it is referenced by {names}",
+        f"refusing to {action} {path!r}: {names}",
         extra={"links": [link_to_dict(ref) for ref in links]},
     )
 
@@ -146,12 +159,26 @@ def delete_with_audit(
     session.add(audit)
     session.commit()
     try:
-        backend.delete(info.path)
+        # only the object just read (SAFETY rule 5a): conditional where the server
+        # honours it, re-read right before otherwise; a versioned S3 bucket by version id
+        outcome = backend.delete_planned([info])
+        if outcome.errors:
+            raise StorageError("; ".join(outcome.errors.values()))
     except Exception as err:
         audit.state = "failed"
         audit.error = f"{type(err).__name__}: {err}"
         session.commit()
         raise
+    if outcome.changed:
+        audit.state = "changed"
+        audit.error = "written again since it was read: kept"
+        session.commit()
+        raise ApiError(
+            409,
+            "changed",
+            f"{info.path!r} was written again while it was being deleted; nothing was "
+            "deleted: read it again and retry",
+        )
     audit.state = "deleted"
     audit.deleted_at = db_now(session)
     session.commit()

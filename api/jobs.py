@@ -26,11 +26,11 @@ from db.models import BackupDestination, Job
 from db.session import db_now
 from worker.jobs import dispatch, fail_job, job_to_dict, request_job
 from worker.runner import job_health
+from worker.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api")
 
-MAX_RETENTION_DAYS = 3650
 #: job type -> fields its JSON body may carry
 BODY_FIELDS: dict[str, frozenset[str]] = {
     "scan": frozenset(),

@@ -89,10 +89,13 @@ def _op(
     *extra: str,
     body: J | None = None,
     tag: str = "storage",
+    conflict: str | None = None,
 ) -> J:
     responses: J = {ok[0]: ok[1]}
     for code in (*ERRORS, *extra):
         responses[code] = _error(ERRORS.get(code, _EXTRA.get(code, "Error")))
+    if conflict is not None:  # what this operation's 409 means
+        responses["409"] = _error(conflict)
     op: J = {"summary": summary, "tags": [tag], "parameters": params, "responses": responses}
     if body is not None:
         op["requestBody"] = body
@@ -152,6 +155,17 @@ def _job_op(summary: str, fields: J) -> J:
     return op
 
 
+#: The 409 of the routes that write or delete a file (api.files.refuse_if_linked).
+FILE_LINKED = (
+    "file_linked: a record of a destination that may name the same storage points at "
+    "this path (a backup or snapshot of any status, live or soft-deleted, whether its "
+    "file exists or not; a folder record above it; a loose spelling); `links` names "
+    "each (type, id, destination_id, path). link_check_failed: the records that may name "
+    "it cannot be checked (a destination covers this one from above its base directory, "
+    "or has a relative one). Nothing was written or deleted"
+)
+
+
 def _paths() -> J:
     browse_params = [
         DEST_ID,
@@ -161,7 +175,12 @@ def _paths() -> J:
             {"type": "integer", "minimum": 1, "maximum": BROWSE_MAX_LIMIT},
             f"Entries per page (default {BROWSE_DEFAULT_LIMIT})",
         ),
-        _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+        _query(
+            "cursor",
+            {"type": "string"},
+            "next_cursor of the previous page of this same prefix, unchanged (anything else: "
+            "400 invalid_cursor)",
+        ),
     ]
     download_ok = {
         "description": "A presigned URL, or the file's bytes",
@@ -248,6 +267,9 @@ def _paths() -> J:
                 "415",
                 *STORAGE_ERRORS,
                 body=delete_body,
+                conflict=FILE_LINKED
+                + ". changed: the file was written again between the read and the delete; "
+                "it was kept (read it again and retry)",
             )
         },
         f"{DEST}/upload": {
@@ -260,6 +282,7 @@ def _paths() -> J:
                 "415",
                 *STORAGE_ERRORS,
                 body=upload_body,
+                conflict=FILE_LINKED,
             )
         },
         f"{DEST}/scan": {"post": _job_op("Queue a storage scan", {})},
@@ -296,10 +319,13 @@ def _paths() -> J:
             "post": _op(
                 "Restore an archived entity",
                 entity,
-                ("200", _json(_ref("Message"))),
+                ("200", _json(_ref("Restored"))),
                 *admin,
                 "409",
                 tag="archive",
+                conflict="not_archived: the entity is not archived. parent_archived: an "
+                "entity above it (organization, project, environment, instance) is archived: "
+                "restore that one first, which restores what was archived with it",
             )
         },
         "/api/admin/archived/{entity_type}/{id}/purge": {

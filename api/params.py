@@ -36,12 +36,13 @@ def query_int(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not _DIGITS.fullmatch(raw):
-        raise bad_request(f"{name} must be an integer between {low} and {high}")
-    value = int(raw)
-    if not low <= value <= high:
-        raise bad_request(f"{name} must be an integer between {low} and {high}")
-    return value
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        hint = " (pages are numbered from 1)" if name == "page" and raw == "0" else ""
+        raise bad_request(
+            f"{name} must be a whole number between {low} and {high} (got {raw[:40]!r}){hint}; "
+            f"leave it out for {default}"
+        )
+    return int(raw)
 
 
 def _variants(raw: str) -> set[str]:

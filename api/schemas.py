@@ -209,6 +209,18 @@ SCHEMAS: J = {
         },
         total_count=INT,
     ),
+    "Restored": obj(
+        ["message", "id", "type", "was_deleted_at", "restored"],
+        message=STR,
+        id=UUID,
+        type=STR,
+        was_deleted_at=STR,
+        restored={
+            "type": "object",
+            "additionalProperties": INT,
+            "description": "Rows restored per type: the entity and what was archived with it",
+        },
+    ),
     "Purged": obj(
         ["message", "deleted", "files_pending", "job_ids"],
         message=STR,

@@ -55,6 +55,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error, RequestEntityTooLarge
 
 from api.params import MAX_JSON_BYTES
+from api.upload import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,7 @@ def serve_api(app: Flask, bind: str, *, threads: int = 16) -> None:
     limits = Limits.from_env(os.environ)
     server = build_server(app, bind, threads=threads, limits=limits)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is not an error
+    tune_allocator()  # upload buffers go back to the system when freed (api.upload)
     log.info("serving on http://%s (%d threads)", bind, threads)
     gc.collect()
     gc.freeze()

@@ -13,6 +13,7 @@ from typing import Any, BinaryIO, cast
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
+from api import cursors
 from api.analytics import analytics_to_dict, project_storage
 from api.auth import current_principal, load_destination, load_project
 from api.backends import BackendCache
@@ -28,7 +29,6 @@ from api.params import json_body, parse_uuid, query_int, safe_path, safe_prefix
 from api.upload import MultipartFileStream, too_large
 from db.models import BackupDestination, StorageAnalytics
 from storage_backends.base import BrowseEntry, StorageBackend
-from storage_backends.errors import NotFoundError
 from storage_backends.registry import open_backend
 from tasks.analytics import escaped_name
 from tasks.linking import find_links
@@ -119,16 +119,18 @@ def browse(dest_id: str) -> Response:
     limit = query_int("limit", BROWSE_DEFAULT_LIMIT, 1, BROWSE_MAX_LIMIT)
     cursor = request.args.get("cursor") or None
     if cursor is not None and len(cursor) > MAX_CURSOR_CHARS:
-        raise bad_request("cursor is not valid", "invalid_cursor")
+        raise bad_request(cursors.INVALID, "invalid_cursor")
     dest = _destination(dest_id)
+    cfg = settings()
+    token = cursors.accept(cfg, str(dest.id), prefix, cursor)  # (no storage request yet)
     with backend_of(dest) as backend:
-        page = backend.browse(prefix, limit, cursor)
+        page = backend.browse(prefix, limit, token)
     files = [e.path for e in page.entries if not e.is_dir and _text(e.path)]
     links = find_links(db(), dest, files)
     return jsonify(
         {
             "files": [_entry(e, links) for e in page.entries],
-            "next_cursor": page.next_cursor,
+            "next_cursor": cursors.issue(cfg, str(dest.id), prefix, page.next_cursor),
         }
     )
 
@@ -178,8 +180,11 @@ def delete_file(dest_id: str) -> Response:
 
 @bp.post("/storage/destinations/<dest_id>/upload")
 def upload(dest_id: str) -> Response:
-    """Stream the multipart ``file`` part to ``path`` as it arrives (:mod:`api.upload`);
-    never overwrites a linked file."""
+    """Stream the multipart ``file`` part to ``path`` as it arrives (:mod:`api.upload`).
+    A path any record links (409 `file_linked`: a backup or snapshot of any status,
+    live or soft-deleted, whether its file exists or not, a folder record above it,
+    loose spellings, records of every destination that may name the same storage) is
+    refused before the body is read and before anything reaches storage."""
     path = safe_path(request.args.get("path"))
     dest = _destination(dest_id)
     if request.mimetype != "multipart/form-data":
@@ -191,21 +196,19 @@ def upload(dest_id: str) -> Response:
     length = request.content_length
     if length is not None and length > cfg.upload_max_bytes:
         raise too_large(f"the body is limited to {cfg.upload_max_bytes} bytes")
-    form = MultipartFileStream(
-        request.stream,
-        boundary.encode("ascii"),
-        max_bytes=cfg.upload_max_bytes,
-        max_parts=cfg.upload_max_parts,
-        max_field_bytes=MAX_FORM_MEMORY,
-    )
-    form.start()  # up to the file's first bytes: 400 without a file part, storage untouched
     with backend_of(dest) as backend:
-        try:
-            backend.stat(path)
-        except NotFoundError:
-            pass
-        else:
-            refuse_if_linked(db(), dest, path, "overwrite", backend.resolve_dir)
+        # SAFETY rule 5b: whether or not a file is there (a planted file would count
+        # as linked: never deletable by its uploader, never cleaned). The database
+        # only (backend.resolve_dir: an SFTP server resolves base directories).
+        refuse_if_linked(db(), dest, path, "upload to", backend.resolve_dir)
+        form = MultipartFileStream(
+            request.stream,
+            boundary.encode("ascii"),
+            max_bytes=cfg.upload_max_bytes,
+            max_parts=cfg.upload_max_parts,
+            max_field_bytes=MAX_FORM_MEMORY,
+        )
+        form.start()  # up to the file's first bytes: 400 without a file part
         try:
             info = backend.upload(path, cast(BinaryIO, form), None)
         except Exception:

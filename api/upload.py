@@ -3,8 +3,12 @@
 :class:`MultipartFileStream` is a read-only, non-seekable file object over the ``file``
 part of a ``multipart/form-data`` request body. It reads the body in small chunks through
 werkzeug's sans-IO :class:`~werkzeug.sansio.multipart.MultipartDecoder`, so the body is
-never held whole in memory nor spooled to a temporary file (``request.files`` would do
-both). Limits are enforced while reading:
+never held whole in memory nor copied to another temporary file (``request.files`` would
+do both). The production server has the body in ``TMPDIR`` already (``api.server`` spools
+it beyond 256 KiB); the development server streams it from the socket. Memory per upload
+is the backend's chunk or part size (docs/performance.md, "Upload memory"): a ``read(n)``
+costs ``n`` once, and :func:`tune_allocator` makes glibc return such buffers when freed.
+Limits are enforced while reading:
 
 - at most ``max_bytes`` of body (counted as it streams, whatever ``Content-Length``
   said, or without one): 413;
@@ -22,7 +26,10 @@ raised inside them (S3 into a ``StorageError``), and the view re-raises the orig
 
 from __future__ import annotations
 
+import ctypes
 import io
+import os
+from collections.abc import Iterator
 from typing import IO, Any, NoReturn
 
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
@@ -41,6 +48,37 @@ from api.errors import ApiError
 READ_SIZE = 64 * 1024
 #: The form field that carries the file.
 FILE_FIELD = "file"
+
+
+#: glibc maps allocations from this size up on their own (:func:`tune_allocator`).
+MMAP_THRESHOLD = 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def tune_allocator() -> bool:
+    """Make glibc give every large buffer back to the system when it is freed.
+
+    An upload goes through buffers of a part's size (8 MiB on S3, the chunk size on GCS),
+    allocated and freed over and over by several threads. glibc serves such a buffer with
+    its own ``mmap`` at first, but raises its threshold to the size of each one freed
+    (dynamically, up to 32 MiB): from the second part on they come from the heap of the
+    thread's arena, whose freed memory stays resident and fragments. Measured on the API
+    server (docs/performance.md, "Upload memory"): +68 MiB RSS for one S3 upload instead
+    of +43, and the RSS stayed at its peak afterwards. A fixed threshold keeps them mapped.
+
+    Called once by the API server at start (``serve_api``). Does nothing when the
+    ``MALLOC_MMAP_THRESHOLD_`` environment variable chose a threshold, or off glibc.
+    Returns whether the threshold was set.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def too_large(message: str) -> ApiError:
@@ -98,23 +136,45 @@ class MultipartFileStream(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` (fewer bytes only at the end), straight from the decoder."""
         view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        filled = 0
+        with view:
+            for piece in self._pieces(len(view)):
+                view[filled : filled + len(piece)] = piece
+                filled += len(piece)
+        return filled
 
     def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes of the file, fewer only at its end; all of it for -1."""
+        """Up to ``size`` bytes of the file, fewer only at its end; all of it for -1.
+
+        The result is built in a :class:`io.BytesIO`, whose ``getvalue()`` hands over its
+        buffer without a copy: a read costs its own size once (plus one body chunk), not
+        twice or three times (a bytearray of it, a slice of that, bytes of the slice):
+        s3transfer reads whole parts, and once read the whole first 64 MiB this way.
+        """
+        out = io.BytesIO()
+        for piece in self._pieces(None if size is None or size < 0 else size):
+            out.write(piece)
+        return out.getvalue()
+
+    def _pieces(self, want: int | None) -> Iterator[memoryview]:
+        """Up to ``want`` file bytes (all for None) in the pieces the decoder gives,
+        each valid until the next one is asked for; the read position moves on."""
         self._check()
-        want = None if size is None or size < 0 else size
-        while not self._finished and (want is None or len(self._pending) < want):
-            self._pull()
-        if want is None:
-            want = len(self._pending)
-        data = bytes(self._pending[:want])
-        del self._pending[:want]
-        self._position += len(data)
-        return data
+        while want is None or want > 0:
+            if not self._pending:
+                if self._finished:
+                    return
+                self._pull()
+                continue
+            take = len(self._pending) if want is None else min(want, len(self._pending))
+            with memoryview(self._pending) as view, view[:take] as piece:
+                yield piece
+            del self._pending[:take]
+            self._position += take
+            if want is not None:
+                want -= take
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -132,7 +192,13 @@ class MultipartFileStream(io.RawIOBase):
             self._pull()
         if not self._file_seen:
             self._fail(
-                ApiError(400, "bad_request", f"the multipart field {FILE_FIELD!r} is missing")
+                ApiError(
+                    400,
+                    "bad_request",
+                    f"the multipart field {FILE_FIELD!r} is missing: send the file's bytes as "
+                    f"a file part named {FILE_FIELD!r} (curl: -F {FILE_FIELD}=@backup.tar.gz; "
+                    f'-F {FILE_FIELD}="text" sends a text field, not a file)',
+                )
             )
 
     def _check(self) -> None:

@@ -1,6 +1,6 @@
 """``python -m bench.apiserver PORT [--dev]``: ``api.create_app`` on the production server
-(gunicorn's threaded worker, as ``ocore-storage api`` runs it), or werkzeug's threaded
-development server with ``--dev``."""
+(``api.server.serve_api``: waitress, as ``ocore-storage api`` runs it), or werkzeug's
+threaded development server with ``--dev``."""
 
 from __future__ import annotations
 

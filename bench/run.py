@@ -57,6 +57,8 @@ class Bench:
         self.backend_repeats = 2 if self.quick else self.repeats
         self.weed_dir = Path(args.weed_dir).resolve()
         self.markers = self.weed_dir.with_name(self.weed_dir.name + "-markers")
+        #: the upload-memory section (``--upload-rss``): its markdown table
+        self.upload_text = ""
 
     # -- environment ----------------------------------------------------------------
     def child_env(self, **extra: str) -> dict[str, str]:
@@ -616,6 +618,11 @@ class Bench:
 
         self.rows.extend(apibench.run(self))
 
+    def section_upload(self) -> None:
+        from bench import uploadrss
+
+        self.rows.extend(uploadrss.run(self))
+
     # -- profile ----------------------------------------------------------------------
     def profile_scan(self, n: int) -> None:
         did = dbload.stable_id("dest", f"s3-{n}")
@@ -718,8 +725,31 @@ class Bench:
             pass
         return f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.system()} {platform.release()}"
 
+    def upload_section(self) -> str:
+        if not self.upload_text:
+            return ""
+        return f"""{UPLOAD_HEADING}
+
+Peak RSS of the API server process (`ocore-storage api`: waitress, 16 request threads)
+while it takes 1 and 8 concurrent multipart uploads through
+`POST /api/storage/destinations/{{id}}/upload` (`bench/uploadrss.py`), a fresh server per
+backend. Idle is its RSS right before the uploads (after a warm-up upload to the same
+backend; for 8, after the single one); peak is the
+highest `VmRSS` sampled every 10 ms and its `VmHWM`, reset before the uploads through
+`/proc/<pid>/clear_refs`. Delta per upload = (peak - idle) / uploads at once; target
+<= 64 MiB. S3 is this run's SeaweedFS, SFTP OpenSSH sshd, GCS fake-gcs-server (which keeps
+every upload in its own memory, hence the smaller size), all on loopback.
+
+{self.upload_text}
+
+"""
+
     def write_docs(self, command: str, elapsed: float) -> None:
         path = ROOT / self.args.out
+        if self.args.only == "upload" and self.upload_text and path.exists():
+            # only the upload section ran: it replaces its own section in the full table
+            self.splice_upload(path, command)
+            return
         targets = "\n".join(
             f"- {name}: **{'met' if ok else 'MISSED' if ok is False else 'not run'}** ({value})"
             for name, ok, value in self.targets
@@ -773,11 +803,11 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
 - Jobs: scans of tiny local destinations (10 files each) requested with
   `worker.jobs.request_job`, sent to Redis and run by a real `celery -A worker worker
   -Q scan -c 2` subprocess, timed until the last job row is terminal.
-- API: `api.create_app` served as `ocore-storage api` serves it (gunicorn, gthread
-  worker, 1 process, 16 threads) in its own process, loaded by `wrk` with a valid HS256
+- API: `api.create_app` served as `ocore-storage api` serves it (`api.server`: waitress,
+  1 process, 16 threads) in its own process, loaded by `wrk` with a valid HS256
   token; latency percentiles are wrk's.
 
-## Notes
+{self.upload_section()}## Notes
 
 {notes or "- none"}
 
@@ -789,9 +819,32 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
         path.write_text(text)
         self.log(f"wrote {path}")
 
+    def splice_upload(self, path: Path, command: str) -> None:
+        """Put this run's upload section into an existing ``docs/benchmarks.md`` (replacing
+        its previous one) and leave every other figure as it was."""
+        text = path.read_text()
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        load = " ".join(n for n in self.notes if n.startswith("Load average"))
+        section = self.upload_section().replace(
+            "\n\nPeak RSS",
+            f"\n\nGenerated {stamp} by `{command}` (the rest of this page by the command "
+            f"above). {load}\n\nPeak RSS",
+            1,
+        )
+        start = text.find(UPLOAD_HEADING)
+        if start >= 0:
+            end = text.find("\n## ", start + len(UPLOAD_HEADING))
+            text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        else:
+            at = text.find("## Notes")
+            text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
+        path.write_text(text)
+        self.log(f"wrote the upload section of {path}")
+
 
 #: the largest GCS bucket fake-gcs-server lists in reasonable time (see section_backends)
 GCS_MAX = 10_000
+UPLOAD_HEADING = "## Upload memory (issue 20)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -802,8 +855,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="scan,cleanup,backends,jobs,api",
-        help="comma list of sections: scan,cleanup,backends,jobs,api",
+        help="comma list of sections: scan,cleanup,backends,jobs,api,upload",
     )
+    p.add_argument(
+        "--upload-rss",
+        action="store_true",
+        help="also the upload section: peak RSS of the API server for 1 and 8 concurrent "
+        "uploads per backend (~5 min; bench/uploadrss.py)",
+    )
+    p.add_argument("--upload-size", type=int, default=1024**3, help="bytes per upload")
+    p.add_argument(
+        "--upload-gcs-size",
+        type=int,
+        default=0,
+        help="bytes per GCS upload (default: --upload-size, at most 256 MiB: "
+        "fake-gcs-server keeps every upload in its memory)",
+    )
+    p.add_argument("--upload-backends", default="s3,local,sftp,gcs")
     p.add_argument("--cleanup-sizes", default="10000")
     p.add_argument(
         "--backend-sizes", default="10000,100000", help="SFTP and GCS scan sizes (files)"
@@ -878,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
             b.section_jobs(min(args.jobs, 300) if args.quick else args.jobs)
         if "api" in sections:
             b.section_api()
+        if "upload" in sections or args.upload_rss:
+            b.section_upload()
         if not args.no_profile and not args.quick:
             if "scan" in sections and b.scan_stats:
                 b.profile_scan(max(b.scan_stats))

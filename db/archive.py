@@ -7,6 +7,13 @@ remote files. A crash leaves either the records (the transaction rolled back) or
 pending deletions (the next purge run finishes them): nothing is orphaned forever and
 nothing points at a missing file. Restore and purge lock the entity's row, so they
 serialise (rule 18).
+
+Restore follows the hierarchy (organization > users, servers, projects > environments >
+domains, instances > backups, snapshots): an entity under an archived parent cannot be
+restored (409 naming the parent: restore the parent first), and restoring a parent
+restores the descendants that were archived with it (``deleted_at`` within
+:data:`ARCHIVED_TOGETHER` of the parent's), and only those: a child archived on its own
+before (a backup a scan-cleanup found missing) stays archived.
 """
 
 from __future__ import annotations
@@ -14,10 +21,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -60,6 +67,27 @@ class PurgeRefused(ArchiveError):
     code = "purge_refused"
 
 
+class ParentArchived(ArchiveError):
+    status = 409
+    code = "parent_archived"
+
+
+#: each archivable type's parent in the hierarchy: (parent type, column naming it)
+PARENT: dict[str, tuple[str, str]] = {
+    "users": ("organizations", "organization_id"),
+    "servers": ("organizations", "organization_id"),
+    "projects": ("organizations", "organization_id"),
+    "environments": ("projects", "project_id"),
+    "domains": ("environments", "environment_id"),
+    "instances": ("environments", "environment_id"),
+    "backups": ("instances", "instance_id"),
+    "snapshots": ("instances", "instance_id"),
+}
+#: descendants whose ``deleted_at`` is this close to their parent's were archived with it
+#: (one cascade, one transaction or one request of the API tier)
+ARCHIVED_TOGETHER = timedelta(seconds=1)
+
+
 @dataclass
 class PurgeResult:
     entity_type: str
@@ -82,7 +110,7 @@ def _model(entity_type: str) -> type[Any]:
 def _display_name(entity_type: str, row: Any) -> str:
     if entity_type == "users":
         return str(row.name or row.email)
-    if entity_type == "backups":
+    if entity_type in ("backups", "snapshots"):
         return str(row.name or row.path)
     return str(row.name)
 
@@ -96,6 +124,7 @@ def _metadata(entity_type: str, row: Any) -> dict[str, Any]:
         "servers": ("organization_id", "hostname"),
         "domains": ("environment_id",),
         "backups": ("instance_id", "destination_id", "path", "size_bytes", "status"),
+        "snapshots": ("instance_id", "destination_id", "path", "size_bytes", "status"),
         "organizations": (),
     }[entity_type]
     out: dict[str, Any] = {}
@@ -161,17 +190,102 @@ def _lock(session: Session, entity_type: str, entity_id: uuid.UUID) -> Any:
     return row
 
 
-def restore(session: Session, entity_type: str, entity_id: uuid.UUID) -> datetime:
-    """Clear ``deleted_at``; 409 (NotArchived) when the entity is not soft-deleted."""
+@dataclass
+class Restored:
+    deleted_at: datetime
+    #: rows restored per type, the entity included
+    restored: dict[str, int] = field(default_factory=dict)
+
+
+def restore(session: Session, entity_type: str, entity_id: uuid.UUID) -> Restored:
+    """Clear ``deleted_at`` of the entity and of the descendants archived with it;
+    409 (NotArchived) when the entity is not soft-deleted, (ParentArchived) when an
+    ancestor is."""
     row = _lock(session, entity_type, entity_id)
     if row.deleted_at is None:
         raise NotArchived(f"{entity_type} {entity_id} is not archived")
+    _refuse_under_archived_parent(session, entity_type, row)
     deleted_at: datetime = row.deleted_at
+    out = Restored(deleted_at, {entity_type: 1})
+    for child_type, ids in _archived_with(session, entity_type, entity_id, deleted_at).items():
+        model: Any = ARCHIVABLE[child_type]
+        values: dict[str, Any] = {"deleted_at": None}
+        if hasattr(model, "deleted_reason"):
+            values["deleted_reason"] = None
+        for i in range(0, len(ids), CHUNK):
+            session.execute(
+                update(model)
+                .where(model.id.in_(ids[i : i + CHUNK]))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        out.restored[child_type] = out.restored.get(child_type, 0) + len(ids)
     row.deleted_at = None
     if hasattr(row, "deleted_reason"):
         row.deleted_reason = None
     session.commit()
-    return deleted_at
+    return out
+
+
+def _refuse_under_archived_parent(session: Session, entity_type: str, row: Any) -> None:
+    """409 naming the nearest archived ancestor (a restored child must not sit under an
+    archived parent: it would be purged with it, its files with it)."""
+    kind, current = entity_type, row
+    while kind in PARENT:
+        parent_type, column = PARENT[kind]
+        parent_id = getattr(current, column, None)
+        if parent_id is None:
+            return
+        model: Any = ARCHIVABLE[parent_type]
+        parent = session.scalars(
+            select(model).where(model.id == parent_id).execution_options(include_deleted=True)
+        ).first()
+        if parent is None:
+            return
+        if parent.deleted_at is not None:
+            raise ParentArchived(
+                f"{entity_type} {row.id} is under {parent_type} {parent.id}, which is "
+                f"archived: restore the {parent_type} entry {parent.id} first (that restores "
+                "what was archived with it)"
+            )
+        kind, current = parent_type, parent
+
+
+def _children(entity_type: str) -> list[tuple[str, str]]:
+    return [(child, column) for child, (parent, column) in PARENT.items() if parent == entity_type]
+
+
+def _archived_with(
+    session: Session, entity_type: str, entity_id: uuid.UUID, deleted_at: datetime
+) -> dict[str, list[uuid.UUID]]:
+    """The descendants archived together with the entity (locked FOR UPDATE, rule 18);
+    the walk goes on only through them."""
+    low, high = deleted_at - ARCHIVED_TOGETHER, deleted_at + ARCHIVED_TOGETHER
+    out: dict[str, list[uuid.UUID]] = {}
+    level: list[tuple[str, list[uuid.UUID]]] = [(entity_type, [entity_id])]
+    while level:
+        following: list[tuple[str, list[uuid.UUID]]] = []
+        for parent_type, parent_ids in level:
+            for child_type, column in _children(parent_type):
+                model: Any = ARCHIVABLE[child_type]
+                ids: list[uuid.UUID] = []
+                for i in range(0, len(parent_ids), CHUNK):
+                    stmt = (
+                        select(model.id)
+                        .where(
+                            getattr(model, column).in_(parent_ids[i : i + CHUNK]),
+                            model.deleted_at >= low,
+                            model.deleted_at <= high,
+                        )
+                        .with_for_update()
+                        .execution_options(include_deleted=True)
+                    )
+                    ids.extend(session.scalars(stmt).all())
+                if ids:
+                    out.setdefault(child_type, []).extend(ids)
+                    following.append((child_type, ids))
+        level = following
+    return out
 
 
 def _ids(session: Session, model: Any, column: Any, parents: Sequence[uuid.UUID]) -> list[Any]:

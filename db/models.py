@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -44,6 +45,8 @@ JOB_TYPES = ("scan", "scan_cleanup", "orphan_cleanup", "purge")
 DESTINATION_KINDS = ("s3", "gcs", "sftp", "local")
 #: Record statuses; only ``completed`` is a terminal success (SAFETY rule 14).
 RECORD_STATUSES = ("pending", "running", "completed", "failed")
+#: The foreign key that keeps a destination's project in the destination's organization.
+DESTINATION_PROJECT_ORG_FK = "fk_backup_destinations_project_id_organization_id_projects"
 
 
 class Base(DeclarativeBase):
@@ -90,6 +93,10 @@ class Project(SoftDeleteMixin, TimestampMixin, Base):
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
     )
     name: Mapped[str] = mapped_column(String(200))
+    __table_args__ = (
+        # the target of backup_destinations' (project_id, organization_id) foreign key
+        UniqueConstraint("id", "organization_id"),
+    )
 
 
 class Environment(SoftDeleteMixin, TimestampMixin, Base):
@@ -156,6 +163,21 @@ class BackupDestination(TimestampMixin, Base):
     credentials_ref: Mapped[str] = mapped_column(String(200), default="")
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     retention_days: Mapped[int | None] = mapped_column(Integer, default=None)
+    __table_args__ = (
+        # A destination's project is one of its own organization's projects (issue #20:
+        # a row naming another organization's project showed this destination to that
+        # organization). MATCH SIMPLE: a null project_id is not checked. Deferred to the
+        # commit so that the project_id SET NULL of a deleted project runs first (an
+        # immediate check may fire before it). SQLite: triggers (migration 0006).
+        ForeignKeyConstraint(
+            ["project_id", "organization_id"],
+            ["projects.id", "projects.organization_id"],
+            name=DESTINATION_PROJECT_ORG_FK,
+            ondelete="NO ACTION",
+            deferrable=True,
+            initially="DEFERRED",
+        ),
+    )
 
 
 #: Record paths that only a scan of the records can match loosely ('.'/'..' and empty
@@ -347,6 +369,7 @@ ARCHIVABLE: dict[str, type[Base]] = {
     "servers": Server,
     "domains": Domain,
     "backups": Backup,
+    "snapshots": Snapshot,
 }
 
 

@@ -124,10 +124,14 @@ class GCSBackend(StorageBackend):
         self.can_sign = can_sign
         self.endpoint = endpoint
         self.url_expiry = url_expiry
-        #: Uploads above this size go resumable in chunks (multiples of 256 KiB).
-        self.multipart_threshold = int(options.get("multipart_threshold", 8 * 1024**2))
+        #: Uploads go resumable in chunks of this size (a multiple of 256 KiB), one chunk
+        #: in memory at a time: a stream of unknown size (an API upload) always, others
+        #: above ``multipart_threshold`` (never above the chunk: a single request holds
+        #: the whole file).
         chunk = int(options.get("multipart_chunksize", 8 * 1024**2))
         self.chunk_size = max(256 * 1024, chunk - chunk % (256 * 1024))
+        threshold = int(options.get("multipart_threshold", self.chunk_size))
+        self.multipart_threshold = min(threshold, self.chunk_size)
         self.retry = gretry.Retry(
             predicate=gretry.if_transient_error,
             initial=float(options.get("retry_initial", 0.1)),

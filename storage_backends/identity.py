@@ -5,8 +5,10 @@ Nothing else compares endpoints, buckets or base directories as text:
 
 - :func:`may_name_same_storage` says whether two destinations may name the same storage.
   It fails closed: when the worker cannot tell two locations apart, they are the same.
-  S3/GCS: same kind and bucket name (compared case-insensitively), whatever the
-  endpoints say. Local/SFTP: same kind and canonical base directories that overlap
+  S3/GCS: an object store (either kind: S3 may be GCS's XML API) and the same bucket
+  name (compared case-insensitively), whatever the endpoints say. Local/SFTP: a file
+  system (either kind: an SFTP server may serve this machine) and canonical base
+  directories that overlap
   (one equal to, or an ancestor of, the other), whatever the hosts say: ``localhost``,
   ``127.0.0.1`` and another name of one server cannot be told apart. A base directory
   that is not absolute cannot be placed, so it may be any directory.
@@ -45,6 +47,18 @@ OBJECT_KINDS = frozenset({"s3", "gcs"})
 #: Kinds whose "bucket" is a base directory of a file system: a base directory and a
 #: root prefix are one path there (``/data`` + ``x/`` is ``/data/x`` + ``""``).
 PATH_KINDS = frozenset({"local", "sftp"})
+#: Kinds that may reach one storage however the row's kind is spelled: an S3 destination
+#: on ``storage.googleapis.com`` (GCS's XML API) names a GCS bucket; an SFTP server on
+#: this machine (``127.0.0.1``) serves the directory a local destination names.
+_FAMILY = {"s3": "objects", "gcs": "objects", "local": "files", "sftp": "files"}
+
+
+def kind_family(kind: str) -> str:
+    """``objects`` (S3, GCS: a bucket name), ``files`` (local, SFTP: a directory), or
+    the kind itself for a kind of its own."""
+    return _FAMILY.get(kind, kind)
+
+
 _DEFAULT_PORTS = {"http": 80, "https": 443, "sftp": 22, "ssh": 22}
 SFTP_DEFAULT_PORT = 22
 
@@ -218,10 +232,11 @@ def may_name_same_storage(
 ) -> bool:
     """Whether ``a`` and ``b`` may name the same storage (fail closed: when unsure, yes).
 
-    Same kind, and: S3/GCS the same bucket name, whatever the endpoints; local/SFTP base
-    directories that overlap (canonical, resolved with ``resolve`` where given), whatever
-    the hosts, or either base directory is relative (it may be any directory)."""
-    if a.kind != b.kind:
+    The same kind family (:func:`kind_family`: S3 or GCS; local or SFTP), and: S3/GCS
+    the same bucket name, whatever the endpoints; local/SFTP base directories that
+    overlap (canonical, resolved with ``resolve`` where given), whatever the hosts, or
+    either base directory is relative (it may be any directory)."""
+    if kind_family(a.kind) != kind_family(b.kind):
         return False
     if a.kind not in PATH_KINDS:
         return (a.bucket or "").strip().lower() == (b.bucket or "").strip().lower()
@@ -245,10 +260,12 @@ def overlaps(a: DestinationLike, b: DestinationLike, resolve: DirResolver | None
 
 def lock_scope(dest: DestinationLike) -> str:
     """The set of locks a destination's lock is compared with: the bucket for S3/GCS,
-    every endpoint; the kind for local/SFTP (hosts cannot be told apart)."""
+    every endpoint; every local/SFTP directory (hosts cannot be told apart). Per kind
+    family (:func:`kind_family`), not per kind."""
+    family = kind_family(dest.kind)
     if dest.kind in PATH_KINDS:
-        return f"{dest.kind}|*"
-    return f"{dest.kind}|*|{(dest.bucket or '').strip().lower()}"
+        return f"{family}|*"
+    return f"{family}|*|{(dest.bucket or '').strip().lower()}"
 
 
 def lock_key(dest: DestinationLike, resolve: DirResolver | None = None) -> str:
@@ -273,7 +290,7 @@ def coarse_lock_key(dest: DestinationLike) -> str:
 
 def split_lock_key(key: str) -> tuple[str, str]:
     """``(scope, path)`` of a :func:`lock_key`."""
-    n = 2 if key.split("|", 1)[0] in PATH_KINDS else 3
+    n = 2 if key.split("|", 1)[0] in (PATH_KINDS | {kind_family("local")}) else 3
     parts = key.split("|", n)
     if len(parts) <= n:
         return key, ""

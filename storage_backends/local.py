@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 from storage_backends.base import BrowseEntry, BrowsePage, ObjectInfo, StorageBackend
 from storage_backends.errors import (
+    BackendUnavailableError,
     InvalidPathError,
     NotFoundError,
     PathConflictError,
@@ -98,6 +99,13 @@ class LocalBackend(StorageBackend):
         A missing folder ends the check (upload creates it); a folder that is a file
         raises :class:`PathConflictError` (readers treat it as "not found").
         """
+        if not self.base.is_dir():
+            # an unmounted volume looks exactly like an empty bucket: never list it as
+            # one (a scan would report 0 files), never create it by an upload
+            raise BackendUnavailableError(
+                "the destination's base directory does not exist or is not a directory "
+                "(a volume not mounted?): mount it, or correct the destination's bucket"
+            )
         parts = self.root.rstrip("/").split("/") if self.root else []
         rel = path.rstrip("/").split("/") if path else []
         parts += rel if path.endswith("/") else rel[:-1]

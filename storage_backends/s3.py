@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -47,6 +48,7 @@ from storage_backends.base import (
     ObjectInfo,
     Planned,
     StorageBackend,
+    same_object,
 )
 from storage_backends.errors import (
     BackendUnavailableError,
@@ -58,9 +60,6 @@ from storage_backends.errors import (
 from storage_backends.identity import canonical_endpoint
 from storage_backends.paths import normalize_root
 from storage_backends.retry import call_with_retry
-
-# Never fall back to the instance-metadata address (TEST_SERVERS.md, SAFETY of tests).
-os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 log = logging.getLogger(__name__)
 
@@ -412,11 +411,7 @@ class S3Backend(StorageBackend):
         self._credentials = session.get_credentials()
         if self._credentials is None:
             raise BackendUnavailableError("no S3 credentials: set access_key_id/secret_access_key")
-        self.transfer_config = TransferConfig(
-            multipart_threshold=int(options.get("multipart_threshold", 64 * 1024**2)),
-            multipart_chunksize=int(options.get("multipart_chunksize", 16 * 1024**2)),
-            max_concurrency=int(options.get("max_concurrency", 4)),
-        )
+        self.transfer_config = upload_config(options)
         self._list_url = self._bucket_url(self.client.meta.endpoint_url)
         #: whether DeleteObjects honours per-object ETags (found out by the first one)
         self._conditional: bool | None = None
@@ -425,6 +420,9 @@ class S3Backend(StorageBackend):
         self.recheck_always = str(options.get("identity_recheck", "auto")) == "always"
         #: per-object ETags go with deletes until the server refuses a request for them
         self._send_etags = True
+        #: the bucket's versioning status, read once (:meth:`versioning`)
+        self._versioning: str | None = None
+        self._versioning_read = 0.0
         self._probe_lock = threading.Lock()
         self._http = urllib3.PoolManager(
             maxsize=max(4, 2 * self.walk_connections),
@@ -742,6 +740,7 @@ class S3Backend(StorageBackend):
             resp["LastModified"].astimezone(UTC),
             _strip_etag(resp.get("ETag")),
             resp.get("StorageClass", "STANDARD"),
+            resp.get("VersionId"),  # (versioned buckets only)
         )
 
     # -- data ------------------------------------------------------------------------
@@ -769,7 +768,8 @@ class S3Backend(StorageBackend):
         return url
 
     def upload(self, path: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
-        """Managed transfer; above the threshold it is a multipart upload.
+        """Managed transfer; above the threshold it is a multipart upload of fixed-size
+        parts, with bounded memory (:func:`upload_config`).
 
         S3 makes either form visible only when complete; s3transfer aborts the multipart
         upload when a part or the stream fails, so a failure leaves nothing behind.
@@ -799,7 +799,7 @@ class S3Backend(StorageBackend):
         alone leaves the connection idle on our side.
         """
         rel_paths = [self.check_listed_key(p) for p in paths]
-        return self._delete_objects([(p, None) for p in rel_paths])
+        return self._delete_objects([(p, None, None) for p in rel_paths])
 
     def delete_planned(self, items: Sequence[Planned]) -> DeleteResult:
         """Right before the DeleteObjects, the batch is re-read (:meth:`current`, a
@@ -818,6 +818,8 @@ class S3Backend(StorageBackend):
             self.check_listed_key(item.path)
         if len(items) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_planned takes at most {MAX_DELETE_BATCH} keys")
+        if self.versioning():
+            return self._delete_versions(items)
         if self._conditional and not self.recheck_always:
             # the server evaluates each key's ETag itself (the probe showed it): a
             # re-read of the batch would only cost a request per folder (~20 % of a
@@ -826,9 +828,102 @@ class S3Backend(StorageBackend):
             changed: list[str] = []
         else:
             unchanged, changed = self.recheck(items)
-        result = self._delete_objects([(i.path, i.etag) for i in unchanged])
+        result = self._delete_objects([(i.path, i.etag, None) for i in unchanged])
         result.changed.extend(changed)
         return result
+
+    def versioning(self) -> str:
+        """The bucket's versioning status: ``"Enabled"``, ``"Suspended"``, or ``""``
+        (never enabled), read with GetBucketVersioning once per backend (a job) and
+        again after ten minutes (the API keeps its backends). Where it cannot
+        be read (denied), ``""`` and a warning: deletes stay exact (re-check and ETag
+        condition) but on a versioned bucket they would only add delete markers."""
+        if self._versioning is None or time.monotonic() - self._versioning_read > 600:
+            try:
+                with self._op("versioning", self.bucket):
+                    resp = self.client.get_bucket_versioning(Bucket=self.bucket)
+                status = str(resp.get("Status") or "")
+            except StorageError as err:
+                log.warning(
+                    "s3 %s: versioning status unreadable (%s): deleting by key; on a "
+                    "versioned bucket that only adds delete markers",
+                    self.bucket,
+                    err,
+                )
+                status = ""
+            self._versioning, self._versioning_read = status, time.monotonic()
+        return self._versioning
+
+    def _delete_versions(self, items: Sequence[Planned]) -> DeleteResult:
+        """Delete planned objects of a versioned bucket by version id (SAFETY rule 5a).
+
+        The batch's key range is re-read with ListObjectVersions right before the
+        DeleteObjects: an object whose current version is not the planned one (other
+        size, ETag or last-modified) is kept (``changed``); a key whose current version
+        is a delete marker, or that has none, is gone (deleted, rule 10); every other
+        object is deleted by the version id the re-read found. A DeleteObjects with a
+        ``VersionId`` removes that version for good (its bytes are freed, no delete
+        marker is added) and nothing else: a version written after the re-read is a new
+        version id and stays. The key's older (noncurrent) versions are not part of the
+        plan and stay too: where one exists it becomes the key's current version again,
+        and a later cleanup plans it like any other file (it is older than the one
+        deleted); ``noncurrent_versions`` counts them in the log."""
+        now = self._current_by_listing([i.path for i in items], self._versions_from)
+        # "not listed" is confirmed with a HEAD before it counts as gone: servers differ
+        # on where a KeyMarker listing starts (moto skips the first key after it)
+        for path in [p for p, info in now.items() if info is None]:
+            now[path] = self._current(path)
+        result = DeleteResult()
+        send: list[tuple[str, str | None, str | None]] = []
+        for item in items:
+            info = now.get(item.path)
+            if info is None:
+                result.deleted.append(item.path)  # nothing current at the key: gone
+            elif not same_object(item, info):
+                result.changed.append(item.path)
+            elif info.generation:
+                send.append((item.path, None, info.generation))
+            else:  # (no version id listed: by key, with the ETag condition)
+                send.append((item.path, item.etag, None))
+        sent = self._delete_objects(send)
+        result.deleted.extend(sent.deleted)
+        result.errors.update(sent.errors)
+        result.changed.extend(sent.changed)
+        return result
+
+    def _versions_from(self, folder: str, path: str) -> tuple[dict[str, ObjectInfo], bool]:
+        """One ListObjectVersions request under ``folder`` from ``path`` on: the current
+        version of each key listed (a key whose current version is a delete marker is
+        left out: gone), its version id as ``generation``."""
+        prefix, first = self._key(folder), self._key(path)
+        with self._op("list_versions", prefix or "/"):
+            resp = self.client.list_object_versions(
+                Bucket=self.bucket, Prefix=prefix, KeyMarker=first[:-1], MaxKeys=1000
+            )
+        listed: dict[str, ObjectInfo] = {}
+        older = 0
+        for v in resp.get("Versions", []):
+            if not v.get("IsLatest"):
+                older += 1
+                continue
+            if v["Key"] == self.root:
+                continue
+            listed[self._rel(v["Key"])] = ObjectInfo(
+                self._rel(v["Key"]),
+                int(v.get("Size", 0)),
+                v["LastModified"].astimezone(UTC) if v.get("LastModified") else None,
+                _strip_etag(v.get("ETag")),
+                v.get("StorageClass"),
+                v.get("VersionId"),
+            )
+        if older:
+            log.info(
+                "s3 %s: %d noncurrent versions under %s stay (noncurrent_versions)",
+                self.bucket,
+                older,
+                prefix or "/",
+            )
+        return listed, bool(resp.get("IsTruncated"))
 
     def conditional_deletes(self) -> bool:
         """Whether the server honours the per-object ``ETag`` of DeleteObjects (AWS S3
@@ -868,7 +963,8 @@ class S3Backend(StorageBackend):
             "honoured" if verdict else "not honoured (the re-check before each batch guards)",
         )
 
-    def _delete_objects(self, items: list[tuple[str, str | None]]) -> DeleteResult:
+    def _delete_objects(self, items: list[tuple[str, str | None, str | None]]) -> DeleteResult:
+        """DeleteObjects for ``(key, etag, version id)`` items (either may be None)."""
         if len(items) > MAX_DELETE_BATCH:
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         result = DeleteResult()
@@ -885,7 +981,7 @@ class S3Backend(StorageBackend):
         return result
 
     def _delete_chunk(
-        self, items: list[tuple[str, str | None]], probe: bool = False
+        self, items: list[tuple[str, str | None, str | None]], probe: bool = False
     ) -> DeleteResult:
         """One DeleteObjects request; an item with an ETag is deleted only if the object
         still has it, where the server honours that (``PreconditionFailed``: changed).
@@ -893,14 +989,16 @@ class S3Backend(StorageBackend):
         :meth:`conditional_deletes`; a request with ETags the server refuses as a whole
         (a 4xx other than a denial) is sent again without them, and so is every later
         one."""
-        etags = self._send_etags and any(etag for _rel, etag in items)
+        etags = self._send_etags and any(etag for _rel, etag, _version in items)
         probing = self._claim_probe() if (etags or probe) else False
         if not items and not probing:
             return DeleteResult()
         objects: list[dict[str, str]] = []
-        for rel, etag in items:
+        for rel, etag, version in items:
             obj = {"Key": self._key(rel)}
-            if etag and self._send_etags:
+            if version:
+                obj["VersionId"] = version
+            elif etag and self._send_etags:
                 obj["ETag"] = f'"{etag}"'
             objects.append(obj)
         if probing:
@@ -931,12 +1029,12 @@ class S3Backend(StorageBackend):
         return self._chunk_result(items, resp)
 
     def _chunk_result(
-        self, items: list[tuple[str, str | None]], resp: dict[str, Any]
+        self, items: list[tuple[str, str | None, str | None]], resp: dict[str, Any]
     ) -> DeleteResult:
         result = DeleteResult()
         deleted = {d["Key"] for d in resp.get("Deleted", [])}
         errors = {e["Key"]: e for e in resp.get("Errors", [])}
-        for rel, _etag in items:
+        for rel, _etag, _version in items:
             key = self._key(rel)
             err = errors.get(key)
             code = err.get("Code") if err is not None else None
@@ -993,12 +1091,45 @@ class S3Backend(StorageBackend):
         self.client.close()
 
 
+#: S3 uploads go in parts of this size (destination option ``multipart_chunksize``)...
+UPLOAD_PART = 8 * 1024**2
+#: ... this many at once (``max_concurrency``), each read whole into memory first.
+UPLOAD_CONCURRENCY = 4
+#: S3's smallest part (all but the last); a part count is at most 10,000.
+MIN_PART = 5 * 1024**2
+
+
+def upload_config(options: dict[str, Any]) -> TransferConfig:
+    """The managed transfer of :meth:`S3Backend.upload`, with bounded memory.
+
+    s3transfer reads a stream it cannot seek (an API upload) into memory part by part:
+    first ``multipart_threshold`` bytes to choose between one PUT and a multipart upload,
+    then a part at a time, holding up to ``max_in_memory_upload_chunks`` parts (10 by
+    default) in the upload threads plus the one read ahead. The threshold is therefore
+    never above the part size, and the parts held are the parts uploading: an upload
+    holds at most ``(max_concurrency + 1) x multipart_chunksize`` (8 MiB parts, 4 at a
+    time: 40 MiB), whatever its size. Parts are of a fixed size (the size of an API
+    upload is not known in advance): 10,000 parts of 8 MiB allow objects up to 78 GiB;
+    raise ``multipart_chunksize`` for larger ones.
+    """
+    chunk = max(MIN_PART, int(options.get("multipart_chunksize", UPLOAD_PART)))
+    concurrency = max(1, int(options.get("max_concurrency", UPLOAD_CONCURRENCY)))
+    config = TransferConfig(
+        multipart_threshold=max(1, min(int(options.get("multipart_threshold", chunk)), chunk)),
+        multipart_chunksize=chunk,
+        max_concurrency=concurrency,
+    )
+    config.max_in_memory_upload_chunks = concurrency
+    return config
+
+
 def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S3Backend:
     """An :class:`S3Backend` for a ``backup_destinations`` row.
 
     ``credentials``: ``access_key_id``, ``secret_access_key``, optional ``session_token``.
     ``dest.options``: ``addressing_style`` (default ``path`` with a custom endpoint),
-    ``multipart_threshold``, ``multipart_chunksize``, ``max_attempts`` (attempts of one
+    ``multipart_threshold``, ``multipart_chunksize`` and ``max_concurrency`` (uploads:
+    :func:`upload_config`), ``max_attempts`` (attempts of one
     request, the first included: default 5), timeouts.
     """
     session = boto3.session.Session(

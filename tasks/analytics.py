@@ -37,14 +37,24 @@ def escaped_name(name: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+#: what a compression or encryption suffix wraps: ``x.sql.gz`` is an ``sql.gz``, not a
+#: ``gz`` (a dump, not any compressed file)
+WRAPPERS = frozenset({"gz", "bz2", "xz", "zst", "lz4", "lzma", "br", "sz", "gpg", "age", "enc"})
+
+
 def file_type(path: str) -> str:
+    """The file's type for the breakdown: its extension, with the one before it where
+    the last only wraps it (``tar.gz``, ``sql.gz``, ``dump.zst``, ``tar.gz.gpg``...)."""
     name = path.rsplit("/", 1)[-1].lower()
-    parts = name.split(".")
-    if len(parts) == 1:
+    parts = name.split(".")[1:] if not name.startswith(".") else name.split(".")[2:]
+    if not parts:
         return "(none)"
-    if len(parts) > 2 and parts[-2] == "tar":
-        return "tar." + parts[-1]
-    return parts[-1][:20]
+    kept = [parts[-1]]
+    for ext in reversed(parts[:-1]):
+        if kept[0] not in WRAPPERS or len(kept) >= 3:
+            break
+        kept.insert(0, ext)
+    return ".".join(kept)[:20]
 
 
 @dataclass

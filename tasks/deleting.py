@@ -86,6 +86,39 @@ Finalize = Callable[[Session, BatchOutcome], None]
 
 
 @dataclass
+class Failures:
+    """The files a deleting job could not delete, for its ``error``: a ``partial`` job
+    names them (the first :attr:`limit` with the server's answer, then a count), where
+    the operator looks first; every one also has its ``failed`` audit row."""
+
+    limit: int = 5
+    count: int = 0
+    sample: dict[str, str] = field(default_factory=dict)
+
+    def add(self, out: BatchOutcome) -> None:
+        self.count += len(out.failed)
+        for path, why in out.failed.items():
+            if len(self.sample) < self.limit:
+                self.sample[path] = why
+
+    def summary(self, total: int | None = None) -> str | None:
+        """``N file(s) not deleted: a: why; b: why; and M more ...`` (None: none
+        failed). ``total``: the count of every attempt of the job, when it is larger
+        than this run's."""
+        count = max(self.count, total or 0)
+        if not count:
+            return None
+        shown = "; ".join(f"{path!r}: {why}" for path, why in self.sample.items())
+        more = count - len(self.sample)
+        return (
+            f"{count} file(s) not deleted"
+            + (f": {shown}" if shown else "")
+            + (f"; and {more} more" if shown and more > 0 else "")
+            + " (each has a deletion audit row in state failed; the job can be run again)"
+        )
+
+
+@dataclass
 class DeleteContext:
     session: Session
     backend: StorageBackend

@@ -40,7 +40,13 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import ODD_RECORD_PATH_SQL, Backup, BackupDestination, Snapshot
+from db.models import (
+    DESTINATION_KINDS,
+    ODD_RECORD_PATH_SQL,
+    Backup,
+    BackupDestination,
+    Snapshot,
+)
 from storage_backends import identity
 from storage_backends.identity import PATH_KINDS, DirResolver
 from storage_backends.paths import normalize_root, resolve_segments
@@ -176,7 +182,11 @@ def overlapping_destinations(
     path_kind = dest.kind in PATH_KINDS
     # local: the worker's own file system decides; SFTP: the server (the backend's)
     resolve = identity.resolver(dest.kind) or resolve_dir
-    stmt = select(BackupDestination).where(BackupDestination.kind == dest.kind)
+    # (S3 and GCS, local and SFTP: one kind family may name one storage, identity.py)
+    family = [
+        k for k in DESTINATION_KINDS if identity.kind_family(k) == identity.kind_family(dest.kind)
+    ]
+    stmt = select(BackupDestination).where(BackupDestination.kind.in_(family or [dest.kind]))
     if not path_kind:
         bucket = (dest.bucket or "").strip().lower()
         stmt = stmt.where(func.lower(func.trim(BackupDestination.bucket)) == bucket)

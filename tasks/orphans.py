@@ -24,6 +24,7 @@ from tasks.deleting import (
     BatchOutcome,
     DeleteContext,
     Doomed,
+    Failures,
     delete_batches,
     repair_pending,
 )
@@ -283,7 +284,10 @@ def run_orphan_cleanup(
         _mark_paths(s, job, [p for p in paths if p not in ids], state)
         _mark(s, [ids.pop(p) for p in paths if p in ids], state)
 
+    failures = Failures()
+
     def finalize(s: Session, out: BatchOutcome) -> None:
+        failures.add(out)
         mark(s, [d.path for d in out.deleted], "deleted")
         mark(s, list(out.failed), "failed")
         mark(s, out.kept, "kept")
@@ -303,4 +307,4 @@ def run_orphan_cleanup(
     repair_pending(ctx, finalize)
     delete_batches(ctx, _planned(session, job, ids), finalize, after_batch)
     status = "partial" if totals["failed_files"] else "succeeded"
-    return JobOutcome(status, {**result, **totals})
+    return JobOutcome(status, {**result, **totals}, failures.summary(totals["failed_files"]))

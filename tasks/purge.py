@@ -31,6 +31,7 @@ from tasks.deleting import (
     BatchOutcome,
     DeleteContext,
     Doomed,
+    Failures,
     Finalize,
     delete_batch,
     repair_pending,
@@ -124,7 +125,10 @@ def run_purge(
         job.progress = {**(job.progress or {}), "phase": "deleting", "totals": dict(totals)}
         s.execute(update(Job).where(Job.id == job.id).values(progress=job.progress))
 
+    failures = Failures()
+
     def count(s: Session, out: BatchOutcome) -> None:
+        failures.add(out)
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
         totals["failed_files"] += len(out.failed)
@@ -158,7 +162,7 @@ def run_purge(
         )
         return JobOutcome("partial", totals, error)
     if totals["failed_files"]:
-        return JobOutcome("partial", totals, f"{totals['failed_files']} file(s) not deleted")
+        return JobOutcome("partial", totals, failures.summary(totals["failed_files"]))
     return JobOutcome("succeeded", totals)
 
 

@@ -22,6 +22,12 @@ from db.models import Base
 from db.session import make_engine
 from worker.settings import Settings
 
+# Tests never reach for the instance-metadata address (169.254.169.254): a test whose
+# S3 destination lacks credentials fails at once instead of waiting on it. This is a rule
+# for the tests' processes (and the workers they start, which inherit it), not for the
+# service, where the provider's default chain (an instance role) must work.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
 PG_ADMIN = os.environ.get("OCORE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("OCORE_TEST_REDIS", "redis://127.0.0.1:6379")
 

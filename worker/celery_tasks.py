@@ -22,6 +22,7 @@ import logging
 import random
 import threading
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from celery import Task, signals
@@ -31,8 +32,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
-from db.models import BackupDestination
+from db.models import BackupDestination, Job
 from db.session import get_engine, session_scope
+from db.types import utcnow
 from worker.celery_app import app, send
 from worker.jobs import TASKS, Sender, dispatch_or_fail, request_job
 from worker.logging import job_context
@@ -151,10 +153,27 @@ def purge_task(self: Task, job_id: str) -> str:
 def schedule_jobs(session: Session, settings: Settings, job_type: str, sender: Sender) -> int:
     """One ``job_type`` job for every destination (orphan cleanups with the
     destination's own retention), unless one is already queued or running for its
-    location. A job whose message cannot be sent is failed, not left queued. Returns
-    how many were sent."""
+    location, or beat already requested one within the last half of the schedule's
+    interval (a second beat process, e.g. during a rolling update, ticks in the same
+    period: each destination is still scheduled once, even when the first job finished
+    in milliseconds; a beat job that failed does not count). A job whose message
+    cannot be sent is failed, not left queued. Returns how many were sent."""
+    interval = settings.scan_interval if job_type == "scan" else settings.cleanup_interval
+    since = utcnow() - timedelta(seconds=interval / 2)
+    recent = set(
+        session.scalars(
+            select(Job.destination_id).where(
+                Job.type == job_type,
+                Job.requested_by == "beat",
+                Job.created_at >= since,
+                Job.status != "failed",
+            )
+        )
+    )
     created = 0
     for dest in session.scalars(select(BackupDestination).order_by(BackupDestination.id)).all():
+        if dest.id in recent:
+            continue  # scheduled in this period already (by this beat or another)
         params = {}
         if job_type == "orphan_cleanup":
             params["retention_days"] = dest.retention_days or settings.retention_days
@@ -217,8 +236,9 @@ class WorkerReaper:
         from sqlalchemy.pool import NullPool
 
         from db.session import make_engine
-        from worker.celery_app import make_celery
+        from worker.celery_app import ensure_broker_folders, make_celery
 
+        ensure_broker_folders(self.settings)
         own = make_celery(self.settings)
         engine = make_engine(self.settings.effective_database_url, poolclass=NullPool)
 

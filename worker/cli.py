@@ -29,7 +29,13 @@ from typing import IO, Any
 
 import click
 
-from worker.settings import Settings, get_settings
+from worker.settings import (
+    MAX_RETENTION_DAYS,
+    Settings,
+    describe_settings_error,
+    get_settings,
+    missing_database_url,
+)
 
 QUEUES = "scan,cleanup,maintenance"
 
@@ -52,23 +58,9 @@ def _first_line(text: str) -> str:
 
 
 def _settings_error(err: Exception) -> str:
-    """``OCORE_<FIELD>: <why>`` for each bad setting, on one line (values not echoed:
-    some are secrets)."""
-    from pydantic import ValidationError
-
-    if isinstance(err, ValidationError):
-        parts = []
-        for e in err.errors(include_url=False, include_input=False):
-            field = str(e["loc"][0]).upper() if e["loc"] else "?"
-            parts.append(f"OCORE_{field}: {e['msg'].removeprefix('Value error, ')}")
-        return "; ".join(parts)
-    found = re.search(r'field "(\w+)"', str(err))  # pydantic-settings: a JSON value
-    if found:
-        return (
-            f"OCORE_{found.group(1).upper()}: cannot parse the value "
-            '(list settings take JSON, e.g. ["HS256"])'
-        )
-    return f"invalid OCORE_* setting: {_first_line(str(err))}"
+    """``OCORE_<FIELD>=<value> is out of range: <what is allowed>`` for each bad setting,
+    on one line (secrets and URLs not echoed): :func:`worker.settings.describe_settings_error`."""
+    return describe_settings_error(err)
 
 
 def _engine(settings: Settings) -> Any:
@@ -89,7 +81,53 @@ def _engine(settings: Settings) -> Any:
         ) from None
 
 
+def _require_database_url(settings: Settings, command: str) -> None:
+    """Production commands (worker, beat, api without --dev) need OCORE_DATABASE_URL:
+    without it they would run on an empty SQLite file (serve, demo: the embedded ones)."""
+    problem = missing_database_url(settings, command)
+    if problem:
+        raise CliError(problem)
+
+
+def _require_schema(settings: Settings) -> None:
+    """worker, beat, serve: a database without this code's tables stops the command with
+    what to run. One that does not answer yet does not (Celery and the jobs wait for it;
+    a warning says so). Creates nothing: a SQLite file that does not exist is reported."""
+    from sqlalchemy.exc import OperationalError
+
+    from db.migrate import schema_status
+    from db.session import make_engine
+
+    url = settings.effective_database_url
+    where = _redact(url)
+    upgrade = "run `ocore-storage db upgrade` (with the same OCORE_DATABASE_URL) first"
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        file = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        if not file.is_file():
+            raise CliError(f"the database at {where} has no schema (no such file): {upgrade}")
+    try:
+        kwargs: dict[str, Any] = (
+            {} if url.startswith("sqlite") else {"connect_args": {"connect_timeout": 5}}
+        )
+        engine = make_engine(url, **kwargs)
+        try:
+            with engine.connect() as conn:
+                status = schema_status(conn)
+        finally:
+            engine.dispose()
+    except OperationalError as err:
+        click.echo(f"warning: {_database_error(err, url)}; starting anyway", err=True)
+        return
+    except Exception as err:
+        raise CliError(_database_error(err, url) or _describe(err)) from None
+    if status == "missing":
+        raise CliError(f"the database at {where} has no schema: {upgrade}")
+    if status == "behind":
+        raise CliError(f"the database at {where} has an older schema than this code: {upgrade}")
+
+
 @click.group()
+@click.version_option(package_name="ocore-storage-worker", prog_name="ocore-storage")
 def cli() -> None:
     """Scan, reconcile and clean the backup storage of the oCore platform."""
     from worker.logging import configure_logging
@@ -212,8 +250,14 @@ def _multiproc_env(settings: Settings) -> dict[str, str]:
 @click.option("-c", "--concurrency", default=2, show_default=True)
 @click.option("--beat/--no-beat", default=False, help="Embed celery beat (one per deployment).")
 def worker(queues: str, concurrency: int, beat: bool) -> None:
-    """Run a Celery worker (prefork) with its /metrics endpoint."""
+    """Run a Celery worker (prefork) with its /metrics endpoint.
+
+    A production command: refuses to start without OCORE_DATABASE_URL (``serve`` is the
+    embedded one) or on a database without the schema (``ocore-storage db upgrade``).
+    """
     settings = _settings()
+    _require_database_url(settings, "worker")
+    _require_schema(settings)
     args = ["worker", "-Q", queues, "-c", str(concurrency), "--loglevel", settings.log_level]
     if beat:
         args += ["-B", "-s", str((settings.data_dir / "celerybeat-schedule").resolve())]
@@ -222,8 +266,13 @@ def worker(queues: str, concurrency: int, beat: bool) -> None:
 
 @cli.command()
 def beat() -> None:
-    """Run celery beat: scans, orphan cleanups and the reaper on their schedules."""
+    """Run celery beat: scans, orphan cleanups and the reaper on their schedules.
+
+    A production command, like ``worker``: needs OCORE_DATABASE_URL and the schema.
+    """
     settings = _settings()
+    _require_database_url(settings, "beat")
+    _require_schema(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
     _celery(["beat", "-s", schedule, "--loglevel", settings.log_level])
@@ -231,23 +280,29 @@ def beat() -> None:
 
 @cli.command()
 @click.option("--host", default=None, help="Default: OCORE_API_HOST.")
-@click.option("--port", default=None, type=int, help="Default: OCORE_API_PORT.")
+@click.option(
+    "--port", default=None, type=click.IntRange(1, 65535), help="Default: OCORE_API_PORT."
+)
 @click.option("--threads", default=16, show_default=True, help="Request threads.")
 @click.option("--dev", is_flag=True, help="werkzeug's development server instead of gunicorn; "
-              "accepts the built-in development JWT secret.")  # fmt: skip
+              "accepts the built-in development JWT secret and, without "
+              "OCORE_DATABASE_URL, the embedded SQLite file.")  # fmt: skip
 def api(
     host: str | None, port: int | None, threads: int, dev: bool, loopback_dev_secret: bool = False
 ) -> None:
     """Serve the HTTP API (waitress, one process with request threads; limits: docs/serving.md).
 
-    Refuses to start when HS256 tokens are accepted and OCORE_JWT_SECRET is the built-in
-    development secret or shorter than 32 bytes, unless --dev or
+    Refuses to start without OCORE_DATABASE_URL unless --dev (the embedded SQLite file),
+    and when HS256 tokens are accepted and OCORE_JWT_SECRET is the built-in development
+    secret, shorter than 32 bytes or too predictable, unless --dev or
     OCORE_ALLOW_INSECURE_DEV_SECRET=1 (``serve`` also allows it on a loopback address).
     """
     from api import create_app
     from api.auth import InsecureSecretError, check_secret, insecure_secret_allowed_by_env
 
     settings = _settings()
+    if not (dev or loopback_dev_secret):  # `serve` (embedded) calls this with the latter
+        _require_database_url(settings, "api")
     bind_host, bind_port = host or settings.api_host, port or settings.api_port
     allow = (
         dev or insecure_secret_allowed_by_env() or (loopback_dev_secret and _is_loopback(bind_host))
@@ -312,18 +367,26 @@ def _is_loopback(host: str) -> bool:
 
 
 @cli.command()
-def serve() -> None:
-    """Worker + beat + API in one command (the embedded default)."""
+@click.option("--host", default=None, help="Default: OCORE_API_HOST.")
+@click.option(
+    "--port", default=None, type=click.IntRange(1, 65535), help="Default: OCORE_API_PORT."
+)
+def serve(host: str | None, port: int | None) -> None:
+    """Worker + beat + API in one command (the embedded default: OCORE_DATABASE_URL may
+    be left unset; run ``ocore-storage db upgrade`` first)."""
     settings = _settings()
-    _check_port_free(settings.api_host, settings.api_port)  # before starting the worker
+    _check_port_free(host or settings.api_host, port or settings.api_port)  # before the worker
+    _require_schema(settings)
     env = _multiproc_env(settings)
+    # the embedded default's /metrics on loopback unless OCORE_METRICS_HOST says otherwise
+    env.setdefault("OCORE_METRICS_HOST", "127.0.0.1")
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
     cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "-s", schedule,
            "-Q", QUEUES, "-c", "2", "--loglevel", settings.log_level]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     try:
         # the embedded default: its development JWT secret is fine on loopback only
-        api.callback(None, None, 16, False, loopback_dev_secret=True)  # type: ignore[misc]
+        api.callback(host, port, 16, False, loopback_dev_secret=True)  # type: ignore[misc]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -351,6 +414,66 @@ def seed(file: Path) -> None:
                 what += "; check that the ids the file references exist (docs/seed.md)"
             raise CliError(f"seed failed: {what}") from None
     click.echo(json.dumps(counts))
+
+
+@cli.group()
+def destinations() -> None:
+    """Backup destinations."""
+
+
+@destinations.command("list")
+@click.option("--org", default=None, help="Only this organization's (uuid).")
+def destinations_list(org: str | None) -> None:
+    """Every destination: id, organization, kind, name and location (a table on a
+    terminal, JSON lines when piped). Credentials are never shown, only their reference."""
+    import uuid as _uuid
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination
+
+    settings = _settings()
+    stmt = select(BackupDestination).order_by(
+        BackupDestination.organization_id, BackupDestination.name
+    )
+    if org is not None:
+        try:
+            stmt = stmt.where(BackupDestination.organization_id == _uuid.UUID(org))
+        except ValueError:
+            raise CliError(f"--org {org!r} is not a UUID: give an organization id") from None
+    try:
+        with Session(_engine(settings)) as session:
+            rows = [
+                {
+                    "id": str(d.id),
+                    "organization_id": str(d.organization_id),
+                    "kind": d.kind,
+                    "name": d.name,
+                    "endpoint": d.endpoint or "",
+                    "bucket": d.bucket,
+                    "root_prefix": d.root_prefix or "",
+                    "retention_days": d.retention_days,
+                    "credentials_ref": d.credentials_ref or "",
+                }
+                for d in session.scalars(stmt)
+            ]
+    except Exception as err:
+        why = _database_error(err, settings.effective_database_url) or _describe(err)
+        raise CliError(f"cannot list destinations: {why}") from None
+    if not sys.stdout.isatty():
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "kind", "name", "location", "retention")
+    for row in rows:
+        where = f"{row['endpoint']} {row['bucket']}/{row['root_prefix']}".strip()
+        days = row["retention_days"]
+        table.add_row(str(row["id"]), str(row["kind"]), str(row["name"]), where, str(days or "-"))
+    Console().print(table)
 
 
 @cli.group()
@@ -477,9 +600,6 @@ class _AboveStatus:
         pass
 
 
-MAX_RETENTION_DAYS = 36_500
-
-
 def _retention_option(_ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     """A retention window below one day is refused, never clamped (docs/safety.md, 6)."""
     if value is not None and not 1 <= value <= MAX_RETENTION_DAYS:
@@ -490,6 +610,23 @@ def _retention_option(_ctx: click.Context, param: click.Parameter, value: int | 
             param=param,
         )
     return value
+
+
+#: ``jobs run``'s exit status per job outcome (2 is a usage error, click's)
+EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3, "guarded": 4}
+
+
+def _share_metrics_with_the_worker(settings: Settings) -> None:
+    """A job run by ``jobs run`` counts in the metrics like one a worker ran: where this
+    machine has the worker's prometheus-client multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``,
+    or ``$OCORE_DATA_DIR/metrics`` that ``worker``/``serve`` use), this process writes its
+    counters there and the worker's /metrics adds them up. Called before the metrics
+    module is imported (prometheus-client picks its mode on import)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    folder = (settings.data_dir / "metrics").resolve()
+    if folder.is_dir():
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 @jobs.command("run")
@@ -510,13 +647,15 @@ def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_ru
     On a terminal, a status line on stderr shows the phase, objects listed, files
     deleted and elapsed time while the job runs.
     """
+    settings = _settings()
+    _share_metrics_with_the_worker(settings)
+
     from sqlalchemy.orm import Session
 
     from db.models import BackupDestination, Job
     from worker.jobs import job_to_dict, request_job
     from worker.runner import LocationBusy, RetryableJobError, run_job
 
-    settings = _settings()
     engine = _engine(settings)
     try:
         dest_id = uuid.UUID(destination)
@@ -532,22 +671,27 @@ def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_ru
         if dest is None:
             raise CliError(f"destination {dest_id} does not exist (list them in the database)")
         job, _ = request_job(s, JOB_TYPES[job_type], dest, params, requested_by="cli")
-    try:
-        if sys.stderr.isatty():
-            with StatusLine(engine, job.id, job_type, sys.stderr):
+    while True:
+        try:
+            if sys.stderr.isatty():
+                with StatusLine(engine, job.id, job_type, sys.stderr):
+                    run_job(job.id, settings, engine)
+            else:
                 run_job(job.id, settings, engine)
-        else:
-            run_job(job.id, settings, engine)
-    except LocationBusy as err:
-        raise CliError(f"{err}; try again when it has finished") from None
-    except RetryableJobError as err:
-        raise CliError(f"transient failure, the job was re-queued: {err}") from None
+        except LocationBusy as err:
+            raise CliError(f"{err}; try again when it has finished") from None
+        except RetryableJobError as err:
+            # run here, retried here (the job's attempt cap ends it): nothing is sent to
+            # a broker that no worker of this command listens to
+            click.echo(f"transient failure: {err}; trying again in {err.countdown:.0f} s", err=True)
+            time.sleep(err.countdown)
+            continue
+        break
     with Session(engine) as s:
         final = s.get(Job, job.id)
         assert final is not None
         click.echo(json.dumps(job_to_dict(final), indent=2))
-        if final.status == "failed":
-            raise SystemExit(1)
+        raise SystemExit(EXIT_CODES.get(final.status, 1))
 
 
 @jobs.command("show")

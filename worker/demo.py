@@ -173,6 +173,7 @@ def _run_demo(base: Path, console: Console) -> dict[str, Any]:
     env = {**os.environ, "OCORE_DATA_DIR": str(settings.data_dir), "OCORE_LOG_FORMAT": "console"}
     env.pop("OCORE_DATABASE_URL", None)
     env.pop("OCORE_BROKER_URL", None)
+    env.setdefault("OCORE_METRICS_HOST", "127.0.0.1")  # a demo's /metrics is not for the LAN
     log_path = base / "worker.log"
     console.print(
         f"[bold]3.[/] starting a Celery worker on the filesystem broker (log: {log_path})"
@@ -197,9 +198,11 @@ def _run_demo(base: Path, console: Console) -> dict[str, Any]:
 
 def _enqueue(engine: Any, env: dict[str, str], job_type: str, params: dict[str, Any]) -> uuid.UUID:
     # The sender must use the same broker folder as the worker.
-    from worker.celery_app import make_celery
+    from worker.celery_app import ensure_broker_folders, make_celery
 
-    app = make_celery(Settings(data_dir=Path(env["OCORE_DATA_DIR"])))
+    demo_settings = Settings(data_dir=Path(env["OCORE_DATA_DIR"]))
+    ensure_broker_folders(demo_settings)
+    app = make_celery(demo_settings)
     with Session(engine, expire_on_commit=False) as s:
         dest = s.get(BackupDestination, DEST)
         assert dest is not None

@@ -49,7 +49,7 @@ from tasks.purge import has_purgeable_pending, run_purge
 from tasks.scan import LISTED_KEY, run_scan
 from tasks.scan_cleanup import run_scan_cleanup
 from worker import metrics, shutdown
-from worker.jobs import DESTRUCTIVE, Sender, dispatch_or_fail, request_job
+from worker.jobs import DESTRUCTIVE, Sender, dispatch, dispatch_or_fail, request_job
 from worker.locks import Lease, LockLost, acquire, check_and_renew, holder, release
 from worker.logging import job_context, set_phase
 from worker.settings import Settings
@@ -341,7 +341,8 @@ def _run_job(
             # checked before claiming: a job over the cap never shows 'running' again
             error = (
                 f"gave up after {job.attempts} attempts: the job failed or its worker "
-                "died every time; see the worker logs"
+                "died every time"
+                + (f"; the last error: {job.error}" if job.error else "; see the worker logs")
             )
             if _fail_active(engine, job.id, error, attempts=job.attempts + 1):
                 log.warning("job %s: %s", job.id, error)
@@ -523,7 +524,16 @@ def _execute(
         ):
             return None
         _record_metrics(job, dest, outcome, time.perf_counter() - t0, listed)
-        log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
+        if outcome.status == "succeeded":
+            log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
+        else:  # partial, guarded: an operator reads why (it is the job's error too)
+            log.warning(
+                "job %s (%s) finished: %s: %s",
+                job.id,
+                job.type,
+                outcome.status,
+                outcome.error or "see the job's result",
+            )
         return outcome
 
 
@@ -635,10 +645,8 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
                       "progress": progress}  # fmt: skip
             if _reap(session, job, still_stuck, note, **values):
                 _release_locks_of(session, job.id)
-                if dispatch_or_fail(session, job, send):
+                if _send_again(session, job, send, now, progress):
                     out.requeued += 1
-                else:
-                    out.failed += 1
             continue
         why = "past its hard time limit" if past_limit else "out of attempts"
         error = (
@@ -708,7 +716,8 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
         quiet = quiet | (Job.id.in_(overdue) & recent)
     jobs = session.scalars(select(Job).where(Job.status == "queued", quiet)).all()
     for job in jobs:
-        resends = int((job.progress or {}).get("resends", 0))
+        before = dict(job.progress or {})
+        resends = int(before.get("resends", 0))
         if resends >= settings.max_attempts:
             error = (
                 f"never picked up: sent {resends + 1} times, no worker took it "
@@ -734,10 +743,36 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
         session.commit()
         if res.rowcount:  # type: ignore[attr-defined]
             log.warning("job %s: queued with no sign of life; message sent again", job.id)
-            if dispatch_or_fail(session, job, send):
+            if _send_again(session, job, send, now, before):
                 out.resent += 1
-            else:
-                out.lost += 1
+
+
+def _send_again(
+    session: Session,
+    job: Job,
+    send: Sender,
+    now: datetime,
+    progress: dict[str, Any] | None = None,
+) -> bool:
+    """Send a queued job's message again (the reaper). A send that fails (the broker
+    is away: a Redis restart, an outage) never fails the job: it stays ``queued`` with
+    ``due_at`` now (and ``progress``, the resend count before this try, when given), so
+    a later pass sends it again once the broker is back, ``heartbeat_timeout`` later.
+    The job row is the truth; an outage of the broker alone loses no job and uses up
+    none of its budget."""
+    try:
+        dispatch(job, send)
+        return True
+    except Exception as err:
+        session.rollback()
+        log.warning("job %s: could not send its message (%s: %s); it stays queued and a "
+                    "later reaper pass sends it again", job.id, type(err).__name__,
+                    str(err)[:200])  # fmt: skip
+    values = {**((job.progress or {}) if progress is None else progress), "due_at": now.isoformat()}
+    still_queued = (Job.id == job.id, Job.status == "queued")
+    session.execute(update(Job).where(*still_queued).values(progress=values))
+    session.commit()
+    return False
 
 
 def _due_at(job: Job) -> datetime | None:

@@ -12,7 +12,10 @@ unless the file sets ``"deleted_at": null``). See docs/seed.md for every field.
 Destinations are checked on the way in (docs/safety.md): a ``retention_days`` below one
 day is refused; a local destination's relative base directory (``bucket``) is resolved
 against the seed file's own directory, the one documented anchor, and stored absolute;
-an SFTP destination's base directory must be absolute.
+an SFTP destination's base directory must be absolute. A destination's project must be
+one of its own organization's projects, and a project that destinations point at cannot
+move to another organization (the database refuses both too, migration 0006): the
+error names the row, the project and both organizations.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
 from db.models import (
+    DESTINATION_KINDS,
+    RECORD_STATUSES,
     Backup,
     BackupDestination,
     Base,
@@ -42,8 +47,9 @@ from db.models import (
 )
 from db.softdelete import skip_soft_delete
 from db.types import UTCDateTime
+from storage_backends.errors import InvalidPathError
 from storage_backends.identity import is_absolute_dir
-from storage_backends.paths import normalize_root
+from storage_backends.paths import normalize_root, validate_path
 
 ORDER: tuple[tuple[str, type[Base]], ...] = (
     ("organizations", Organization),
@@ -95,6 +101,11 @@ def _check_destination(
 ) -> None:
     """Refuse what would make a destination unsafe, resolve a relative local base
     directory against ``anchor`` (the seed file's directory). In place."""
+    if kind is not None and kind not in DESTINATION_KINDS:
+        raise SeedError(
+            f"{where}: kind {kind!r} is not a destination kind: one of "
+            f"{', '.join(DESTINATION_KINDS)}"
+        )
     if "retention_days" in values and values["retention_days"] is not None:
         days = values["retention_days"]
         if type(days) is not int or days < 1:
@@ -122,6 +133,60 @@ def _check_destination(
             "(relative ones are resolved only in seed files, against the file's directory)"
         )
     values["bucket"] = os.path.normpath(os.path.join(anchor, base))
+
+
+def _check_record(values: dict[str, Any], where: str) -> None:
+    """A backup or snapshot row the worker can act on: a known status, and a path inside
+    its destination (no ``..``, no leading ``/``; a folder record ends with ``/``)."""
+    status = values.get("status")
+    if status is not None and status not in RECORD_STATUSES:
+        raise SeedError(
+            f"{where}: status {status!r} is not a record status: one of "
+            f"{', '.join(RECORD_STATUSES)}"
+        )
+    if "path" in values:
+        try:
+            validate_path(values["path"], allow_dir=True)
+        except InvalidPathError as err:
+            raise SeedError(
+                f"{where}: path {values['path']!r} is not a path inside the destination "
+                f"({err}): give it relative to the destination's root, e.g. "
+                "'db/2026/11/01/backup.tar.gz' or a folder 'snapshots/vol-1/'"
+            ) from None
+
+
+def _check_tenancy(session: Session, model: type[Base], values: dict[str, Any], where: str) -> None:
+    """Refuse a destination whose project is another organization's, and a project moved
+    to another organization while destinations of its old one point at it (issue #20: such
+    a row showed one organization's destination to another's members)."""
+    stored: Any = session.get(model, values["id"])
+    if model is BackupDestination:
+        org = values.get("organization_id", stored.organization_id if stored else None)
+        project_id = values.get("project_id", stored.project_id if stored else None)
+        project = session.get(Project, project_id) if project_id is not None else None
+        if project is not None and org is not None and project.organization_id != org:
+            raise SeedError(
+                f"{where}: project {project_id} belongs to organization "
+                f"{project.organization_id}, not to the destination's organization {org}: a "
+                "destination's project must be one of its own organization's projects (set "
+                "the right project_id, or null to attach it to none)"
+            )
+    elif model is Project and stored is not None and "organization_id" in values:
+        moved_to = values["organization_id"]
+        if moved_to == stored.organization_id:
+            return
+        others = session.scalars(
+            select(BackupDestination.id)
+            .where(BackupDestination.project_id == stored.id)
+            .where(BackupDestination.organization_id != moved_to)
+            .order_by(BackupDestination.id)
+        ).all()
+        if others:
+            raise SeedError(
+                f"{where}: project {stored.id} cannot move to organization {moved_to}: "
+                f"destination(s) {', '.join(map(str, others))} of organization "
+                f"{stored.organization_id} point at it (detach them first: project_id null)"
+            )
 
 
 def load_seed(session: Session, data: dict[str, Any], anchor: Path | None = None) -> dict[str, int]:
@@ -156,6 +221,10 @@ def load_seed(session: Session, data: dict[str, Any], anchor: Path | None = None
                     if kind is None and (stored := session.get(model, values["id"])):
                         kind = stored.kind  # an update that leaves the kind out
                     _check_destination(values, kind, where, anchor)
+                if model is Backup or model is Snapshot:
+                    _check_record(values, where)
+                if model is BackupDestination or model is Project:
+                    _check_tenancy(session, model, values, where)
                 session.merge(model(**values))
             session.flush()
             counts[name] = len(rows)

@@ -2,126 +2,343 @@
 
 Every setting has a default that works with no environment at all: SQLite and kombu's
 filesystem broker under ``./var``. Production sets ``OCORE_DATABASE_URL`` to
-``postgresql+psycopg://…`` and ``OCORE_BROKER_URL`` to ``redis://…``.
+``postgresql+psycopg://…`` and ``OCORE_BROKER_URL`` to ``redis://…``; the production
+commands (``ocore-storage worker``, ``beat``, ``api`` without ``--dev``) refuse to start
+without ``OCORE_DATABASE_URL`` (:func:`missing_database_url`), while the embedded ones
+(``serve``, ``demo``, ``api --dev``) use the SQLite default.
+
+Every setting declares what it accepts: a range (``Field(ge=…, le=…)``), a choice
+(``Literal``), or it is free-form text checked where it is used (URLs, paths, keys). The
+field's ``description`` says it in words, and a value outside is refused, never clamped:
+:func:`describe_settings_error` turns pydantic's ``ValidationError`` into the one line
+the CLI prints, ``OCORE_CLEANUP_MAX_SHARE=50 is out of range: a fraction between 0
+(excluded) and 1 (0.5 = 50 %)``. Values of secrets and URLs are never echoed.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import shlex
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "OCORE_"
+#: Longest retention window (days) a setting or ``jobs run --retention-days`` accepts.
+MAX_RETENTION_DAYS = 36_500
+#: What the API clamps a presigned download link to (api/storage.py); longer is refused.
+MAX_DOWNLOAD_URL_EXPIRY = 900
+
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+    "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA",
+]  # fmt: skip
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+#: Settings whose value may hold a secret (a key, a password in a URL): never echoed.
+SECRET_FIELDS = frozenset(
+    {"jwt_secret", "jwt_private_key", "database_url", "broker_url", "result_backend"}
+)
+#: Error types of a value that parsed but lies outside its range.
+_RANGE_ERRORS = frozenset(
+    {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+)
+
+
+def _default_algorithms() -> list[JwtAlgorithm]:
+    return ["HS256"]
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _shown(field: str, value: Any) -> str:
+    """The value as the user wrote it (shell-quoted when needed), or ``(hidden)``."""
+    if field in SECRET_FIELDS:
+        return "(hidden)"
+    if isinstance(value, str):
+        return shlex.quote(value)
+    if isinstance(value, list | tuple):
+        return shlex.quote(json.dumps(list(value), default=str))
+    return str(value)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OCORE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    #: Where the embedded default keeps its SQLite file, broker queues and demo data.
-    data_dir: Path = Path("var")
-    database_url: str = ""
-    broker_url: str = ""
-    result_backend: str = ""
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="a directory: the embedded default's SQLite file, broker queues, beat "
+        "schedule and metrics files",
+    )
+    database_url: str = Field(
+        default="",
+        description="a SQLAlchemy URL, postgresql+psycopg://user:password@host:5432/ocore "
+        "or sqlite:////path/ocore.db; required by worker, beat and api (empty: the embedded "
+        "SQLite file, for serve, demo and api --dev)",
+    )
+    broker_url: str = Field(
+        default="", description="a Celery broker URL, redis://host:6379/0 (empty: filesystem://)"
+    )
+    result_backend: str = Field(default="", description="a Celery result backend URL, or empty")
 
     # Auth (API): HS256 secret, or a PEM public key for RS256/ES256.
-    jwt_secret: str = "dev-only-insecure-secret-change-me"  # noqa: S105 - dev default
-    jwt_public_key: str = ""
-    jwt_private_key: str = ""
-    jwt_algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
-    jwt_issuer: str = ""
-    jwt_audience: str = ""
+    jwt_secret: str = Field(
+        default="dev-only-insecure-secret-change-me",  # the dev default: `api` refuses it
+        description="a random secret of at least 32 bytes and 8 different characters "
+        "(`api` checks it; the default is for serve and api --dev only)",
+    )
+    jwt_public_key: str = Field(
+        default="",
+        description="a PEM public key; required when RS/ES/PS/EdDSA algorithms are accepted",
+    )
+    jwt_private_key: str = Field(
+        default="", description="a PEM private key (only to mint tokens with `ocore-storage token`)"
+    )
+    jwt_algorithms: list[JwtAlgorithm] = Field(
+        default_factory=_default_algorithms,
+        min_length=1,
+        description="a non-empty JSON list of HS256, HS384, HS512, RS256, RS384, RS512, "
+        'ES256, ES384, ES512, PS256, PS384, PS512, EdDSA, e.g. ["HS256"] or ["RS256"]',
+    )
+    jwt_issuer: str = Field(default="", description="the expected `iss` claim, or empty")
+    jwt_audience: str = Field(default="", description="the expected `aud` claim, or empty")
 
     # Secrets: credentials references resolve here or in OCORE_CREDENTIALS_<NAME>.
-    secrets_dir: Path = Path("/run/secrets/ocore")
+    secrets_dir: Path = Field(
+        default=Path("/run/secrets/ocore"), description="a directory of credentials files"
+    )
 
     # Ports
-    metrics_port: int = 9808
-    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
+    metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="a TCP port from 1 to 65535, or 0 to turn /metrics off",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - scraped from other containers
+        description="an address to listen on (checked when the worker binds it)",
+    )
+    api_host: str = Field(
+        default="127.0.0.1", description="an address to listen on (checked when `api` binds it)"
+    )
+    api_port: int = Field(default=8080, ge=1, le=65535, description="a TCP port from 1 to 65535")
 
     # Jobs
-    retention_days: int = 30
-    scan_grace_hours: float = 1.0
-    stale_removal_max_share: float = 0.20
-    cleanup_max_files: int = 100_000
-    cleanup_max_bytes: int = 10 * 1024**4  # 10 TiB
-    cleanup_max_share: float = 0.50
+    retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=MAX_RETENTION_DAYS,
+        description=f"whole days, at least 1 and at most {MAX_RETENTION_DAYS} (a shorter "
+        "retention window is refused, never clamped: docs/safety.md, rule 6)",
+    )
+    scan_grace_hours: float = Field(
+        default=1.0, ge=0, le=8760, allow_inf_nan=False, description="hours from 0 to 8760 (a year)"
+    )
+    stale_removal_max_share: float = Field(
+        default=0.20,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="a fraction between 0 (excluded) and 1 (0.2 = 20 %)",
+    )
+    cleanup_max_files: int = Field(
+        default=100_000, ge=1, description="a number of files, at least 1"
+    )
+    cleanup_max_bytes: int = Field(
+        default=10 * 1024**4,
+        ge=1,
+        description="a number of bytes, at least 1 (10 TiB = 10995116277760)",
+    )
+    cleanup_max_share: float = Field(
+        default=0.50,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="a fraction between 0 (excluded) and 1 (0.5 = 50 %)",
+    )
     # S3/GCS orphan cleanup: delete batches under way at once (each fenced and
     # re-checked right before it is sent); SFTP and local always send one at a time.
-    cleanup_deletes_in_flight: int = 2
-    lock_lease_seconds: int = 600
-    job_soft_time_limit: int = 6 * 3600
-    job_hard_time_limit: int = 6 * 3600 + 300
-    max_attempts: int = 3
+    cleanup_deletes_in_flight: int = Field(
+        default=2, ge=1, le=8, description="delete batches under way at once, from 1 to 8"
+    )
+    lock_lease_seconds: int = Field(
+        default=600, ge=1, le=86_400, description="whole seconds from 1 to 86400 (a day)"
+    )
+    job_soft_time_limit: int = Field(
+        default=6 * 3600, ge=1, description="whole seconds, at least 1 (below the hard limit)"
+    )
+    job_hard_time_limit: int = Field(
+        default=6 * 3600 + 300, ge=1, description="whole seconds, more than the soft limit"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="a whole number of attempts from 1 to 100"
+    )
     # Redis only. 0 = job_hard_time_limit + 600: a running task is never handed to a
     # second worker. Unacked messages of a dead worker come back after this long, found
     # by a sweep every broker_restore_interval seconds.
-    broker_visibility_timeout: int = 0
-    broker_restore_interval: int = 60
+    broker_visibility_timeout: int = Field(
+        default=0, ge=0, description="whole seconds, or 0 for automatic (the hard limit + 600)"
+    )
+    broker_restore_interval: int = Field(
+        default=60, ge=1, le=86_400, description="whole seconds from 1 to 86400 (a day)"
+    )
     # Recovery (docs/reliability.md, "Never lost, never stuck"): a running job writes its
     # heartbeat every heartbeat_interval seconds; one silent for heartbeat_timeout seconds
     # has no live worker and the reaper (every reaper_interval seconds, in every worker
     # and in beat) queues and sends it again: running again within
     # heartbeat_timeout + reaper_interval (+ a worker's pick-up) = under 2 minutes.
-    heartbeat_interval: float = 10.0
-    heartbeat_timeout: int = 75
-    worker_reaper: bool = True
+    heartbeat_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds, more than 0 and at most 3600 (below the heartbeat timeout)",
+    )
+    heartbeat_timeout: int = Field(
+        default=75,
+        ge=1,
+        le=86_400,
+        description="whole seconds from 1 to 86400, more than the heartbeat interval",
+    )
+    worker_reaper: bool = Field(
+        default=True, description="true or false (also 1/0, yes/no, on/off)"
+    )
     # A job meeting a busy location waits busy_retry_seconds, doubled per wait up to
     # busy_retry_max_seconds (with jitter), for as long as it takes.
-    busy_retry_seconds: float = 5.0
-    busy_retry_max_seconds: float = 30.0
-    download_url_expiry: int = 900
-    upload_max_bytes: int = 5 * 1024**3
-    upload_max_parts: int = 16
-    analytics_top_prefixes: int = 20
+    busy_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds, more than 0, at most 3600",
+    )
+    busy_retry_max_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="seconds, at most 86400 and at least OCORE_BUSY_RETRY_SECONDS",
+    )
+    download_url_expiry: int = Field(
+        default=900,
+        ge=1,
+        le=MAX_DOWNLOAD_URL_EXPIRY,
+        description=f"whole seconds from 1 to {MAX_DOWNLOAD_URL_EXPIRY} (15 minutes)",
+    )
+    upload_max_bytes: int = Field(
+        default=5 * 1024**3, ge=1, description="a number of bytes, at least 1 (5 GiB = 5368709120)"
+    )
+    upload_max_parts: int = Field(
+        default=16, ge=1, le=10_000, description="a number of form parts from 1 to 10000"
+    )
+    analytics_top_prefixes: int = Field(
+        default=20, ge=0, le=1000, description="a number of prefixes from 0 to 1000"
+    )
 
     # Schedules (celery beat), seconds
-    scan_interval: float = 86_400.0
-    cleanup_interval: float = 7 * 86_400.0
-    reaper_interval: float = 30.0
+    scan_interval: float = Field(
+        default=86_400.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds, more than 0 (86400 = daily)",
+    )
+    cleanup_interval: float = Field(
+        default=7 * 86_400.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds, more than 0 (604800 = weekly)",
+    )
+    reaper_interval: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds, more than 0, at most 3600",
+    )
 
-    log_format: str = "auto"  # auto | json | console
-    log_level: str = "INFO"
+    log_format: LogFormat = Field(default="auto", description="one of auto, json, console")
+    log_level: LogLevel = Field(
+        default="INFO", description="one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
 
-    @field_validator("retention_days")
+    @field_validator("log_format", "log_level", mode="before")
     @classmethod
-    def _retention_at_least_one_day(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(
-                f"retention_days must be at least 1 (it is {v}): a shorter retention window is "
-                "refused, never clamped (docs/safety.md, rule 6); set OCORE_RETENTION_DAYS to "
-                "1 or more"
+    def _any_case(cls, v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, str):
+            return v
+        v = v.strip()
+        return v.lower() if info.field_name == "log_format" else v.upper()
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _say_what_is_allowed(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """Every refused value: ``OCORE_<NAME>=<value> is out of range: <description>``."""
+        try:
+            return handler(value)
+        except ValidationError as err:
+            field = info.field_name or "?"
+            kinds = {e["type"] for e in err.errors()}
+            what = "is out of range" if kinds and kinds <= _RANGE_ERRORS else "is not valid"
+            allowed = cls.model_fields[field].description or err.errors()[0]["msg"]
+            raise PydanticCustomError(
+                "ocore_setting",
+                "{text}",
+                {"text": f"{env_name(field)}={_shown(field, value)} {what}: {allowed}"},
+            ) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Settings that only make sense together."""
+        problems = []
+        asymmetric = [a for a in self.jwt_algorithms if not a.startswith("HS")]
+        if asymmetric and not self.jwt_public_key.strip():
+            problems.append(
+                f"{env_name('jwt_algorithms')}={_shown('jwt_algorithms', self.jwt_algorithms)} "
+                f"accepts {', '.join(asymmetric)} but {env_name('jwt_public_key')} is not set: "
+                "set it to the PEM public key that checks the tokens' signatures, or accept "
+                'HS256 only (OCORE_JWT_ALGORITHMS=["HS256"] with OCORE_JWT_SECRET)'
             )
-        return v
-
-    @field_validator("cleanup_deletes_in_flight")
-    @classmethod
-    def _in_flight_range(cls, v: int) -> int:
-        if not 1 <= v <= 8:
-            raise ValueError("cleanup_deletes_in_flight must be between 1 and 8")
-        return v
-
-    @field_validator("broker_visibility_timeout")
-    @classmethod
-    def _visibility_not_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("broker_visibility_timeout must be 0 (automatic) or seconds")
-        return v
-
-    @field_validator("broker_restore_interval")
-    @classmethod
-    def _restore_interval_positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("broker_restore_interval must be at least 1 second")
-        return v
-
-    @field_validator("heartbeat_timeout")
-    @classmethod
-    def _heartbeat_timeout_positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("heartbeat_timeout must be at least 1 second")
-        return v
+        if self.job_hard_time_limit <= self.job_soft_time_limit:
+            problems.append(
+                f"OCORE_JOB_HARD_TIME_LIMIT={self.job_hard_time_limit} is out of range: more "
+                f"than OCORE_JOB_SOFT_TIME_LIMIT={self.job_soft_time_limit} (the soft limit "
+                "stops a job cleanly before the hard one kills it)"
+            )
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            problems.append(
+                f"OCORE_HEARTBEAT_TIMEOUT={self.heartbeat_timeout} is out of range: more than "
+                f"OCORE_HEARTBEAT_INTERVAL={self.heartbeat_interval:g} (else every running job "
+                "looks dead to the reaper)"
+            )
+        if self.busy_retry_max_seconds < self.busy_retry_seconds:
+            problems.append(
+                f"OCORE_BUSY_RETRY_MAX_SECONDS={self.busy_retry_max_seconds:g} is out of range: "
+                f"at least OCORE_BUSY_RETRY_SECONDS={self.busy_retry_seconds:g}"
+            )
+        if problems:
+            raise PydanticCustomError("ocore_settings", "{text}", {"text": "; ".join(problems)})
+        return self
 
     @property
     def effective_database_url(self) -> str:
@@ -147,3 +364,86 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# --- one line for a bad environment -------------------------------------------------------
+
+
+def describe_settings_error(err: Exception) -> str:
+    """One line naming each refused ``OCORE_*`` variable, its value and what is allowed
+    (secrets and URLs are not echoed), for a ``ValidationError`` of :class:`Settings` or
+    pydantic-settings' ``SettingsError`` (a list setting that is not JSON)."""
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors(include_url=False):
+            field = str(e["loc"][0]) if e["loc"] else ""
+            if e["type"].startswith("ocore_") or not field:
+                parts.append(e["msg"])
+            else:  # not through the field validator (cannot happen today): still one line
+                shown = _shown(field, e.get("input"))
+                parts.append(f"{env_name(field)}={shown} is not valid: {e['msg']}")
+        return "; ".join(dict.fromkeys(parts))
+    found = re.search(r'field "(\w+)"', str(err))  # pydantic-settings: a list not in JSON
+    if found:
+        field = found.group(1)
+        raw = next(
+            (v for k, v in os.environ.items() if k.upper() == env_name(field)), "(unreadable)"
+        )
+        described = (
+            Settings.model_fields[field].description if field in Settings.model_fields else ""
+        )
+        return f"{env_name(field)}={_shown(field, raw)} is not valid: {described or 'a JSON value'}"
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    return f"invalid OCORE_* setting: {lines[0] if lines else type(err).__name__}"
+
+
+# --- what production commands need ---------------------------------------------------------
+
+
+def missing_database_url(settings: Settings, command: str) -> str | None:
+    """Why the production command ``command`` must not start (no ``OCORE_DATABASE_URL``:
+    it would fall back to an empty SQLite file and answer every call with "no such
+    table"), or None. The embedded commands (serve, demo, api --dev) do not call this."""
+    if settings.database_url.strip():
+        return None
+    embedded = "`ocore-storage api --dev`" if command == "api" else "`ocore-storage serve`"
+    return (
+        f"OCORE_DATABASE_URL is not set: `ocore-storage {command}` is a production command "
+        "and does not fall back to the embedded SQLite file; set OCORE_DATABASE_URL (e.g. "
+        "postgresql+psycopg://user:password@host:5432/ocore, or an explicit "
+        f"sqlite:////path/ocore.db), or use {embedded} for a local demo"
+    )
+
+
+#: HMAC secrets: at least this many bytes (RFC 7518 3.2: the hash size, 256 bits)...
+MIN_SECRET_BYTES = 32
+#: ...this many different characters...
+MIN_SECRET_DISTINCT = 8
+#: ...and about this many bits by a character-frequency estimate (a random 32-character
+#: hex string has ~120, ``openssl rand -hex 32`` ~250, 34 spaces 0).
+MIN_SECRET_BITS = 80
+
+
+def estimated_bits(secret: str) -> float:
+    """Length times the Shannon entropy of the secret's character frequencies: an upper
+    bound of its guessability, low for repetitive or single-character secrets."""
+    if not secret:
+        return 0.0
+    n = len(secret)
+    return max(0.0, -sum(c / n * math.log2(c / n) for c in Counter(secret).values()) * n)
+
+
+def secret_weakness(secret: str) -> str | None:
+    """What is wrong with an HMAC secret (``is shorter than 32 bytes``, ``has too little
+    entropy (...)``), or None when it is fine."""
+    size = len(secret.encode("utf-8", "surrogatepass"))
+    if size < MIN_SECRET_BYTES:
+        return f"is shorter than {MIN_SECRET_BYTES} bytes"
+    distinct, bits = len(set(secret)), estimated_bits(secret)
+    if distinct < MIN_SECRET_DISTINCT or bits < MIN_SECRET_BITS:
+        return (
+            f"has too little entropy ({size} bytes, {distinct} different characters, about "
+            f"{bits:.0f} bits; at least {MIN_SECRET_DISTINCT} different characters and "
+            f"{MIN_SECRET_BITS} bits are needed, e.g. `openssl rand -hex 32`)"
+        )
+    return None

@@ -394,7 +394,7 @@ def test_create_app_from_the_environment_refuses_the_default_secret(environment)
     environment.setenv("OCORE_ALLOW_INSECURE_DEV_SECRET", "1")
     assert create_app(send=print).test_client().get("/healthz").status_code == 200
     environment.delenv("OCORE_ALLOW_INSECURE_DEV_SECRET")
-    environment.setenv("OCORE_JWT_SECRET", "s" * 32)
+    environment.setenv("OCORE_JWT_SECRET", "s3cret-of-32-bytes-0123456789abc")
     get_settings.cache_clear()
     assert create_app(send=print).test_client().get("/healthz").status_code == 200
 
@@ -445,7 +445,7 @@ def test_the_api_command_starts_with_a_real_secret_or_when_told_it_is_developmen
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and served == [f"127.0.0.1:{p0}"]
     environment.delenv("OCORE_ALLOW_INSECURE_DEV_SECRET")
-    environment.setenv("OCORE_JWT_SECRET", "k" * 40)
+    environment.setenv("OCORE_JWT_SECRET", "k3y-of-40-bytes-0123456789abcdefghijklmn")
     get_settings.cache_clear()
     result = CliRunner().invoke(cli, ["api", "--host", "0.0.0.0", "--port", str(p1)])
     assert result.exit_code == 0 and "warning" not in result.output, result.output

@@ -113,3 +113,50 @@ def test_s3_backends_are_reused_across_requests_until_the_destination_changes(
                        '"access_key_id": "testing", "region": "us-east-1"}')  # fmt: skip
     assert names() == ["b.dump"]
     assert len(opened) == 3
+
+
+def test_delete_on_a_versioned_bucket_removes_the_version_itself(
+    client, auth, db, env, moto, s3_dest
+):
+    """SAFETY rule 5a through the API: on a versioned bucket the file's current version
+    is deleted by its id, so its bytes are freed: no delete marker is left behind."""
+    c = moto.client()
+    c.put_bucket_versioning(Bucket=s3_dest.bucket, VersioningConfiguration={"Status": "Enabled"})
+    c.put_object(Bucket=s3_dest.bucket, Key="tenant/backups/v.dump", Body=b"v1")
+    base = f"/api/storage/destinations/{s3_dest.id}"
+    r = client.delete(f"{base}/files?path=backups/v.dump", headers=auth())
+    assert r.status_code == 200, r.get_json()
+    versions = c.list_object_versions(Bucket=s3_dest.bucket, Prefix="tenant/backups/v.dump")
+    assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []
+
+
+def test_bad_cursors_are_400_and_never_reach_the_server(
+    client, auth, db, env, moto, s3_dest, monkeypatch
+):
+    """Before: the cursor went to S3 as its continuation token (moto answered 500,
+    retried, then 503 naming the root prefix). Now a cursor the API did not issue for
+    this very listing is refused before any storage request."""
+    from storage_backends.s3 import S3Backend
+
+    seed_objects(moto, s3_dest.bucket, [f"tenant/b/{n}.dump" for n in range(3)])
+    base = f"/api/storage/destinations/{s3_dest.id}/browse?prefix=b/&limit=2"
+    first = client.get(base, headers=auth())
+    assert first.status_code == 200, first.get_json()
+    cursor = first.get_json()["next_cursor"]
+    page = client.get(f"{base}&cursor={cursor}", headers=auth()).get_json()
+    assert [e["name"] for e in page["files"]] == ["2.dump"] and page["next_cursor"] is None
+    browsed: list[str | None] = []
+    real = S3Backend.browse
+
+    def counting(self, prefix="", limit=100, cursor=None):
+        browsed.append(cursor)
+        return real(self, prefix, limit, cursor)
+
+    monkeypatch.setattr(S3Backend, "browse", counting)
+    for bad in ("garbage", "Zm9vYmFy", cursor[:-3]):
+        body = assert_error(client.get(f"{base}&cursor={bad}", headers=auth()), 400)
+        assert body["error"] == "invalid_cursor" and "tenant" not in body["message"]
+    other = client.get(f"/api/storage/destinations/{s3_dest.id}/browse?cursor={cursor}",
+                       headers=auth())  # fmt: skip
+    assert assert_error(other, 400)["error"] == "invalid_cursor"
+    assert browsed == []

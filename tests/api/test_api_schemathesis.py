@@ -3,8 +3,6 @@ that fits the schema) responses that match the document."""
 
 from __future__ import annotations
 
-import time
-
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -69,10 +67,8 @@ def test_schemathesis_finds_no_server_error(app, ids, env):
     token = mint_token(cfg, "fuzzer", str(env.world.org.id), "admin")
     headers = {"Authorization": f"Bearer {token}"}
     schema = schemathesis.openapi.from_wsgi("/api/openapi.json", app)
-    started = time.monotonic()
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 17
     for operation in operations:
         _fuzz(operation, GenerationMode.POSITIVE, POSITIVE_CHECKS, ids, headers)
         _fuzz(operation, GenerationMode.NEGATIVE, [not_a_server_error], ids, headers)
-    assert time.monotonic() - started < 60

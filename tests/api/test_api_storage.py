@@ -468,3 +468,24 @@ def test_missing_credentials_is_503(client, auth, env, db):
     r = client.get(f"/api/storage/destinations/{dest.id}/browse", headers=auth())
     body = assert_error(r, 503, "backend_unavailable")
     assert "OCORE_CREDENTIALS_NOWHERE" in body["message"]
+
+
+def test_delete_keeps_a_file_written_again_after_it_was_read(env, db, settings):
+    """SAFETY rule 5a for a manual delete: the object read (stat) is the one deleted;
+    written again in between, it is kept, the audit row says ``changed``, and the caller
+    gets 409 ``changed``."""
+    from api.errors import ApiError
+    from api.files import delete_with_audit
+    from storage_backends.registry import open_backend
+
+    target = env.root / "r.dump"
+    target.write_bytes(b"old")
+    backend = open_backend(env.dest, settings)
+    info = backend.stat("r.dump")
+    target.write_bytes(b"a new backup")  # written again after it was read
+    with pytest.raises(ApiError) as raised:
+        delete_with_audit(db, backend, env.dest, info, "alice")
+    assert (raised.value.status, raised.value.code) == (409, "changed")
+    assert target.read_bytes() == b"a new backup"
+    [audit] = db.scalars(select(DeletionAudit)).all()
+    assert audit.state == "changed" and audit.deleted_at is None

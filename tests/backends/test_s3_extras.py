@@ -4,9 +4,14 @@ uploads, presigned URL expiry on SeaweedFS (moto never checks signatures)."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
@@ -14,7 +19,7 @@ import pytest
 from storage_backends.errors import InvalidPathError, TransientStorageError
 from tests.backends.contract import assert_utc
 from tests.servers.destinations import make_s3_backend
-from tests.servers.s3 import seed_objects
+from tests.servers.s3 import S3Server, seed_objects
 
 LIST = r"list-type=2"
 
@@ -196,3 +201,41 @@ def test_seaweedfs_walk_matches_server_listing(
     ]
     assert sorted(keys_of(seaweedfs_backend)) == sorted(truth)
     assert {"p+q r", "s/+t u", "x%2By"} <= set(truth)
+
+
+def test_an_s3_destination_without_credentials_uses_the_default_chain(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """No ``credentials_ref``: the provider's default chain is asked (here: the
+    environment's keys), as on EC2 an instance role would be; nothing in the service
+    turns the chain off."""
+    bucket = s3_server.create_bucket()
+    seed_objects(s3_server, bucket, ["r/a.tar"])
+    creds = s3_server.credentials()
+    script = f"""
+import json
+from types import SimpleNamespace
+from storage_backends.s3 import from_destination
+dest = SimpleNamespace(bucket={bucket!r}, root_prefix="r/", endpoint={s3_server.endpoint!r},
+                       region="us-east-1", options={{}})
+backend = from_destination(dest, {{}}, None)
+print(json.dumps([o.path for page in backend.walk("") for o in page]))
+"""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["a.tar"]

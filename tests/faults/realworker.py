@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Engine
 
 from db.models import Job
@@ -45,6 +48,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start (again) on the same port. No automatic snapshots; a ``dump.rdb`` left in
+        the directory by :meth:`restart` (``SHUTDOWN SAVE``) is loaded."""
         argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
         self.proc = spawn(argv, self.workdir / f"redis-{time.time_ns()}.log")
@@ -54,6 +59,28 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def restart(self, *, keep_data: bool, down: float = 1.0) -> None:
+        """Restart on the same port. ``keep_data``: ``SHUTDOWN SAVE`` (an RDB snapshot
+        in the directory), then start again: queues, unacked messages and everything
+        else come back. Otherwise ``FLUSHALL``, ``kill -9`` and start with no snapshot:
+        every broker message is gone."""
+        # SHUTDOWN gets no answer: no retry (redis-py retries a lost connection 3 times)
+        client = redis.Redis(port=self.port, socket_timeout=10, retry=Retry(NoBackoff(), 0))
+        dump = self.workdir / "dump.rdb"
+        if keep_data:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                client.shutdown(save=True)  # the server closes the connection: no answer
+            assert self.proc is not None
+            self.proc.wait(10)
+            assert dump.is_file(), "SHUTDOWN SAVE wrote no snapshot"
+        else:
+            client.flushall()
+            self.kill()
+            dump.unlink(missing_ok=True)
+        client.close()
+        time.sleep(down)
+        self.start()
 
 
 def _children(pid: int) -> list[int]:
@@ -67,9 +94,10 @@ def _children(pid: int) -> list[int]:
 class Worker:
     """``celery -A worker worker -c 1 --pool prefork`` with its own environment."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, name: str = "celery") -> None:
         argv = [sys.executable, "-m", "celery", "-A", "worker", "worker",
                 "-Q", "scan,cleanup,maintenance", "-c", "1", "--pool", "prefork",
+                "-n", f"{name}@%h",  # one node name each: control commands reach each
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
         self.log = log
         fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
@@ -121,7 +149,8 @@ def start_worker(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Worker]]
             AWS_EC2_METADATA_DISABLED="true",
         )
         env.update(extra)  # a test may override any of the above
-        w = Worker(env, tmp_path / f"worker-{len(workers)}.log")
+        n = len(workers)
+        w = Worker(env, tmp_path / f"worker-{n}.log", name=f"w{n}-{uuid.uuid4().hex[:6]}")
         workers.append(w)
         return w
 

@@ -189,7 +189,7 @@ def test_postgresql_stopped_while_a_delete_batch_is_in_flight_and_the_job_conver
     """The worker's orphan cleanup has committed its fenced re-check and sent its delete
     batch (held at the proxy) when PostgreSQL stops: the batch's audit commit fails, then
     writing ``queued/retrying`` fails as well. The task is retried with back-off (not
-    acked with the job left ``running``); 15 s later PostgreSQL is back and the job
+    acked with the job left ``running``); 30 s later PostgreSQL is back and the job
     converges: every orphan gone, one ``deleted`` audit row each, the linked file kept.
     Recovery (database up -> job done) is measured and must stay within the bound."""
     engine = make_engine(private_pg.url)
@@ -220,7 +220,7 @@ def test_postgresql_stopped_while_a_delete_batch_is_in_flight_and_the_job_conver
     engine.dispose()
     private_pg.stop()
     hold.release()  # the batch is answered (503, then retried and deleted) while PG is down
-    time.sleep(15)
+    time.sleep(30)  # issue 19: an outage of 30 s
     assert worker.proc.poll() is None, log_of(worker)
     private_pg.start()
     t_up = time.monotonic()

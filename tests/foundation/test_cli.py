@@ -59,7 +59,7 @@ def test_errors_are_one_line_without_traceback(cli_env, tmp_path):
 def test_bad_setting_says_which(tmp_path):
     res = run_cli("jobs", "show", str(uuid.uuid4()), env={"OCORE_RETENTION_DAYS": "0"})
     assert res.returncode != 0
-    assert "retention_days" in res.stderr and "Traceback" not in res.stderr
+    assert "OCORE_RETENTION_DAYS=0" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_seed_then_jobs_run_scan_prints_json(cli_env, tmp_path, db):
@@ -200,8 +200,8 @@ def test_unknown_job_type_is_a_usage_error_with_a_hint(cli_env):
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("abc", "OCORE_RETENTION_DAYS: Input should be a valid integer"),
-     ("0", "OCORE_RETENTION_DAYS: retention_days must be at least 1")],
+    [("abc", "OCORE_RETENTION_DAYS=abc is not valid: whole days, at least 1"),
+     ("0", "OCORE_RETENTION_DAYS=0 is out of range: whole days, at least 1")],
 )  # fmt: skip
 def test_bad_setting_value_names_the_variable(value, message, cli_env):
     env = {**cli_env, "OCORE_RETENTION_DAYS": value}
@@ -287,3 +287,56 @@ def test_jobs_run_shows_a_status_line_on_a_terminal_only(cli_env, db, tmp_path):
     assert "\r" not in res.stderr and "\x1b" not in res.stderr
     assert "objects listed" not in res.stderr + res.stdout
     json.loads(res.stdout)
+
+
+# --- small operator conveniences (issue 21, item 9) ------------------------------------
+def test_version_is_printed():
+    res = run_cli("--version")
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"ocore-storage, version \d+\.\d+\.\d+\S*\n", res.stdout)
+
+
+def test_destinations_list_prints_json_lines_when_piped(cli_env, db, tmp_path):
+    w, other = make_world(db, "acme"), make_world(db, "globex")
+    mine = make_destination(db, w, bucket=str(tmp_path), name="acme-local")
+    make_destination(db, other, bucket=str(tmp_path / "g"), name="globex-local")
+    db.commit()
+    res = run_cli("destinations", "list", env=cli_env)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert {r["name"] for r in rows} == {"acme-local", "globex-local"}
+    only = run_cli("destinations", "list", "--org", str(w.org.id), env=cli_env)
+    [row] = [json.loads(line) for line in only.stdout.splitlines()]
+    assert (row["id"], row["kind"], row["bucket"]) == (str(mine.id), "local", str(tmp_path))
+    assert "secret" not in only.stdout.lower()
+    bad = run_cli("destinations", "list", "--org", "acme", env=cli_env)
+    assert_one_line_error(bad, "is not a UUID")
+
+
+def test_serve_takes_the_port_its_busy_message_suggests(tmp_path):
+    res = run_cli("serve", "--help")
+    assert res.returncode == 0 and "--port" in res.stdout and "--host" in res.stdout
+
+
+def test_jobs_run_exit_status_says_guarded_and_its_metrics_reach_the_worker(cli_env, db, tmp_path):
+    """Issue 23: ``jobs run`` exited 0 for a guarded cleanup, and its job was missing
+    from the metrics. Exit codes: 0 succeeded, 1 failed, 3 partial, 4 guarded."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for n in range(3):
+        f = store / f"old-{n}.tar"
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - 90 * 86_400,) * 2)
+    w = make_world(db)
+    d = make_destination(db, w, bucket=str(store))
+    db.commit()
+    metrics = Path(cli_env["OCORE_DATA_DIR"]) / "metrics"
+    metrics.mkdir(parents=True)  # a worker (or serve) on this machine uses it
+    env = {**cli_env, "OCORE_CLEANUP_MAX_FILES": "1"}
+    res = run_cli("jobs", "run", "orphan-cleanup", "--destination", str(d.id), env=env)
+    assert res.returncode == 4, res.stderr
+    assert json.loads(res.stdout)["status"] == "guarded"
+    assert sorted(p.name for p in store.iterdir()) == [f"old-{n}.tar" for n in range(3)]
+    assert list(metrics.glob("*.db")), "the job's counters were not written where /metrics reads"
+    ok = run_cli("jobs", "run", "scan", "--destination", str(d.id), env=cli_env)
+    assert ok.returncode == 0, ok.stderr

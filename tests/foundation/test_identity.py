@@ -59,13 +59,14 @@ def test_base_directories_are_absolute_and_lexically_normal() -> None:
         canonical_dir("data/x")
 
 
-def test_hosts_never_separate_directories_and_kinds_always_do() -> None:
+def test_hosts_never_separate_directories_and_neither_do_file_system_kinds() -> None:
     a = spelled("sftp", "localhost:22", "/srv/b", "")
     b = spelled("sftp", "127.0.0.1:22", "/srv", "b/")
     c = spelled("sftp", "another.example:2222", "/srv/b/c/", "")
-    d = spelled("local", "", "/srv/b", "")
+    d = spelled("local", "", "/srv/b", "")  # an SFTP server may serve this machine
     assert overlaps(a, b) and overlaps(a, c) and overlaps(b, c)
-    assert not may_name_same_storage(a, d)
+    assert may_name_same_storage(a, d) and overlaps(b, d)
+    assert not may_name_same_storage(a, spelled("s3", "", "srv", "b/"))
     assert not overlaps(spelled("sftp", "h", "/srv/b", ""), spelled("sftp", "h", "/srv/bc", ""))
 
 
@@ -80,7 +81,10 @@ def test_object_stores_match_on_the_bucket_whatever_the_endpoint() -> None:
     assert not overlaps(a, spelled("s3", "http://h:9000", "bucket", "x/"))
     assert overlaps(a, spelled("s3", "", "bucket", "B/1/"))  # roots compared loosely
     assert not may_name_same_storage(a, spelled("s3", "http://h:9000", "other", "b/"))
-    assert not may_name_same_storage(a, spelled("gcs", "http://h:9000", "bucket", "b/"))
+    # S3 may be GCS's XML API: an object store of the same bucket name, whatever kind
+    assert may_name_same_storage(a, spelled("gcs", "https://storage.googleapis.com", "bucket", ""))
+    assert not may_name_same_storage(a, spelled("gcs", "http://h:9000", "other", "b/"))
+    assert not may_name_same_storage(a, spelled("local", "", "/bucket", "b/"))
 
 
 def test_one_location_spelled_two_ways_has_one_key() -> None:

@@ -36,6 +36,10 @@ def test_example_seed_loads_idempotently(db):
         ({"organizations": [{"name": "x", "colour": "red"}]}, "unknown fields"),
         ({"organizations": [{"id": "nope", "name": "x"}]}, "not a UUID"),
         ({"organizations": [{"name": "x", "created_at": "2026-01-01T00:00:00"}]}, "timezone"),
+        ({"destinations": [{"kind": "s4", "bucket": "b"}]}, "not a destination kind"),
+        ({"backups": [{"path": "a.tar", "status": "done"}]}, "not a record status"),
+        ({"backups": [{"path": "../x"}]}, "not a path inside the destination"),
+        ({"snapshots": [{"path": "/etc/"}]}, "not a path inside the destination"),
     ],
 )
 def test_bad_seed_is_a_clear_error(db, data, message):

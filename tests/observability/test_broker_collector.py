@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from tests.observability.helpers import BROKER_NAMES
-from worker.celery_app import make_celery
+from worker.celery_app import ensure_broker_folders, make_celery
 from worker.metrics_server import BrokerCollector
 from worker.settings import Settings
 
@@ -90,7 +90,9 @@ def test_redis_down_reports_broker_up_zero_quickly() -> None:
 
 
 def test_filesystem_broker_counts_files(tmp_path: Path) -> None:
-    app = make_celery(Settings(data_dir=tmp_path, broker_url=""))
+    settings = Settings(data_dir=tmp_path, broker_url="")
+    ensure_broker_folders(settings)  # (what a worker or a first send does)
+    app = make_celery(settings)
     for _ in range(4):
         app.send_task("ocore.scan", args=["x"], queue="scan")
     app.send_task("ocore.purge", args=["y"], queue="cleanup")

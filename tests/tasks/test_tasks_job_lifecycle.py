@@ -213,24 +213,16 @@ def test_a_picked_up_job_forgets_its_resends(
     assert row.status == "succeeded" and "resends" not in row.progress
 
 
-@pytest.mark.parametrize("where", ["reaper requeue", "reaper purge", "reaper resend", "beat"])
-def test_a_job_whose_message_cannot_be_sent_is_failed_not_left_queued(
+@pytest.mark.parametrize("where", ["reaper purge", "beat"])
+def test_a_new_job_whose_message_cannot_be_sent_is_failed_not_left_queued(
     db: Session, engine: Engine, cfg: Settings, world: World, store: Store, where: str
 ) -> None:
     settings = cfg.model_copy(update={"broker_visibility_timeout": 120})
     dest = local_dest(db, world, store)
     broken = Sender(fail=True)
-    job_type = {"reaper requeue": "scan", "reaper purge": "purge", "reaper resend": "scan"}.get(
-        where, "orphan_cleanup"
-    )
+    job_type = "purge" if where == "reaper purge" else "orphan_cleanup"
     before = finished(job_type, "failed")
-    if where == "reaper requeue":
-        dead_worker(db, request(db, dest, "scan"))
-        reap(db, settings, broken)
-    elif where == "reaper resend":
-        age(db, request(db, dest, "scan"), minutes=3, column="created_at")
-        reap(db, settings, broken)
-    elif where == "reaper purge":
+    if where == "reaper purge":
         gone = record(db, world, dest, "gone.tar", deleted=True)
         archive.purge(db, "backups", gone.id, "admin")
         reap(db, settings, broken)
@@ -248,6 +240,37 @@ def test_a_job_whose_message_cannot_be_sent_is_failed_not_left_queued(
         assert reap(db, settings, Sender()).purges == 1
     else:
         assert schedule_jobs(db, settings, job_type, Sender()) == 1
+
+
+@pytest.mark.parametrize("where", ["reaper requeue", "reaper resend"])
+def test_a_job_the_reaper_cannot_send_again_stays_queued_until_the_broker_is_back(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, where: str
+) -> None:
+    """Issue 22: the broker away (Redis restarting) when the reaper sends a job again
+    must not fail the job: it stays queued, due now, its resend budget untouched, and a
+    pass ``heartbeat_timeout`` later (the broker back) sends it."""
+    settings = cfg.model_copy(update={"broker_visibility_timeout": 120})
+    dest = local_dest(db, world, store)
+    job = request(db, dest, "scan")
+    if where == "reaper requeue":
+        dead_worker(db, job)
+    else:
+        age(db, job, minutes=3, column="created_at")
+    before = finished("scan", "failed")
+
+    out = reap(db, settings, Sender(fail=True))
+
+    assert (out.failed, out.lost, out.requeued, out.resent) == (0, 0, 0, 0)
+    row = job_row(engine, job.id)
+    assert row.status == "queued", (row.status, row.error)
+    assert "due_at" in row.progress and "resends" not in row.progress
+    assert finished("scan", "failed") == before
+    send = Sender()
+    assert reap(db, settings, send).resent == 0 and send.sent == []  # not at once
+    age(db, job, minutes=settings.heartbeat_timeout / 60 + 1)  # a later pass
+    out = reap(db, settings, send)
+    assert out.resent == 1 and send.sent == [("ocore.scan", [str(job.id)], "scan")]
+    assert job_row(engine, job.id).progress["resends"] == 1
 
 
 # -- final statuses only over active rows ----------------------------------------------
@@ -457,3 +480,25 @@ def test_a_dead_lock_holder_of_a_requeued_job_is_fenced(
         lock = s.get(LocationLock, lock_key(dest))
         assert lock is not None and lock.token > old.token and lock.job_id is None
     assert job_row(engine, job.id).status == "succeeded"
+
+
+@pytest.mark.parametrize("job_type", ["scan", "orphan_cleanup"])
+def test_two_beats_in_one_period_schedule_each_destination_once(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store, job_type: str
+) -> None:
+    """Issue 22: two beat processes tick in the same period; the first beat's job has
+    already finished (a scan of a small destination takes milliseconds), so the active
+    job de-duplication cannot see it: the second beat must still schedule nothing. The
+    next period schedules again."""
+    dest = local_dest(db, world, store)
+    first, second = Sender(), Sender()
+    assert schedule_jobs(db, cfg, job_type, first) == 1
+    [job] = db.scalars(select(Job).where(Job.destination_id == dest.id)).all()
+    run(engine, cfg, job_row(engine, job.id))
+    assert job_row(engine, job.id).status == "succeeded"
+    db.expire_all()
+    assert schedule_jobs(db, cfg, job_type, second) == 0  # the other beat, same period
+    assert second.sent == []
+    period = cfg.scan_interval if job_type == "scan" else cfg.cleanup_interval
+    age(db, job, minutes=period / 60, column="created_at")
+    assert schedule_jobs(db, cfg, job_type, second) == 1  # the next period

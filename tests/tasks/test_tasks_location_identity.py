@@ -386,3 +386,64 @@ def test_sftp_host_aliases_and_symlinked_base_directories_protect_linked_files(
     assert _kept_by(row) == {str(theirs.id): 2}
     resolved = identity.lock_key(theirs, identity.local_realpath)  # the server is local here
     assert identity.locks_conflict(identity.lock_key(mine, identity.local_realpath), resolved)
+
+
+# -- one storage, two kinds ---------------------------------------------------------------
+@pytest.mark.parametrize("cleaned", ["local", "sftp"])
+def test_a_local_and_an_sftp_destination_on_one_directory_protect_each_other(
+    db: Session,
+    engine: Engine,
+    cfg: Settings,
+    world: World,
+    ssh_env: SshServer,
+    cleaned: str,
+) -> None:
+    """The sshd on 127.0.0.1 serves this machine's file system: an SFTP destination and
+    a local destination naming one directory are one storage, whichever is cleaned (the
+    row's kind is one more spelling of the location)."""
+    base = ssh_env.make_dir()
+    _sftp_estate(base)
+    local = make_destination(db, world, "local", bucket=str(base), root_prefix="b/")
+    sftp = make_destination(db, world, "sftp", bucket=str(base), endpoint=ssh_env.endpoint,
+                            root_prefix="b/", credentials_ref=SSH_REF)  # fmt: skip
+    db.commit()
+    mine, theirs = (local, sftp) if cleaned == "local" else (sftp, local)
+    _records(db, world, mine, theirs)
+
+    row = _cleanup(db, engine, cfg, mine)
+
+    assert row.status == "succeeded", row.error
+    left = {str(p.relative_to(base / "b")) for p in (base / "b").rglob("*") if p.is_file()}
+    assert left == set(LINKED)
+    assert _kept_by(row) == {str(theirs.id): 2}
+    assert identity.may_name_same_storage(local, sftp)
+    resolved = identity.lock_key(sftp, identity.local_realpath)  # the server is local here
+    assert identity.locks_conflict(identity.lock_key(local), resolved)
+
+
+def test_an_s3_destination_and_a_gcs_destination_of_one_bucket_name_are_one_storage(
+    db: Session, engine: Engine, cfg: Settings, world: World, s3_env: tuple[S3Server, str]
+) -> None:
+    """An S3 destination may reach a GCS bucket through GCS's XML API
+    (``storage.googleapis.com``): a GCS destination's records of the same bucket name
+    protect the files an S3 cleanup sees, and their jobs share one lock."""
+    server, bucket = s3_env
+    mine = make_destination(db, world, "s3", endpoint=server.endpoint, root_prefix="b/",
+                            bucket=bucket, region=server.region, credentials_ref=S3_REF,
+                            options=make_s3_destination_options())  # fmt: skip
+    theirs = make_destination(db, world, "gcs", endpoint="https://storage.googleapis.com",
+                              bucket=bucket.upper(), root_prefix="b/")  # fmt: skip
+    db.commit()
+    _records(db, world, mine, theirs)
+    _age_s3(server, bucket, [f"b/{k}" for k in LINKED + ORPHANS], 40)
+
+    row = _cleanup(db, engine, cfg, mine)
+
+    assert row.status == "succeeded", row.error
+    assert _s3_keys(server, bucket) == {f"b/{k}" for k in LINKED}
+    assert _kept_by(row) == {str(theirs.id): 2}
+    assert identity.locks_conflict(identity.lock_key(mine), identity.lock_key(theirs))
+    # kinds of two families never name one storage
+    local = make_destination(db, world, "local", bucket="/" + bucket, root_prefix="b/")
+    assert not identity.may_name_same_storage(mine, local)
+    assert not identity.locks_conflict(identity.lock_key(mine), identity.lock_key(local))

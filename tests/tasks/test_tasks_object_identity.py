@@ -403,6 +403,113 @@ def test_s3_seaweedfs_conditional_delete_keeps_an_object_written_after_the_reche
     assert inner.conditional_deletes() is True  # type: ignore[attr-defined]
 
 
+def _versions(client: Any, bucket: str) -> tuple[dict[str, list[str]], dict[str, str], set[str]]:
+    """Every version id per key (newest first), the current one per key, and the keys
+    whose current version is a delete marker."""
+    resp = client.list_object_versions(Bucket=bucket)
+    versions: dict[str, list[str]] = {}
+    current: dict[str, str] = {}
+    for v in resp.get("Versions", []):
+        versions.setdefault(v["Key"], []).append(v["VersionId"])
+        if v["IsLatest"]:
+            current[v["Key"]] = v["VersionId"]
+    markers = {m["Key"] for m in resp.get("DeleteMarkers", []) if m["IsLatest"]}
+    return versions, current, markers
+
+
+def test_s3_versioned_bucket_deletes_the_planned_version_by_its_id(
+    db: Session,
+    engine: Engine,
+    cfg: Settings,
+    world: World,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SAFETY rule 5a on a versioned bucket (moto): each orphan is deleted by the version
+    id the re-check right before its batch found, so its bytes are freed (no delete
+    marker is added) and only that version goes:
+
+    - ``o/plain.tar``: its only version is deleted; nothing is left at the key;
+    - ``o/history.tar``: its current version is deleted, its older version stays
+      (not planned) and is the key's current version again;
+    - ``o/late.tar``: written again right after the batch's re-check: the planned
+      version is deleted, the new one stays;
+    - ``o/keep-new.tar``, ``o/keep-same.tar``: written again after the plan: kept
+      (``changed``), every version of them stays;
+    - ``o/gone.tar``: deleted by someone else after the plan (a delete marker): counts
+      as deleted, and the job sends nothing for it."""
+    bucket = s3_server.create_bucket()
+    client = s3_server.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.put_object(Bucket=bucket, Key="o/history.tar", Body=b"an older backup")
+    keys = [*KEYS, "o/late.tar", "o/history.tar"]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=BODY)
+    before, planned_current, _ = _versions(client, bucket)
+    dest = _s3_dest(db, world, s3_server, bucket, monkeypatch)
+
+    def after_listing() -> None:
+        time.sleep(1.1)  # (a last-modified time in another second)
+        client.put_object(Bucket=bucket, Key="o/keep-new.tar", Body=NEW_BODY)
+        client.put_object(Bucket=bucket, Key="o/keep-same.tar", Body=BODY)
+        client.delete_object(Bucket=bucket, Key="o/gone.tar")
+
+    inner = open_backend(dest, cfg)
+    assert inner.versioning() == "Enabled"  # type: ignore[attr-defined]
+    reread = inner._versions_from  # type: ignore[attr-defined]
+
+    def reread_then_rewrite(folder: str, path: str) -> tuple[dict[str, ObjectInfo], bool]:
+        out = reread(folder, path)  # the batch's re-check: late.tar is as planned ...
+        client.put_object(Bucket=bucket, Key="o/late.tar", Body=NEW_BODY)  # ... not now
+        return out
+
+    inner._versions_from = reread_then_rewrite  # type: ignore[attr-defined]
+    job = request(db, dest, "orphan_cleanup")
+    run(engine, cfg, job, Interleaved(inner, after_listing=after_listing, age_days=60))
+
+    row = job_row(engine, job.id)
+    assert row.status == "succeeded", row.error
+    assert row.result is not None
+    assert (row.result["deleted_files"], row.result["changed_since_plan"]) == (4, 2)
+    plan = candidates(engine, job.id)
+    assert plan == {
+        **dict.fromkeys(["o/plain.tar", "o/history.tar", "o/late.tar", "o/gone.tar"], "deleted"),
+        **dict.fromkeys(["o/keep-new.tar", "o/keep-same.tar"], "changed"),
+    }
+    after, current, markers = _versions(client, bucket)
+    # the job added no delete marker: the only one is the one written after the plan
+    assert markers == {"o/gone.tar"}
+    # deleted by version id: the planned versions are gone for good
+    for key in ("o/plain.tar", "o/history.tar", "o/late.tar"):
+        assert planned_current[key] not in after.get(key, [])
+    assert "o/plain.tar" not in after
+    # the older version of history.tar was not planned: it stays, current again
+    assert after["o/history.tar"] == before["o/history.tar"][1:]
+    assert current["o/history.tar"] == before["o/history.tar"][1]
+    # the version written after the re-check stays
+    late = client.get_object(Bucket=bucket, Key="o/late.tar")["Body"].read()
+    assert late == NEW_BODY and len(after["o/late.tar"]) == 1
+    # the rewritten objects were kept: both their versions are still there
+    for key in ("o/keep-new.tar", "o/keep-same.tar"):
+        assert planned_current[key] in after[key] and len(after[key]) == 2
+    rows = {a.path: a for a in audit_rows(engine)}
+    assert rows["o/plain.tar"].state == "deleted" and rows["o/plain.tar"].size_bytes == len(BODY)
+    assert rows["o/keep-new.tar"].state == "changed"
+
+
+def test_s3_unversioned_bucket_reads_its_versioning_once(s3_server: S3Server) -> None:
+    from tests.servers.destinations import make_s3_backend
+
+    bucket = s3_server.create_bucket()
+    seed_objects(s3_server, bucket, ["r/a"], body=BODY)
+    with make_s3_backend(s3_server, bucket, "r/") as backend:
+        assert backend.versioning() == ""
+        planned = [o for page in backend.walk("") for o in page]
+        result = backend.delete_planned(planned)
+    assert (result.deleted, result.changed, result.errors) == (["a"], [], {})
+    assert _bucket_keys(s3_server, bucket) == set()
+
+
 def test_s3_probe_of_conditional_deletes_writes_nothing(
     s3_server: S3Server, seaweedfs_server: S3Server
 ) -> None:

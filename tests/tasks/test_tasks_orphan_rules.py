@@ -499,6 +499,9 @@ def test_rule10_per_key_failures_make_the_job_partial(
     assert job.result is not None
     assert job.result["failed_files"] == 3
     assert job.result["deleted_files"] == 17
+    # the job's error names the files and the server's answer (issue: not only the audit)
+    assert job.error is not None and job.error.startswith("3 file(s) not deleted: ")
+    assert all(repr(k) in job.error for k in refused) and "AccessDenied" in job.error
     assert store.keys() == {f"backups/{k}" for k in refused}
     failed = audit_rows(engine, state="failed")
     assert {a.path for a in failed} == refused

@@ -88,18 +88,23 @@ def test_rule01_a_destination_covering_the_base_directory_from_above_fails_close
     assert store.exists("x/orphan.tar") and backend.delete_calls == []
 
 
-def test_rule01_overlap_crosses_host_names_never_kinds(db: Session, world: World) -> None:
+def test_rule01_overlap_crosses_host_names_and_file_system_kinds(db: Session, world: World) -> None:
     a = dest_at(db, world, "/srv", "b/", kind="sftp", endpoint="h1:22")
     same = dest_at(db, world, "/srv/b", kind="sftp", endpoint="h1:22")
     # another name may be the same server: the worker cannot tell (fail closed)
     other_host = dest_at(db, world, "/srv/b", kind="sftp", endpoint="h2:22")
     elsewhere = dest_at(db, world, "/srv/c", kind="sftp", endpoint="h1:22")
+    # an SFTP server may serve this machine: a local directory is one more spelling
     local = dest_at(db, world, "/srv/b")
+    # a bucket is never a directory
+    bucket = dest_at(db, world, "srv", "b/", kind="s3", endpoint="http://h1:9000")
 
-    assert {d.id for d in overlapping_destinations(db, a)} == {a.id, same.id, other_host.id}
+    found = {d.id for d in overlapping_destinations(db, a)}
+    assert found == {a.id, same.id, other_host.id, local.id}
     assert lock_key(a) == lock_key(same) == lock_key(other_host)  # one location
     assert not locks_conflict(lock_key(a), lock_key(elsewhere))  # disjoint directories
-    assert not locks_conflict(lock_key(local), lock_key(a))
+    assert locks_conflict(lock_key(local), lock_key(a))
+    assert not locks_conflict(lock_key(bucket), lock_key(a))
     copy = next(d for d in overlapping_destinations(db, a) if d.id == same.id)
     assert (copy.bucket, copy.root_prefix) == ("/srv", "b/")  # in a's frame
     assert copy not in db  # a transient copy, never written back

@@ -224,6 +224,8 @@ def test_s3_delete_objects_errors_make_the_job_partial(
     row = job_row(engine, job.id)
     assert row.status == "partial"
     assert row.result is not None and row.result["failed_files"] == 4
+    assert row.error is not None and "4 file(s) not deleted" in row.error
+    assert "'o/0.tar': AccessDenied" in row.error
     assert row.result["deleted_files"] == 0
     assert bucket.keys() == {f"backups/{k}" for k in keys}
     failed = audit_rows(engine, state="failed")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from db.models import Environment, Instance, StorageAnalytics
-from tests.factories import World, make_world
+from tests.factories import World, make_destination, make_world
 from tests.tasks.kit import ProbeBackend, Store, job_row, local_dest, record, request, run
 from worker.runner import RetryableJobError
 from worker.settings import Settings
@@ -209,3 +211,19 @@ def test_scan_top_prefixes_other_row_young_files_and_speed(
     assert a.duration_seconds > 0
     assert d["objects_per_second"] == round(6 / a.duration_seconds, 1)
     assert d["objects_per_second"] > 0
+
+
+def test_a_local_destination_whose_directory_is_missing_is_not_an_empty_one(
+    db: Session, engine: Engine, cfg: Settings, world: World, tmp_path: Path
+) -> None:
+    """Issue 21: an unmounted volume scanned as `succeeded` with 0 files. Now the scan
+    says the base directory is missing, and nothing creates it."""
+    missing = tmp_path / "not-mounted"
+    dest = make_destination(db, world, "local", bucket=str(missing), root_prefix="b/")
+    db.commit()
+    job = request(db, dest, "scan")
+    run(engine, cfg, job)
+    row = job_row(engine, job.id)
+    assert row.status != "succeeded"
+    assert row.error is not None and "base directory does not exist" in row.error
+    assert not missing.exists()

@@ -116,3 +116,21 @@ def test_add_page_counts_as_file_by_file(seed: int, monkeypatch: pytest.MonkeyPa
     sizes = np.array([o.size for o in infos])
     assert stats.total.bytes == int(sizes.sum())
     assert stats.orphans_past_retention.files == len(want["candidates"])
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("db/2026/11/01/shop.sql.gz", "sql.gz"),
+        ("vol/x.tar.zst", "tar.zst"),
+        ("x.tar.gz.gpg", "tar.gz.gpg"),
+        ("x.dump", "dump"),
+        ("Backup.TAR.GZ", "tar.gz"),
+        ("noext", "(none)"),
+        (".hidden", "(none)"),
+        ("a.b.c.gz", "c.gz"),
+    ],
+)
+def test_a_wrapped_extension_keeps_what_it_wraps(path: str, kind: str) -> None:
+    """Issue 23: ``.sql.gz`` counted as ``gz``, with every other compressed file."""
+    assert file_type(path) == kind
