@@ -6,6 +6,7 @@ WORKDIR /app
 RUN python -m venv /opt/venv
 COPY requirements.lock pyproject.toml README.md ./
 RUN /opt/venv/bin/pip install -r requirements.lock
+COPY core ./core
 COPY worker ./worker
 COPY tasks ./tasks
 COPY storage_backends ./storage_backends

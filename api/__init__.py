@@ -17,8 +17,8 @@ from sqlalchemy import Engine
 
 from api import archived, auth, backends, context, errors, health, jobs, metrics, openapi, storage
 from api.auth import InsecureSecretError
+from core.settings import Settings, get_settings
 from worker.jobs import Sender
-from worker.settings import Settings, get_settings
 
 
 def _default_send() -> Sender:
@@ -36,7 +36,7 @@ def create_app(
 ) -> Flask:
     """The API application.
 
-    ``settings`` default to the environment (:func:`worker.settings.get_settings`);
+    ``settings`` default to the environment (:func:`core.settings.get_settings`);
     ``engine`` to one on ``settings.effective_database_url``; ``send(task, args, queue)``
     to :func:`worker.celery_app.send`. ``allow_insecure_secret``: False raises
     :class:`~api.auth.InsecureSecretError` for an unsafe HMAC secret; None (default)

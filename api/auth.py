@@ -21,7 +21,7 @@ purged from the archive) and the nil ``org`` of an admin token are not checked.
 A token whose ``exp`` lies more than :data:`MAX_TOKEN_LIFETIME_SECONDS` ahead is refused:
 a leaked token must not stay valid for years. :func:`insecure_secret` says when the HMAC
 secret is the public built-in default, too short or too predictable
-(:func:`worker.settings.secret_weakness`); the app refuses to start with one
+(:func:`core.settings.secret_weakness`); the app refuses to start with one
 unless told it is a development setup (:func:`api.create_app`, ``ocore-storage api``).
 """
 
@@ -41,8 +41,8 @@ from sqlalchemy.orm import Session
 
 from api.context import db, settings, state
 from api.errors import ApiError, not_found
+from core.settings import MIN_SECRET_BYTES, Settings, secret_weakness
 from db.models import BackupDestination, Job, Organization, Project, User
-from worker.settings import MIN_SECRET_BYTES, Settings, secret_weakness
 
 ROLES = ("admin", "member")
 #: Routes under /api that need no token.

@@ -21,10 +21,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from core.settings import Settings
 from db.models import BackupDestination
 from storage_backends.base import StorageBackend
 from storage_backends.registry import resolve_credentials
-from worker.settings import Settings
 
 CACHEABLE_KINDS = frozenset({"s3", "gcs"})
 Opener = Callable[[BackupDestination, Settings], StorageBackend]

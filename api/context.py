@@ -9,8 +9,8 @@ from flask import Flask, current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from worker.jobs import Sender
-from worker.settings import Settings
 
 EXTENSION = "ocore"
 

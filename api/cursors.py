@@ -18,7 +18,7 @@ import hashlib
 import hmac
 
 from api.errors import bad_request
-from worker.settings import Settings
+from core.settings import Settings
 
 #: bytes of the HMAC-SHA256 kept in a cursor (128 bits)
 TAG_BYTES = 16

@@ -30,7 +30,7 @@ def served() -> tuple[J, dict[tuple[str, str], str]]:
     from sqlalchemy import create_engine
 
     from api import create_app
-    from worker.settings import Settings
+    from core.settings import Settings
 
     app = create_app(
         Settings(jwt_secret="docs-only-" + "0" * 32),

@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
 from api.context import state
-from worker.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)

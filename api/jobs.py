@@ -22,11 +22,11 @@ from api.auth import current_principal, load_destination, load_job
 from api.context import db, settings, state
 from api.errors import ApiError
 from api.params import json_body, parse_uuid, strict_bool
+from core.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
 from db.models import BackupDestination, Job
 from db.session import db_now
 from worker.jobs import dispatch, fail_job, job_to_dict, request_job
 from worker.runner import job_health
-from worker.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api")

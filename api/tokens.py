@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 
 from api.auth import MAX_TOKEN_LIFETIME_SECONDS
-from worker.settings import Settings
+from core.settings import Settings
 
 ROLES = ("admin", "member")
 

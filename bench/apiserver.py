@@ -10,7 +10,7 @@ import sys
 
 def main() -> None:
     from api import create_app
-    from worker.settings import Settings
+    from core.settings import Settings
 
     port = int(sys.argv[1])
     app = create_app(Settings())  # OCORE_* from the environment the bench sets

@@ -118,11 +118,11 @@ def run(bench: Bench, count: int) -> list[Row]:
     from sqlalchemy.orm import Session
 
     from bench.run import Row
+    from core.settings import Settings
     from db.models import BackupDestination
     from db.session import make_engine
     from worker.celery_app import make_celery
     from worker.jobs import dispatch, request_job
-    from worker.settings import Settings
 
     bench.log(f"job overhead: {count} scans through Celery on Redis (-c {CONCURRENCY})")
     ids = _destinations(count + 1)

@@ -30,7 +30,7 @@ PROBE_TIMEOUT = 2.0
 
 def serve(name: str, port: int) -> None:
     from api import create_app
-    from worker.settings import Settings
+    from core.settings import Settings
 
     app = create_app(Settings(), allow_insecure_secret=True)
     bind = f"127.0.0.1:{port}"

@@ -17,7 +17,7 @@ from bench.dbload import SA_URL
 
 
 def _settings(**overrides: Any) -> Any:
-    from worker.settings import Settings
+    from core.settings import Settings
 
     return Settings(database_url=SA_URL, **overrides)
 

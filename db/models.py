@@ -262,7 +262,7 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     __table_args__ = (
         # SAFETY rule 19: one active job per type and destination (destinations that
-        # overlap serialise on their location locks, worker.locks).
+        # overlap serialise on their location locks, db.locks).
         Index(
             "uq_jobs_active_per_destination",
             "type",

@@ -6,7 +6,7 @@ the environment variable ``OCORE_CREDENTIALS_<REF>`` (upper-cased, non-alphanume
 credentials (local, anonymous emulators, or the provider's default chain).
 
 Every string value of resolved credentials is registered with
-:func:`worker.logging.add_secret`: should a library quote one in an exception message,
+:func:`core.logging.add_secret`: should a library quote one in an exception message,
 the log shows ``***`` instead.
 """
 
@@ -18,14 +18,14 @@ import os
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
+from core.logging import add_secret
 from storage_backends.base import StorageBackend
 from storage_backends.errors import BackendUnavailableError
 from storage_backends.paths import normalize_root
-from worker.logging import add_secret
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from db.models import BackupDestination
-    from worker.settings import Settings
 
 #: kind -> (module, pip extra that provides its library)
 _MODULES: dict[str, tuple[str, str]] = {

@@ -36,6 +36,8 @@ from datetime import datetime
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
+from core import shutdown
+from db.locks import Lease, check_and_renew
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import db_now, is_postgresql, update_by_ids
 from db.types import as_utc, utcnow
@@ -47,8 +49,6 @@ from storage_backends.base import (
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from storage_backends.identity import location_key
 from tasks.linking import find_links
-from worker import shutdown
-from worker.locks import Lease, check_and_renew
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import Lease, check_and_renew
 from db.models import BackupDestination, CleanupCandidate, Job
 from db.session import is_postgresql, update_by_ids
 from db.types import as_utc
@@ -38,8 +40,6 @@ from tasks.scan import (
     resolve_retention,
     run_scan,
 )
-from worker.locks import Lease, check_and_renew
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

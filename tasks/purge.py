@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import Lease
 from db.models import BackupDestination, Job, PendingDeletion
 from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError
@@ -39,8 +41,6 @@ from tasks.deleting import (
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
 from tasks.scan import Progress
-from worker.locks import Lease
-from worker.settings import Settings
 
 #: pending rows read at a time
 PAGE = 100

@@ -17,6 +17,8 @@ import numpy as np
 from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
+from core.logging import set_phase
+from core.settings import Settings
 from db.models import BackupDestination, Environment, Instance, Project, StorageAnalytics
 from db.session import db_now
 from db.softdelete import INCLUDE_DELETED
@@ -24,8 +26,6 @@ from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
 from tasks.analytics import ScanStats, escaped_name
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
-from worker.logging import set_phase
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

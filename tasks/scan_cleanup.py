@@ -20,14 +20,14 @@ import logging
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import Lease, check_and_renew
 from db.models import BackupDestination, Job
 from db.session import db_now
 from storage_backends.base import StorageBackend
 from tasks.linking import RECORD_MODELS
 from tasks.outcome import JobOutcome
 from tasks.scan import Progress, RecordIds, run_scan
-from worker.locks import Lease, check_and_renew
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 CHUNK = 500

@@ -17,10 +17,10 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.migrate import upgrade
 from db.models import Base
 from db.session import make_engine
-from worker.settings import Settings
 
 # Tests never reach for the instance-metadata address (169.254.169.254): a test whose
 # S3 destination lacks credentials fails at once instead of waiting on it. This is a rule

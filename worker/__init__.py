@@ -1,7 +1,7 @@
 """Celery app, settings, base task, metrics and locks.
 
 ``celery -A worker`` finds the app through the lazy attribute below, so importing
-``worker.settings`` alone never builds a Celery app.
+``core.settings`` alone never builds a Celery app.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from celery import Celery, signals
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
-from worker.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 QUEUES = ("scan", "cleanup", "maintenance")
 

@@ -32,12 +32,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
+from core.logging import job_context
+from core.settings import Settings, get_settings
 from db.models import BackupDestination, Job
 from db.session import get_engine, session_scope
 from db.types import utcnow
 from worker.celery_app import app, send
 from worker.jobs import TASKS, Sender, dispatch_or_fail, request_job
-from worker.logging import job_context
 from worker.runner import (  # re-exported (tests, callers)
     RETRY_BASE_SECONDS as RETRY_BASE_SECONDS,
 )
@@ -59,7 +60,6 @@ from worker.runner import (
 from worker.runner import (
     retry_countdown as retry_countdown,
 )
-from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

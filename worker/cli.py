@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import click
 
-from worker.settings import (
+from core.settings import (
     MAX_RETENTION_DAYS,
     Settings,
     describe_settings_error,
@@ -59,7 +59,7 @@ def _first_line(text: str) -> str:
 
 def _settings_error(err: Exception) -> str:
     """``OCORE_<FIELD>=<value> is out of range: <what is allowed>`` for each bad setting,
-    on one line (secrets and URLs not echoed): :func:`worker.settings.describe_settings_error`."""
+    on one line (secrets and URLs not echoed): :func:`core.settings.describe_settings_error`."""
     return describe_settings_error(err)
 
 
@@ -130,7 +130,7 @@ def _require_schema(settings: Settings) -> None:
 @click.version_option(package_name="ocore-storage-worker", prog_name="ocore-storage")
 def cli() -> None:
     """Scan, reconcile and clean the backup storage of the oCore platform."""
-    from worker.logging import configure_logging
+    from core.logging import configure_logging
 
     configure_logging(_settings())
     # alembic announces its plugins at import, on every command that migrates

@@ -30,11 +30,11 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import TERMINAL_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import make_engine
 from worker.jobs import dispatch, request_job
 from worker.seed import load_seed
-from worker.settings import Settings
 
 NOW = datetime.now(UTC)
 ORG, PROJECT, ENV, INSTANCE, DEST = (uuid.uuid4() for _ in range(5))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
 from worker.executables import INVENTORY, ROOT, Program, install_command, locate
-from worker.settings import Settings
 
 MIN_PYTHON = (3, 11)
 TIMEOUT = 5.0  # seconds, per network check

@@ -73,6 +73,7 @@ INVENTORY: tuple[Program, ...] = (
     Program("pytest", "pypi", "pytest", "tests", ("Makefile",)),
     Program("ruff", "pypi", "ruff", "tests", ("Makefile",)),
     Program("mypy", "pypi", "mypy", "tests", ("Makefile",)),
+    Program("lint-imports", "pypi", "import-linter", "tests", ("Makefile",)),
     Program("ocore-storage", "project", "ocore-storage-worker", "demo",
             ("Makefile", "tests/observability/test_worker_e2e_outcomes.py")),
     # The machine's services (README "Requirements")

@@ -240,9 +240,9 @@ def _job_activity(conn: Any) -> dict[str, tuple[int, float]]:
 
     from sqlalchemy import select
 
+    from core.settings import get_settings
     from db.models import ACTIVE_JOB_STATUSES, Job
     from worker.runner import job_health
-    from worker.settings import get_settings
 
     settings = get_settings()
     now = datetime.now(UTC)

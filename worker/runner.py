@@ -36,6 +36,11 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from core import shutdown
+from core.logging import job_context, set_phase
+from core.settings import Settings
+from core.shutdown import ShutdownRequested
+from db.locks import Lease, LockLost, acquire, check_and_renew, holder, release
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, LocationLock, PendingDeletion
 from db.session import db_now, session_scope
 from db.types import utcnow
@@ -48,12 +53,8 @@ from tasks.outcome import JobOutcome
 from tasks.purge import has_purgeable_pending, run_purge
 from tasks.scan import LISTED_KEY, run_scan
 from tasks.scan_cleanup import run_scan_cleanup
-from worker import metrics, shutdown
+from worker import metrics
 from worker.jobs import DESTRUCTIVE, Sender, dispatch, dispatch_or_fail, request_job
-from worker.locks import Lease, LockLost, acquire, check_and_renew, holder, release
-from worker.logging import job_context, set_phase
-from worker.settings import Settings
-from worker.shutdown import ShutdownRequested
 
 log = logging.getLogger(__name__)
 BackendFactory = Callable[[BackupDestination, Settings], StorageBackend]
@@ -301,7 +302,7 @@ def run_job(
     Raises :class:`LocationBusy` (retry later, no attempt counted) and
     :class:`RetryableJobError` (transient failure; the job is queued again). Every log
     line written meanwhile carries the job's id (and, once read, type, destination and
-    phase: :mod:`worker.logging`).
+    phase: :mod:`core.logging`).
     """
     with ExitStack() as context:
         context.enter_context(job_context(job_id=job_id, job_type="", destination_id=None))
@@ -448,7 +449,7 @@ def _execute(
     lease: Lease | None,
     backend_factory: BackendFactory,
 ) -> JobOutcome | None:
-    # Every log line of the job carries its ids and phase (worker.logging).
+    # Every log line of the job carries its ids and phase (core.logging).
     with job_context(job_id=job.id, job_type=job.type, destination_id=dest.id):
         write = _progress_writer(session, job, lease, settings.lock_lease_seconds)
 

@@ -3,7 +3,7 @@
 Imported for its side effects by ``worker.celery_tasks`` (the worker imports it before
 it configures logging or starts its pool):
 
-* ``setup_logging``: :func:`worker.logging.configure_logging` (a receiver on this
+* ``setup_logging``: :func:`core.logging.configure_logging` (a receiver on this
   signal also stops Celery from installing its own handlers and stdout redirection);
 * ``worker_init`` (main process, before the pool forks): start ``/metrics``;
 * ``worker_process_shutdown`` (each prefork child as it exits): drop its live gauges;
@@ -19,15 +19,15 @@ from typing import Any
 from celery import signals
 from prometheus_client import multiprocess
 
-from worker import shutdown
-from worker.logging import configure_logging
+from core import shutdown
+from core.logging import configure_logging
+from core.settings import get_settings
 from worker.metrics_server import (
     MetricsServer,
     build_registry,
     multiproc_dir,
     start_metrics_server,
 )
-from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 _server: MetricsServer | None = None

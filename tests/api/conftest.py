@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from api import create_app
 from api.tokens import mint_token
+from core.settings import Settings
 from db.models import BackupDestination
 from tests.factories import World, make_backup, make_destination, make_world
 from worker.jobs import request_job
-from worker.settings import Settings
 
 Sent = list[tuple[str, list[str], str]]
 

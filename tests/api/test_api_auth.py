@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from api import create_app
 from api.tokens import mint_token
+from core.settings import Settings
 from tests.api.helpers import ROUTE_IDS, ROUTES, assert_error, call
-from worker.settings import Settings
 
 ISS = "https://auth.ocore.test"
 AUD = "ocore-storage"

@@ -26,10 +26,10 @@ from api.auth import (
 from api.files import content_disposition
 from api.openapi import document
 from api.tokens import mint_token
+from core.settings import get_settings
 from db.models import DeletionAudit, Job
 from tests.api.helpers import assert_error, tree_snapshot
 from tests.factories import make_destination
-from worker.settings import get_settings
 
 LONG = "x" * 300
 

@@ -29,11 +29,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from api.tokens import mint_token
+from core.settings import Settings
 from db.models import BackupDestination
 from tests.factories import World, make_destination, make_world
 from tests.servers.fixtures import s3_server  # noqa: F401 - the server fixture
 from tests.servers.s3 import S3Server, make_s3_destination_options
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import BackupDestination
 from tests.factories import World, make_destination, make_world
 from tests.faults.realworker import own_redis, start_worker  # noqa: F401
@@ -20,7 +21,6 @@ from tests.servers.fixtures import (  # noqa: F401
     sftp_server,
 )
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
-from worker.settings import Settings
 
 CREDENTIALS = '{"access_key_id": "testing", "secret_access_key": "testing"}'
 

@@ -24,11 +24,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import Engine
 
+from core.settings import Settings
 from db.models import Job
 from tests.servers._proc import free_port, spawn, wait_for_port
 from tests.tasks.kit import job_row
 from worker.celery_app import make_celery
-from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CREDS = '{"access_key_id": "testing", "secret_access_key": "testing"}'

@@ -25,6 +25,8 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import acquire, release
 from db.migrate import upgrade
 from db.models import DeletionAudit
 from db.session import db_now, make_engine
@@ -36,9 +38,7 @@ from tests.servers._proc import free_port
 from tests.servers.s3 import make_s3_destination_options, seed_objects
 from tests.tasks.kit import Store
 from worker.jobs import dispatch, fail_job, request_job
-from worker.locks import acquire, release
 from worker.runner import job_health
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 #: the recovery bound with default settings (docs/reliability.md)

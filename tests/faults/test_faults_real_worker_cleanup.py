@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import BackupDestination, DeletionAudit
 from tests.factories import World, make_backup, make_destination
 from tests.faults.conftest import age_objects, remote_keys
@@ -27,7 +28,6 @@ from tests.faults.realworker import CREDS, Worker, job_row, sender, wait_job
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.jobs import dispatch, request_job
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 ORPHANS = 3000

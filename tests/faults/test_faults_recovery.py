@@ -30,6 +30,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.migrate import upgrade
 from db.models import ACTIVE_JOB_STATUSES, DeletionAudit, Job
 from db.session import db_now, make_engine
@@ -40,7 +41,6 @@ from tests.faults.test_faults_never_stuck import PrivatePostgres
 from tests.servers.s3 import make_s3_destination_options, seed_objects
 from tests.tasks.kit import Store
 from worker.jobs import dispatch, request_job
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 #: the recovery bound with default settings (README, docs/reliability.md)

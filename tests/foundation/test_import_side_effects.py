@@ -70,3 +70,12 @@ def test_importing_changes_no_environment_and_creates_no_file(package: str, tmp_
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_api_does_not_build_the_celery_app_on_import(tmp_path: Path) -> None:
+    """The API sends tasks by name; the Celery app is built when the first one is sent."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    script = "import sys, api, api.server; print('worker.celery_app' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert out.stdout.strip() == "False"

@@ -23,7 +23,7 @@ import annotated_types
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import (
+from core.settings import (
     SECRET_FIELDS,
     Settings,
     describe_settings_error,
@@ -177,7 +177,7 @@ def test_several_bad_values_are_one_line_and_secrets_are_never_echoed():
     assert "\n" not in line and line.count("; ") == 2
     for part in ("OCORE_MAX_ATTEMPTS=0", "OCORE_API_PORT=0", "OCORE_CLEANUP_MAX_SHARE=50"):
         assert part in line
-    from worker.settings import _shown
+    from core.settings import _shown
 
     for name in SECRET_FIELDS:
         assert _shown(name, "postgresql://u:pw@h/db") == "(hidden)"

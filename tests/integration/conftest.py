@@ -22,9 +22,9 @@ import pytest
 import redis
 from celery import Celery
 
+from core.settings import Settings
 from tests.tasks import conftest as _tasks_fixtures
 from worker.celery_app import make_celery
-from worker.settings import Settings
 
 # The job tests' fixtures, shared: db (emptied after each test), world, store, cfg.
 db = _tasks_fixtures.db

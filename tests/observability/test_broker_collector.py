@@ -12,10 +12,10 @@ import pytest
 import redis
 from celery import Celery
 
+from core.settings import Settings
 from tests.observability.helpers import BROKER_NAMES
 from worker.celery_app import ensure_broker_folders, make_celery
 from worker.metrics_server import BrokerCollector
-from worker.settings import Settings
 
 REDIS_DB = 9  # dedicated to this module; flushed before and after
 

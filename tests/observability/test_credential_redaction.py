@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from core.logging import configure_logging
+from core.settings import Settings
 from storage_backends.errors import StorageError
 from storage_backends.registry import open_backend, resolve_credentials
 from tests.servers.destinations import Destination
-from worker.logging import configure_logging
-from worker.settings import Settings
 
 
 @pytest.fixture

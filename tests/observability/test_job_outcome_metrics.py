@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, delete, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import BackupDestination, Job, LocationLock
 from storage_backends.errors import BackendUnavailableError
 from storage_backends.identity import lock_key
@@ -26,7 +27,6 @@ from tests.tasks.kit import (
 )
 from worker.jobs import fail_job
 from worker.runner import RetryableJobError, run_job
-from worker.settings import Settings
 
 # the job tests' fixtures: db (emptied after each test), world, store, cfg
 db = _tasks_fixtures.db

@@ -1,4 +1,4 @@
-"""worker.logging: JSON lines with the job's context, console text, redaction."""
+"""core.logging: JSON lines with the job's context, console text, redaction."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from tests.factories import make_backup, make_destination, make_world
-from worker.logging import (
+from core.logging import (
     RedactionFilter,
     add_secret,
     configure_logging,
@@ -23,8 +22,9 @@ from worker.logging import (
     redact,
     set_phase,
 )
+from core.settings import Settings
+from tests.factories import make_backup, make_destination, make_world
 from worker.runner import run_job
-from worker.settings import Settings
 
 
 @pytest.fixture

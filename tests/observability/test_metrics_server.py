@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.settings import Settings
 from tests.observability.helpers import ROOT, scrape, value
 from worker import metrics
 from worker.metrics_server import build_registry, start_metrics_server
-from worker.settings import Settings
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ PROGRAM = textwrap.dedent(
     import worker.metrics as m
     import api
     from worker.cli import cli  # the CLI (beat, jobs run...) imports the same modules
-    from worker.settings import Settings
+    from core.settings import Settings
 
     m.JOBS_FINISHED.labels("scan", "failed").inc()
     m.STALE_REMOVED.inc(2)

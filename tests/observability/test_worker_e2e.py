@@ -21,13 +21,13 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import TERMINAL_JOB_STATUSES, Backup, Job
 from tests.factories import make_destination, make_world, old
 from tests.observability.helpers import ROOT, scrape, value
 from tests.observability.test_metrics_server import free_port
 from worker.celery_app import make_celery
 from worker.jobs import dispatch, request_job
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 REDIS_DB = 10  # dedicated to this module; flushed before and after

@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db import archive
 from db.models import TERMINAL_JOB_STATUSES, BackupDestination, Job, StorageAnalytics
 from tests.factories import World, make_backup, make_destination, make_world
@@ -34,7 +35,6 @@ from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  #
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.celery_app import make_celery
 from worker.jobs import dispatch, request_job
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 REDIS_DB = 11  # dedicated to this module; flushed before and after

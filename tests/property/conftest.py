@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.settings import Settings
 from tests.servers.fixtures import *  # noqa: F403 - moto, fake-gcs-server, sshd
-from worker.settings import Settings
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import tasks.scan
+from core.settings import Settings
 from db.models import BackupDestination
 from db.session import db_now
 from storage_backends.base import StorageBackend
@@ -52,7 +53,6 @@ from tests.property.estates import KINDS, Estate, estates, is_utf8
 from tests.property.storages import Storage, open_storage
 from tests.tasks import kit
 from worker.runner import run_job
-from worker.settings import Settings
 
 SERVER_FIXTURES = {"s3": "s3_server", "gcs": "gcs_server", "sftp": "sftp_server"}
 

@@ -22,13 +22,13 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from api import create_app
 from api.tokens import mint_token
+from core.settings import Settings
 from db.models import BackupDestination, Job
 from tests.factories import World, make_backup, make_destination, make_world
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.jobs import request_job
-from worker.settings import Settings
 
 Sent = list[tuple[str, list[str], str]]
 CREDENTIALS = '{"access_key_id": "testing", "secret_access_key": "testing"}'

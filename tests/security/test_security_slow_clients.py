@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from api.tokens import mint_token
-from worker.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from api import auth, create_app
 from api.tokens import mint_token
+from core.settings import Settings
 from db.migrate import upgrade
 from db.models import (
     DESTINATION_PROJECT_ORG_FK,
@@ -41,7 +42,6 @@ from db.types import utcnow
 from tests.factories import World, make_destination, make_world
 from worker.jobs import request_job
 from worker.seed import SeedError, load_seed
-from worker.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
 from storage_backends import gcs, s3, sftp
 from storage_backends.local import LocalBackend
 from tests.servers.gcs import GcsServer
 from tests.servers.s3 import S3Server, make_s3_destination_options
 from tests.servers.sshd import SshServer
-from worker.settings import Settings
 
 
 @dataclass

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from tests.factories import World, make_world
 from tests.servers.fixtures import *  # noqa: F403 - moto, the fault proxy
 from tests.tasks.kit import Store, wipe
-from worker.settings import Settings
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import (
     Backup,
     BackupDestination,
@@ -35,7 +36,6 @@ from tasks.outcome import JobOutcome
 from tests.factories import World, make_backup, make_destination
 from worker.jobs import request_job
 from worker.runner import run_job
-from worker.settings import Settings
 
 DAY = 86_400.0
 

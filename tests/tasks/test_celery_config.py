@@ -16,12 +16,12 @@ from celery.exceptions import Retry
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
 from tests.factories import World, make_destination
 from tests.tasks.kit import job_row, request
 from worker.celery_app import QUEUES, make_celery
 from worker.jobs import TASKS
-from worker.logging import configure_logging
-from worker.settings import Settings, get_settings
 
 REDIS = "redis://127.0.0.1:6379/14"
 

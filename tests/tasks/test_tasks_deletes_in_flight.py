@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
+from db.locks import LockLost, acquire
 from db.models import Backup, LocationLock
 from storage_backends.identity import lock_key
 from tasks.deleting import BatchOutcome, DeleteContext, Doomed, delete_batches
 from tests.factories import World
 from tests.tasks.kit import ProbeBackend, Store, audit_rows, local_dest, request
-from worker.locks import LockLost, acquire
 
 BATCH = 100
 

@@ -14,7 +14,9 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db import archive
+from db.locks import acquire
 from db.models import Backup, Job, LocationLock, PendingDeletion
 from storage_backends.identity import lock_key
 from tasks.scan import RecordIds, run_scan
@@ -32,9 +34,7 @@ from tests.tasks.kit import (
     run,
 )
 from worker.celery_tasks import schedule_jobs
-from worker.locks import acquire
 from worker.runner import LocationBusy, queued_resend_after, reap, reap_stuck_jobs
-from worker.settings import Settings
 
 
 class Sender:

@@ -10,6 +10,8 @@ import pytest
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import acquire, release
 from db.models import Backup, CleanupCandidate, Job, LocationLock
 from storage_backends.identity import location_key, lock_key
 from tests.factories import World, make_destination
@@ -26,9 +28,7 @@ from tests.tasks.kit import (
     run,
 )
 from worker.jobs import request_job
-from worker.locks import acquire, release
 from worker.runner import LocationBusy, run_job
-from worker.settings import Settings
 
 N_ORPHANS = 210  # three delete batches of 100 keys (small_batches)
 

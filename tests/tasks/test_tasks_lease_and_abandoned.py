@@ -10,6 +10,7 @@ import uuid
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import DeletionAudit, Job, LocationLock
 from storage_backends.identity import lock_key
 from tests.factories import World
@@ -22,7 +23,6 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.settings import Settings
 
 
 def _expires_in(engine: Engine, key: str) -> float:

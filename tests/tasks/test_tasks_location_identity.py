@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db import archive
 from db.models import BackupDestination, Instance, StorageAnalytics
 from db.types import utcnow
@@ -31,7 +32,6 @@ from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from tests.servers.sshd import SshServer
 from tests.tasks.kit import Store, audit_rows, job_row, record, request, run
 from worker.jobs import request_job
-from worker.settings import Settings
 
 DAY = 86_400.0
 S3_REF, SSH_REF = "identity-s3", "identity-ssh"

@@ -10,12 +10,12 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from db.locks import acquire, holder, release
 from db.models import LocationLock
 from db.types import utcnow
 from storage_backends.identity import coarse_lock_key, lock_key
 from tests.factories import World, make_destination
 from tests.tasks.kit import Store
-from worker.locks import acquire, holder, release
 
 
 def _dest(db: Session, world: World, kind: str, bucket: str, root: str = "", **kw):

@@ -8,10 +8,10 @@ import logging
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from tests.factories import World
 from tests.tasks.kit import ProbeBackend, Store, local_dest, record, request, run
 from tests.tasks.test_celery_config import CapturedJson
-from worker.settings import Settings
 
 FIELDS = ("job_id", "job_type", "destination_id", "phase")
 

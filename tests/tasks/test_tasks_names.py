@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 import tasks.scan
+from core.settings import Settings
 from db.models import BackupDestination, StorageAnalytics
 from db.session import db_now
 from storage_backends.errors import InvalidPathError
@@ -35,7 +36,6 @@ from tests.servers.gcs import GcsServer
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from tests.servers.sshd import SshServer
 from tests.tasks.kit import audit_rows, candidates, job_row, record, request, run
-from worker.settings import Settings
 
 DAY = 86_400.0
 ODD_FILE = b"b/caf\xe9.tar"

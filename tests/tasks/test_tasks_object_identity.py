@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from storage_backends.base import DeleteResult, ObjectInfo, Planned, StorageBackend, same_object
 from storage_backends.registry import credentials_env_name, open_backend
 from tasks.deleting import CHANGED_ERROR, Doomed
@@ -43,7 +44,6 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.settings import Settings
 
 DAY = 86_400.0
 KEYS = ["o/keep-new.tar", "o/keep-same.tar", "o/gone.tar", "o/plain.tar"]

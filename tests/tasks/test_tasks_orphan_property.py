@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from tests.factories import make_destination, make_world
 from tests.tasks.kit import Store, audit_rows, job_row, record, request, run, wipe
-from worker.settings import Settings
 
 
 def nfc(s: str) -> str:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import Job, LocationLock, StorageAnalytics
 from db.session import db_now
 from storage_backends.identity import lock_key
@@ -34,7 +35,6 @@ from tests.tasks.kit import (
     signal_index_built,
 )
 from worker import metrics
-from worker.settings import Settings
 
 
 def cleanup(
@@ -607,8 +607,8 @@ def test_rule07_rule08_plain_function_call(
     db: Session, engine: Engine, cfg: Settings, world: World, store: Store
 ) -> None:
     """run_orphan_cleanup called directly with a real lease: a stale lease stops it."""
+    from db.locks import LockLost, acquire
     from tasks.orphans import run_orphan_cleanup
-    from worker.locks import LockLost, acquire
 
     dest = local_dest(db, world, store)
     store.put("backups/o.tar")

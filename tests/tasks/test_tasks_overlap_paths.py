@@ -7,15 +7,15 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from db.locks import acquire
 from db.models import BackupDestination
 from storage_backends.identity import location_key, location_root, lock_key, locks_conflict
 from tasks.linking import overlapping_destinations
 from tests.factories import World, make_destination, make_world
 from tests.tasks.kit import ProbeBackend, Store, audit_rows, job_row, record, request, run
 from worker.jobs import request_job
-from worker.locks import acquire
 from worker.runner import LocationBusy
-from worker.settings import Settings
 
 
 def dest_at(db: Session, world: World, base: str, root: str = "", kind: str = "local", **kw):

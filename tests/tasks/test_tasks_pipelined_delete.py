@@ -14,6 +14,9 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
+from core import shutdown
+from core.settings import Settings
+from db.locks import acquire
 from db.models import Job, LocationLock
 from storage_backends.errors import TransientStorageError
 from storage_backends.identity import lock_key
@@ -30,10 +33,7 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker import shutdown
-from worker.locks import acquire
 from worker.runner import Requeued, RetryableJobError
-from worker.settings import Settings
 
 N = 250  # three batches of 100 keys (small_batches): 100, 100, 50
 

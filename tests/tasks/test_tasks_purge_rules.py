@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db import archive
 from db.models import Backup, BackupDestination, Instance, PendingDeletion, Snapshot
 from db.types import utcnow
@@ -30,7 +31,6 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.settings import Settings
 
 FILES = ["i/b1.tar", "i/dir/a.tar", "i/dir/b/c.tar", "i/s1.snap"]
 UNRELATED = ["i/dirx.tar", "i/dir2/x.tar", "i/b1.tar.bak"]

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import Backup, BackupDestination, StorageAnalytics
 from db.types import utcnow
 from storage_backends.registry import credentials_env_name, open_backend
@@ -32,7 +33,6 @@ from tests.tasks.kit import (
     run,
 )
 from worker.runner import RetryableJobError
-from worker.settings import Settings
 
 CREDS_REF = "moto-tests"
 

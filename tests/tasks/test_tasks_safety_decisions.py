@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from api import create_app
 from api.tokens import mint_token
+from core.settings import Settings
 from db.models import BackupDestination, Job
 from storage_backends.registry import credentials_env_name
 from tests.factories import World, make_destination
@@ -51,7 +52,6 @@ from tests.tasks.test_tasks_s3_moto import CREDS_REF, Bucket, s3_dest
 from worker.celery_tasks import schedule_jobs
 from worker.cli import cli
 from worker.seed import SeedError, load_seed, load_seed_file
-from worker.settings import Settings
 
 #: (record path, file it links only loosely) under the root ``b/``: decisions 1-4
 LOOSE_PAIRS = [

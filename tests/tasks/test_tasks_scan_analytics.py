@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import Environment, Instance, StorageAnalytics
 from tests.factories import World, make_destination, make_world
 from tests.tasks.kit import ProbeBackend, Store, job_row, local_dest, record, request, run
 from worker.runner import RetryableJobError
-from worker.settings import Settings
 
 #: path -> (size, age in days)
 FILES = {

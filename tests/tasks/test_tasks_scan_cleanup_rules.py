@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db import archive
 from db.models import Backup, Job, Snapshot, StorageAnalytics
 from storage_backends.errors import PermissionDeniedError
@@ -29,7 +30,6 @@ from tests.tasks.kit import (
 )
 from worker import metrics
 from worker.runner import RetryableJobError
-from worker.settings import Settings
 
 GRACE_MINUTES = 60
 

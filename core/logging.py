@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from pythonjsonlogger.json import JsonFormatter
 
-from worker.settings import Settings
+from core.settings import Settings
 
 JOB_FIELDS = ("job_id", "job_type", "destination_id", "phase")
 _job: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(

@@ -14,7 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from worker.settings import get_settings
+from core.settings import get_settings
 
 
 class ShutdownRequested(Exception):
