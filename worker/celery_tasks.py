@@ -17,17 +17,20 @@ without a beat process (beat is still what schedules scans, cleanups and purges)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import MaxRetriesExceededError
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -157,7 +160,43 @@ def schedule_jobs(session: Session, settings: Settings, job_type: str, sender: S
     interval (a second beat process, e.g. during a rolling update, ticks in the same
     period: each destination is still scheduled once, even when the first job finished
     in milliseconds; a beat job that failed does not count). A job whose message
-    cannot be sent is failed, not left queued. Returns how many were sent."""
+    cannot be sent is failed, not left queued. Returns how many were sent.
+
+    Atomic across beat processes: on PostgreSQL the pass holds an advisory lock of its
+    job type from the read of the recent jobs to the last request, so a second beat
+    ticking at the same instant waits and then finds every destination scheduled
+    (SQLite, the embedded default, serialises writers itself and runs one beat)."""
+    with _schedule_lock(session, job_type):
+        return _schedule_pass(session, settings, job_type, sender)
+
+
+#: advisory lock ids of the scheduling passes (a fixed 64-bit number per job type)
+def _schedule_lock_id(job_type: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"ocore-schedule:{job_type}".encode()).digest()[:8],
+                          "big", signed=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _schedule_lock(session: Session, job_type: str) -> Iterator[None]:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = _schedule_lock_id(job_type)
+    # its own connection: the pass commits once per destination, and a session-level
+    # advisory lock lives as long as the connection that took it
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+def _schedule_pass(session: Session, settings: Settings, job_type: str, sender: Sender) -> int:
     interval = settings.scan_interval if job_type == "scan" else settings.cleanup_interval
     since = utcnow() - timedelta(seconds=interval / 2)
     recent = set(

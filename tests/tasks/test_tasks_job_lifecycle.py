@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
@@ -502,3 +502,50 @@ def test_two_beats_in_one_period_schedule_each_destination_once(
     period = cfg.scan_interval if job_type == "scan" else cfg.cleanup_interval
     age(db, job, minutes=period / 60, column="created_at")
     assert schedule_jobs(db, cfg, job_type, second) == 1  # the next period
+
+
+def test_two_beats_ticking_at_once_schedule_each_destination_once_per_due_time(
+    engine: Engine, cfg: Settings, db: Session, world: World, store: Store
+) -> None:
+    """Issue 22: two beat processes tick at the same instant for several due times, and
+    every job they send finishes at once (so the active-job de-duplication sees
+    nothing): exactly one scan per destination per due time. The pass holds a database
+    lock (PostgreSQL advisory lock) from its read of the recent jobs to its last
+    request; without it both beats read "nothing scheduled" and both schedule."""
+    import threading
+
+    dests = [local_dest(db, world, store, root=f"d{i}/") for i in range(20)]
+    db.commit()
+
+    def finish_at_once(_name: str, args: list[str], _queue: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.id == uuid.UUID(args[0])).values(status="succeeded"))
+
+    ticks = 3
+    for tick in range(ticks):
+        start = threading.Barrier(2)
+        sent: list[int] = []
+
+        def beat(start: threading.Barrier = start, sent: list[int] = sent) -> None:
+            with Session(engine) as s:
+                start.wait()
+                sent.append(schedule_jobs(s, cfg, "scan", finish_at_once))
+
+        threads = [threading.Thread(target=beat) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(sent) == [0, len(dests)], f"tick {tick}: {sent}"
+        # the next due time: every job of this tick one interval older
+        with engine.begin() as conn:
+            conn.execute(
+                update(Job).values(
+                    created_at=text(f"created_at - interval '{int(cfg.scan_interval)} seconds'")
+                )
+            )
+    with Session(engine) as s:
+        per_dest = s.execute(
+            select(Job.destination_id, func.count()).group_by(Job.destination_id)
+        ).all()
+    assert {d: n for d, n in per_dest} == {d.id: ticks for d in dests}
