@@ -15,7 +15,19 @@ from __future__ import annotations
 from flask import Flask, Response
 from sqlalchemy import Engine
 
-from api import archived, auth, backends, context, errors, health, jobs, metrics, openapi, storage
+from api import (
+    archived,
+    auth,
+    backends,
+    context,
+    errors,
+    health,
+    jobs,
+    metrics,
+    openapi,
+    ratelimit,
+    storage,
+)
 from api.auth import InsecureSecretError
 from core.settings import Settings, get_settings
 from worker.jobs import Sender
@@ -71,6 +83,7 @@ def create_app(
     for module in (storage, jobs, archived, health, metrics, openapi):
         app.register_blueprint(module.bp)
     app.after_request(_no_store)
+    app_state.extras["limiter"] = ratelimit.init_app(app, cfg)  # off unless configured
     return app
 
 

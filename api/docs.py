@@ -300,6 +300,12 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "every API replica), and any other cursor is refused with 400 `invalid_cursor` "
         "before the storage is asked anything.",
         "",
+        "Optional rate limiting (off by default): with `OCORE_API_RATE_LIMIT` set (e.g. "
+        "`100/minute;2000/hour`), a client address over it gets 429 `rate_limited` with "
+        "`Retry-After`; `/healthz`, `/readyz` and `/metrics` are never limited. The counts "
+        "live in each API process, or in Redis (`OCORE_API_RATE_LIMIT_STORAGE`) to be shared "
+        "by every replica.",
+        "",
         "The examples use two shell variables:",
         "",
         "```sh",

@@ -92,6 +92,9 @@ def _api_error(err: ApiError) -> Response:
 
 
 def _http_error(err: HTTPException) -> Response:
+    ready = err.response
+    if isinstance(ready, Response) and ready.mimetype == "application/json":
+        return ready  # (already our shape: the rate limiter's 429)
     status = err.code or 500
     code = HTTP_CODES.get(status) or (err.name or "error").lower().replace(" ", "_")
     message = err.description or err.name or "error"

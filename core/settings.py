@@ -141,6 +141,17 @@ class Settings(BaseSettings):
         default="127.0.0.1", description="an address to listen on (checked when `api` binds it)"
     )
     api_port: int = Field(default=8080, ge=1, le=65535, description="a TCP port from 1 to 65535")
+    # Optional per-client rate limiting of the API (flask-limiter): off when empty.
+    api_rate_limit: str = Field(
+        default="",
+        description="empty (off), or limits per client address such as "
+        "'100/minute;2000/hour' (flask-limiter's notation)",
+    )
+    api_rate_limit_storage: str = Field(
+        default="",
+        description="where the counts live: empty for this process's memory, or a "
+        "redis:// URL shared by every API replica",
+    )
 
     # Jobs
     retention_days: int = Field(
@@ -222,6 +233,9 @@ class Settings(BaseSettings):
     worker_reaper: bool = Field(
         default=True, description="true or false (also 1/0, yes/no, on/off)"
     )
+    # Celery task events (task-sent/received/started/succeeded/failed) for Flower and
+    # event exporters; off saves the event traffic on the broker.
+    task_events: bool = Field(default=True, description="true or false (also 1/0, yes/no, on/off)")
     # A job meeting a busy location waits busy_retry_seconds, doubled per wait up to
     # busy_retry_max_seconds (with jitter), for as long as it takes.
     busy_retry_seconds: float = Field(
@@ -279,6 +293,18 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(
         default="INFO", description="one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
     )
+
+    @field_validator("api_rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, v: str) -> str:
+        if v.strip():
+            from limits import parse_many
+
+            try:
+                parse_many(v)
+            except ValueError:
+                raise ValueError("not a rate limit") from None
+        return v.strip()
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod

@@ -49,6 +49,8 @@ FREE_FORM = {
     "secrets_dir": "a directory, read when a credentials reference resolves",
     "metrics_host": "an address, checked when the worker binds it",
     "api_host": "an address, checked when `api` binds it (one line)",
+    "api_rate_limit": "parsed by `limits` (flask-limiter's notation) when settings load",
+    "api_rate_limit_storage": "a storage URI, read by flask-limiter when the API starts",
 }
 
 RANGE_TYPES = (
