@@ -36,7 +36,8 @@ def test_dashboard_queries_use_only_exported_metrics() -> None:
     known = known_names()
     exprs = [t["expr"] for p in _panels(dash) for t in p.get("targets", [])]
     for var in dash["templating"]["list"]:
-        exprs.append(var["definition"].replace("label_values(", "").split(",")[0])
+        if var["type"] == "query":
+            exprs.append(var["definition"].replace("label_values(", "").split(",")[0])
     assert len(exprs) >= 10
     for expr in exprs:
         names = promql_metric_names(expr)
@@ -76,12 +77,18 @@ def test_provisioning_points_at_the_dashboard_and_datasource() -> None:
     (source,) = ds["datasources"]
     assert source["type"] == "prometheus"
     assert source["url"] == "http://prometheus:9090"
+    # importable into any Grafana: every panel asks the `datasource` variable (a
+    # Prometheus data source chosen at import or on the dashboard), none pins a uid
     uids = {
         p["datasource"]["uid"]
         for p in _panels(_load())
         if p["type"] != "row" and isinstance(p.get("datasource"), dict)
     }
-    assert uids == {source["uid"]}
+    assert uids == {"${datasource}"}
+    variables = {v["name"]: v for v in _load()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert source["uid"] not in DASHBOARD.read_text()
     prov = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/dashboards.yml").read_text())
     (provider,) = prov["providers"]
     assert provider["type"] == "file"
@@ -96,7 +103,9 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     rules = [
         {
             "record": f"dashboard:query_{i}",
-            "expr": e.replace("$__rate_interval", "5m").replace("$destination", ".*"),
+            "expr": e.replace("$__rate_interval", "5m")
+            .replace("$destination", ".*")
+            .replace("$top", "20"),
         }
         for i, e in enumerate(exprs)
     ]
@@ -106,7 +115,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 
 
 def test_storage_per_project_uses_names_from_the_info_metric() -> None:
-    panels = {p["title"].lower(): p for p in _panels(_load())}
+    panels = {p["title"].lower().removesuffix(" (top $top)"): p for p in _panels(_load())}
     per_project = panels["storage per project (linked bytes, last scan)"]
     (target,) = per_project["targets"]
     assert "ocore_project_bytes" in target["expr"] and "ocore_project_info" in target["expr"]
@@ -115,3 +124,15 @@ def test_storage_per_project_uses_names_from_the_info_metric() -> None:
     assert "ocore_destination_info" in per_dest["expr"]
     freshness = panels["time since last successful scan"]["targets"][0]["expr"]
     assert "ocore_destination_created_timestamp_seconds" in freshness  # never scanned too
+
+
+def test_per_destination_panels_show_the_top_n_only() -> None:
+    """Readable at 10,000 destinations: every panel with a series per destination or
+    project draws at most `$top` (a variable, 20 by default) of them."""
+    dash = _load()
+    top = {v["name"]: v for v in dash["templating"]["list"]}["top"]
+    assert top["current"]["value"] == "20"
+    for p in _panels(dash):
+        for t in p.get("targets", []):
+            if "by (destination" in t["expr"] or "by (project" in t["expr"]:
+                assert t["expr"].startswith("topk("), (p["title"], t["expr"])
