@@ -141,3 +141,29 @@ def test_containers_without_an_http_port_do_not_inherit_the_api_healthcheck():
     assert services["migrate"]["healthcheck"] == {"disable": True}
     worker_check = " ".join(services["worker"]["healthcheck"]["test"])
     assert ":9808/metrics" in worker_check
+
+
+def test_alerts_reach_an_alertmanager_with_a_documented_receiver():
+    """Issue 21: compose had no Alertmanager, so alerts went nowhere."""
+    services = _compose()["services"]
+    am = services["alertmanager"]
+    assert "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in (
+        am["volumes"]
+    )
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (target,) = prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert target == "alertmanager:9093"
+    config = yaml.safe_load((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    for route in config["route"].get("routes", []):
+        assert route["receiver"] in receivers
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
+    for rule in config.get("inhibit_rules", []):
+        for side in ("source_matchers", "target_matchers"):
+            (matcher,) = rule[side]
+            assert matcher.split("=", 1)[1].strip('"') in names, matcher
+    docs = (ROOT / "docs/observability.md").read_text()
+    assert "deploy/alertmanager/alertmanager.yml" in docs
