@@ -26,6 +26,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /var/lib/ocore
 EXPOSE 8080 9808
-HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)"]
+# the default command is the worker: its /healthz (broker and database reachable) on the
+# metrics port; the api service overrides it with the API's own /healthz
+HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=4)"]
 ENTRYPOINT ["ocore-storage"]
 CMD ["worker"]

@@ -14,16 +14,25 @@ name and storage per project, which survive a worker restart.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    ProcessCollector,
+    make_wsgi_app,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -209,6 +218,9 @@ def build_registry(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         LiveMultiProcessCollector(registry, folder)
+        # the main process's own memory, CPU, open files (the default registry, which
+        # has them, is not served in multiprocess mode)
+        ProcessCollector(registry=registry)
     else:
         registry.register(_DefaultRegistryProxy())
     if broker_url:
@@ -218,6 +230,106 @@ def build_registry(
 
         registry.register(DatabaseCollector(database_url))
     return registry
+
+
+#: ``check() -> (ok, what)``: one dependency of the worker (its broker, its database)
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+def broker_check(broker_url: str, transport_options: dict[str, Any] | None = None) -> HealthCheck:
+    """Redis answers PING within 3 s; the filesystem broker's folder exists."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
+
+        def ping() -> tuple[bool, str]:
+            try:
+                client.ping()
+            except Exception as err:
+                return False, f"unreachable ({type(err).__name__})"
+            return True, "ok"
+
+        return ping
+    folder = Path((transport_options or {}).get("data_folder_in") or ".")
+
+    def exists() -> tuple[bool, str]:
+        return (True, "ok") if folder.is_dir() else (False, "the broker folder is missing")
+
+    return exists
+
+
+def database_check(database_url: str) -> HealthCheck:
+    """``SELECT 1`` on a connection of its own (no pool), within a few seconds."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    args = {"connect_timeout": 3} if database_url.startswith("postgresql") else {}
+    engine = create_engine(database_url, poolclass=NullPool, connect_args=args)
+
+    def select_one() -> tuple[bool, str]:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as err:
+            return False, f"unreachable ({type(err).__name__})"
+        return True, "ok"
+
+    return select_one
+
+
+class Health:
+    """``GET /healthz`` of the worker: 200 when every check passes, else 503, with each
+    check's answer; answers are kept for :attr:`ttl` seconds (a probe every second costs
+    a PING and a ``SELECT 1`` every few seconds, not every second)."""
+
+    ttl = 5.0
+
+    def __init__(self, checks: dict[str, HealthCheck]) -> None:
+        self.checks = checks
+        self._lock = threading.Lock()
+        self._last: tuple[float, bool, dict[str, str]] | None = None
+
+    def __call__(self) -> tuple[bool, dict[str, str]]:
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last[0] < self.ttl:
+                return self._last[1], self._last[2]
+            results = {name: check() for name, check in self.checks.items()}
+            ok = all(r[0] for r in results.values())
+            self._last = (now, ok, {name: r[1] for name, r in results.items()})
+            return ok, self._last[2]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes are not log lines."""
+
+
+def metrics_app(registry: CollectorRegistry, health: Health | None) -> Callable[..., Any]:
+    """``/metrics`` (the registry), ``/healthz`` (the worker's broker and database) and
+    404 for anything else (a scraper pointed at a wrong path must not get metrics)."""
+    prometheus = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path in ("/metrics", "/metrics/"):
+            return prometheus(environ, start_response)
+        if path == "/healthz":
+            ok, checks = health() if health is not None else (True, {})
+            body = json.dumps({"status": "ok" if ok else "unhealthy", "checks": checks})
+            status = "200 OK" if ok else "503 Service Unavailable"
+        else:
+            status, body = "404 Not Found", json.dumps({"error": "not_found"})
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Cache-Control", "no-store")])  # fmt: skip
+        return [body.encode()]
+
+    return app
 
 
 class MetricsServer:
@@ -237,8 +349,11 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> MetricsServer | None:
-    """Serve ``registry`` on ``host:port``; ``port`` 0 means metrics are disabled.
+def start_metrics_server(
+    port: int, host: str, registry: CollectorRegistry, health: Health | None = None
+) -> MetricsServer | None:
+    """Serve ``registry`` on ``host:port`` at ``/metrics``, and ``health`` at
+    ``/healthz``; ``port`` 0 means metrics are disabled.
 
     A port already in use is logged and the worker runs on: jobs matter more than
     metrics (and the ``OcoreWorkerDown`` alert fires on the failed scrapes).
@@ -247,7 +362,10 @@ def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> M
         log.info("metrics endpoint disabled (metrics_port=0)")
         return None
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, metrics_app(registry, health), _ThreadingServer,
+                             handler_class=_QuietHandler)  # fmt: skip
+        thread = threading.Thread(target=server.serve_forever, name="ocore-metrics", daemon=True)
+        thread.start()
     except OSError as err:
         log.error("cannot serve /metrics on %s:%d: %s", host, port, err)
         return None

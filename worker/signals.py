@@ -23,8 +23,11 @@ from core import shutdown
 from core.logging import configure_logging
 from core.settings import get_settings
 from worker.metrics_server import (
+    Health,
     MetricsServer,
+    broker_check,
     build_registry,
+    database_check,
     multiproc_dir,
     start_metrics_server,
 )
@@ -58,7 +61,12 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     options = dict(conf.broker_transport_options or {}) if conf is not None else {}
     database_url = get_settings().effective_database_url
     registry = build_registry(broker_url, queues, options, database_url=database_url)
-    _server = start_metrics_server(get_settings().metrics_port, metrics_host(), registry)
+    checks = {"database": database_check(database_url)}
+    if broker_url:
+        checks["broker"] = broker_check(broker_url, options)
+    _server = start_metrics_server(
+        get_settings().metrics_port, metrics_host(), registry, Health(checks)
+    )
 
 
 @signals.worker_init.connect

@@ -140,7 +140,11 @@ def test_containers_without_an_http_port_do_not_inherit_the_api_healthcheck():
     assert services["beat"]["healthcheck"] == {"disable": True}
     assert services["migrate"]["healthcheck"] == {"disable": True}
     worker_check = " ".join(services["worker"]["healthcheck"]["test"])
-    assert ":9808/metrics" in worker_check
+    assert ":9808/healthz" in worker_check  # broker and database, not just "serves metrics"
+    assert ":8080/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    # the image's own check fits its default command (the worker)
+    assert 'CMD ["worker"]' in dockerfile and ":9808/healthz" in dockerfile
 
 
 def test_alerts_reach_an_alertmanager_with_a_documented_receiver():

@@ -151,3 +151,63 @@ def test_cli_wipes_the_multiproc_dir_at_start(
     env = _multiproc_env(Settings(data_dir=tmp_path))
     assert env["PROMETHEUS_MULTIPROC_DIR"] == str(mp)
     assert list(mp.iterdir()) == []  # a restarted worker does not count twice
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_healthz_says_unhealthy_when_the_broker_or_database_is_away(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Issue 21: the worker answered every path, /healthz included, with metrics, and
+    stayed healthy while Redis was down. Now /healthz checks the broker and the
+    database, /metrics serves metrics, anything else is 404. Redis here: the real one
+    on 6379 (up), and a closed port (down)."""
+    import json
+
+    from worker.metrics_server import Health, broker_check, database_check
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    cases = {
+        "up": ("redis://127.0.0.1:6379/0", pg_url, 200),
+        "broker down": (f"redis://127.0.0.1:{closed}/0", pg_url, 503),
+        "database down": (
+            "redis://127.0.0.1:6379/0",
+            f"postgresql+psycopg://postgres@127.0.0.1:{closed}/x",
+            503,
+        ),
+    }
+    for name, (broker, database, expected) in cases.items():
+        health = Health({"database": database_check(database), "broker": broker_check(broker)})
+        server = start_metrics_server(free_port(), "127.0.0.1", CollectorRegistry(), health)
+        assert server is not None
+        try:
+            status, body = _get(f"http://127.0.0.1:{server.port}/healthz")
+            assert status == expected, (name, body)
+            report = json.loads(body)
+            assert report["status"] == ("ok" if expected == 200 else "unhealthy"), name
+            assert set(report["checks"]) == {"database", "broker"}
+            assert _get(f"http://127.0.0.1:{server.port}/metrics")[0] == 200
+            assert _get(f"http://127.0.0.1:{server.port}/")[0] == 404
+            assert _get(f"http://127.0.0.1:{server.port}/anything")[0] == 404
+        finally:
+            server.stop()
+
+
+def test_multiprocess_registry_exports_the_main_process_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mp"))
+    registry = build_registry()
+    names = {m.name for m in registry.collect()}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds"} <= names
