@@ -185,6 +185,7 @@ def project_storage(
     return {
         "project_id": str(project_id),
         "totals": totals,
+        "attributed": _attributed(session, project_id, organization_id),
         "destinations": [_dest_entry(d, latest.get(d.id), counted_by[d.id]) for d in dests],
         "merged": [
             {
@@ -197,3 +198,47 @@ def project_storage(
         ],
         "last_scan_at": max(scans).isoformat() if scans else None,
     }
+
+
+def _attributed(
+    session: Session, project_id: uuid.UUID, organization_id: uuid.UUID | None
+) -> dict[str, Any]:
+    """What the project's records link on every destination of its organization (its own
+    or shared ones, whoever owns the row), from each destination's latest scan
+    (``details.attribution.projects``); a location scanned through two destinations
+    counts once (:func:`choose_counted`)."""
+    project = session.get(Project, project_id)
+    if project is None:
+        return {"files": 0, "bytes": 0, "destinations": []}
+    org = project.organization_id
+    if organization_id is not None and organization_id != org:
+        return {"files": 0, "bytes": 0, "destinations": []}
+    dests = session.scalars(
+        select(BackupDestination)
+        .where(BackupDestination.organization_id == org)
+        .order_by(BackupDestination.name, BackupDestination.id)
+    ).all()
+    latest = latest_analytics(session, [d.id for d in dests])
+    counted_by = choose_counted(dests, set(latest))
+    wanted = str(project_id)
+    out: dict[str, Any] = {"files": 0, "bytes": 0, "destinations": []}
+    for dest in dests:
+        row = latest.get(dest.id)
+        if row is None or counted_by[dest.id] != dest.id:
+            continue
+        projects = ((row.details or {}).get("attribution") or {}).get("projects") or []
+        for entry in projects:
+            if entry.get("id") == wanted:
+                files, size = int(entry.get("files", 0)), int(entry.get("bytes", 0))
+                out["files"] += files
+                out["bytes"] += size
+                out["destinations"].append(
+                    {
+                        "destination_id": str(dest.id),
+                        "name": dest.name,
+                        "files": files,
+                        "bytes": size,
+                        "last_scan_at": row.finished_at.isoformat(),
+                    }
+                )
+    return out

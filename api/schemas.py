@@ -158,9 +158,25 @@ SCHEMAS: J = {
         checks={"type": "object", "additionalProperties": STR},
     ),
     "ProjectStorage": obj(
-        ["project_id", "totals", "destinations", "merged", "last_scan_at"],
+        ["project_id", "totals", "attributed", "destinations", "merged", "last_scan_at"],
         project_id=UUID,
         totals=FIGURES,
+        attributed=obj(
+            ["files", "bytes", "destinations"],
+            files=INT,
+            bytes=INT,
+            destinations={
+                "type": "array",
+                "items": obj(
+                    ["destination_id", "name", "files", "bytes", "last_scan_at"],
+                    destination_id=UUID,
+                    name=STR,
+                    files=INT,
+                    bytes=INT,
+                    last_scan_at=TS,
+                ),
+            },
+        ),
         destinations={"type": "array", "items": PROJECT_DEST},
         merged={
             "type": "array",

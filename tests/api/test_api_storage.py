@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -489,3 +490,35 @@ def test_delete_keeps_a_file_written_again_after_it_was_read(env, db, settings):
     assert target.read_bytes() == b"a new backup"
     [audit] = db.scalars(select(DeletionAudit)).all()
     assert audit.state == "changed" and audit.deleted_at is None
+
+
+def test_project_storage_counts_what_the_project_has_on_shared_destinations(
+    client, auth, env, db, tmp_path
+):
+    """Issue 23: a project with backups on shared destinations (its organization's, not
+    its own) showed 0 bytes. ``attributed`` sums the bytes the scans attribute to the
+    project on every destination of its organization, a location seen through two
+    destinations once; ``totals`` stays what its own destinations hold."""
+    w = env.world
+    shared = make_destination(db, w, bucket=str(tmp_path / "s"), name="shared-a")
+    twin = make_destination(db, w, bucket=str(tmp_path / "s"), name="shared-a-twin")
+    other = make_destination(db, w, bucket=str(tmp_path / "t"), name="shared-b")
+    for d in (shared, twin, other):
+        d.project_id = None  # organization-wide destinations
+    mine, elsewhere = str(w.project.id), str(uuid.uuid4())
+
+    def attribution(files: int, size: int) -> dict:
+        return {"attribution": {"projects": [
+            {"id": mine, "files": files, "bytes": size},
+            {"id": elsewhere, "files": 9, "bytes": 900},
+        ]}}  # fmt: skip
+
+    for dest, files, size in ((shared, 3, 300), (twin, 3, 300), (other, 2, 50)):
+        row = _scan(db, dest, total_files=20, total_bytes=2000)
+        row.details = attribution(files, size)
+    db.commit()
+    body = client.get(f"/api/projects/{w.project.id}/storage", headers=auth()).get_json()
+    assert (body["attributed"]["files"], body["attributed"]["bytes"]) == (5, 350)
+    names = sorted(d["name"] for d in body["attributed"]["destinations"])
+    assert len(names) == 2 and "shared-b" in names  # the twin counted once
+    assert body["totals"]["bytes"] == 0  # none of these is the project's own
