@@ -6,7 +6,8 @@ key is chosen by the algorithm family, so an HS256 token signed with the RS publ
 (the classic confusion attack) never meets that key as an HMAC secret. ``exp`` is
 required; ``nbf`` is honoured; ``iss``/``aud`` are checked when configured.
 
-Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member).
+Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member |
+viewer: :data:`ROLES`).
 A member reaches only its organization's destinations, projects and jobs; anything
 else is a 404 that says nothing about whether it exists. Admins reach everything.
 
@@ -44,7 +45,11 @@ from api.errors import ApiError, not_found
 from core.settings import MIN_SECRET_BYTES, Settings, secret_weakness
 from db.models import BackupDestination, Job, Organization, Project, User
 
-ROLES = ("admin", "member")
+#: admin: every organization; member: its organization, reads and writes; viewer: its
+#: organization, reads only (no upload, delete, job or archive change)
+ROLES = ("admin", "member", "viewer")
+#: what a viewer may send
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Routes under /api that need no token.
 PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 ASYMMETRIC_PREFIXES = ("RS", "ES", "PS", "Ed")
@@ -306,6 +311,13 @@ def authenticate() -> None:
     reason = inactive_reason(state().engine, principal)
     if reason is not None:
         raise _unauthorized(f"the token's subject is no longer active: {reason}")
+    if principal.role == "viewer" and request.method not in READ_METHODS:
+        raise ApiError(
+            403,
+            "forbidden",
+            "the viewer role only reads: uploading, deleting files and starting jobs need "
+            "the member or admin role",
+        )
     g.principal = principal
 
 

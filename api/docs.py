@@ -277,11 +277,13 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "## Authentication and errors",
         "",
         "Every endpoint not marked public needs `Authorization: Bearer <JWT>`, a token "
-        "with the claims `sub` (user id), `org` (organization uuid), `role` (`admin` or "
-        "`member`) and `exp`. HS* tokens are verified with `OCORE_JWT_SECRET`, RS*/ES*/PS* "
-        "ones with `OCORE_JWT_PUBLIC_KEY`, among the algorithms of `OCORE_JWT_ALGORITHMS`. "
+        "with the claims `sub` (user id), `org` (organization uuid), `role` (`admin`, "
+        "`member` or `viewer`) and `exp`. HS* tokens are verified with `OCORE_JWT_SECRET`, "
+        "RS*/ES*/PS* ones with `OCORE_JWT_PUBLIC_KEY`, among the algorithms of `OCORE_JWT_ALGORITHMS`. "
         "A member reaches only its organization's destinations, projects and jobs (anything "
         "else is 404); admins reach everything; endpoints listing 403 need the admin role. "
+        "A viewer reaches what a member of its organization reaches, reading only: any "
+        "upload, file delete, job request or archive change is 403 `forbidden`. "
         "A token outlives no subject: when `sub` names a user that is archived "
         "(soft-deleted) or whose organization is archived, or `org` names an archived "
         "organization, the token is refused with 401 `unauthorized` (\"the token's "

@@ -8,10 +8,8 @@ from typing import Any
 
 import jwt
 
-from api.auth import MAX_TOKEN_LIFETIME_SECONDS
+from api.auth import MAX_TOKEN_LIFETIME_SECONDS, ROLES
 from core.settings import Settings
-
-ROLES = ("admin", "member")
 
 
 def mint_token(

@@ -318,6 +318,9 @@ def api(
     if dev:
         from werkzeug.serving import run_simple
 
+        from api.server import http_url
+
+        click.echo(f"API on {http_url(bind_host, bind_port)}")
         run_simple(bind_host, bind_port, app, threaded=True)
         return
     from api.server import serve_api
@@ -373,7 +376,8 @@ def _is_loopback(host: str) -> bool:
 )
 def serve(host: str | None, port: int | None) -> None:
     """Worker + beat + API in one command (the embedded default: OCORE_DATABASE_URL may
-    be left unset; run ``ocore-storage db upgrade`` first)."""
+    be left unset; run ``ocore-storage db upgrade`` first). Prints where the worker's
+    /metrics and the API listen."""
     settings = _settings()
     _check_port_free(host or settings.api_host, port or settings.api_port)  # before the worker
     _require_schema(settings)
@@ -383,6 +387,14 @@ def serve(host: str | None, port: int | None) -> None:
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
     cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "-s", schedule,
            "-Q", QUEUES, "-c", "2", "--loglevel", settings.log_level]  # fmt: skip
+    from api.server import http_url
+
+    metrics_port = settings.metrics_port
+    click.echo(
+        f"worker metrics on {http_url(env['OCORE_METRICS_HOST'], metrics_port)}/metrics"
+        if metrics_port
+        else "worker metrics off (OCORE_METRICS_PORT=0)"
+    )
     proc = subprocess.Popen(cmd, env=env)
     try:
         # the embedded default: its development JWT secret is fine on loopback only
