@@ -14,13 +14,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +28,7 @@ from api.tokens import mint_token
 from core.settings import Settings
 from db.models import BackupDestination
 from tests.factories import World, make_destination, make_world
+from tests.servers.api import running_api
 from tests.servers.fixtures import s3_server  # noqa: F401 - the server fixture
 from tests.servers.s3 import S3Server, make_s3_destination_options
 
@@ -54,15 +51,8 @@ class Api:
     proc: subprocess.Popen[bytes]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def api(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    port = _free_port()
     folder = tmp_path_factory.mktemp("api-memory")
     (folder / "tmp").mkdir()
     output = folder / "api.log"
@@ -76,30 +66,8 @@ def api(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         "TMPDIR": str(folder / "tmp"),  # where the server spools request bodies
     }
     env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the server sets its own (api.upload)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=output.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        up = False
-        while time.monotonic() < deadline and not up and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    up = True
-            except OSError:
-                time.sleep(0.2)
-        if not up:
-            pytest.fail(f"the API did not start: {output.read_text()}")
-        yield Api(port, proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with running_api(env, output) as api:
+        yield Api(api.port, api.proc)
 
 
 def _status_kb(pid: int, field: str) -> int:

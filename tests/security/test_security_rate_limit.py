@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers.api import running_api
+
 pytestmark = pytest.mark.slow
 
 SECRET = "rate-limit-test-secret-0123456789-abcdefgh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -38,28 +32,10 @@ def _get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def _serve(pg_url: str, tmp_path: Path, **extra: str) -> Iterator[str]:
-    port = _free_port()
     env = {**os.environ, "OCORE_DATABASE_URL": pg_url, "OCORE_DATA_DIR": str(tmp_path),
            "OCORE_JWT_SECRET": SECRET, **extra}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                _get(base + "/healthz")
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_api(env, tmp_path / "api.log") as api:
+        yield api.base
 
 
 @pytest.fixture

@@ -14,12 +14,9 @@ import contextlib
 import json
 import os
 import selectors
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import pytest
 
 from api.tokens import mint_token
 from core.settings import Settings
+from tests.servers.api import running_api
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +51,8 @@ class Server:
         return sock
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = _free_port()
     folder = tmp_path_factory.mktemp("api")
     output = folder / "api.log"  # a file, not a pipe nobody reads while the tests run
     env = {
@@ -75,32 +66,8 @@ def server(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         "OCORE_API_KEEPALIVE_REQUESTS": str(KEEPALIVE_REQUESTS),
         "OCORE_API_MAX_CONNECTIONS_PER_CLIENT": str(PER_CLIENT),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=output.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        up = False
-        while time.monotonic() < deadline and not up and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    up = True
-            except OSError:
-                time.sleep(0.2)
-        if not up:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the API did not start: {output.read_text()}")
-        yield Server(port, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0, output.read_text()  # a graceful stop
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with running_api(env, output, graceful=True) as api:
+        yield Server(api.port, api.proc)
 
 
 def _response(sock: socket.socket) -> bytes:
