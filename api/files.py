@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -21,6 +22,9 @@ from tasks.linking import LinkRef, OverlapOutsideFrame, find_links
 
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
 CHUNK_SIZE = 1024 * 1024
+
+#: one line per file deleted (or not) through the API
+audit_log = logging.getLogger("ocore.api.audit")
 
 
 def link_to_dict(link: LinkRef) -> dict[str, Any]:
@@ -168,11 +172,13 @@ def delete_with_audit(
         audit.state = "failed"
         audit.error = f"{type(err).__name__}: {err}"
         session.commit()
+        _audit_line(audit, logging.WARNING)
         raise
     if outcome.changed:
         audit.state = "changed"
         audit.error = "written again since it was read: kept"
         session.commit()
+        _audit_line(audit, logging.WARNING)
         raise ApiError(
             409,
             "changed",
@@ -182,4 +188,32 @@ def delete_with_audit(
     audit.state = "deleted"
     audit.deleted_at = db_now(session)
     session.commit()
+    _audit_line(audit, logging.INFO)
     return audit
+
+
+def _audit_line(audit: DeletionAudit, level: int) -> None:
+    """The audit log line of a delete through the API (``ocore.api.audit``): INFO when
+    the file was deleted, WARNING when it was not (failed, changed); the same facts as
+    the committed audit row, whose id it carries."""
+    fields = {
+        "audit_id": str(audit.id),
+        "state": audit.state,
+        "destination_id": str(audit.destination_id),
+        "path": audit.path,
+        "size_bytes": audit.size_bytes,
+        "actor": audit.actor,
+        "error": audit.error,
+    }
+    audit_log.log(
+        level,
+        "file %s: %s of destination %s (%s bytes) by %s, audit %s%s",
+        audit.state,
+        audit.path,
+        audit.destination_id,
+        audit.size_bytes,
+        audit.actor,
+        audit.id,
+        f": {audit.error}" if audit.error else "",
+        extra={"audit": fields},
+    )

@@ -7,6 +7,8 @@ raw paths would create a time series per id (unbounded cardinality); methods out
 The registry also carries ``ocore_jobs_enqueued_total`` (:data:`worker.metrics.JOBS_ENQUEUED`):
 jobs requested through the API are enqueued in this process, so only this process can
 export them (the worker's ``/metrics`` shows the ones beat and the CLI enqueue).
+
+The same hook writes the access log line of every request (:mod:`api.accesslog`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
+from api.accesslog import log_request
 from api.context import state
 from worker.metrics import JOBS_ENQUEUED
 
@@ -68,7 +71,9 @@ def _observe(response: Response) -> Response:
     metrics: ApiMetrics = state().extras["metrics"]
     labels = {"method": _method(), "route": _route(), "status": str(response.status_code)}
     metrics.requests.labels(**labels).inc()
-    metrics.latency.labels(**labels).observe(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    metrics.latency.labels(**labels).observe(seconds)
+    log_request(response, seconds)
     return response
 
 
@@ -80,7 +85,7 @@ def metrics_view() -> Response:
 
 
 def init_app(app: Flask) -> ApiMetrics:
-    """Create the collectors and hook them around every request."""
+    """Create the collectors and hook them (and the access log) around every request."""
     metrics = ApiMetrics()
     app.before_request(_start)
     app.after_request(_observe)

@@ -387,10 +387,18 @@ def run(server: _Server) -> None:
             signal.signal(sig, handler)
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def serve_api(app: Flask, bind: str, *, threads: int = 16) -> None:
     """Serve ``app`` on ``bind`` (``host:port``) with request threads, until SIGTERM/SIGINT.
 
-    Limits from ``OCORE_API_*`` (:meth:`Limits.from_env`). Everything loaded so far (the
+    Prints where it listens (``API on http://host:port``, and its ``/metrics``) once
+    bound. Limits from ``OCORE_API_*`` (:meth:`Limits.from_env`). Everything loaded so far (the
     app, SQLAlchemy, boto3...) is moved out of the garbage collector's reach first
     (``gc.freeze``): a full collection over those long-lived objects paused every request
     in flight for ~50 ms, which was most of the API's p99."""
@@ -400,7 +408,10 @@ def serve_api(app: Flask, bind: str, *, threads: int = 16) -> None:
     server = build_server(app, bind, threads=threads, limits=limits)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is not an error
     tune_allocator()  # upload buffers go back to the system when freed (api.upload)
-    log.info("serving on http://%s (%d threads)", bind, threads)
+    url = http_url(str(server.effective_host), int(server.effective_port))
+    # on stdout, for whoever started it (the first line `serve` and `api` print)
+    print(f"API on {url}\nAPI metrics on {url}/metrics", flush=True)
+    log.info("serving on %s (%d threads)", url, threads)
     gc.collect()
     gc.freeze()
     run(server)

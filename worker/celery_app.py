@@ -105,7 +105,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_channel_error_retry=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # task events (Flower, exporters): sent, received, started, succeeded, failed
+        # (a job that ended failed is a failed task: worker.celery_tasks.JobFailed)
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         timezone="UTC",
         enable_utc=True,
         beat_schedule={

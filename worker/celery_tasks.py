@@ -10,6 +10,14 @@ run out of a budget and have its message acked and gone. Every log line a job ta
 writes (Celery's own included) carries the job id: ``task_prerun`` sets the log context
 from the task's first argument, ``task_postrun`` drops it.
 
+A job that ends ``failed`` fails its task (:class:`JobFailed`, naming the job and its
+error), after the job row is final: Flower, task events and exporters see FAILURE, not
+SUCCESS. The message is still acked (``acks_on_failure``: a raised exception is not a
+lost worker), so the job is never run again by its own message; ``JobFailed`` is in the
+tasks' ``throws`` (logged by Celery as an expected failure, without a traceback).
+``partial`` and ``guarded`` jobs finished and are successful tasks (their return value
+is the status); a malformed id or a job with nothing to do too.
+
 Every worker also runs the reaper's recovery pass in a thread of its main process
 (:func:`start_worker_reaper`), so dead workers' jobs and lost messages are recovered
 without a beat process (beat is still what schedules scans, cleanups and purges).
@@ -40,6 +48,7 @@ from core.settings import Settings, get_settings
 from db.models import BackupDestination, Job
 from db.session import get_engine, session_scope
 from db.types import utcnow
+from worker import metrics
 from worker.celery_app import app, send
 from worker.jobs import TASKS, Sender, dispatch_or_fail, request_job
 from worker.runner import (  # re-exported (tests, callers)
@@ -91,6 +100,19 @@ def _drop_log_context(task_id: str | None = None, **_: Any) -> None:
         entry.__exit__(None, None, None)
 
 
+class JobFailed(Exception):
+    """The job ended ``failed`` (its row is final): the task fails with this, so its
+    state is FAILURE. Raised, never retried: the message is acked like a success."""
+
+    def __init__(self, job_id: uuid.UUID | str, error: str | None) -> None:
+        self.job_id = str(job_id)
+        self.error = error or "no error recorded"
+        super().__init__(f"job {self.job_id} failed: {self.error}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by the prefork pool
+        return (JobFailed, (self.job_id, self.error))
+
+
 def _execute(task: Task, job_id: str) -> str:
     settings = get_settings()
     engine = get_engine(settings.effective_database_url)
@@ -116,6 +138,9 @@ def _execute(task: Task, job_id: str) -> str:
         log.warning("job %s: database unavailable (%s); task retried in %.1f s",
                     jid, type(err).__name__, countdown)  # fmt: skip
         raise _retry(task, jid, countdown, err) from err
+    if outcome is not None and outcome.status == "failed":
+        # the row is final (run_job wrote it): fail the task, the message is acked
+        raise JobFailed(jid, outcome.error)
     return outcome.status if outcome else "skipped"
 
 
@@ -130,7 +155,14 @@ def _retry(task: Task, jid: uuid.UUID, countdown: float, err: Exception) -> Base
         raise
 
 
-_OPTS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+_OPTS = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "acks_on_failure": True,  # JobFailed: acked, never redelivered (Celery's default too)
+    "throws": (JobFailed,),
+    "max_retries": None,
+}
 
 
 @app.task(name=TASKS["scan"][0], queue=TASKS["scan"][1], **_OPTS)
@@ -223,6 +255,7 @@ def _schedule_pass(session: Session, settings: Settings, job_type: str, sender: 
 
 
 def _schedule(job_type: str) -> int:
+    metrics.BEAT_LAST_TICK.set_to_current_time()  # beat's heartbeat (OcoreBeatDown)
     settings = get_settings()
     with session_scope(get_engine(settings.effective_database_url)) as s:
         return schedule_jobs(s, settings, job_type, send)
@@ -242,7 +275,9 @@ def schedule_cleanups() -> int:
 
 @app.task(name="ocore.reap", queue="maintenance")
 def reap() -> dict[str, int]:
-    """Beat: one call into :func:`worker.runner.reap`."""
+    """Beat: one call into :func:`worker.runner.reap`. Sent every reaper_interval, it is
+    also beat's heartbeat: ``ocore_beat_last_tick_timestamp_seconds`` (OcoreBeatDown)."""
+    metrics.BEAT_LAST_TICK.set_to_current_time()
     settings = get_settings()
     with session_scope(get_engine(settings.effective_database_url)) as s:
         return dataclasses.asdict(reap_jobs(s, settings, send))

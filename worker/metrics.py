@@ -165,6 +165,14 @@ LAST_SCAN_OK = Gauge(
     ["destination"],
     multiprocess_mode="mostrecent",
 )
+#: Stamped by the tasks beat sends on its schedule (``ocore.reap`` every reaper_interval,
+#: the scan and cleanup scheduling) when a worker runs them: beat is alive and its
+#: tasks are consumed. "max" keeps the newest stamp of every pool process, dead or alive.
+BEAT_LAST_TICK = Gauge(
+    "ocore_beat_last_tick_timestamp_seconds",
+    "When a task beat sends on its schedule (the reaper pass, every reaper_interval) last ran",
+    multiprocess_mode="max",
+)
 LAST_CLEANUP = Gauge(
     "ocore_destination_last_cleanup_timestamp_seconds",
     "Time of the last finished orphan cleanup",

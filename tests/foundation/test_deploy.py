@@ -151,8 +151,9 @@ def test_alerts_reach_an_alertmanager_with_a_documented_receiver():
     """Issue 21: compose had no Alertmanager, so alerts went nowhere."""
     services = _compose()["services"]
     am = services["alertmanager"]
-    assert "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in (
-        am["volumes"]
+    assert (
+        "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"
+        in (am["volumes"])
     )
     assert "alertmanager" in services["prometheus"]["depends_on"]
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())

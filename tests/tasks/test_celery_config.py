@@ -21,6 +21,7 @@ from core.settings import Settings, get_settings
 from tests.factories import World, make_destination
 from tests.tasks.kit import job_row, request
 from worker.celery_app import QUEUES, make_celery
+from worker.celery_tasks import JobFailed
 from worker.jobs import TASKS
 
 REDIS = "redis://127.0.0.1:6379/14"
@@ -42,6 +43,31 @@ def test_celery_conf_json_late_acks_prefetch_one_time_limits_and_visibility() ->
     assert options["visibility_timeout"] > conf.task_time_limit  # no second copy of a job
     assert options["unacked_restore_interval"] == settings.broker_restore_interval
     assert {q.name for q in conf.task_queues} == set(QUEUES) == {"scan", "cleanup", "maintenance"}
+
+
+def test_task_events_are_on_by_default_and_a_setting_turns_them_off() -> None:
+    """Flower and event exporters see every task (sent, received, started, ...)."""
+    conf = make_celery(Settings(broker_url=REDIS)).conf
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
+    off = make_celery(Settings(broker_url=REDIS, task_events=False)).conf
+    assert off.worker_send_task_events is False and off.task_send_sent_event is False
+
+
+def test_a_failed_job_fails_its_task_and_its_message_is_acked_not_requeued() -> None:
+    """JobFailed is raised after the row is final: acked on failure (never redelivered,
+    unlike a lost worker), and an expected exception (no traceback in the log)."""
+    from worker.celery_tasks import app
+
+    for name, _queue in TASKS.values():
+        task = app.tasks[name]
+        assert task.acks_late is True and task.acks_on_failure is True
+        assert JobFailed in task.throws
+    err = JobFailed("1234", "boom")
+    assert str(err) == "job 1234 failed: boom"
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))  # noqa: S301  (the prefork pool pickles it)
+    assert isinstance(again, JobFailed) and (again.job_id, again.error) == ("1234", "boom")
 
 
 def test_celery_conf_an_explicit_visibility_timeout_is_used_as_given() -> None:
@@ -147,7 +173,8 @@ def test_retries_back_off_exponentially_then_the_job_fails(
         signals.task_retry.disconnect(on_retry)
 
     assert [r.when for r in retries] == [10, 20, 40]  # grows: 10 * 2**n
-    assert result.state == "SUCCESS" and result.result == "failed"
+    assert result.state == "FAILURE" and isinstance(result.result, JobFailed)
+    assert result.result.job_id == str(job.id) and "gave up" in str(result.result)
     row = job_row(engine, job.id)
     assert row.status == "failed" and row.error is not None and "gave up" in row.error
     assert row.attempts == task_env.max_attempts + 1  # the last one only failed it
@@ -167,7 +194,9 @@ def test_the_attempt_cap_in_the_database_ends_the_job_failed(
 
     result = scan_task.apply(args=[str(job.id)], retries=task_env.max_attempts + 1)
 
-    assert result.state == "SUCCESS" and result.result == "failed"
+    # a failed job is a failed task, whose exception names the job and its error
+    assert result.state == "FAILURE" and isinstance(result.result, JobFailed)
+    assert str(result.result).startswith(f"job {job.id} failed: gave up after")
     row = job_row(engine, job.id)
     assert row.status == "failed" and row.attempts == task_env.max_attempts + 1
     assert row.error is not None and f"after {task_env.max_attempts} attempts" in row.error
@@ -216,3 +245,23 @@ class CapturedJson:
             root.addHandler(h)
         root.setLevel(level)
         self.records = [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+
+def test_the_tasks_beat_sends_stamp_its_heartbeat(
+    db: Session, engine: Engine, world: World, task_env: Settings
+) -> None:
+    """``ocore.reap`` (every reaper_interval) and the scheduling tasks stamp
+    ``ocore_beat_last_tick_timestamp_seconds`` (alert OcoreBeatDown)."""
+    import time
+
+    from worker import metrics
+    from worker.celery_tasks import reap, schedule_cleanups
+
+    metrics.BEAT_LAST_TICK.set(0)
+    before = time.time()
+    assert reap.apply().state == "SUCCESS"
+    stamp = metrics.BEAT_LAST_TICK._value.get()
+    assert before <= stamp <= time.time()
+    metrics.BEAT_LAST_TICK.set(0)
+    assert schedule_cleanups.apply().state == "SUCCESS"
+    assert metrics.BEAT_LAST_TICK._value.get() >= before
