@@ -65,6 +65,13 @@ def test_alerts_use_known_metrics_and_have_runbooks() -> None:
     for rule in rules:
         unknown = promql_metric_names(rule["expr"]) - known
         assert not unknown, f"{rule['alert']} queries unknown metrics {unknown}"
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook_url"):
             assert rule["annotations"].get(key, "").strip(), f"{rule['alert']} lacks {key}"
         assert rule["labels"]["severity"] in ("warning", "critical")
+        # issue 21: a link into the runbooks, not inline text that drifts
+        assert "runbook" not in rule["annotations"], rule["alert"]
+        path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert path == "docs/runbooks.md" and anchor == rule["alert"].lower()
+    runbooks = (PROM_DIR.parents[1] / "docs" / "runbooks.md").read_text()
+    sections = {line[3:].strip() for line in runbooks.splitlines() if line.startswith("## ")}
+    assert sections == names, sections ^ names  # one section per alert, no stale one
