@@ -24,6 +24,8 @@ def test_a_viewer_reads_like_a_member_and_changes_nothing(
     if method in READS:
         member = call(client, method, template, ids, auth(role="member"), upload)
         assert viewer.status_code == member.status_code, viewer.get_json()
+        for response in (member, viewer):  # a streamed download ends with its response (LIFO)
+            response.close()
     else:
         body = assert_error(viewer, 403, "forbidden")
         assert "viewer role only reads" in body["message"]
