@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
-# Multi-stage: build the virtualenv from the same lock file as `make`, run as non-root.
+# Multi-stage: build the virtualenv from the runtime lock (the pins of the `make` lock,
+# without the test toolchain: no pytest, moto, mypy, SeaweedFS...), run as non-root.
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 RUN python -m venv /opt/venv
-COPY requirements.lock pyproject.toml README.md ./
-RUN /opt/venv/bin/pip install -r requirements.lock
+COPY requirements-runtime.lock pyproject.toml README.md ./
+RUN /opt/venv/bin/pip install -r requirements-runtime.lock
 COPY core ./core
 COPY worker ./worker
 COPY tasks ./tasks

