@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,75 @@ def wait_job(engine: Engine, job_id: uuid.UUID, timeout: float = 90) -> Job:
         time.sleep(0.1)
         row = job_row(engine, job_id)
     return row
+
+
+def log_of(*workers: Worker) -> str:
+    """The tail of each worker's log (for assertion messages)."""
+    return "\n".join(w.log.read_text(errors="replace")[-4000:] for w in workers)
+
+
+@dataclass
+class HeldCleanup:
+    """A real worker's orphan cleanup of 30 orphans and one linked file on moto (behind
+    the fault proxy), with its first delete batch sent and held at the proxy: the job
+    has committed its fenced re-check. ``hold.release()`` lets the batch be answered."""
+
+    job: Job
+    worker: Worker
+    hold: Any
+    bucket: str
+    orphans: set[str]
+
+
+def start_held_cleanup(
+    database_url: str, broker_url: str, start_worker: Any, s3_server: Any, fault_proxy: Any
+) -> HeldCleanup:
+    from sqlalchemy.orm import Session
+
+    from db.session import make_engine
+    from tests.factories import make_backup, make_destination, make_world
+    from tests.faults.conftest import age_objects
+    from tests.servers.s3 import make_s3_destination_options, seed_objects
+    from worker.jobs import dispatch, request_job
+
+    engine = make_engine(database_url)
+    with Session(engine, expire_on_commit=False) as s:
+        world = make_world(s, "private")
+        bucket = s3_server.create_bucket()
+        orphans = {f"backups/o/{i:03d}.tar" for i in range(30)}
+        keys = sorted(orphans | {"backups/keep.tar"})
+        seed_objects(s3_server, bucket, keys, body=b"01234")
+        age_objects(bucket, keys, 40)
+        dest = make_destination(s, world, "s3", bucket=bucket, endpoint=fault_proxy.endpoint,
+                                region=s3_server.region, root_prefix="backups/",
+                                credentials_ref="fault",
+                                options=make_s3_destination_options())  # fmt: skip
+        make_backup(s, world, dest, "keep.tar")
+        s.commit()
+        fault_proxy.reset()
+        hold = fault_proxy.hold_next(16, method="POST", path=r"[?&]delete")
+        worker = start_worker(broker_url, OCORE_DATABASE_URL=database_url,
+                              OCORE_CLEANUP_MAX_SHARE="1")  # fmt: skip
+        job, _ = request_job(s, "orphan_cleanup", dest, {"retention_days": 7})
+    app, send = sender(broker_url)
+    dispatch(job, send)
+    app.close()
+    assert hold.wait(1, 90), log_of(worker)
+    hold.disarm()
+    engine.dispose()
+    return HeldCleanup(job, worker, hold, bucket, orphans)
+
+
+def assert_every_orphan_deleted_once(engine: Engine, held: HeldCleanup, s3_server: Any) -> None:
+    """The bucket holds exactly the linked file; one ``deleted`` audit row per orphan."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import DeletionAudit
+    from tests.faults.conftest import remote_keys
+
+    assert remote_keys(s3_server, held.bucket) == {"backups/keep.tar"}
+    with Session(engine) as s:
+        audit = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == held.job.id)).all()
+    assert sorted(a.path for a in audit) == sorted(o.removeprefix("backups/") for o in held.orphans)
+    assert {a.state for a in audit} == {"deleted"}

@@ -31,11 +31,18 @@ from db.migrate import upgrade
 from db.models import DeletionAudit
 from db.session import db_now, make_engine
 from storage_backends.identity import lock_key
-from tests.factories import make_destination, make_world
-from tests.faults.conftest import age_objects, remote_keys
-from tests.faults.realworker import Blackhole, job_row, sender, wait_job
+from tests.factories import make_destination
+from tests.faults.realworker import (
+    Blackhole,
+    assert_every_orphan_deleted_once,
+    job_row,
+    log_of,
+    sender,
+    start_held_cleanup,
+    wait_job,
+)
 from tests.servers._proc import free_port
-from tests.servers.s3 import make_s3_destination_options, seed_objects
+from tests.servers.s3 import make_s3_destination_options
 from tests.tasks.kit import Store
 from worker.jobs import dispatch, fail_job, request_job
 from worker.runner import job_health
@@ -44,10 +51,6 @@ pytestmark = pytest.mark.slow
 #: the recovery bound with default settings (docs/reliability.md)
 RECOVERY_BOUND = 120.0
 FAST_WAITS = {"OCORE_BUSY_RETRY_SECONDS": "0.2", "OCORE_BUSY_RETRY_MAX_SECONDS": "0.4"}
-
-
-def log_of(*workers: object) -> str:
-    return "\n".join(w.log.read_text(errors="replace")[-3000:] for w in workers)  # type: ignore[attr-defined]
 
 
 def test_a_job_waiting_longer_than_any_retry_budget_still_runs(
@@ -192,50 +195,23 @@ def test_postgresql_stopped_while_a_delete_batch_is_in_flight_and_the_job_conver
     acked with the job left ``running``); 30 s later PostgreSQL is back and the job
     converges: every orphan gone, one ``deleted`` audit row each, the linked file kept.
     Recovery (database up -> job done) is measured and must stay within the bound."""
-    engine = make_engine(private_pg.url)
-    with Session(engine, expire_on_commit=False) as s:
-        world = make_world(s, "private")
-        bucket = s3_server.create_bucket()
-        orphans = {f"backups/o/{i:03d}.tar" for i in range(30)}
-        seed_objects(s3_server, bucket, sorted(orphans | {"backups/keep.tar"}), body=b"01234")
-        age_objects(bucket, sorted(orphans | {"backups/keep.tar"}), 40)
-        dest = make_destination(s, world, "s3", bucket=bucket, endpoint=fault_proxy.endpoint,
-                                region=s3_server.region, root_prefix="backups/",
-                                credentials_ref="fault",
-                                options=make_s3_destination_options())  # fmt: skip
-        from tests.factories import make_backup
-
-        make_backup(s, world, dest, "keep.tar")
-        s.commit()
-        fault_proxy.reset()
-        hold = fault_proxy.hold_next(16, method="POST", path=r"[?&]delete")
-        worker = start_worker(own_redis.url, OCORE_DATABASE_URL=private_pg.url,
-                              OCORE_CLEANUP_MAX_SHARE="1")  # fmt: skip
-        job, _ = request_job(s, "orphan_cleanup", dest, {"retention_days": 7})
-    app, send = sender(own_redis.url)
-    dispatch(job, send)
-    app.close()
-    assert hold.wait(1, 90), log_of(worker)
-    hold.disarm()
-    engine.dispose()
+    held = start_held_cleanup(private_pg.url, own_redis.url, start_worker, s3_server, fault_proxy)
+    worker = held.worker
     private_pg.stop()
-    hold.release()  # the batch is answered (503, then retried and deleted) while PG is down
+    held.hold.release()  # the batch is answered (503, then retried and deleted) while PG is down
     time.sleep(30)  # issue 19: an outage of 30 s
     assert worker.proc.poll() is None, log_of(worker)
     private_pg.start()
     t_up = time.monotonic()
 
-    row = wait_job(engine, job.id, 150)
+    engine = make_engine(private_pg.url)
+    row = wait_job(engine, held.job.id, 150)
     recovery = time.monotonic() - t_up
     text = worker.log.read_text(errors="replace")
     assert row.status == "succeeded", (row.status, row.phase, row.error, log_of(worker))
     assert "recording it failed too" in text or "database unavailable" in text, text[-4000:]
     assert recovery < RECOVERY_BOUND, recovery
-    assert remote_keys(s3_server, bucket) == {"backups/keep.tar"}
-    with Session(engine) as s:
-        audit = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).all()
-    assert sorted(a.path for a in audit) == sorted(k.removeprefix("backups/") for k in orphans)
-    assert {a.state for a in audit} == {"deleted"}
+    assert_every_orphan_deleted_once(engine, held, s3_server)
     assert row.attempts >= 2
     print(f"database back -> job succeeded in {recovery:.1f} s (attempts {row.attempts})")
     engine.dispose()

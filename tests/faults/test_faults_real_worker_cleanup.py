@@ -24,7 +24,7 @@ from core.settings import Settings
 from db.models import BackupDestination, DeletionAudit
 from tests.factories import World, make_backup, make_destination
 from tests.faults.conftest import age_objects, remote_keys
-from tests.faults.realworker import CREDS, Worker, job_row, sender, wait_job
+from tests.faults.realworker import CREDS, Worker, job_row, log_of, sender, wait_job
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
 from worker.jobs import dispatch, request_job
@@ -83,10 +83,6 @@ def start_cleanup(db: Session, b: Bucket, redis_url: str):
     dispatch(job, send)
     app.close()
     return job
-
-
-def log_of(*workers: Worker) -> str:
-    return "\n".join(w.log.read_text(errors="replace")[-4000:] for w in workers)
 
 
 def assert_converged(engine: Engine, b: Bucket, job_id, workers: list[Worker]) -> None:

@@ -34,9 +34,17 @@ from core.settings import Settings
 from db.migrate import upgrade
 from db.models import ACTIVE_JOB_STATUSES, DeletionAudit, Job
 from db.session import db_now, make_engine
-from tests.factories import make_backup, make_destination, make_world
+from tests.factories import make_backup, make_destination
 from tests.faults.conftest import age_objects, remote_keys
-from tests.faults.realworker import Worker, job_row, sender, wait_job
+from tests.faults.realworker import (
+    Worker,
+    assert_every_orphan_deleted_once,
+    job_row,
+    log_of,
+    sender,
+    start_held_cleanup,
+    wait_job,
+)
 from tests.faults.test_faults_never_stuck import PrivatePostgres
 from tests.servers.s3 import make_s3_destination_options, seed_objects
 from tests.tasks.kit import Store
@@ -50,10 +58,6 @@ FAST_WAITS = {"OCORE_BUSY_RETRY_SECONDS": "0.2", "OCORE_BUSY_RETRY_MAX_SECONDS":
 SHORT_RECOVERY = {"OCORE_HEARTBEAT_INTERVAL": "0.5", "OCORE_HEARTBEAT_TIMEOUT": "3",
                   "OCORE_REAPER_INTERVAL": "1"}  # fmt: skip
 CONNECTED = re.compile(r"Connected to \S*redis\S*://", re.IGNORECASE)
-
-
-def log_of(*workers: Worker) -> str:
-    return "\n".join(w.log.read_text(errors="replace")[-4000:] for w in workers)
 
 
 def connects(worker: Worker) -> int:
@@ -185,44 +189,21 @@ def test_postgresql_restarted_mid_cleanup_and_the_job_converges(
     audit row per orphan. Recovery (database up -> job succeeded) is measured and
     within the bound. (Stopped for 30 s instead: test_faults_never_stuck.py.)"""
     pg = restartable_pg
-    engine = make_engine(pg.url)
-    with Session(engine, expire_on_commit=False) as s:
-        world = make_world(s, "private")
-        bucket = s3_server.create_bucket()
-        orphans = {f"backups/o/{i:03d}.tar" for i in range(30)}
-        keys = sorted(orphans | {"backups/keep.tar"})
-        seed_objects(s3_server, bucket, keys, body=b"01234")
-        age_objects(bucket, keys, 40)
-        dest = s3_dest(s, world, s3_server, fault_proxy, bucket, "private")
-        make_backup(s, world, dest, "keep.tar")
-        s.commit()
-        fault_proxy.reset()
-        hold = fault_proxy.hold_next(16, method="POST", path=r"[?&]delete")
-        worker = start_worker(own_redis.url, OCORE_DATABASE_URL=pg.url,
-                              OCORE_CLEANUP_MAX_SHARE="1")  # fmt: skip
-        job, _ = request_job(s, "orphan_cleanup", dest, {"retention_days": 7})
-    app, send = sender(own_redis.url)
-    dispatch(job, send)
-    app.close()
-    assert hold.wait(1, 90), log_of(worker)
-    hold.disarm()
-    engine.dispose()
+    held = start_held_cleanup(pg.url, own_redis.url, start_worker, s3_server, fault_proxy)
+    worker = held.worker
     t_down = time.monotonic()
     pg.restart()
     t_up = time.monotonic()
-    hold.release()  # answered (503, retried by the backend) on a database that is back
+    held.hold.release()  # answered (503, retried by the backend) on a database that is back
 
-    row = wait_job(engine, job.id, 150)
+    engine = make_engine(pg.url)
+    row = wait_job(engine, held.job.id, 150)
     recovery = time.monotonic() - t_up
     text = worker.log.read_text(errors="replace")
     assert row.status == "succeeded", (row.status, row.phase, row.error, log_of(worker))
     assert worker.proc.poll() is None
     assert row.attempts >= 2 and "Retry in" in text, text[-4000:]  # the fault was met
-    assert remote_keys(s3_server, bucket) == {"backups/keep.tar"}
-    with Session(engine) as s:
-        audit = s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).all()
-    assert sorted(a.path for a in audit) == sorted(k.removeprefix("backups/") for k in orphans)
-    assert {a.state for a in audit} == {"deleted"}
+    assert_every_orphan_deleted_once(engine, held, s3_server)
     assert recovery < RECOVERY_BOUND, recovery
     print(f"postgresql restart: {t_up - t_down:.1f} s, database up -> job succeeded in "
           f"{recovery:.1f} s (attempts {row.attempts})")  # fmt: skip
