@@ -314,13 +314,19 @@ class DeletionAudit(Base):
     etag: Mapped[str | None] = mapped_column(String(200), default=None)
     #: GCS generation / local inode and change time of the object deleted (rule 5a)
     generation: Mapped[str | None] = mapped_column(String(100), default=None)
-    reason: Mapped[str] = mapped_column(String(20))  # orphan | purge | manual
+    reason: Mapped[str] = mapped_column(String(20))  # orphan | purge | manual | overwrite | multipart
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True, default=None)
     actor: Mapped[str] = mapped_column(String(200), default="system")
     state: Mapped[str] = mapped_column(String(20), default="pending")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: reason ``overwrite``: the size and etag of what replaced the file (size_bytes and
+    #: etag are those of the file replaced)
+    new_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    new_etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    #: reason ``multipart``: the id of the incomplete multipart upload aborted
+    upload_id: Mapped[str | None] = mapped_column(String(1024), default=None)
     __table_args__ = (
         UniqueConstraint("job_id", "destination_id", "path"),
         # the few rows still pending (tasks.deleting.settle_abandoned, at every job start),

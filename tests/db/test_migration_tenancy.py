@@ -87,7 +87,7 @@ def test_0006_refuses_inconsistent_rows_then_enforces_and_downgrades(
             text("UPDATE backup_destinations SET project_id = NULL WHERE id = :id"),
             {"id": u(BAD)},
         )
-    upgrade(url)
+    upgrade(url, "0006")
     assert current(url) == "0006"
     assert row() == (None, 1)  # its analytics survived the migration
     with pytest.raises(IntegrityError):
