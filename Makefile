@@ -5,10 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK ?= requirements.lock
+# checkov (tests/deploy) pins boto3 and packaging below ours: a virtualenv of its own
+TOOLS_VENV ?= .venv-tools
+TOOLS_LOCK ?= requirements-tools.lock
 # PEP 503 names: lower case, runs of - _ . as one -
 NORMALIZE := tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g' | sort -u
 
-.PHONY: install sync demo doctor lint format test test-fast test-deep sysdeps bench bench-quick bench-upload clean
+.PHONY: install sync tools demo doctor lint format test test-fast test-deep sysdeps bench bench-quick bench-upload clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +33,13 @@ sync: ## uninstall what the lock file does not list (pip, setuptools, wheel and 
 	    $(BIN)/pip uninstall -y -q --disable-pip-version-check $$extra; \
 	fi
 
+$(TOOLS_VENV)/.installed: $(TOOLS_LOCK)
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q --disable-pip-version-check -r $(TOOLS_LOCK)
+	@touch $@
+
+tools: $(TOOLS_VENV)/.installed ## checkov in .venv-tools from requirements-tools.lock (the Kubernetes manifests' checks)
+
 demo: install ## run scan + orphan cleanup on the embedded default (SQLite, filesystem broker)
 	$(BIN)/ocore-storage demo
 
@@ -49,7 +59,7 @@ format: install
 sysdeps: ## Debian packages the tests need (sshd, promtool), installed when missing
 	bash scripts/install-system-deps.sh
 
-test: install lint sysdeps ## the README's test command: lint, then every test
+test: install lint sysdeps tools ## the README's test command: lint, then every test
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: install ## tests without the slow (real worker, fault) ones
@@ -71,4 +81,4 @@ bench-quick: install
 	$(BIN)/python -m bench.run --sizes 10000 --quick
 
 clean:
-	rm -rf $(VENV) var demo-data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS_VENV) var demo-data .mypy_cache .ruff_cache .pytest_cache

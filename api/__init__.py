@@ -27,6 +27,7 @@ from api import (
     openapi,
     ratelimit,
     storage,
+    transfers,
 )
 from api.auth import InsecureSecretError
 from core.settings import Settings, get_settings
@@ -55,8 +56,6 @@ def create_app(
     checks only settings read from the environment (``OCORE_ALLOW_INSECURE_DEV_SECRET``
     allows them); True skips the check.
     """
-    from db.session import get_engine
-
     cfg = settings or get_settings()
     if allow_insecure_secret is None:
         allow = settings is not None or auth.insecure_secret_allowed_by_env()
@@ -72,11 +71,12 @@ def create_app(
     )
     app_state = context.AppState(
         settings=cfg,
-        engine=engine if engine is not None else get_engine(cfg.effective_database_url),
+        engine=engine if engine is not None else transfers.api_engine(cfg),
         send=send if send is not None else _default_send(),
     )
     context.init_app(app, app_state)
     app_state.extras["backends"] = backends.BackendCache()
+    app_state.extras["transfers"] = transfers.TransferSlots(transfers.max_transfers(cfg))
     app_state.extras["metrics"] = metrics.init_app(app)  # first: times every request
     auth.init_app(app)
     errors.init_app(app)

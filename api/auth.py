@@ -6,8 +6,9 @@ key is chosen by the algorithm family, so an HS256 token signed with the RS publ
 (the classic confusion attack) never meets that key as an HMAC secret. ``exp`` is
 required; ``nbf`` is honoured; ``iss``/``aud`` are checked when configured.
 
-Claims: ``sub`` (user id), ``org`` (organization uuid), ``role`` (admin | member |
-viewer: :data:`ROLES`).
+Claims: ``sub`` (user id: 1 to :data:`MAX_SUB_LENGTH` printable characters, as it is
+written to the audit and job rows), ``org`` (organization uuid), ``role`` (admin |
+member | viewer: :data:`ROLES`); any other value is a 401 before anything is written.
 A member reaches only its organization's destinations, projects and jobs; anything
 else is a 404 that says nothing about whether it exists. Admins reach everything.
 
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from flask import Flask, g, request
@@ -70,6 +71,9 @@ SUBJECT_CACHE_TTL_SECONDS = 30.0
 SUBJECT_CACHE_MAX_ENTRIES = 10_000
 #: The ``org`` claim of an admin token minted without an organization.
 NIL_ORG = uuid.UUID(int=0)
+#: Longest ``sub`` claim (characters): it is written to ``jobs.requested_by``,
+#: ``deletion_audit.actor`` and ``pending_deletions.actor``, all ``varchar(200)``.
+MAX_SUB_LENGTH = 200
 
 
 class InsecureSecretError(RuntimeError):
@@ -172,11 +176,21 @@ def decode_token(token: str, cfg: Settings) -> dict[str, Any]:
     return claims
 
 
+def valid_sub(sub: object) -> TypeGuard[str]:
+    """``sub`` is a string of 1 to :data:`MAX_SUB_LENGTH` printable characters
+    (:meth:`str.isprintable`: no C0/C1 control such as NUL, newline or ESC, no lone
+    surrogate, format, private-use or unassigned character, no line separator, no space
+    but the ASCII one)."""
+    return isinstance(sub, str) and 0 < len(sub) <= MAX_SUB_LENGTH and sub.isprintable()
+
+
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
-    """Check the claims this service relies on."""
+    """Check the claims this service relies on (a bad one is 401, never a 500 later):
+    ``sub`` by :func:`valid_sub`, ``org`` a uuid (kept as :class:`uuid.UUID`), ``role``
+    one of :data:`ROLES`. Nothing else of the token reaches the database."""
     sub, org, role = claims.get("sub"), claims.get("org"), claims.get("role")
-    if not isinstance(sub, str) or not sub:
-        raise _unauthorized("claim 'sub' must be a non-empty string")
+    if not valid_sub(sub):
+        raise _unauthorized(f"claim 'sub' must be 1-{MAX_SUB_LENGTH} printable characters")
     try:
         org_id = uuid.UUID(org) if isinstance(org, str) else None
     except ValueError:

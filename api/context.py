@@ -45,6 +45,17 @@ def db() -> Session:
     return session
 
 
+def release_db() -> None:
+    """End this request's transaction so its connection goes back to the pool, before
+    the request waits on storage (:mod:`api.transfers`). What was read stays usable
+    (``expire_on_commit=False``); a later :func:`db` call starts a new, short
+    transaction. Nothing is pending at the points that call it: the commit writes
+    nothing."""
+    session: Session | None = g.get("db_session")
+    if session is not None and session.in_transaction():
+        session.commit()
+
+
 def _close_session(_exc: BaseException | None) -> None:
     session: Session | None = g.pop("db_session", None)
     if session is not None:

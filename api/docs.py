@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Any
 
-from api.auth import SUBJECT_CACHE_TTL_SECONDS
+from api.auth import MAX_SUB_LENGTH, SUBJECT_CACHE_TTL_SECONDS
 
 J = dict[str, Any]
 
@@ -297,6 +297,24 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "Every error body is an [Error](#error) object, "
         '`{"error": code, "message": text}`.',
         "",
+        f"The claim `sub` is 1 to {MAX_SUB_LENGTH} printable characters (it is recorded as "
+        "who requested a job or deleted a file): a longer one, an empty one, or one with a "
+        "control character (NUL, newline, escape...), a lone surrogate or a line separator "
+        "is refused with 401 `unauthorized` before anything is written. `org` must be a "
+        "uuid and `role` one of the three roles, likewise.",
+        "",
+        "Error messages hold no server internals for members and viewers: when the storage "
+        "fails (502 `storage_error`, `storage_permission_denied`; 503 `storage_unavailable`, "
+        "`backend_unavailable`; 404 `not_found` from the storage) or a file operation meets "
+        "a configuration problem (409 `link_check_failed`), they get a fixed message that "
+        "names the destination and what happened in kind and, where an administrator has "
+        "to look, a reference: the request's `X-Request-ID`, or an id of the server's. "
+        "Admins get the full text (endpoint address, bucket, base directory, secrets "
+        "directory, `OCORE_CREDENTIALS_*` variable...), and the service log (`api.errors`) "
+        "always has it under that reference. The status and the code are the same for "
+        "every role. A 400 `invalid_path` and a 409 `path_conflict` name the caller's path "
+        "relative to the destination, never an absolute one.",
+        "",
         "Every answer carries `Cache-Control: no-store`. A browse `next_cursor` is valid "
         "only for the destination and prefix that returned it, passed back unchanged: it "
         "is signed with a key derived from the token-verification settings (the same on "
@@ -308,6 +326,20 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "`Retry-After`; `/healthz`, `/readyz` and `/metrics` are never limited. The counts "
         "live in each API process, or in Redis (`OCORE_API_RATE_LIMIT_STORAGE`) to be shared "
         "by every replica.",
+        "",
+        "Uploads and downloads. Names starting with `.ocore-upload-` (any case, in any "
+        "segment, also once %-decoded or NFKC-folded) are reserved for the server's uploads "
+        "in progress: a path or prefix holding one is refused with 400 `invalid_path` by "
+        "upload, download, delete and browse. An upload over an existing file replaces it "
+        "and is audited like a delete (an audit row and a log line of reason `overwrite`, "
+        "with who, the replaced file's size and etag and the new ones); the answer names "
+        "what it replaced (`replaced`). A destination whose `options.overwrite` is "
+        "`refuse` keeps the file instead: 409 `file_exists`. Each API process moves at "
+        "most `OCORE_API_MAX_TRANSFERS` files at once (uploads and streamed downloads; half "
+        "its request threads by default); one more is refused with 503 `busy` and "
+        "`Retry-After`: retry it. A local or SFTP destination whose base directory is "
+        "missing answers 503 `backend_unavailable` (never an empty listing, and an upload "
+        "never creates it).",
         "",
         "The examples use two shell variables:",
         "",

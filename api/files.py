@@ -6,19 +6,21 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from flask import Response, stream_with_context
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
-from db.models import BackupDestination, DeletionAudit
+from api.errors import ApiError, uuids_in
+from db.models import BackupDestination, DeletionAudit, PendingDeletion
 from db.session import db_now
 from storage_backends.base import ObjectInfo, StorageBackend
-from storage_backends.errors import StorageError
+from storage_backends.errors import NotFoundError, StorageError
 from storage_backends.identity import DirResolver, RelativeBaseDirectory, location_key
-from tasks.linking import LinkRef, OverlapOutsideFrame, find_links
+from storage_backends.paths import normalize_root
+from tasks.linking import LinkRef, OverlapOutsideFrame, find_links, overlapping_destinations
 
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
 CHUNK_SIZE = 1024 * 1024
@@ -62,7 +64,15 @@ def refuse_if_linked(
         found = find_links(session, dest, [path], resolve_dir=resolve_dir, dot_records=True)
     except (OverlapOutsideFrame, RelativeBaseDirectory) as err:
         why = f"the records that may name it cannot be checked: {err}"
-        raise ApiError(409, "link_check_failed", f"refusing to {action} {path!r}: {why}") from None
+        ids = uuids_in(str(err))  # (the member is not shown the base directories)
+        hidden = f"a destination's base directory{f' (destination {ids})' if ids else ''} "
+        raise ApiError(
+            409,
+            "link_check_failed",
+            f"refusing to {action} {path!r}: {why}",
+            member_message=f"refusing to {action} {path!r}: the records that may name it "
+            f"cannot be checked: {hidden}overlaps this one's in a way that cannot be placed",
+        ) from None
     links = found.get(path, [])
     if not links:
         return
@@ -192,6 +202,131 @@ def delete_with_audit(
     return audit
 
 
+def refuse_if_purge_pending(
+    session: Session,
+    dest: BackupDestination,
+    path: str,
+    resolve_dir: DirResolver | None = None,
+) -> None:
+    """409 ``purge_pending`` when a purge still owes the delete of ``path`` (a pending
+    deletion of any destination that may name the same storage, for this file or a
+    folder above it; compared case-insensitively): the purge job would delete what an
+    upload wrote there. Once the purge job has run, the path is free again."""
+    try:
+        dests = overlapping_destinations(session, dest, resolve_dir)
+    except (OverlapOutsideFrame, RelativeBaseDirectory) as err:
+        # (refuse_if_linked, which runs first, has refused this case already)
+        raise ApiError(
+            409,
+            "link_check_failed",
+            f"refusing to upload to {path!r}: the purges owed there cannot be checked: {err}",
+            member_message=f"refusing to upload to {path!r}: the purges owed there cannot "
+            "be checked",
+        ) from None
+    target = normalize_root(dest.root_prefix or "") + path
+    for other in dests:
+        root = normalize_root(other.root_prefix or "")
+        if not target.casefold().startswith(root.casefold()):
+            continue
+        rel = target[len(root) :]
+        parts = rel.split("/")
+        forms = [rel.casefold()] + [
+            "/".join(parts[:i]).casefold() + "/" for i in range(1, len(parts))
+        ]
+        row = session.execute(
+            select(PendingDeletion.record_type, PendingDeletion.record_id)
+            .where(
+                PendingDeletion.destination_id == other.id,
+                func.lower(PendingDeletion.path).in_(forms),
+            )
+            .limit(1)
+        ).first()
+        if row is not None:
+            raise ApiError(
+                409,
+                "purge_pending",
+                f"refusing to upload to {path!r}: the purge of {row[0]} {row[1]} still owes "
+                "the delete of this path; upload again once its purge job has run",
+            )
+
+
+#: ``options.overwrite`` of a destination: ``allow`` (the default) or ``refuse``.
+OVERWRITE_OPTION = "overwrite"
+
+
+def existing_file(backend: StorageBackend, path: str) -> ObjectInfo | None:
+    """The file at ``path`` an upload would replace, or None."""
+    try:
+        return backend.stat(path)
+    except NotFoundError:
+        return None
+
+
+def refuse_overwrite(dest: BackupDestination, path: str, old: ObjectInfo | None) -> None:
+    """409 ``file_exists`` when a file is at ``path`` and the destination's policy
+    (``options.overwrite: refuse``) forbids replacing files through the API."""
+    policy = str((dest.options or {}).get(OVERWRITE_OPTION, "allow")).lower()
+    if old is not None and policy == "refuse":
+        raise ApiError(
+            409,
+            "file_exists",
+            f"refusing to upload to {path!r}: a file is there ({old.size} bytes) and this "
+            "destination does not allow replacing files; delete it first or upload "
+            "to another path",
+        )
+
+
+def upload_with_audit(
+    session: Session,
+    backend: StorageBackend,
+    dest: BackupDestination,
+    path: str,
+    stream: BinaryIO,
+    actor: str,
+    old: ObjectInfo | None,
+) -> ObjectInfo:
+    """Write ``stream`` to ``path``; when it replaces ``old``, audit that like a delete.
+
+    The replacement is an audit row of reason ``overwrite`` (who, the replaced file's
+    size, etag and last-modified), committed as ``pending`` before the upload starts,
+    then ``replaced`` with the new size and etag, or ``failed`` when the upload failed
+    (every backend leaves the old file in place then). Each is a short transaction:
+    no database connection is held while the bytes move (:mod:`api.transfers`)."""
+    audit: DeletionAudit | None = None
+    if old is not None:
+        audit = DeletionAudit(
+            destination_id=dest.id,
+            location_key=location_key(dest),
+            path=path,
+            size_bytes=old.size,
+            last_modified=old.last_modified,
+            etag=old.etag,
+            generation=old.generation,
+            reason="overwrite",
+            actor=actor,
+            state="pending",
+        )
+        session.add(audit)
+        session.commit()
+    try:
+        info = backend.upload(path, stream, None)
+    except Exception as err:
+        if audit is not None:
+            audit.state = "failed"
+            audit.error = f"upload failed, the file was kept: {type(err).__name__}: {err}"
+            session.commit()
+            _audit_line(audit, logging.WARNING)
+        raise
+    if audit is not None:
+        audit.state = "replaced"
+        audit.new_size_bytes = info.size
+        audit.new_etag = info.etag
+        audit.deleted_at = db_now(session)
+        session.commit()
+        _audit_line(audit, logging.INFO)
+    return info
+
+
 def _audit_line(audit: DeletionAudit, level: int) -> None:
     """The audit log line of a delete through the API (``ocore.api.audit``): INFO when
     the file was deleted, WARNING when it was not (failed, changed); the same facts as
@@ -204,14 +339,21 @@ def _audit_line(audit: DeletionAudit, level: int) -> None:
         "size_bytes": audit.size_bytes,
         "actor": audit.actor,
         "error": audit.error,
+        "reason": audit.reason,
     }
+    replaced = ""
+    if audit.reason == "overwrite":
+        fields |= {"new_size_bytes": audit.new_size_bytes, "new_etag": audit.new_etag}
+        if audit.state == "replaced":
+            replaced = f" with {audit.new_size_bytes} bytes"
     audit_log.log(
         level,
-        "file %s: %s of destination %s (%s bytes) by %s, audit %s%s",
+        "file %s: %s of destination %s (%s bytes)%s by %s, audit %s%s",
         audit.state,
         audit.path,
         audit.destination_id,
         audit.size_bytes,
+        replaced,
         audit.actor,
         audit.id,
         f": {audit.error}" if audit.error else "",

@@ -8,12 +8,16 @@ options, defaults filled in on both sides (:func:`effective_params`): no body an
 ``{"dry_run": false}`` are the same request. Other options (a real cleanup while a dry
 run is queued, another retention window) get a 409 ``job_conflict`` naming the active
 job, its status and its options: the caller's request was *not* queued.
+
+The options each job type takes and how messages name it come from the job-type
+registry (:mod:`worker.jobtypes`); each option is checked here (:data:`OPTIONS`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -25,45 +29,34 @@ from api.params import json_body, parse_uuid, strict_bool
 from core.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
 from db.models import BackupDestination, Job
 from db.session import db_now
-from worker.jobs import dispatch, fail_job, job_to_dict, request_job
+from worker import jobtypes
+from worker.jobs import default_retention, dispatch_or_fail, job_to_dict, request_job
 from worker.runner import job_health
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api")
 
-#: job type -> fields its JSON body may carry
-BODY_FIELDS: dict[str, frozenset[str]] = {
-    "scan": frozenset(),
-    "scan_cleanup": frozenset({"dry_run"}),
-    "orphan_cleanup": frozenset({"retention_days", "dry_run"}),
-}
-MESSAGES = {
-    "scan": "storage scan",
-    "scan_cleanup": "scan with stale-record cleanup",
-    "orphan_cleanup": "orphan cleanup",
-    "purge": "purge of remote files",
-}
-
 
 def _params(job_type: str, dest: BackupDestination) -> dict[str, Any]:
-    body = json_body(BODY_FIELDS[job_type])
+    """The options of a request for a ``job_type`` job (the fields its type takes, each
+    checked: a 400 names a bad one), with the defaults a cleanup stores filled in."""
+    allowed = jobtypes.get(job_type).params
+    body = json_body(allowed)
     params: dict[str, Any] = {}
-    dry_run = strict_bool(body, "dry_run")
-    if dry_run is not None:
-        params["dry_run"] = dry_run
-    if job_type == "orphan_cleanup":
+    for name in sorted(allowed):
+        value = OPTIONS[name](body)
+        if value is not None:
+            params[name] = value
+    if "retention_days" in allowed:
         # Safety rule 6: at least one day, refused (never clamped) below. The
         # destination's own window, when set, is the default: it is the more specific
         # setting. A destination row whose window is below one day (written around this
         # API) is not replaced by the setting: the job goes without one and fails,
-        # naming the destination (tasks.scan.resolve_retention).
-        retention = _retention_days(body)
-        if retention is not None:
-            params["retention_days"] = retention
-        elif dest.retention_days is None:
-            params["retention_days"] = settings().retention_days
-        elif dest.retention_days >= 1:
-            params["retention_days"] = dest.retention_days
+        # naming the destination (worker.jobs.default_retention).
+        if "retention_days" not in params:
+            retention = default_retention(dest, settings())
+            if retention is not None:
+                params["retention_days"] = retention
         params.setdefault("dry_run", False)
     return params
 
@@ -88,24 +81,34 @@ def _retention_days(body: dict[str, Any]) -> int | None:
     return value
 
 
+def _dry_run(body: dict[str, Any]) -> bool | None:
+    return strict_bool(body, "dry_run")
+
+
+#: option -> its check: the request body -> the value (None if absent), or a 400
+OPTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "dry_run": _dry_run,
+    "retention_days": _retention_days,
+}
+
+
 def effective_params(
     job_type: str, params: dict[str, Any] | None, dest: BackupDestination | None
 ) -> dict[str, Any]:
     """The options a job of this type runs with: ``params`` with the defaults the worker
-    applies filled in (``tasks.orphans``: retention from the request, else the
-    destination's window, else the setting, never clamped; ``dry_run`` false)."""
+    applies filled in (``dry_run`` false; the retention window from the request, else
+    :func:`worker.jobs.default_retention`: the destination's, else the setting's, and
+    none when the destination's is below one day: that job fails)."""
     given = params or {}
-    if job_type not in BODY_FIELDS:  # purge: nothing to compare
-        return dict(given)
+    allowed = jobtypes.get(job_type).params  # scan, purge: none, nothing to compare
     out: dict[str, Any] = {}
-    if "dry_run" in BODY_FIELDS[job_type]:
+    if "dry_run" in allowed:
         out["dry_run"] = given.get("dry_run", False) is True
-    if job_type == "orphan_cleanup":
-        own = dest.retention_days if dest is not None else None
+    if "retention_days" in allowed:
         requested = given.get("retention_days")
         if requested is None:
-            # never clamped: a window below one day stays what it is (the job fails)
-            requested = own if own is not None else settings().retention_days
+            s = settings()
+            requested = default_retention(dest, s) if dest is not None else s.retention_days
         out["retention_days"] = requested
     return out
 
@@ -120,7 +123,7 @@ def _refuse_if_different(
     active = effective_params(job.type, job.params, job_dest)
     wanted = effective_params(job_type, params, dest)
     if active != wanted:
-        what = MESSAGES.get(job.type, job.type)
+        what = _title(job.type)
         raise ApiError(
             409,
             "job_conflict",
@@ -136,22 +139,24 @@ def _refuse_if_different(
 def start_job(
     job_type: str, dest: BackupDestination, params: dict[str, Any], actor: str
 ) -> tuple[Job, bool]:
-    """Request a job and send its message when it is new (a failed send fails the job)."""
+    """Request a job and send its message when it is new (a failed send fails the job:
+    :func:`worker.jobs.dispatch_or_fail`)."""
     session = db()
     job, created = request_job(session, job_type, dest, params, requested_by=actor)
-    if created:
-        try:
-            dispatch(job, state().send)
-        except Exception as err:
-            log.exception("could not send job %s", job.id)
-            fail_job(session, job.id, f"could not enqueue: {err}")
-            raise ApiError(503, "broker_unavailable", "the job queue is unreachable") from err
+    if created and not dispatch_or_fail(session, job, state().send):
+        raise ApiError(503, "broker_unavailable", "the job queue is unreachable")
     return job, created
+
+
+def _title(job_type: str) -> str:
+    """How messages name a job of ``job_type`` ("orphan cleanup")."""
+    known = jobtypes.JOB_TYPES.get(job_type)
+    return known.title if known is not None else job_type
 
 
 def accepted(job: Job, created: bool, params: dict[str, Any] | None = None) -> Response:
     """``202`` with the job id, its options and a Location header."""
-    what = MESSAGES.get(job.type, job.type)
+    what = _title(job.type)
     message = f"{what} queued" if created else f"{what} already {job.status}; not queued again"
     response = jsonify(
         {

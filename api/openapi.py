@@ -108,7 +108,8 @@ _EXTRA = {
     "413": "Body too large or too many form parts",
     "415": "Unsupported media type",
     "502": "The storage server refused the request",
-    "503": "Storage or job queue temporarily unavailable",
+    "503": "Storage or job queue temporarily unavailable; busy: this API process is moving "
+    "as many files as it may, retry after Retry-After",
 }
 STORAGE_ERRORS = ("502", "503")
 
@@ -282,7 +283,10 @@ def _paths() -> J:
                 "415",
                 *STORAGE_ERRORS,
                 body=upload_body,
-                conflict=FILE_LINKED,
+                conflict=FILE_LINKED
+                + ". file_exists: a file is at the path and the destination's policy "
+                "(options.overwrite: refuse) forbids replacing it. purge_pending: a purge "
+                "still owes the delete of this path (upload again once its job has run)",
             )
         },
         f"{DEST}/scan": {"post": _job_op("Queue a storage scan", {})},

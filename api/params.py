@@ -13,7 +13,12 @@ from flask import request
 
 from api.errors import ApiError, bad_request
 from storage_backends.errors import InvalidPathError
-from storage_backends.paths import validate_path, validate_prefix
+from storage_backends.paths import (
+    RESERVED_PREFIX,
+    reserved_segment,
+    validate_path,
+    validate_prefix,
+)
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
 #: Longest path segment, in UTF-8 bytes (NAME_MAX of the file systems behind local and
@@ -82,6 +87,12 @@ def _check(raw: str, *, prefix: bool) -> str:
                 validate_prefix(form)
             else:
                 validate_path(form)
+            reserved = reserved_segment(form)
+            if reserved is not None:
+                raise InvalidPathError(
+                    f"the name {_shown(reserved)} is reserved: names starting with "
+                    f"{RESERVED_PREFIX!r} are the server's uploads in progress"
+                )
     except InvalidPathError as err:
         raise bad_request(f"invalid path {_shown(raw)}: {err}", "invalid_path") from None
     return raw

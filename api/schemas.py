@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.jobtypes import JOB_TYPES
+
 J = dict[str, Any]
 
 STR: J = {"type": "string"}
@@ -109,7 +111,7 @@ PROJECT_DEST = obj(
 JOB = obj(
     ["id", "type", "status", "phase", "created_at"],
     id=UUID,
-    type={"type": "string", "enum": ["scan", "scan_cleanup", "orphan_cleanup", "purge"]},
+    type={"type": "string", "enum": list(JOB_TYPES)},
     destination_id=nullable(UUID),
     status=STR,
     phase=STR,
@@ -156,6 +158,21 @@ SCHEMAS: J = {
         ["status", "checks"],
         status={"type": "string", "enum": ["ready", "unavailable"]},
         checks={"type": "object", "additionalProperties": STR},
+        pool={
+            **obj(
+                ["in_use", "size", "saturated"],
+                in_use=nullable(INT),
+                size=nullable(INT),
+                saturated={"type": "boolean"},
+            ),
+            "description": "The request threads' database connections: in use, of how "
+            "many; saturated (a request would wait) does not make the instance unready",
+        },
+        transfers={
+            **obj(["in_use", "limit"], in_use=INT, limit=INT),
+            "description": "Uploads and streamed downloads under way, and the limit "
+            "(OCORE_API_MAX_TRANSFERS)",
+        },
     ),
     "ProjectStorage": obj(
         ["project_id", "totals", "attributed", "destinations", "merged", "last_scan_at"],
@@ -197,7 +214,16 @@ SCHEMAS: J = {
     ),
     "DownloadUrl": obj(["url", "expires_in"], url=STR, expires_in=INT),
     "Deleted": obj(["message", "path"], message=STR, path=STR, audit_id=UUID),
-    "Uploaded": obj(["message", "path"], message=STR, path=STR),
+    "Uploaded": obj(
+        ["message", "path"],
+        message=STR,
+        path=STR,
+        replaced={
+            **obj(["size", "etag"], size=INT, etag=nullable(STR)),
+            "description": "The file this upload replaced (audited like a delete, reason "
+            "overwrite); absent when there was none",
+        },
+    ),
     "JobAccepted": obj(
         ["message", "job_id", "status", "created", "params"],
         message=STR,

@@ -17,15 +17,20 @@ from api import cursors
 from api.analytics import analytics_to_dict, project_storage
 from api.auth import current_principal, load_destination, load_project
 from api.backends import BackendCache
-from api.context import db, settings, state
+from api.context import db, release_db, settings, state
 from api.errors import ApiError, bad_request, not_found
 from api.files import (
     delete_with_audit,
+    existing_file,
     link_to_dict,
     refuse_if_linked,
+    refuse_if_purge_pending,
+    refuse_overwrite,
     stream_file,
+    upload_with_audit,
 )
 from api.params import json_body, parse_uuid, query_int, safe_path, safe_prefix
+from api.transfers import TransferSlots
 from api.upload import MultipartFileStream, too_large
 from db.models import BackupDestination, StorageAnalytics
 from storage_backends.base import BrowseEntry, StorageBackend
@@ -46,9 +51,19 @@ MAX_FORM_MEMORY = 64 * 1024
 
 
 def _open(dest: BackupDestination) -> tuple[StorageBackend, Callable[[], None]]:
-    """``(backend, release)`` from the app's cache (:mod:`api.backends`)."""
+    """``(backend, release)`` from the app's cache (:mod:`api.backends`). The request's
+    database connection goes back to the pool first: nothing waits on storage holding
+    one (:mod:`api.transfers`)."""
+    release_db()
     cache: BackendCache = state().extras["backends"]
     return cache.open(dest, settings(), lambda d, s: open_backend(d, s))
+
+
+def _transfer(what: str) -> Callable[[], None]:
+    """A transfer slot for an upload or a streamed download (503 ``busy`` when none):
+    its release."""
+    slots: TransferSlots = state().extras["transfers"]
+    return slots.acquire(what)
 
 
 @contextmanager
@@ -148,10 +163,20 @@ def download(dest_id: str) -> Response:
         if url is not None:
             release()
             return jsonify({"url": url, "expires_in": expiry})
+        done = _transfer("download")
     except BaseException:
         release()
         raise
-    return stream_file(backend, info, release)  # released when the stream ends
+
+    def finished() -> None:
+        done()
+        release()
+
+    try:
+        return stream_file(backend, info, finished)  # released when the stream ends
+    except BaseException:
+        done()  # stream_file released the backend (finished) only if it started
+        raise
 
 
 def _delete_path() -> str:
@@ -196,23 +221,37 @@ def upload(dest_id: str) -> Response:
     length = request.content_length
     if length is not None and length > cfg.upload_max_bytes:
         raise too_large(f"the body is limited to {cfg.upload_max_bytes} bytes")
+    actor = current_principal().sub
     with backend_of(dest) as backend:
         # SAFETY rule 5b: whether or not a file is there (a planted file would count
         # as linked: never deletable by its uploader, never cleaned). The database
         # only (backend.resolve_dir: an SFTP server resolves base directories).
         refuse_if_linked(db(), dest, path, "upload to", backend.resolve_dir)
-        form = MultipartFileStream(
-            request.stream,
-            boundary.encode("ascii"),
-            max_bytes=cfg.upload_max_bytes,
-            max_parts=cfg.upload_max_parts,
-            max_field_bytes=MAX_FORM_MEMORY,
-        )
-        form.start()  # up to the file's first bytes: 400 without a file part
+        refuse_if_purge_pending(db(), dest, path, backend.resolve_dir)
+        release_db()  # the bytes move without a database connection (api.transfers)
+        done = _transfer("upload")
         try:
-            info = backend.upload(path, cast(BinaryIO, form), None)
-        except Exception:
-            if form.error is not None:  # the request failed, not the storage
-                raise form.error from None
-            raise
-    return jsonify({"message": f"uploaded {info.size} bytes", "path": info.path})
+            old = existing_file(backend, path)
+            refuse_overwrite(dest, path, old)  # before the body is read
+            form = MultipartFileStream(
+                request.stream,
+                boundary.encode("ascii"),
+                max_bytes=cfg.upload_max_bytes,
+                max_parts=cfg.upload_max_parts,
+                max_field_bytes=MAX_FORM_MEMORY,
+            )
+            form.start()  # up to the file's first bytes: 400 without a file part
+            try:
+                info = upload_with_audit(
+                    db(), backend, dest, path, cast(BinaryIO, form), actor, old
+                )
+            except Exception:
+                if form.error is not None:  # the request failed, not the storage
+                    raise form.error from None
+                raise
+        finally:
+            done()
+    body: dict[str, Any] = {"message": f"uploaded {info.size} bytes", "path": info.path}
+    if old is not None:
+        body["replaced"] = {"size": old.size, "etag": old.etag}
+    return jsonify(body)

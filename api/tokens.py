@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from api.auth import MAX_TOKEN_LIFETIME_SECONDS, ROLES
+from api.auth import MAX_SUB_LENGTH, MAX_TOKEN_LIFETIME_SECONDS, ROLES, valid_sub
 from core.settings import Settings
 
 
@@ -27,8 +27,11 @@ def mint_token(
     :data:`api.auth.MAX_TOKEN_LIFETIME_SECONDS` (the API refuses longer-lived tokens).
     Raises ValueError on bad arguments.
     """
-    if not sub:
-        raise ValueError("sub must be a non-empty user id")
+    if not valid_sub(sub):
+        raise ValueError(
+            f"sub must be a user id of 1 to {MAX_SUB_LENGTH} printable characters "
+            "(the API refuses any other)"
+        )
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if org is None and role != "admin":

@@ -141,6 +141,16 @@ class Settings(BaseSettings):
         default="127.0.0.1", description="an address to listen on (checked when `api` binds it)"
     )
     api_port: int = Field(default=8080, ge=1, le=65535, description="a TCP port from 1 to 65535")
+    # Request threads, the database pool sized from them, and the share of the threads
+    # that may stream to or from storage (docs/serving.md, "Threads, pool, transfers").
+    api_threads: int = Field(default=16, ge=1, le=256, description="request threads, from 1 to 256")
+    api_max_transfers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="uploads and streamed downloads at once per API process, from 1 to "
+        "256 and below the thread count; 0 for half the threads",
+    )
     # Optional per-client rate limiting of the API (flask-limiter): off when empty.
     api_rate_limit: str = Field(
         default="",
@@ -185,6 +195,15 @@ class Settings(BaseSettings):
         le=1,
         allow_inf_nan=False,
         description="a fraction between 0 (excluded) and 1 (0.5 = 50 %)",
+    )
+    # Orphan cleanup aborts incomplete uploads (S3 multipart uploads, local/SFTP upload
+    # temporaries) with no activity for this many days; 0 never aborts any
+    # (docs/safety.md, "Incomplete uploads").
+    incomplete_upload_days: int = Field(
+        default=7,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        description=f"whole days from 0 (never abort) to {MAX_RETENTION_DAYS}",
     )
     # S3/GCS orphan cleanup: delete batches under way at once (each fenced and
     # re-checked right before it is sent); SFTP and local always send one at a time.
@@ -362,6 +381,12 @@ class Settings(BaseSettings):
                 f"OCORE_BUSY_RETRY_MAX_SECONDS={self.busy_retry_max_seconds:g} is out of range: "
                 f"at least OCORE_BUSY_RETRY_SECONDS={self.busy_retry_seconds:g}"
             )
+        if self.api_max_transfers and self.api_max_transfers >= self.api_threads:
+            problems.append(
+                f"OCORE_API_MAX_TRANSFERS={self.api_max_transfers} is out of range: below "
+                f"OCORE_API_THREADS={self.api_threads} (the other threads answer everything "
+                "else while files move)"
+            )
         if problems:
             raise PydanticCustomError("ocore_settings", "{text}", {"text": "; ".join(problems)})
         return self
@@ -385,6 +410,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before Redis hands an unacknowledged message to another worker:
+        ``broker_visibility_timeout``, or when 0 the hard time limit + 600 (longer than
+        the longest job, so a running task never gets a second copy). The reaper waits
+        as long before it takes a queued job's message for lost."""
+        return self.broker_visibility_timeout or self.job_hard_time_limit + 600
 
 
 @lru_cache(maxsize=1)

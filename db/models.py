@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -39,9 +40,27 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-ACTIVE_JOB_STATUSES = ("queued", "running")
-TERMINAL_JOB_STATUSES = ("succeeded", "partial", "guarded", "failed")
-JOB_TYPES = ("scan", "scan_cleanup", "orphan_cleanup", "purge")
+
+class JobStatus(StrEnum):
+    """A job's ``status``. Each member is its stored string (``JobStatus.FAILED ==
+    "failed"``): rows and callers that hold plain strings compare equal. The job types
+    are not listed here: :mod:`worker.jobtypes` is their registry."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"  # finished; some files could not be deleted (the error says why)
+    GUARDED = "guarded"  # a safety guard stopped it before it removed anything
+    FAILED = "failed"
+
+
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+TERMINAL_JOB_STATUSES = (
+    JobStatus.SUCCEEDED,
+    JobStatus.PARTIAL,
+    JobStatus.GUARDED,
+    JobStatus.FAILED,
+)
 DESTINATION_KINDS = ("s3", "gcs", "sftp", "local")
 #: Record statuses; only ``completed`` is a terminal success (SAFETY rule 14).
 RECORD_STATUSES = ("pending", "running", "completed", "failed")
@@ -314,7 +333,8 @@ class DeletionAudit(Base):
     etag: Mapped[str | None] = mapped_column(String(200), default=None)
     #: GCS generation / local inode and change time of the object deleted (rule 5a)
     generation: Mapped[str | None] = mapped_column(String(100), default=None)
-    reason: Mapped[str] = mapped_column(String(20))  # orphan | purge | manual | overwrite | multipart
+    #: orphan | purge | manual | overwrite | multipart | temporary
+    reason: Mapped[str] = mapped_column(String(20))
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True, default=None)
     actor: Mapped[str] = mapped_column(String(200), default="system")
     state: Mapped[str] = mapped_column(String(20), default="pending")

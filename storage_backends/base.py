@@ -138,13 +138,32 @@ class DeleteResult:
 
 
 @dataclass(frozen=True, slots=True)
-class MultipartUpload:
-    """An incomplete multipart upload (S3 only)."""
+class IncompleteUpload:
+    """An upload that never finished: its bytes are on the storage, in no file.
+
+    - S3 (``kind`` ``multipart``): an incomplete multipart upload. ``path`` is the key
+      it would create, ``upload_id`` S3's id, ``size`` the bytes of its parts,
+      ``initiated`` when it began, ``last_modified`` its last activity (the later of
+      ``initiated`` and its newest part).
+    - local / SFTP (``kind`` ``temporary``): an upload temporary, the file named
+      ``.ocore-upload-<hex>`` an upload writes next to its target and renames at the
+      end. ``path`` is the temporary's own path, ``upload_id`` its file name,
+      ``last_modified`` its mtime, ``generation`` (local) its inode and change time;
+      ``initiated`` is unknown (``None``).
+    - GCS: none (a resumable upload is invisible until it is finalised).
+    """
 
     path: str
     upload_id: str
     initiated: datetime | None
     size: int
+    last_modified: datetime | None = None
+    generation: str | None = None
+    kind: str = "multipart"
+
+
+#: the former name (S3 only)
+MultipartUpload = IncompleteUpload
 
 
 #: ``hook(operation, outcome, seconds)`` receives every backend request (metrics).
@@ -425,6 +444,19 @@ class StorageBackend(abc.ABC):
 
     def abort_multipart_upload(self, path: str, upload_id: str) -> None:
         raise NotImplementedError(f"{self.kind} has no multipart uploads")
+
+    # -- incomplete uploads (S3 multipart uploads, local/SFTP upload temporaries) ------
+    def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        """Every incomplete upload under the root (:class:`IncompleteUpload`),
+        streaming; none where the backend has none (GCS)."""
+        return self.list_multipart_uploads()
+
+    def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
+        """Abort or remove one upload a listing returned, only while it is still as
+        listed (SAFETY rule 5a): :class:`ChangedSincePlanError` (kept) when it grew or
+        was written since; ``False`` when it is already gone; ``True`` when removed."""
+        self.abort_multipart_upload(upload.path, upload.upload_id)
+        return True
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections."""

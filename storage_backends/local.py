@@ -13,9 +13,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from storage_backends.base import BrowseEntry, BrowsePage, ObjectInfo, StorageBackend
+from storage_backends.base import (
+    BrowseEntry,
+    BrowsePage,
+    IncompleteUpload,
+    ObjectInfo,
+    StorageBackend,
+    same_object,
+)
 from storage_backends.errors import (
     BackendUnavailableError,
+    ChangedSincePlanError,
     InvalidPathError,
     NotFoundError,
     PathConflictError,
@@ -23,8 +31,19 @@ from storage_backends.errors import (
     StorageError,
 )
 from storage_backends.identity import local_realpath
+from storage_backends.paths import RESERVED_PREFIX
 
-TMP_PREFIX = ".ocore-upload-"
+TMP_PREFIX = RESERVED_PREFIX  # upload temporaries: never a client's name
+
+
+def upload_temporary_name(path: str) -> str:
+    """The file name of an upload temporary's ``path`` (walks skip such files,
+    :meth:`LocalBackend.list_incomplete_uploads` lists them); :class:`InvalidPathError`
+    for a path that names no upload temporary (nothing else is removed as one)."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.startswith(TMP_PREFIX):
+        raise InvalidPathError(f"{path!r} is not an upload temporary")
+    return name
 
 
 def _encode_cursor(name: str) -> str:
@@ -104,7 +123,8 @@ class LocalBackend(StorageBackend):
             # one (a scan would report 0 files), never create it by an upload
             raise BackendUnavailableError(
                 "the destination's base directory does not exist or is not a directory "
-                "(a volume not mounted?): mount it, or correct the destination's bucket"
+                "(a volume not mounted?): mount it, create it if the destination is new, or "
+                "correct the destination's bucket"
             )
         parts = self.root.rstrip("/").split("/") if self.root else []
         rel = path.rstrip("/").split("/") if path else []
@@ -135,7 +155,11 @@ class LocalBackend(StorageBackend):
             return iter(())  # under a file: nothing there
         return self._walk(start, prefix, max(1, page_size))
 
-    def _walk(self, start: Path, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
+    def _walk(
+        self, start: Path, prefix: str, page_size: int, temporaries: bool = False
+    ) -> Iterator[list[ObjectInfo]]:
+        """Files under ``start``, upload temporaries left out; with ``temporaries``
+        only those (:meth:`list_incomplete_uploads`)."""
         page: list[ObjectInfo] = []
         stack: list[tuple[Path, str]] = [(start, prefix)]
         while stack:
@@ -157,8 +181,8 @@ class LocalBackend(StorageBackend):
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((Path(entry.path), f"{rel}{name}/"))
                         continue
-                    if name.startswith(TMP_PREFIX):
-                        continue  # an upload in flight
+                    if name.startswith(TMP_PREFIX) != temporaries:
+                        continue  # an upload temporary is no file of a backup
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
@@ -261,6 +285,55 @@ class LocalBackend(StorageBackend):
 
     def _stat_listed(self, key: str) -> ObjectInfo:
         return self._stat(key)  # (also a name a listing gave that is not UTF-8)
+
+    # -- incomplete uploads: upload temporaries ----------------------------------------
+    def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        """The upload temporaries under the root (uploads that never finished: a worker
+        killed mid-upload leaves one), streaming, with size, mtime, inode and change
+        time."""
+        try:
+            start = self._abs("")
+        except PathConflictError:
+            return
+        for page in self._walk(start, "", 1000, temporaries=True):
+            for o in page:
+                yield IncompleteUpload(
+                    o.path,
+                    upload_temporary_name(o.path),
+                    None,
+                    o.size,
+                    last_modified=o.last_modified,
+                    generation=o.generation,
+                    kind="temporary",
+                )
+
+    def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
+        """Remove a listed upload temporary, only if it is still the listed file (an
+        lstat right before the unlink: size, mtime, inode and change time); one still
+        being written has changed and is kept (:class:`ChangedSincePlanError`)."""
+        self.check_listed_key(upload.path)
+        if upload_temporary_name(upload.path) != upload.upload_id:
+            raise InvalidPathError(f"{upload.path!r} is not upload {upload.upload_id!r}")
+        try:
+            target = self._abs(upload.path)
+        except PathConflictError:
+            return False
+        planned = ObjectInfo(
+            upload.path, upload.size, upload.last_modified, generation=upload.generation
+        )
+        with _fs_errors(f"remove {upload.path}"):
+            try:
+                st = target.lstat()
+            except FileNotFoundError:
+                return False
+            now = ObjectInfo(upload.path, st.st_size, _mtime(st), generation=_generation(st))
+            if not stat_mod.S_ISREG(st.st_mode) or not same_object(planned, now):
+                raise ChangedSincePlanError(f"{upload.path}: written since it was listed")
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                return False
+        return True
 
     def delete(self, path: str) -> None:
         self.check_path(path)

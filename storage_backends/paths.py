@@ -18,6 +18,21 @@ MAX_PATH_BYTES = 1024  # S3's key limit; the strictest of the backends
 MAX_SEGMENT_BYTES = 255
 
 
+#: Names of upload temporaries (local, SFTP: an upload is written to such a file beside
+#: its target and renamed at the end). No client path may have a segment starting with
+#: it (any case: :func:`reserved_segment`), so no client can hide a file among them.
+RESERVED_PREFIX = ".ocore-upload-"
+
+
+def reserved_segment(path: str) -> str | None:
+    """The first segment of ``path`` whose name starts with :data:`RESERVED_PREFIX`
+    (compared case-insensitively: some filesystems fold case), or None."""
+    for segment in path.split("/"):
+        if segment.casefold().startswith(RESERVED_PREFIX):
+            return segment
+    return None
+
+
 #: The control characters (category Cc) of ASCII
 ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

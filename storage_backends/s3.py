@@ -44,7 +44,7 @@ from storage_backends.base import (
     BrowseEntry,
     BrowsePage,
     DeleteResult,
-    MultipartUpload,
+    IncompleteUpload,
     ObjectInfo,
     Planned,
     StorageBackend,
@@ -52,6 +52,7 @@ from storage_backends.base import (
 )
 from storage_backends.errors import (
     BackendUnavailableError,
+    ChangedSincePlanError,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
@@ -1049,28 +1050,74 @@ class S3Backend(StorageBackend):
         return result
 
     # -- multipart -------------------------------------------------------------------
-    def list_multipart_uploads(self) -> Iterator[MultipartUpload]:
-        """Incomplete multipart uploads under the root, with the bytes they hold."""
+    def list_multipart_uploads(self) -> Iterator[IncompleteUpload]:
+        """Incomplete multipart uploads under the root, with the bytes they hold and
+        their last activity, streaming (a page of the listing at a time). An upload
+        that ends between the listing and the read of its parts is left out."""
         paginator = self.client.get_paginator("list_multipart_uploads")
-        with self._op("list_uploads", self.root or "/"):
-            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self.root))
-        for page in pages:
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self.root))
+        while True:
+            with self._op("list_uploads", self.root or "/"):
+                page = next(pages, None)
+            if page is None:
+                return
             for upload in page.get("Uploads", []):
+                key, upload_id = upload["Key"], upload["UploadId"]
                 initiated = upload.get("Initiated")
-                yield MultipartUpload(
-                    self._rel(upload["Key"]),
-                    upload["UploadId"],
-                    initiated.astimezone(UTC) if initiated is not None else None,
-                    self._upload_size(upload["Key"], upload["UploadId"]),
+                initiated = initiated.astimezone(UTC) if initiated is not None else None
+                try:
+                    size, newest = self._upload_parts(key, upload_id)
+                except NotFoundError:
+                    continue  # completed or aborted since the listing
+                yield IncompleteUpload(
+                    self._rel(key),
+                    upload_id,
+                    initiated,
+                    size,
+                    last_modified=_later(initiated, newest),
+                    kind="multipart",
                 )
+            if not page.get("IsTruncated"):
+                return  # (no request for a page past the last)
 
-    def _upload_size(self, key: str, upload_id: str) -> int:
+    def _upload_parts(self, key: str, upload_id: str) -> tuple[int, datetime | None]:
+        """The bytes of an upload's parts and the time of its newest part."""
         paginator = self.client.get_paginator("list_parts")
         total = 0
+        newest: datetime | None = None
         with self._op("list_parts", key):
             for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
-                total += sum(int(p.get("Size", 0)) for p in page.get("Parts", []))
-        return total
+                for part in page.get("Parts", []):
+                    total += int(part.get("Size", 0))
+                    when = part.get("LastModified")
+                    if when is not None:
+                        newest = _later(newest, when.astimezone(UTC))
+        return total, newest
+
+    def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
+        """Abort a listed upload unless it changed (SAFETY rule 5a): its parts are read
+        again right before the abort, and one with other bytes than listed, or a part
+        newer than its listed last activity (an upload still under way), is kept
+        (:class:`ChangedSincePlanError`). Gone already: ``False``."""
+        key = self._key(self.check_listed_key(upload.path))
+        try:
+            size, newest = self._upload_parts(key, upload.upload_id)
+        except NotFoundError:
+            return False
+        planned = upload.last_modified
+        if size != upload.size or (
+            newest is not None
+            and (planned is None or int(newest.timestamp()) > int(planned.timestamp()))
+        ):
+            raise ChangedSincePlanError(f"{upload.path}: upload {upload.upload_id} went on")
+        try:
+            with self._op("abort_upload", key):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload.upload_id
+                )
+        except NotFoundError:
+            return False
+        return True
 
     def abort_multipart_upload(self, path: str, upload_id: str) -> None:
         """Abort one upload; an upload already gone is success.
@@ -1089,6 +1136,13 @@ class S3Backend(StorageBackend):
         """Release the listing pool and the boto3 client's connections."""
         self._http.clear()
         self.client.close()
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    """The later of two times, either of which may be unknown."""
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
 
 
 #: S3 uploads go in parts of this size (destination option ``multipart_chunksize``)...

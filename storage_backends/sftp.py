@@ -34,11 +34,14 @@ from storage_backends.base import (
     BrowseEntry,
     BrowsePage,
     DeleteResult,
+    IncompleteUpload,
     ObjectInfo,
     StorageBackend,
+    same_object,
 )
 from storage_backends.errors import (
     BackendUnavailableError,
+    ChangedSincePlanError,
     InvalidPathError,
     NotFoundError,
     PathConflictError,
@@ -46,7 +49,7 @@ from storage_backends.errors import (
     StorageError,
     TransientStorageError,
 )
-from storage_backends.local import TMP_PREFIX
+from storage_backends.local import TMP_PREFIX, upload_temporary_name
 from storage_backends.paths import normalize_root
 from storage_backends.retry import call_with_retry
 
@@ -301,6 +304,7 @@ class SFTPBackend(StorageBackend):
         segments += parts if rel.endswith("/") else parts[:-1]
         current = self.base
         now = time.monotonic()
+        self._check_base(sftp, now)
         for segment in segments:
             current = posixpath.join(current, segment)
             with self._lock:
@@ -320,6 +324,28 @@ class SFTPBackend(StorageBackend):
                     self._real_dirs.clear()
                 self._real_dirs[current] = now + DIR_CHECK_TTL
 
+    def _check_base(self, sftp: paramiko.SFTPClient, now: float) -> None:
+        """The base directory exists and is a folder (followed: the operator chose it),
+        else :class:`BackendUnavailableError`: a volume not mounted on the server must
+        not look like an empty destination, and an upload must not create it."""
+        with self._lock:
+            if self._real_dirs.get(self.base, 0.0) > now:
+                return
+        try:
+            # lexically normalised, as storage_backends.identity compares SFTP base
+            # directories: ``/data/b/..`` is ``/data`` even where ``b`` is missing
+            is_dir = stat_mod.S_ISDIR(_mode(sftp.stat(posixpath.normpath(self.base))))
+        except FileNotFoundError:
+            is_dir = False
+        if not is_dir:
+            raise BackendUnavailableError(
+                "the destination's base directory does not exist on the SFTP server or is "
+                "not a directory (a volume not mounted?): mount it, create it if the "
+                "destination is new, or correct the destination's bucket"
+            )
+        with self._lock:
+            self._real_dirs[self.base] = now + DIR_CHECK_TTL
+
     # -- listing ---------------------------------------------------------------------
     def resolve_dir(self, path: str) -> str:
         """The server's real path of a directory (``realpath``: symlinks resolved), or
@@ -338,7 +364,11 @@ class SFTPBackend(StorageBackend):
         prefix = self.check_prefix(prefix)
         return self._walk(prefix, max(1, page_size))
 
-    def _walk(self, prefix: str, page_size: int) -> Iterator[list[ObjectInfo]]:
+    def _walk(
+        self, prefix: str, page_size: int, temporaries: bool = False
+    ) -> Iterator[list[ObjectInfo]]:
+        """Files under ``prefix``, upload temporaries left out; with ``temporaries``
+        only those (:meth:`list_incomplete_uploads`)."""
         local = threading.local()
         channels: list[paramiko.SFTPClient] = []
         # thread slot k runs on connection k % walk_connections: 0 is the backend's own
@@ -350,7 +380,9 @@ class SFTPBackend(StorageBackend):
 
         def connection() -> paramiko.SSHClient:
             if getattr(local, "slot", None) is None:
-                local.slot = next(slots) % self.walk_connections
+                # (the walk of the upload temporaries, a second walk of every scan,
+                # keeps to the backend's own connection: no extra logins)
+                local.slot = next(slots) % (1 if temporaries else self.walk_connections)
             if local.slot == 0 or refused:
                 return self._client()  # reconnects when the connection has gone away
             with extra_lock:
@@ -413,7 +445,7 @@ class SFTPBackend(StorageBackend):
                 transient=lambda err: isinstance(err, TransientStorageError),
                 on_retry=reopen,
             )
-            return self._split(rel, entries)
+            return self._split(rel, entries, temporaries)
 
         # Each listed folder comes back through one queue: waiting on a set of futures
         # (concurrent.futures.wait) costs O(folders queued) per folder, O(n^2) in all.
@@ -457,7 +489,7 @@ class SFTPBackend(StorageBackend):
 
     @staticmethod
     def _split(
-        rel: str, entries: list[paramiko.SFTPAttributes]
+        rel: str, entries: list[paramiko.SFTPAttributes], temporaries: bool = False
     ) -> tuple[list[ObjectInfo], list[str]]:
         files: list[ObjectInfo] = []
         subdirs: list[str] = []
@@ -465,7 +497,7 @@ class SFTPBackend(StorageBackend):
             mode, name = _mode(attrs), attrs.filename
             if stat_mod.S_ISDIR(mode):
                 subdirs.append(f"{rel}{name}/")
-            elif stat_mod.S_ISREG(mode) and not name.startswith(TMP_PREFIX):
+            elif stat_mod.S_ISREG(mode) and name.startswith(TMP_PREFIX) == temporaries:
                 files.append(ObjectInfo(rel + name, int(attrs.st_size or 0), _mtime(attrs)))
             # symlinks, sockets, devices: never listed, never followed
         return files, subdirs
@@ -567,6 +599,47 @@ class SFTPBackend(StorageBackend):
         for item in reversed(missing):
             with contextlib.suppress(OSError):  # a concurrent upload made it first
                 sftp.mkdir(item)
+
+    # -- incomplete uploads: upload temporaries ----------------------------------------
+    def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        """The upload temporaries under the root (uploads that never finished: a worker
+        killed mid-upload leaves one), streaming, with size and mtime."""
+        for page in self._walk("", PAGE_SIZE, temporaries=True):
+            for o in page:
+                yield IncompleteUpload(
+                    o.path,
+                    upload_temporary_name(o.path),
+                    None,
+                    o.size,
+                    last_modified=o.last_modified,
+                    kind="temporary",
+                )
+
+    def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
+        """Remove a listed upload temporary, only if it is still the listed file (an
+        lstat right before the remove: size and mtime, whole seconds in SFTP v3); one
+        still being written has changed and is kept (:class:`ChangedSincePlanError`)."""
+        self.check_listed_key(upload.path)
+        if upload_temporary_name(upload.path) != upload.upload_id:
+            raise InvalidPathError(f"{upload.path!r} is not upload {upload.upload_id!r}")
+        planned = ObjectInfo(upload.path, upload.size, upload.last_modified)
+
+        def remove(sftp: paramiko.SFTPClient) -> bool:
+            try:
+                self._check_dirs(sftp, upload.path)
+                attrs = sftp.lstat(self._abs(upload.path))
+            except (FileNotFoundError, PathConflictError):
+                return False
+            now = ObjectInfo(upload.path, int(attrs.st_size or 0), _mtime(attrs))
+            if not stat_mod.S_ISREG(_mode(attrs)) or not same_object(planned, now):
+                raise ChangedSincePlanError(f"{upload.path}: written since it was listed")
+            try:
+                sftp.remove(self._abs(upload.path))
+            except FileNotFoundError:
+                return False
+            return True
+
+        return self._call("remove_upload", upload.path, remove)
 
     # -- deletion --------------------------------------------------------------------
     def delete(self, path: str) -> None:

@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import shutdown
@@ -427,6 +427,7 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
                 DeletionAudit.job_id == ctx.job_id,
                 DeletionAudit.destination_id == ctx.dest.id,
                 DeletionAudit.state == "pending",
+                DeletionAudit.upload_id.is_(None),  # uploads: tasks.uploads repairs them
             )
             .limit(MAX_DELETE_BATCH)
         ).all()
@@ -437,24 +438,41 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
         repaired += len(rows)
 
 
+#: An API request's pending audit row older than this is settled by the next job.
+API_PENDING_GRACE = timedelta(hours=1)
+
+
 def settle_abandoned(ctx: DeleteContext) -> int:
     """Close the ``pending`` audit rows that finished (reaped, failed) jobs left on this
-    destination: ``deleted`` when the file is gone, ``abandoned`` when it is still
-    there (nothing is deleted from a stale plan; a current plan decides anew)."""
+    destination, and those API requests left more than :data:`API_PENDING_GRACE` ago:
+    ``deleted`` when the file is gone, ``abandoned`` when it is still there (nothing is
+    deleted from a stale plan; a current plan decides anew). An overwrite left pending
+    is ``abandoned`` (what is at the path now may be either file)."""
     session = ctx.session
+    now = db_now(session)
     rows = session.execute(
-        select(DeletionAudit.id, DeletionAudit.path)
-        .join(Job, Job.id == DeletionAudit.job_id)
+        select(DeletionAudit.id, DeletionAudit.path, DeletionAudit.reason)
+        .outerjoin(Job, Job.id == DeletionAudit.job_id)
         .where(
             DeletionAudit.destination_id == ctx.dest.id,
             DeletionAudit.state == "pending",
-            DeletionAudit.job_id != ctx.job_id,
-            Job.status.not_in(ACTIVE_JOB_STATUSES),
+            or_(
+                and_(
+                    DeletionAudit.job_id != ctx.job_id,
+                    Job.status.not_in(ACTIVE_JOB_STATUSES),
+                ),
+                # the API's deletes and overwrites (no job): an API request that left
+                # one pending this long ago has ended without finishing it
+                and_(
+                    DeletionAudit.job_id.is_(None),
+                    DeletionAudit.created_at < now - API_PENDING_GRACE,
+                ),
+            ),
+            DeletionAudit.upload_id.is_(None),  # uploads: tasks.uploads settles them
         )
         .limit(10_000)
     ).all()
-    now = db_now(session)
-    for audit_id, path in rows:
+    for audit_id, path, reason in rows:
         try:
             ctx.backend.stat(path)
             values: dict[str, object] = {"state": "abandoned"}
@@ -462,6 +480,11 @@ def settle_abandoned(ctx: DeleteContext) -> int:
             values = {"state": "deleted", "deleted_at": now}
         except StorageError as err:
             values = {"state": "abandoned", "error": f"{type(err).__name__}: {err}"[:2000]}
+        if reason == "overwrite":  # whether the upload replaced it is not known
+            values = {
+                "state": "abandoned",
+                "error": "the API stopped during the upload that would replace this file",
+            }
         session.execute(update(DeletionAudit).where(DeletionAudit.id == audit_id).values(**values))
     session.commit()
     return len(rows)

@@ -5,6 +5,10 @@ SAFETY rules 6-12 and 20. The plan (every candidate) is stored in
 stored plan instead of listing again. A listing interrupted by a transient error drops
 the partial plan and sends the job back to the queue with a backoff (a permanent error
 fails it); nothing is deleted either way (rule 13).
+
+After the files, the incomplete uploads older than ``OCORE_INCOMPLETE_UPLOAD_DAYS``
+(S3 multipart uploads, local/SFTP upload temporaries) are aborted within the same
+budget (:mod:`tasks.uploads`; docs/safety.md, "Incomplete uploads").
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from tasks.scan import (
     resolve_retention,
     run_scan,
 )
+from tasks.uploads import UploadPlan, abort_uploads, result_figures
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ def _plan(
             ],
         )
 
+    uploads = UploadPlan(session, backend, dest)  # incomplete uploads past their age
     scan = run_scan(
         session,
         backend,
@@ -112,6 +118,7 @@ def _plan(
         retention_days=retention_days,
         progress=progress,
         on_candidates=sink,
+        on_uploads=uploads.add,
     )
     if not scan.listing_complete:
         session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
@@ -139,17 +146,27 @@ def _plan(
             for entry in scan.analytics.details.get("linked_by_destination", [])
             if entry["destination_id"] != str(dest.id)
         ],
+        "upload_plan": uploads.figures(scan.analytics.details.get("incomplete_uploads", {})),
     }
     _save_progress(session, job, phase="planned", **plan)
     return {**plan, LISTED_KEY: listing_figures(scan)}
 
 
 def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
+    """Why the plan is over the job's budget (None: within it). Incomplete uploads count
+    in the files and bytes budgets with the orphan files, never in the share of the
+    destination's files (they are no files of it)."""
     files, size, total = plan["plan_files"], plan["plan_bytes"], plan["total_files"]
-    if files > settings.cleanup_max_files:
-        return f"{files} files planned, over the budget of {settings.cleanup_max_files}"
-    if size > settings.cleanup_max_bytes:
-        return f"{size} bytes planned, over the budget of {settings.cleanup_max_bytes}"
+    uploads = plan.get("upload_plan") or {}
+    n_up, up_bytes = uploads.get("planned", 0), uploads.get("planned_bytes", 0)
+    also = f" and {n_up} incomplete upload(s)" if n_up else ""
+    if files + n_up > settings.cleanup_max_files:
+        return f"{files} files{also} planned, over the budget of {settings.cleanup_max_files}"
+    if size + up_bytes > settings.cleanup_max_bytes:
+        return (
+            f"{size + up_bytes} bytes of {files} files{also} planned, over the budget of "
+            f"{settings.cleanup_max_bytes}"
+        )
     if total and files / total > settings.cleanup_max_share:
         share = files / total
         return (
@@ -251,6 +268,8 @@ def run_orphan_cleanup(
         "no_timestamp_kept": plan.get("no_timestamp_kept", 0),
         "kept_linked_by": plan.get("kept_linked_by", []),
         "undecodable_kept": plan.get("undecodable_kept", 0),
+        # S3 multipart uploads / local and SFTP upload temporaries (tasks.uploads)
+        "incomplete_uploads": result_figures(plan.get("upload_plan")),
     }
     if listed is not None:
         result[LISTED_KEY] = listed
@@ -306,5 +325,19 @@ def run_orphan_cleanup(
 
     repair_pending(ctx, finalize)
     delete_batches(ctx, _planned(session, job, ids), finalize, after_batch)
-    status = "partial" if totals["failed_files"] else "succeeded"
-    return JobOutcome(status, {**result, **totals}, failures.summary(totals["failed_files"]))
+    # then the incomplete uploads, within what the budget leaves after the files
+    result["incomplete_uploads"], upload_error = abort_uploads(
+        session,
+        backend,
+        dest,
+        job,
+        lease,
+        settings.lock_lease_seconds,
+        plan.get("upload_plan") or {},
+        room_files=settings.cleanup_max_files - plan["plan_files"],
+        room_bytes=settings.cleanup_max_bytes - plan["plan_bytes"],
+        progress=progress,
+    )
+    status = "partial" if totals["failed_files"] or upload_error else "succeeded"
+    errors = [e for e in (failures.summary(totals["failed_files"]), upload_error) if e]
+    return JobOutcome(status, {**result, **totals}, "; ".join(errors) or None)

@@ -17,8 +17,10 @@ every time), so nothing needs to be written to mark it.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -26,7 +28,8 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.locks import Lease
 from db.models import BackupDestination, Job, PendingDeletion
-from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
+from db.types import as_utc
+from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError
 from storage_backends.paths import validate_path
 from tasks.deleting import (
@@ -41,6 +44,8 @@ from tasks.deleting import (
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
 from tasks.scan import Progress
+
+log = logging.getLogger(__name__)
 
 #: pending rows read at a time
 PAGE = 100
@@ -76,10 +81,33 @@ def has_purgeable_pending(session: Session, destination_id: uuid.UUID) -> bool:
         after = rows[-1][0]
 
 
-def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
-    """The files a record names, in batches; nothing if the record's file is gone."""
+def _written_after(info: ObjectInfo, requested: datetime | None) -> bool:
+    """Whether the server says ``info`` was written after the purge was requested: then
+    it is not the purged record's file (a file put at the freed path since)."""
+    written, asked = as_utc(info.last_modified), as_utc(requested)
+    return written is not None and asked is not None and written > asked
+
+
+def _files_of(
+    backend: StorageBackend,
+    path: str,
+    requested: datetime | None = None,
+    newer: list[str] | None = None,
+) -> Iterator[list[Doomed]]:
+    """The files a record names, in batches; nothing if the record's file is gone.
+    Files written after ``requested`` (the purge's time) are left out, and their paths
+    added to ``newer``."""
+    newer = [] if newer is None else newer
+
+    def keep(o: ObjectInfo) -> bool:
+        if _written_after(o, requested):
+            newer.append(o.path)
+            return False
+        return True
+
     if path.endswith("/"):
         for page in backend.walk(path):
+            page = [o for o in page if keep(o)]
             for i in range(0, len(page), MAX_DELETE_BATCH):
                 yield [
                     Doomed(o.path, o.size, o.last_modified, o.etag, o.generation)
@@ -90,7 +118,8 @@ def _files_of(backend: StorageBackend, path: str) -> Iterator[list[Doomed]]:
         info = backend.stat(path)
     except NotFoundError:
         return
-    yield [Doomed(info.path, info.size, info.last_modified, info.etag, info.generation)]
+    if keep(info):
+        yield [Doomed(info.path, info.size, info.last_modified, info.etag, info.generation)]
 
 
 def run_purge(
@@ -116,6 +145,7 @@ def run_purge(
     totals = {"records": 0, "deleted_files": 0, "bytes_freed": 0, "failed_files": 0}
     totals["kept_linked"] = 0
     totals["changed_since_plan"] = 0  # written again since the listing: kept (rule 5a)
+    totals["kept_newer"] = 0  # written after the purge was requested: not the record's
     # Counts of earlier attempts, saved with the batches they count (rule 20).
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
     totals["invalid_paths"] = 0  # recounted by every run: their rows stay
@@ -143,16 +173,16 @@ def run_purge(
     repair_pending(ctx, count)
     while True:
         rows = session.execute(
-            select(PendingDeletion.id, PendingDeletion.path)
+            select(PendingDeletion.id, PendingDeletion.path, PendingDeletion.created_at)
             .where(PendingDeletion.destination_id == dest.id, PendingDeletion.id.not_in(done))
             .order_by(PendingDeletion.created_at, PendingDeletion.id)
             .limit(PAGE)
         ).all()
         if not rows:
             break
-        for pending_id, path in rows:
+        for pending_id, path, requested in rows:
             done.add(pending_id)
-            _purge_one(ctx, backend, pending_id, path, totals, count, record_done)
+            _purge_one(ctx, backend, pending_id, path, totals, count, record_done, requested)
             if progress:
                 progress("deleting", totals["deleted_files"])
     if totals["invalid_paths"]:
@@ -174,18 +204,25 @@ def _purge_one(
     totals: dict[str, int],
     count: Finalize,
     record_done: Callable[[Session], None],
+    requested: datetime | None = None,
 ) -> bool:
     """Delete one pending record's files; drop its row when none failed (and count the
-    record in the same transaction)."""
+    record in the same transaction). A file the server says was written after the purge
+    was requested (``requested``) is kept and counted ``kept_newer``: what was put at
+    the freed path since is not the purged record's file."""
     session = ctx.session
     if is_quarantined(path):
         # An unsafe path is never sent to storage; keep the row for an operator.
         totals["invalid_paths"] += 1
         return True
     failures = 0
-    for batch in _files_of(backend, path):
+    newer: list[str] = []
+    for batch in _files_of(backend, path, requested, newer):
         out = delete_batch(ctx, batch, count)
         failures += len(out.failed)
+    if newer:
+        totals["kept_newer"] += len(newer)
+        log.info("purge kept %d file(s) written after it was requested", len(newer))
     if failures == 0:
         session.execute(delete(PendingDeletion).where(PendingDeletion.id == pending_id))
         record_done(session)

@@ -24,7 +24,7 @@ from db.session import db_now
 from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
-from tasks.analytics import ScanStats, escaped_name
+from tasks.analytics import ScanStats, UploadSink, escaped_name
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
 
 log = logging.getLogger(__name__)
@@ -194,10 +194,6 @@ def resolve_retention(dest: BackupDestination, settings: Settings, override: Any
     raise InvalidRetention("no retention window is configured")
 
 
-def _retention(dest: BackupDestination, settings: Settings, override: int | None) -> int:
-    return resolve_retention(dest, settings, override)
-
-
 def _all_text(page: list[ObjectInfo]) -> bool:
     """Whether every name of the page is valid Unicode text (the common case, checked
     in one pass: a listing decodes bytes that are not UTF-8 to lone surrogates)."""
@@ -348,6 +344,7 @@ def run_scan(
     progress: Progress | None = None,
     on_candidates: CandidateSink | None = None,
     loose_all: bool = False,
+    on_uploads: UploadSink | None = None,
 ) -> ScanResult:
     """Walk ``dest`` once and write an analytics row (committed).
 
@@ -356,6 +353,9 @@ def run_scan(
     says ``partial``) and the result says ``listing_complete=False``; callers must not
     remove anything then (SAFETY rule 13), and should call
     :meth:`ScanResult.raise_if_retryable` so that a transient error is retried.
+
+    The incomplete uploads are listed after the files (streaming too) and counted; those
+    older than ``OCORE_INCOMPLETE_UPLOAD_DAYS`` go to ``on_uploads`` a page at a time.
     """
     t0 = time.perf_counter()
     started = db_now(session)
@@ -368,7 +368,7 @@ def run_scan(
         pages.close()
         raise
     session.commit()  # end the read transaction; the walk may be long
-    stats = ScanStats(now=started, retention_days=_retention(dest, settings, retention_days))
+    stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings, retention_days))
     listed = 0
     error: str | None = None
     listing_error: StorageError | None = None
@@ -387,7 +387,10 @@ def run_scan(
             if progress and time.monotonic() - last_report > PROGRESS_EVERY:
                 progress("listing", listed)
                 last_report = time.monotonic()
-        stats.add_multipart(list(backend.list_multipart_uploads()))
+        # streamed: counts, bytes, the oldest and a sample are kept, never the listing
+        stats.add_multipart(
+            backend.list_incomplete_uploads(), settings.incomplete_upload_days, on_uploads
+        )
     except StorageError as err:
         listing_error = err
         # escaped: the message may quote a name that is not UTF-8, which no text

@@ -67,9 +67,8 @@ def make_celery(settings: Settings) -> Celery:
     elif broker.startswith(("redis://", "rediss://")):
         # Longer than the longest job, or Redis redelivers a running task to a 2nd worker
         # (the fencing token keeps that copy safe, but it is wasted work).
-        visibility = settings.broker_visibility_timeout or settings.job_hard_time_limit + 600
         transport_options = {
-            "visibility_timeout": visibility,
+            "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.broker_restore_interval,
             "unacked_restore_throttle": 1,
         }

@@ -1,6 +1,7 @@
 """Thin Celery tasks: decode the id, call :func:`worker.runner.run_job`.
 
-Fixed names and queues (see :data:`worker.jobs.TASKS`); arguments are job ids only.
+One task per job type, its fixed name and queue from the registry
+(:data:`worker.jobtypes.JOB_TYPES`, in :data:`JOB_TASKS`); arguments are job ids only.
 A transient failure retries with an exponential backoff (:func:`retry_countdown`); the
 job's ``attempts`` in the database (``max_attempts``) ends it, not Celery's retry
 counter: the job tasks have ``max_retries = None`` (unlimited), because in Celery
@@ -45,12 +46,13 @@ from sqlalchemy.orm import Session
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
 from core.logging import job_context
 from core.settings import Settings, get_settings
-from db.models import BackupDestination, Job
+from db.models import BackupDestination, Job, JobStatus
 from db.session import get_engine, session_scope
 from db.types import utcnow
 from worker import metrics
 from worker.celery_app import app, send
-from worker.jobs import TASKS, Sender, dispatch_or_fail, request_job
+from worker.jobs import Sender, default_retention, dispatch_or_fail, request_job
+from worker.jobtypes import JOB_TYPES, JobType
 from worker.runner import (  # re-exported (tests, callers)
     RETRY_BASE_SECONDS as RETRY_BASE_SECONDS,
 )
@@ -75,7 +77,7 @@ from worker.runner import (
 
 log = logging.getLogger(__name__)
 
-_JOB_TASKS = frozenset(name for name, _queue in TASKS.values())
+_JOB_TASKS = frozenset(jt.task for jt in JOB_TYPES.values())
 #: task id -> what task_postrun has to undo
 _log_contexts: dict[str, Any] = {}
 
@@ -113,7 +115,9 @@ class JobFailed(Exception):
         return (JobFailed, (self.job_id, self.error))
 
 
-def _execute(task: Task, job_id: str) -> str:
+def _run_task(task: Task, job_id: str) -> str:
+    """The body of every job task: run the job (:func:`worker.runner.run_job`), turn
+    what it raises into a retry of the task, and a failed job into a failed task."""
     settings = get_settings()
     engine = get_engine(settings.effective_database_url)
     try:
@@ -138,7 +142,7 @@ def _execute(task: Task, job_id: str) -> str:
         log.warning("job %s: database unavailable (%s); task retried in %.1f s",
                     jid, type(err).__name__, countdown)  # fmt: skip
         raise _retry(task, jid, countdown, err) from err
-    if outcome is not None and outcome.status == "failed":
+    if outcome is not None and outcome.status == JobStatus.FAILED:
         # the row is final (run_job wrote it): fail the task, the message is acked
         raise JobFailed(jid, outcome.error)
     return outcome.status if outcome else "skipped"
@@ -165,24 +169,18 @@ _OPTS = {
 }
 
 
-@app.task(name=TASKS["scan"][0], queue=TASKS["scan"][1], **_OPTS)
-def scan_task(self: Task, job_id: str) -> str:
-    return _execute(self, job_id)
+def _job_task(job_type: JobType) -> Task:
+    """The Celery task of ``job_type``: its name and queue, one job id as argument."""
+
+    def run(self: Task, job_id: str) -> str:
+        return _run_task(self, job_id)
+
+    run.__name__ = run.__qualname__ = f"{job_type.name}_task"
+    return app.task(name=job_type.task, queue=job_type.queue, **_OPTS)(run)
 
 
-@app.task(name=TASKS["scan_cleanup"][0], queue=TASKS["scan_cleanup"][1], **_OPTS)
-def scan_cleanup_task(self: Task, job_id: str) -> str:
-    return _execute(self, job_id)
-
-
-@app.task(name=TASKS["orphan_cleanup"][0], queue=TASKS["orphan_cleanup"][1], **_OPTS)
-def orphan_cleanup_task(self: Task, job_id: str) -> str:
-    return _execute(self, job_id)
-
-
-@app.task(name=TASKS["purge"][0], queue=TASKS["purge"][1], **_OPTS)
-def purge_task(self: Task, job_id: str) -> str:
-    return _execute(self, job_id)
+#: job type -> its Celery task
+JOB_TASKS: dict[str, Task] = {name: _job_task(jt) for name, jt in JOB_TYPES.items()}
 
 
 def schedule_jobs(session: Session, settings: Settings, job_type: str, sender: Sender) -> int:
@@ -237,7 +235,7 @@ def _schedule_pass(session: Session, settings: Settings, job_type: str, sender: 
                 Job.type == job_type,
                 Job.requested_by == "beat",
                 Job.created_at >= since,
-                Job.status != "failed",
+                Job.status != JobStatus.FAILED,
             )
         )
     )
@@ -246,8 +244,12 @@ def _schedule_pass(session: Session, settings: Settings, job_type: str, sender: 
         if dest.id in recent:
             continue  # scheduled in this period already (by this beat or another)
         params = {}
-        if job_type == "orphan_cleanup":
-            params["retention_days"] = dest.retention_days or settings.retention_days
+        if "retention_days" in JOB_TYPES[job_type].params:
+            # the destination's window, else the setting's; none when the destination's
+            # is refused (below a day): the job fails naming it (SAFETY rule 6)
+            retention = default_retention(dest, settings)
+            if retention is not None:
+                params["retention_days"] = retention
         job, new = request_job(session, job_type, dest, params, requested_by="beat")
         if new and dispatch_or_fail(session, job, sender):
             created += 1

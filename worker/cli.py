@@ -36,6 +36,7 @@ from core.settings import (
     get_settings,
     missing_database_url,
 )
+from worker.jobtypes import cli_names
 
 QUEUES = "scan,cleanup,maintenance"
 
@@ -283,12 +284,21 @@ def beat() -> None:
 @click.option(
     "--port", default=None, type=click.IntRange(1, 65535), help="Default: OCORE_API_PORT."
 )
-@click.option("--threads", default=16, show_default=True, help="Request threads.")
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="Request threads. Default: OCORE_API_THREADS (16).",
+)
 @click.option("--dev", is_flag=True, help="werkzeug's development server instead of gunicorn; "
               "accepts the built-in development JWT secret and, without "
               "OCORE_DATABASE_URL, the embedded SQLite file.")  # fmt: skip
 def api(
-    host: str | None, port: int | None, threads: int, dev: bool, loopback_dev_secret: bool = False
+    host: str | None,
+    port: int | None,
+    threads: int | None,
+    dev: bool,
+    loopback_dev_secret: bool = False,
 ) -> None:
     """Serve the HTTP API (waitress, one process with request threads; limits: docs/serving.md).
 
@@ -301,6 +311,13 @@ def api(
     from api.auth import InsecureSecretError, check_secret, insecure_secret_allowed_by_env
 
     settings = _settings()
+    if threads is not None:  # the pool and the transfer slots are sized from it
+        if settings.api_max_transfers and settings.api_max_transfers >= threads:
+            raise CliError(
+                f"OCORE_API_MAX_TRANSFERS={settings.api_max_transfers} must be below the "
+                f"request threads (--threads {threads}): lower it or add threads"
+            )
+        settings = settings.model_copy(update={"api_threads": threads})
     if not (dev or loopback_dev_secret):  # `serve` (embedded) calls this with the latter
         _require_database_url(settings, "api")
     bind_host, bind_port = host or settings.api_host, port or settings.api_port
@@ -326,7 +343,7 @@ def api(
     from api.server import serve_api
 
     # One process: the API's request metrics live in that process's registry.
-    serve_api(app, f"{bind_host}:{bind_port}", threads=threads)
+    serve_api(app, f"{bind_host}:{bind_port}", threads=settings.api_threads)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -493,8 +510,8 @@ def jobs() -> None:
     """Run and inspect jobs."""
 
 
-JOB_TYPES = {"scan": "scan", "scan-cleanup": "scan_cleanup", "orphan-cleanup": "orphan_cleanup",
-             "cleanup-orphans": "orphan_cleanup", "purge": "purge"}  # fmt: skip
+#: ``jobs run`` name -> job type (the registry: worker.jobtypes)
+JOB_TYPES = cli_names()
 
 _CLEAR = "\r\x1b[K"  # carriage return + erase to the end of the line
 

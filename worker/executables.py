@@ -11,6 +11,8 @@ Where a program comes from (``source``):
 - ``debian``: a package ``scripts/install-system-deps.sh`` installs (``bench`` scope
   programs may be installed only with ``WITH_BENCH=1``, the way ``make bench`` runs it);
 - ``pypi``: a distribution pinned in ``requirements.lock`` (``make install``);
+- ``tools``: a distribution pinned in ``requirements-tools.lock``, installed into a
+  virtualenv of its own (``.venv-tools``, ``make tools``): its pins clash with ours;
 - ``project``: this project's own console script (``pyproject.toml``);
 - ``service``: PostgreSQL / Redis programs of the machine, a requirement README states;
 - ``prerequisite``: what the README's commands need before anything runs (Python, make);
@@ -30,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = "scripts/install-system-deps.sh"
 LOCK_FILE = "requirements.lock"
+TOOLS_LOCK = "requirements-tools.lock"
+TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 README = "README.md"
 
 
@@ -38,7 +42,7 @@ class Program:
     """One external program and the project file that provides it."""
 
     name: str
-    source: str  # debian | pypi | project | service | prerequisite | base | optional
+    source: str  # debian | pypi | tools | project | service | prerequisite | base | optional
     package: str  # Debian package, PyPI distribution, or what provides it
     scope: str  # tests | bench | demo (tests also covers `make test`'s lint step)
     used_by: tuple[str, ...]
@@ -74,6 +78,9 @@ INVENTORY: tuple[Program, ...] = (
     Program("ruff", "pypi", "ruff", "tests", ("Makefile",)),
     Program("mypy", "pypi", "mypy", "tests", ("Makefile",)),
     Program("lint-imports", "pypi", "import-linter", "tests", ("Makefile",)),
+    # requirements-tools.lock, in .venv-tools (make tools)
+    Program("checkov", "tools", "checkov", "tests", ("tests/deploy/test_kubernetes_checkov.py",),
+            locators=("checkov_binary",)),
     Program("ocore-storage", "project", "ocore-storage-worker", "demo",
             ("Makefile", "tests/observability/test_worker_e2e_outcomes.py")),
     # The machine's services (README "Requirements")
@@ -98,6 +105,9 @@ INVENTORY: tuple[Program, ...] = (
     # Started only when present
     Program("aws", "optional", "AWS CLI", "bench", ("bench/run.py",),
             note="a peer of the scan benchmark; without it that row is left out"),
+    Program("kubectl", "optional", "kubectl (kustomize built in)", "tests",
+            ("tests/deploy/test_kubernetes_render.py",),
+            note="checks tests/deploy/kustomize.py against the real kustomize; skipped without"),
 )  # fmt: skip
 
 BY_NAME: dict[str, Program] = {p.name: p for p in INVENTORY}
@@ -110,6 +120,7 @@ WRAPPERS = frozenset({"env"})
 FILE_TO_CHANGE = {
     "debian": INSTALL_SCRIPT,
     "pypi": f"{LOCK_FILE} (and pyproject.toml)",
+    "tools": f"{TOOLS_LOCK} (and requirements-tools.in)",
     "project": "pyproject.toml ([project.scripts])",
     "service": README,
     "prerequisite": README,
@@ -167,6 +178,8 @@ def provision_problems(root: Path = ROOT) -> list[str]:
     script = install_script_packages((root / INSTALL_SCRIPT).read_text())
     lock = lock_packages((root / LOCK_FILE).read_text())
     scripts = project_scripts((root / "pyproject.toml").read_text())
+    tools_lock = root / TOOLS_LOCK
+    tools = lock_packages(tools_lock.read_text()) if tools_lock.exists() else set()
     readme = (root / README).read_text() if (root / README).exists() else ""
     problems: list[str] = []
     for p in INVENTORY:
@@ -187,6 +200,12 @@ def provision_problems(root: Path = ROOT) -> list[str]:
             problems.append(
                 f"{p.name} (started by {users}) comes from the PyPI package {p.package}, which "
                 f"{LOCK_FILE} does not pin: add it to pyproject.toml and re-lock {LOCK_FILE}"
+            )
+        elif p.source == "tools" and normalize(p.package) not in tools:
+            problems.append(
+                f"{p.name} (started by {users}) comes from the PyPI package {p.package}, which "
+                f"{TOOLS_LOCK} does not pin: add it to requirements-tools.in and re-lock "
+                f"{TOOLS_LOCK} (the command in its header)"
             )
         elif p.source == "project" and p.name not in scripts:
             problems.append(
@@ -217,7 +236,14 @@ def _fake_gcs() -> str | None:
         return None
 
 
+def checkov_binary() -> str | None:
+    """checkov in the tools virtualenv (``make tools``), or None."""
+    candidate = TOOLS_BIN / "checkov"
+    return str(candidate) if candidate.exists() else None
+
+
 _LOCATE: dict[str, Callable[[], str | None]] = {
+    "checkov": checkov_binary,
     "fake-gcs-server": _fake_gcs,
     "python": lambda: sys.executable,
 }
@@ -246,6 +272,8 @@ def install_command(program: Program) -> str:
         return f"{bench}bash {INSTALL_SCRIPT} (as root; or apt-get install -y {program.package})"
     if program.source in ("pypi", "project"):
         return "make install"
+    if program.source == "tools":
+        return "make tools"
     if program.source == "service":
         return f"apt-get install -y {program.package}"
     if program.source == "prerequisite":

@@ -1,7 +1,10 @@
 """Job rows: created when a job is requested, deduplicated per storage location.
 
 A job row exists before its Celery message is sent; the task re-reads everything from
-the database (ids only travel through the broker).
+the database (ids only travel through the broker). The job types are in
+:mod:`worker.jobtypes`. Two policies live here once: :func:`fail_job` (fail a job that
+is still queued or running, and count it) and :func:`dispatch_or_fail` (send the job's
+message, or fail the job: no row waits for a message that does not exist).
 """
 
 from __future__ import annotations
@@ -16,20 +19,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import ACTIVE_JOB_STATUSES, JOB_TYPES, BackupDestination, Job
+from core.settings import Settings
+from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, JobStatus
 from db.types import utcnow
 from storage_backends.identity import location_key
-from worker import metrics
+from tasks.scan import InvalidRetention, resolve_retention
+from worker import jobtypes, metrics
 
 log = logging.getLogger(__name__)
-#: job type -> (Celery task name, queue)
-TASKS: dict[str, tuple[str, str]] = {
-    "scan": ("ocore.scan", "scan"),
-    "scan_cleanup": ("ocore.scan_cleanup", "cleanup"),
-    "orphan_cleanup": ("ocore.orphan_cleanup", "cleanup"),
-    "purge": ("ocore.purge", "cleanup"),
-}
-DESTRUCTIVE = frozenset({"scan_cleanup", "orphan_cleanup", "purge"})
 
 
 def active_job(session: Session, job_type: str, destination_id: uuid.UUID) -> Job | None:
@@ -56,8 +53,7 @@ def request_job(
     Returns ``(job, created)``. Commits. The caller sends the Celery message with
     :func:`dispatch` only when ``created`` is true.
     """
-    if job_type not in JOB_TYPES:
-        raise ValueError(f"unknown job type {job_type!r}")
+    jobtypes.get(job_type)  # UnknownJobType (a ValueError) for a type not registered
     key = location_key(dest)
     existing = active_job(session, job_type, dest.id)
     if existing is not None:
@@ -68,7 +64,7 @@ def request_job(
         destination_id=dest.id,
         location_key=key,
         params=params or {},
-        status="queued",
+        status=JobStatus.QUEUED,
         phase="queued",
         requested_by=requested_by,
     )
@@ -92,37 +88,66 @@ Sender = Callable[[str, list[str], str], Any]
 
 def dispatch(job: Job, send: Sender) -> None:
     """Send the job's Celery message: ``send(task_name, [job_id], queue)``."""
-    name, queue = TASKS[job.type]
-    send(name, [str(job.id)], queue)
+    job_type = jobtypes.get(job.type)
+    send(job_type.task, [str(job.id)], job_type.queue)
 
 
-def fail_job(session: Session, job_id: uuid.UUID, error: str) -> bool:
-    """Fail a job that is still queued or running (counted in ``ocore_jobs_finished_total``).
-    Returns whether it did (a job already finished is left as it is). Commits."""
-    job_type = session.scalar(select(Job.type).where(Job.id == job_id))
+def fail_job(
+    session: Session,
+    job_id: uuid.UUID,
+    error: str,
+    *,
+    job_type: str | None = None,
+    still: tuple[Any, ...] = (),
+    **values: Any,
+) -> bool:
+    """Fail a job that is still queued or running, counted in
+    ``ocore_jobs_finished_total`` (the one place a job is failed outside its own run).
+    ``still`` narrows "active" (the reaper fails only a row still as it read it);
+    ``values`` are further columns to write (``attempts``, ``finished_at``: the
+    database's clock). ``job_type`` spares a read of the row when the caller has it.
+    Returns whether it did (a job already finished, or no longer as read, is left as
+    it is). Commits."""
+    if job_type is None:
+        job_type = session.scalar(select(Job.type).where(Job.id == job_id))
+    final = {"status": JobStatus.FAILED, "phase": "failed", "error": error, "finished_at": utcnow()}
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
-        .values(status="failed", phase="failed", error=error, finished_at=utcnow())
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES), *still)
+        .values({**final, **values})
     )
     session.commit()
     failed = bool(res.rowcount)  # type: ignore[attr-defined]
     if failed and job_type is not None:
-        metrics.JOBS_FINISHED.labels(job_type, "failed").inc()
+        metrics.JOBS_FINISHED.labels(job_type, JobStatus.FAILED).inc()
     return failed
 
 
 def dispatch_or_fail(session: Session, job: Job, send: Sender) -> bool:
     """:func:`dispatch`, failing the job when the message cannot be sent (a job row
     never waits for a message that does not exist). Returns whether it was sent."""
+    job_id, job_type = job.id, job.type
     try:
         dispatch(job, send)
     except Exception as err:
-        log.exception("could not send job %s", job.id)
+        log.exception("could not send job %s", job_id)
         session.rollback()
-        fail_job(session, job.id, f"could not enqueue: {type(err).__name__}: {err}"[:2000])
+        error = f"could not enqueue: {type(err).__name__}: {err}"[:2000]
+        fail_job(session, job_id, error, job_type=job_type)
         return False
     return True
+
+
+def default_retention(dest: BackupDestination, settings: Settings) -> int | None:
+    """The retention window a cleanup of ``dest`` runs with when the request names none
+    (:func:`tasks.scan.resolve_retention`: the destination's, else the setting's), or
+    None when that refuses one (a destination row below one day, SAFETY rule 6). The API
+    and beat queue such a job without a window, never with a replacement: it fails,
+    naming the destination, and deletes nothing."""
+    try:
+        return resolve_retention(dest, settings)
+    except InvalidRetention:
+        return None
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

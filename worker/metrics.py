@@ -72,10 +72,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noq
 from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
-#: Bounded label values (db.models.JOB_TYPES, TERMINAL_JOB_STATUSES): listed here so the
-#: series exist at 0 from the start (see :func:`init_series`).
-JOB_TYPES = ("scan", "scan_cleanup", "orphan_cleanup", "purge")
-OUTCOMES = ("succeeded", "partial", "guarded", "failed")
+from db.models import TERMINAL_JOB_STATUSES  # noqa: E402
+from worker import jobtypes  # noqa: E402
+
+#: Bounded label values (the job-type registry, the terminal job statuses): the series
+#: exist at 0 from the start (see :func:`init_series`).
+JOB_TYPES = tuple(jobtypes.JOB_TYPES)
+OUTCOMES = tuple(str(status) for status in TERMINAL_JOB_STATUSES)
 
 JOBS_ENQUEUED = Counter("ocore_jobs_enqueued_total", "Jobs enqueued", ["type"])
 JOBS_STARTED = Counter("ocore_jobs_started_total", "Job attempts started", ["type"])

@@ -41,20 +41,26 @@ from core.logging import job_context, set_phase
 from core.settings import Settings
 from core.shutdown import ShutdownRequested
 from db.locks import Lease, LockLost, acquire, check_and_renew, holder, release
-from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, LocationLock, PendingDeletion
+from db.models import (
+    ACTIVE_JOB_STATUSES,
+    BackupDestination,
+    Job,
+    JobStatus,
+    LocationLock,
+    PendingDeletion,
+)
 from db.session import db_now, session_scope
 from db.types import utcnow
 from storage_backends.base import StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
 from storage_backends.identity import coarse_lock_key, lock_key
 from storage_backends.registry import open_backend
-from tasks.orphans import run_orphan_cleanup
-from tasks.outcome import JobOutcome
-from tasks.purge import has_purgeable_pending, run_purge
-from tasks.scan import LISTED_KEY, run_scan
-from tasks.scan_cleanup import run_scan_cleanup
-from worker import metrics
-from worker.jobs import DESTRUCTIVE, Sender, dispatch, dispatch_or_fail, request_job
+from tasks.outcome import JobContext, JobOutcome
+from tasks.purge import has_purgeable_pending
+from tasks.scan import LISTED_KEY
+from worker import jobtypes, metrics
+from worker.jobs import Sender, dispatch, dispatch_or_fail, fail_job, request_job
+from worker.jobtypes import JobType
 
 log = logging.getLogger(__name__)
 BackendFactory = Callable[[BackupDestination, Settings], StorageBackend]
@@ -156,7 +162,7 @@ def _claim(session: Session, job: Job) -> None:
         .values(
             **extra,
             attempts=Job.attempts + 1,
-            status="running",
+            status=JobStatus.RUNNING,
             phase="starting",
             started_at=job.started_at or utcnow(),
             heartbeat_at=utcnow(),
@@ -167,47 +173,22 @@ def _claim(session: Session, job: Job) -> None:
     session.refresh(job)
 
 
-def _dispatch(
-    session: Session,
-    backend: StorageBackend,
-    dest: BackupDestination,
-    settings: Settings,
-    job: Job,
-    lease: Lease | None,
-    progress: Callable[[str, int], None],
-) -> JobOutcome:
-    if job.type == "scan":
-        scan = run_scan(session, backend, dest, settings, job_id=job.id, progress=progress)
-        scan.raise_if_retryable()  # a transient listing error: back to the queue
-        status = "succeeded" if scan.listing_complete else "failed"
-        return JobOutcome(status, scan.summary, scan.error)
-    assert lease is not None
-    if job.type == "scan_cleanup":
-        return run_scan_cleanup(session, backend, dest, settings, job, lease, progress)
-    if job.type == "orphan_cleanup":
-        return run_orphan_cleanup(session, backend, dest, settings, job, lease, progress)
-    if job.type == "purge":
-        return run_purge(session, backend, dest, settings, job, lease, progress)
-    raise ValueError(f"unknown job type {job.type!r}")
-
-
-SCAN_TYPES = ("scan", "scan_cleanup")
-
-
 def _record_metrics(
-    job: Job,
+    spec: JobType,
     dest: BackupDestination,
     outcome: JobOutcome,
     seconds: float,
     listed: dict[str, Any] | None = None,
 ) -> None:
-    metrics.JOBS_FINISHED.labels(job.type, outcome.status).inc()
-    metrics.JOB_DURATION.labels(job.type).observe(seconds)
+    """What a finished job's result feeds, by what its type says it does (a scan, the
+    files it deletes): never by its name."""
+    metrics.JOBS_FINISHED.labels(spec.name, outcome.status).inc()
+    metrics.JOB_DURATION.labels(spec.name).observe(seconds)
     r = outcome.result
     d = str(dest.id)
-    if outcome.status == "guarded":
-        metrics.GUARDED.labels(job.type).inc()
-    if job.type in SCAN_TYPES:
+    if outcome.status == JobStatus.GUARDED:
+        metrics.GUARDED.labels(spec.name).inc()
+    if spec.scans:
         if "total_files" in r:
             ok = 1 if r.get("listing_complete") else 0
             metrics.LAST_SCAN_OK.labels(d).set(ok)
@@ -219,7 +200,7 @@ def _record_metrics(
                     metrics.DEST_FILES.labels(d, state).set(r.get(f"{state}_files", 0))
                 for state in ("total", "linked", "orphan"):
                     metrics.DEST_BYTES.labels(d, state).set(r.get(f"{state}_bytes", 0))
-        elif outcome.status == "failed":  # failed before its listing ended (result {})
+        elif outcome.status == JobStatus.FAILED:  # failed before its listing ended (result {})
             metrics.LAST_SCAN_OK.labels(d).set(0)
         # what the listing walked (dashboards), complete or not
         metrics.OBJECTS_LISTED.labels(dest.kind).inc(r.get("total_files", 0))
@@ -230,15 +211,15 @@ def _record_metrics(
         if listed.get("complete"):
             metrics.ORPHANS_FOUND.labels(dest.kind).inc(listed.get("orphan_files", 0))
             metrics.AMBIGUOUS.labels(dest.kind).inc(listed.get("ambiguous_files", 0))
-    if job.type in ("orphan_cleanup", "purge"):
-        reason = "orphan" if job.type == "orphan_cleanup" else "purge"
+    if spec.deletes is not None:
+        reason = spec.deletes
         metrics.ORPHANS_DELETED.labels(dest.kind, reason).inc(r.get("deleted_files", 0))
         metrics.BYTES_FREED.labels(dest.kind, reason).inc(r.get("bytes_freed", 0))
         metrics.CHANGED_SINCE_PLAN.labels(dest.kind, reason).inc(r.get("changed_since_plan", 0))
-        if job.type == "orphan_cleanup" and outcome.status in ("succeeded", "partial"):
+        if reason == "orphan" and outcome.status in (JobStatus.SUCCEEDED, JobStatus.PARTIAL):
             metrics.LAST_CLEANUP.labels(d).set(time.time())
-    if job.type == "scan_cleanup":
-        metrics.STALE_REMOVED.inc(r.get("removed_records", 0))
+    # records soft-deleted (only a job that removes records reports removed_records)
+    metrics.STALE_REMOVED.inc(r.get("removed_records", 0))
 
 
 def _finish(engine: Engine, job_id: uuid.UUID, lease: Lease | None, **values: Any) -> bool:
@@ -281,14 +262,7 @@ def _on_lock_lost(engine: Engine, job: Job, lease: Lease, err: LockLost) -> None
     log.warning("job %s: %s; this copy stops and deletes nothing more", job.id, err)
     # Only a job still active is failed: a copy that took over may have finished it.
     with session_scope(engine) as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-            .values(status="failed", phase="failed", error=str(err), finished_at=utcnow())
-        )
-        failed = bool(res.rowcount)  # type: ignore[attr-defined]
-    if failed:
-        metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
+        fail_job(s, job.id, str(err), job_type=job.type)
 
 
 def run_job(
@@ -326,18 +300,23 @@ def _run_job(
         context.enter_context(
             job_context(job_id=job.id, job_type=job.type, destination_id=job.destination_id)
         )
+        spec = jobtypes.JOB_TYPES.get(job.type)
+        if spec is None:  # a row no request_job wrote (it refuses an unknown type)
+            with session_scope(engine) as s:
+                fail_job(s, job.id, f"unknown job type {job.type!r}", job_type=job.type)
+            return JobOutcome(JobStatus.FAILED, {}, "unknown job type")
         dest = session.get(BackupDestination, job.destination_id) if job.destination_id else None
         if dest is None:
-            if _fail_active(engine, job.id, "the job's destination no longer exists"):
-                metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
-            return JobOutcome("failed", {}, "destination missing")
-        if job.type in DESTRUCTIVE:
+            with session_scope(engine) as s:
+                fail_job(s, job.id, "the job's destination no longer exists", job_type=job.type)
+            return JobOutcome(JobStatus.FAILED, {}, "destination missing")
+        if spec.destructive:
             key = _lock_key(dest, settings, backend_factory)
             lease = acquire(session, key, job.id, settings.lock_lease_seconds)
             if lease is None:
                 busy = holder(session, key)
                 session.rollback()
-                raise _wait(engine, settings, job, key, busy)
+                raise _wait_for_lock(engine, settings, job, key, busy)
         if job.attempts >= settings.max_attempts:
             # checked before claiming: a job over the cap never shows 'running' again
             error = (
@@ -345,15 +324,16 @@ def _run_job(
                 "died every time"
                 + (f"; the last error: {job.error}" if job.error else "; see the worker logs")
             )
-            if _fail_active(engine, job.id, error, attempts=job.attempts + 1):
+            with session_scope(engine) as s:
+                failed = fail_job(s, job.id, error, job_type=job.type, attempts=job.attempts + 1)
+            if failed:
                 log.warning("job %s: %s", job.id, error)
-                metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
-            return JobOutcome("failed", {}, error)
+            return JobOutcome(JobStatus.FAILED, {}, error)
         _claim(session, job)
         metrics.JOBS_STARTED.labels(job.type).inc()
         if job.attempts > 1:
             metrics.JOB_REDELIVERIES.labels(job.type).inc()
-        return _execute(session, engine, settings, job, dest, lease, backend_factory)
+        return _run_claimed(session, engine, settings, spec, job, dest, lease, backend_factory)
     finally:
         if lease is not None:
             try:
@@ -366,7 +346,7 @@ def _run_job(
         session.close()
 
 
-def _wait(
+def _wait_for_lock(
     engine: Engine, settings: Settings, job: Job, key: str, busy: tuple[str, uuid.UUID] | None
 ) -> LocationBusy:
     """Record that ``job`` waits for ``key`` (held by ``busy``) and when its message is
@@ -391,7 +371,7 @@ def _wait(
             .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
             # running: a copy whose write of its failure was lost; no copy runs it now
             # (it would hold the lock), so it is queued again
-            .values(status="queued", phase="waiting", heartbeat_at=now, progress=progress)
+            .values(status=JobStatus.QUEUED, phase="waiting", heartbeat_at=now, progress=progress)
         )
     held = f": held by job {busy[1]} ({busy[0]})" if busy else ""
     return LocationBusy(
@@ -404,12 +384,12 @@ def _set_due(engine: Engine, job_id: uuid.UUID, countdown: float) -> None:
     with session_scope(engine) as s:
         now = db_now(s)
         row = s.get(Job, job_id)
-        if row is None or row.status != "queued":
+        if row is None or row.status != JobStatus.QUEUED:
             return
         due = (now + timedelta(seconds=countdown)).isoformat()
         s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(progress={**(row.progress or {}), "due_at": due})
         )
 
@@ -429,26 +409,18 @@ def _lock_key(dest: BackupDestination, settings: Settings, backend_factory: Back
         return coarse_lock_key(dest)
 
 
-def _fail_active(engine: Engine, job_id: uuid.UUID, error: str, **values: Any) -> bool:
-    """Fail the job if it is still queued or running; returns whether it did."""
-    with session_scope(engine) as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
-            .values(status="failed", phase="failed", error=error, finished_at=utcnow(), **values)
-        )
-        return bool(res.rowcount)  # type: ignore[attr-defined]
-
-
-def _execute(
+def _run_claimed(
     session: Session,
     engine: Engine,
     settings: Settings,
+    spec: JobType,
     job: Job,
     dest: BackupDestination,
     lease: Lease | None,
     backend_factory: BackendFactory,
 ) -> JobOutcome | None:
+    """Run a claimed job's function (``spec.run``) with its backend open and its
+    heartbeat beating, then write its outcome: the handling of every way it can end."""
     # Every log line of the job carries its ids and phase (core.logging).
     with job_context(job_id=job.id, job_type=job.type, destination_id=dest.id):
         write = _progress_writer(session, job, lease, settings.lock_lease_seconds)
@@ -464,13 +436,14 @@ def _execute(
             with beat, backend_factory(dest, settings) as backend:
                 backend.request_hook = _backend_hook(dest.kind)
                 try:
-                    outcome = _dispatch(session, backend, dest, settings, job, lease, progress)
+                    ctx = JobContext(session, backend, dest, settings, job, lease, progress)
+                    outcome = spec.run(ctx)
                 finally:
                     metrics.BACKEND_RETRIES.labels(dest.kind).inc(backend.retries)
         except ShutdownRequested as err:
             session.rollback()
             try:
-                _finish(engine, job.id, lease, status="queued", phase="requeued",
+                _finish(engine, job.id, lease, status=JobStatus.QUEUED, phase="requeued",
                         attempts=Job.attempts - 1, error=None, heartbeat_at=utcnow())  # fmt: skip
                 _set_due(engine, job.id, 1)
             except Exception as second:  # the row stays running: the next copy claims it
@@ -488,7 +461,7 @@ def _execute(
             countdown = retry_countdown(max(0, job.attempts - 1))
             try:
                 session.rollback()
-                if not _finish(engine, job.id, lease, status="queued", phase="retrying",
+                if not _finish(engine, job.id, lease, status=JobStatus.QUEUED, phase="retrying",
                                error=msg, heartbeat_at=utcnow()):  # fmt: skip
                     return None
                 _set_due(engine, job.id, countdown)
@@ -500,16 +473,16 @@ def _execute(
                             str(second)[:200])  # fmt: skip
                 raise StateNotRecorded(f"{msg[:500]}; then {type(second).__name__}") from err
             metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
-            if job.type in SCAN_TYPES:  # this scan did not complete
+            if spec.scans:  # this scan did not complete
                 metrics.LAST_SCAN_OK.labels(str(dest.id)).set(0)
             raise RetryableJobError(msg, countdown) from err
         except StorageError as err:
             session.rollback()
-            outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
+            outcome = JobOutcome(JobStatus.FAILED, {}, f"{type(err).__name__}: {err}")
         except Exception as err:
             session.rollback()
             log.exception("job %s failed", job.id)
-            outcome = JobOutcome("failed", {}, f"{type(err).__name__}: {err}")
+            outcome = JobOutcome(JobStatus.FAILED, {}, f"{type(err).__name__}: {err}")
         finally:
             metrics.JOBS_IN_PROGRESS.labels(job.type).dec()
         listed = outcome.result.pop(LISTED_KEY, None)  # for metrics, never stored
@@ -518,14 +491,14 @@ def _execute(
             job.id,
             lease,
             status=outcome.status,
-            phase="done" if outcome.status != "failed" else "failed",
+            phase="done" if outcome.status != JobStatus.FAILED else "failed",
             result=outcome.result,
             error=outcome.error,
             finished_at=utcnow(),
         ):
             return None
-        _record_metrics(job, dest, outcome, time.perf_counter() - t0, listed)
-        if outcome.status == "succeeded":
+        _record_metrics(spec, dest, outcome, time.perf_counter() - t0, listed)
+        if outcome.status == JobStatus.SUCCEEDED:
             log.info("job %s (%s) finished: %s", job.id, job.type, outcome.status)
         else:  # partial, guarded: an operator reads why (it is the job's error too)
             log.warning(
@@ -556,7 +529,7 @@ class Heartbeat:
         with session_scope(self.engine) as s:
             s.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == "running")
+                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(heartbeat_at=utcnow())
             )
 
@@ -607,10 +580,11 @@ class Reaped:
 
 def queued_resend_after(settings: Settings) -> int:
     """Seconds a queued job may go without a sign of life before the reaper takes its
-    message for lost: the broker's visibility timeout, after which Redis would have
+    message for lost: the broker's visibility timeout
+    (:attr:`core.settings.Settings.visibility_timeout`), after which Redis would have
     handed a dead worker's message to another worker anyway (so a re-send never races
     a message that is merely waiting its turn within that window)."""
-    return settings.broker_visibility_timeout or settings.job_hard_time_limit + 600
+    return settings.visibility_timeout
 
 
 def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = None) -> Reaped:
@@ -623,7 +597,7 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
     too_old = now - timedelta(seconds=settings.job_hard_time_limit + 300)
     rows = session.scalars(
         select(Job).where(
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             (Job.heartbeat_at < stale) | (Job.started_at < too_old),
         )
     ).all()
@@ -631,8 +605,7 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
         past_limit = job.started_at is not None and job.started_at < too_old
         # only a row still as read (a heartbeat in between means the worker lives)
         still_stuck = (
-            Job.id == job.id,
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             (Job.heartbeat_at < stale) | (Job.started_at < too_old),
         )
         if send is not None and not past_limit and job.attempts < settings.max_attempts:
@@ -642,7 +615,7 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
             )
             progress = {k: v for k, v in (job.progress or {}).items() if k not in QUEUE_KEYS}
             progress["due_at"] = now.isoformat()
-            values = {"status": "queued", "phase": "requeued", "heartbeat_at": now,
+            values = {"status": JobStatus.QUEUED, "phase": "requeued", "heartbeat_at": now,
                       "progress": progress}  # fmt: skip
             if _reap(session, job, still_stuck, note, **values):
                 _release_locks_of(session, job.id)
@@ -654,11 +627,9 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
             f"no progress since {job.heartbeat_at}: the worker died or hung "
             f"({why}; reaped after {job.attempts} attempt(s))"
         )
-        if _reap(
-            session, job, still_stuck, error, status="failed", phase="failed", finished_at=now
-        ):
+        if fail_job(session, job.id, error, job_type=job.type, still=still_stuck, finished_at=now):
+            log.warning("job %s: %s", job.id, error)
             _release_locks_of(session, job.id)
-            metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
             out.failed += 1
     if send is not None:
         queued_resend(session, settings, send, out)
@@ -682,9 +653,10 @@ def _release_locks_of(session: Session, job_id: uuid.UUID) -> None:
 
 
 def _reap(session: Session, job: Job, still: tuple[Any, ...], error: str, **values: Any) -> bool:
-    """One reaper transition of ``job``, only if the row is still as read (``still``);
-    committed and logged. False when the job moved on in between."""
-    res = session.execute(update(Job).where(*still).values(error=error, **values))
+    """One reaper transition of ``job`` back to the queue, only if the row is still as
+    read (``still``); committed and logged. False when the job moved on in between.
+    (Failing a job is :func:`worker.jobs.fail_job`'s, with the same ``still``.)"""
+    res = session.execute(update(Job).where(Job.id == job.id, *still).values(error=error, **values))
     session.commit()
     if not res.rowcount:  # type: ignore[attr-defined]
         return False
@@ -707,15 +679,16 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
     # could not be sent. Re-sent quickly. One never picked up may just be waiting its
     # turn behind others in the broker: re-sent after the visibility timeout only.
     recent = func.coalesce(Job.heartbeat_at, Job.created_at) < now - grace
+    queued = Job.status == JobStatus.QUEUED
     overdue = [
         job.id
-        for job in session.scalars(select(Job).where(Job.status == "queued", recent)).all()
+        for job in session.scalars(select(Job).where(queued, recent)).all()
         if _due_at(job) is not None and _due_at(job) + grace < now  # type: ignore[operator]
     ]
     quiet = func.coalesce(Job.heartbeat_at, Job.created_at) < cutoff
     if overdue:
         quiet = quiet | (Job.id.in_(overdue) & recent)
-    jobs = session.scalars(select(Job).where(Job.status == "queued", quiet)).all()
+    jobs = session.scalars(select(Job).where(queued, quiet)).all()
     for job in jobs:
         before = dict(job.progress or {})
         resends = int(before.get("resends", 0))
@@ -724,21 +697,16 @@ def queued_resend(session: Session, settings: Settings, send: Sender, out: Reape
                 f"never picked up: sent {resends + 1} times, no worker took it "
                 f"(no sign of life since {job.heartbeat_at or job.created_at})"
             )
-            res = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == "queued", quiet)
-                .values(status="failed", phase="failed", error=error, finished_at=now)
-            )
-            session.commit()
-            if res.rowcount:  # type: ignore[attr-defined]
+            if fail_job(
+                session, job.id, error, job_type=job.type, still=(queued, quiet), finished_at=now
+            ):
                 log.warning("job %s: %s", job.id, error)
-                metrics.JOBS_FINISHED.labels(job.type, "failed").inc()
                 out.lost += 1
             continue
         progress = {**(job.progress or {}), "resends": resends + 1}
         res = session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == "queued", quiet)
+            .where(Job.id == job.id, queued, quiet)
             .values(progress=progress, heartbeat_at=now)
         )
         session.commit()
@@ -770,7 +738,7 @@ def _send_again(
                     "later reaper pass sends it again", job.id, type(err).__name__,
                     str(err)[:200])  # fmt: skip
     values = {**((job.progress or {}) if progress is None else progress), "due_at": now.isoformat()}
-    still_queued = (Job.id == job.id, Job.status == "queued")
+    still_queued = (Job.id == job.id, Job.status == JobStatus.QUEUED)
     session.execute(update(Job).where(*still_queued).values(progress=values))
     session.commit()
     return False
@@ -795,9 +763,9 @@ def job_health(job: Job, now: datetime, settings: Settings) -> dict[str, Any]:
     grace = timedelta(seconds=settings.heartbeat_timeout)
     due = _due_at(job)
     stale = False
-    if job.status == "running":
+    if job.status == JobStatus.RUNNING:
         stale = beat is None or beat < now - grace
-    elif job.status == "queued" and due is not None:
+    elif job.status == JobStatus.QUEUED and due is not None:
         stale = due + grace < now and (beat is None or beat < now - grace)
     waiting = (job.progress or {}).get("waiting_for") if job.phase == "waiting" else None
     if job.status not in ACTIVE_JOB_STATUSES:

@@ -89,6 +89,7 @@ def test_access_and_audit_lines_are_json_when_json_logging_is_on(client, auth, e
         "size_bytes": 6,
         "actor": "alice",
         "error": None,
+        "reason": "manual",
     }
 
 

@@ -23,6 +23,8 @@ def test_readyz_filesystem_broker(settings, engine):
     assert r.get_json() == {
         "status": "unavailable",
         "checks": {"database": "ok", "broker": "unreachable"},
+        "pool": {"in_use": 0, "size": 10, "saturated": False},  # the fixture's engine
+        "transfers": {"in_use": 0, "limit": 8},  # half of OCORE_API_THREADS (16)
     }
     settings.broker_dir.mkdir(parents=True)
     r = client.get("/readyz")

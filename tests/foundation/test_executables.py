@@ -283,7 +283,7 @@ def test_each_inventory_entry_names_files_that_exist() -> None:
 
 def _copy_project(tmp_path: Path) -> Path:
     for name in ("scripts/install-system-deps.sh", "requirements.lock", "pyproject.toml",
-                 "README.md"):  # fmt: skip
+                 "README.md", "requirements-tools.lock"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     return tmp_path

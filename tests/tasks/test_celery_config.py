@@ -22,7 +22,10 @@ from tests.factories import World, make_destination
 from tests.tasks.kit import job_row, request
 from worker.celery_app import QUEUES, make_celery
 from worker.celery_tasks import JobFailed
-from worker.jobs import TASKS
+from worker.jobtypes import JOB_TYPES
+
+#: job type -> (Celery task name, queue), from the registry
+TASKS = {jt.name: (jt.task, jt.queue) for jt in JOB_TYPES.values()}
 
 REDIS = "redis://127.0.0.1:6379/14"
 
@@ -156,7 +159,9 @@ def test_retries_back_off_exponentially_then_the_job_fails(
     """Eager ``apply`` runs each retry at once (the countdown is what a worker would wait,
     reported through Celery's ``task_retry`` signal)."""
     from worker import metrics
-    from worker.celery_tasks import retry_countdown, scan_task
+    from worker.celery_tasks import JOB_TASKS, retry_countdown
+
+    scan_task = JOB_TASKS["scan"]
 
     assert [retry_countdown(n) for n in range(8)] == [10, 20, 40, 80, 160, 320, 600, 600]
     job = request(db, unreachable_s3(db, world), "scan")
@@ -187,7 +192,9 @@ def test_the_attempt_cap_in_the_database_ends_the_job_failed(
     """Celery's own retry count decides nothing (waits and requeues never use it up);
     the job row's attempts do: a job failing every time ends ``failed`` at the cap."""
     from worker import metrics
-    from worker.celery_tasks import scan_task
+    from worker.celery_tasks import JOB_TASKS
+
+    scan_task = JOB_TASKS["scan"]
 
     job = request(db, unreachable_s3(db, world), "scan")
     failed = metrics.JOBS_FINISHED.labels("scan", "failed")._value.get()
@@ -208,7 +215,9 @@ def test_every_line_a_job_task_writes_carries_the_job_id(
 ) -> None:
     """``task_prerun`` sets the log context from the job id (lines written outside
     ``run_job`` too, like the give-up below); ``task_postrun`` drops it."""
-    from worker.celery_tasks import scan_task
+    from worker.celery_tasks import JOB_TASKS
+
+    scan_task = JOB_TASKS["scan"]
 
     job = request(db, unreachable_s3(db, world), "scan")
     lines = CapturedJson()

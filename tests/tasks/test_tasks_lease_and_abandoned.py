@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
@@ -110,3 +111,47 @@ def test_pending_rows_of_finished_jobs_are_settled(
     assert store.exists("backups/still-here.tar")  # too new: never deleted from a stale plan
     with Session(engine) as s:
         assert s.scalars(select(DeletionAudit).where(DeletionAudit.state == "pending")).all() == []
+
+
+def test_pending_rows_the_api_left_are_settled_after_an_hour(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    """An API delete or overwrite (no job) that left its row pending: the API request
+    ended without finishing it. The next job settles rows older than an hour, like a
+    finished job's; a younger one may still be in flight and stays pending."""
+    dest = local_dest(db, world, store)
+    store.put("backups/still-here.tar", age_days=1)
+    store.put("backups/replaced.tar", age_days=1)
+    hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    rows = {
+        "gone.tar": ("manual", hours_ago),
+        "still-here.tar": ("manual", hours_ago),
+        "replaced.tar": ("overwrite", hours_ago),
+        "in-flight.tar": ("manual", datetime.now(UTC)),
+    }
+    with Session(engine) as s:
+        for path, (reason, created) in rows.items():
+            s.add(
+                DeletionAudit(
+                    destination_id=dest.id,
+                    path=path,
+                    reason=reason,
+                    actor="alice",
+                    created_at=created,
+                )
+            )
+        s.commit()
+    job = request(db, dest, "orphan_cleanup")
+    run(engine, cfg, job)
+    assert job_row(engine, job.id).status == "succeeded"
+    with Session(engine) as s:
+        found = {
+            a.path: (a.state, a.error)
+            for a in s.scalars(select(DeletionAudit).where(DeletionAudit.job_id.is_(None)))
+        }
+    assert found["gone.tar"] == ("deleted", None)
+    assert found["still-here.tar"] == ("abandoned", None)
+    assert found["replaced.tar"][0] == "abandoned"
+    assert "stopped during the upload" in str(found["replaced.tar"][1])
+    assert found["in-flight.tar"] == ("pending", None)
+    assert store.exists("backups/still-here.tar") and store.exists("backups/replaced.tar")
