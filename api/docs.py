@@ -313,7 +313,10 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "directory, `OCORE_CREDENTIALS_*` variable...), and the service log (`api.errors`) "
         "always has it under that reference. The status and the code are the same for "
         "every role. A 400 `invalid_path` and a 409 `path_conflict` name the caller's path "
-        "relative to the destination, never an absolute one.",
+        "relative to the destination, never an absolute one. A job's `error` (and its "
+        "result's `error`), as `GET /api/jobs/{id}` shows it to a member or viewer, has "
+        "URLs, absolute paths, IP addresses and `OCORE_*` names replaced by `<address>`, "
+        "`<path>` and `<setting>`; admins read it whole.",
         "",
         "Every answer carries `Cache-Control: no-store`. A browse `next_cursor` is valid "
         "only for the destination and prefix that returned it, passed back unchanged: it "

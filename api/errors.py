@@ -150,6 +150,28 @@ def uuids_in(text: str) -> str:
     return ", ".join(dict.fromkeys(_UUID.findall(text.lower())))
 
 
+#: what a member is not told in a job's error text (admins and the logs keep it all):
+#: URLs (storage endpoints), absolute paths (base and secrets directories), settings
+#: and credentials variables, host:port addresses
+_INTERNALS = (
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"),;]+", re.IGNORECASE), "<address>"),
+    (re.compile(r"(?<![\w.])/(?:[^\s'\"/:,;()]+/)*[^\s'\"/:,;()]*"), "<path>"),
+    (re.compile(r"\bOCORE_[A-Z0-9_]+"), "<setting>"),
+    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"), "<address>"),
+    (re.compile(r"\blocalhost(?::\d+)?\b"), "<address>"),
+)
+
+
+def redact_internals(text: str | None) -> str | None:
+    """``text`` without the server internals :data:`_INTERNALS` names, for a caller who
+    is not an admin (a job's error; what happened in kind stays readable)."""
+    if text is None:
+        return None
+    for pattern, replacement in _INTERNALS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def caller_is_admin() -> bool:
     """The request's token has the admin role (False before or without authentication).
 

@@ -24,7 +24,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.auth import current_principal, load_destination, load_job
 from api.context import db, settings, state
-from api.errors import ApiError
+from api.errors import ApiError, caller_is_admin, redact_internals
 from api.params import json_body, parse_uuid, strict_bool
 from core.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
 from db.models import BackupDestination, Job
@@ -203,5 +203,10 @@ def cleanup_orphans(dest_id: str) -> Response:
 def get_job(job_id: str) -> Response:
     """A job's status, progress and result."""
     job = load_job(parse_uuid(job_id, "id"))
+    body = job_to_dict(job)
+    if not caller_is_admin():  # members: what failed, not where the servers are
+        body["error"] = redact_internals(body["error"])
+        if isinstance(body["result"], dict) and isinstance(body["result"].get("error"), str):
+            body["result"] = {**body["result"], "error": redact_internals(body["result"]["error"])}
     # stale / waiting_for / activity: is anything happening (worker.runner.job_health)
-    return jsonify({**job_to_dict(job), **job_health(job, db_now(db()), settings())})
+    return jsonify({**body, **job_health(job, db_now(db()), settings())})

@@ -35,7 +35,9 @@ def ensure_database() -> None:
 
 def _ensure_tenants() -> None:
     with psycopg.connect(PG_URL) as conn:
-        if conn.execute("SELECT count(*) FROM instances").fetchone()[0] >= layout.INSTANCES:
+        row = conn.execute("SELECT count(*) FROM instances").fetchone()
+        assert row is not None  # (a count is one row)
+        if row[0] >= layout.INSTANCES:
             return
         now = OLD
         for o in range(5):

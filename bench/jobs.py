@@ -163,7 +163,7 @@ def run(bench: Bench, count: int) -> list[Row]:
         r.flushdb()
         r.close()
     with psycopg.connect(dbload.PG_URL) as conn:
-        statuses = dict(
+        statuses: dict[str, int] = dict(
             conn.execute(
                 "SELECT status, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY status", (job_ids,)
             ).fetchall()

@@ -73,6 +73,7 @@ class Signer:
 def _conn(endpoint: str) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(endpoint)
     host = parts.netloc
+    assert parts.hostname, endpoint
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=60), host
 
 
@@ -163,6 +164,7 @@ def raw_walk(endpoint: str, bucket: str, prefix: str = "") -> dict[str, int]:
     creds = Credentials(ACCESS_KEY, SECRET_KEY)
     auth = S3SigV4Auth(creds, "s3", REGION)
     parts = urlsplit(endpoint)
+    assert parts.hostname, endpoint
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
     token: str | None = None
     files = total = parsed = 0

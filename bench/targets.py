@@ -9,7 +9,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -196,7 +196,7 @@ def _without_object_identity() -> None:
     from storage_backends.base import StorageBackend
     from storage_backends.s3 import S3Backend
 
-    def no_recheck(self: Any, items: list[Any]) -> tuple[list[Any], list[str]]:
+    def no_recheck(self: Any, items: Sequence[Any]) -> tuple[list[Any], list[str]]:
         return list(items), []
 
     StorageBackend.recheck = no_recheck  # type: ignore[method-assign]

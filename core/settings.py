@@ -137,6 +137,31 @@ class Settings(BaseSettings):
         default="0.0.0.0",  # noqa: S104 - scraped from other containers
         description="an address to listen on (checked when the worker binds it)",
     )
+    # What a worker's /metrics serves besides its own counts: the figures every worker
+    # would repeat (destinations, projects and jobs from the database, broker queues).
+    # Off: `ocore-storage exporter` serves them once, for any number of workers.
+    metrics_shared: bool = Field(
+        default=False,
+        description="true or false: true for a single worker (`serve` sets it), false when "
+        "`ocore-storage exporter` serves them",
+    )
+    metrics_top_destinations: int = Field(
+        default=200,
+        ge=0,
+        le=100_000,
+        description="destinations with per-destination storage series, the largest by "
+        "bytes, from 0 to 100000 (the others count in the ocore_storage_* totals)",
+    )
+    exporter_port: int = Field(
+        default=9810, ge=1, le=65535, description="a TCP port from 1 to 65535"
+    )
+    exporter_cache_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds from 0 (read at every scrape) to 3600",
+    )
     api_host: str = Field(
         default="127.0.0.1", description="an address to listen on (checked when `api` binds it)"
     )

@@ -280,6 +280,69 @@ def beat() -> None:
 
 
 @cli.command()
+@click.option("--host", default=None, help="Default: OCORE_METRICS_HOST.")
+@click.option(
+    "--port", default=None, type=click.IntRange(1, 65535), help="Default: OCORE_EXPORTER_PORT."
+)
+def exporter(host: str | None, port: int | None) -> None:
+    """Serve the figures every worker would repeat, once: destinations, projects and jobs
+    read from the database (cached OCORE_EXPORTER_CACHE_SECONDS) and the broker's queues,
+    at /metrics, with /healthz. Run one per deployment beside any number of workers,
+    whose own /metrics then count only what each one does (docs/observability.md).
+
+    A production command, like ``worker``: needs OCORE_DATABASE_URL and the schema.
+    """
+    import signal
+    import threading
+
+    from core.logging import configure_logging
+    from worker.metrics_server import (
+        Health,
+        broker_check,
+        build_registry,
+        database_check,
+        start_metrics_server,
+    )
+
+    settings = _settings()
+    _require_database_url(settings, "exporter")
+    _require_schema(settings)
+    configure_logging(settings)
+    from worker.celery_app import app as celery_app
+
+    conf = celery_app.conf
+    broker_url = str(conf.broker_url)
+    queues = [q.name for q in (conf.task_queues or [])]
+    options = dict(conf.broker_transport_options or {})
+    database_url = settings.effective_database_url
+    registry = build_registry(
+        broker_url,
+        queues,
+        options,
+        database_url=database_url,
+        own=False,
+        cache_seconds=settings.exporter_cache_seconds,
+        top_destinations=settings.metrics_top_destinations,
+    )
+    health = Health(
+        {"database": database_check(database_url), "broker": broker_check(broker_url, options)}
+    )
+    bind_host, bind_port = host or settings.metrics_host, port or settings.exporter_port
+    _check_port_free(bind_host, bind_port)
+    server = start_metrics_server(bind_port, bind_host, registry, health)
+    if server is None:
+        raise CliError(f"cannot serve /metrics on {bind_host}:{bind_port}")
+    from api.server import http_url
+
+    click.echo(f"exporter metrics on {http_url(bind_host, server.port)}/metrics", err=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+
+
+@cli.command()
 @click.option("--host", default=None, help="Default: OCORE_API_HOST.")
 @click.option(
     "--port", default=None, type=click.IntRange(1, 65535), help="Default: OCORE_API_PORT."
@@ -401,6 +464,8 @@ def serve(host: str | None, port: int | None) -> None:
     env = _multiproc_env(settings)
     # the embedded default's /metrics on loopback unless OCORE_METRICS_HOST says otherwise
     env.setdefault("OCORE_METRICS_HOST", "127.0.0.1")
+    # its one worker serves the shared figures too (no exporter beside it)
+    env.setdefault("OCORE_METRICS_SHARED", "true")
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
     cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "-s", schedule,
            "-Q", QUEUES, "-c", "2", "--loglevel", settings.log_level]  # fmt: skip

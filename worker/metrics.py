@@ -144,30 +144,6 @@ CHANGED_SINCE_PLAN = Counter(
     ["backend", "reason"],
 )
 
-DEST_BYTES = Gauge(
-    "ocore_destination_bytes",
-    "Bytes in a destination by link state, from its last scan",
-    ["destination", "state"],
-    multiprocess_mode="mostrecent",
-)
-DEST_FILES = Gauge(
-    "ocore_destination_files",
-    "Files in a destination by link state, from its last scan",
-    ["destination", "state"],
-    multiprocess_mode="mostrecent",
-)
-LAST_SCAN = Gauge(
-    "ocore_destination_last_scan_timestamp_seconds",
-    "Time of the last successful scan",
-    ["destination"],
-    multiprocess_mode="mostrecent",
-)
-LAST_SCAN_OK = Gauge(
-    "ocore_destination_last_scan_success",
-    "1 if the last scan of the destination succeeded",
-    ["destination"],
-    multiprocess_mode="mostrecent",
-)
 #: Stamped by the tasks beat sends on its schedule (``ocore.reap`` every reaper_interval,
 #: the scan and cleanup scheduling) when a worker runs them: beat is alive and its
 #: tasks are consumed. "max" keeps the newest stamp of every pool process, dead or alive.
@@ -175,12 +151,6 @@ BEAT_LAST_TICK = Gauge(
     "ocore_beat_last_tick_timestamp_seconds",
     "When a task beat sends on its schedule (the reaper pass, every reaper_interval) last ran",
     multiprocess_mode="max",
-)
-LAST_CLEANUP = Gauge(
-    "ocore_destination_last_cleanup_timestamp_seconds",
-    "Time of the last finished orphan cleanup",
-    ["destination"],
-    multiprocess_mode="mostrecent",
 )
 
 
@@ -206,6 +176,19 @@ init_series()
 # --- read from the database at scrape time -------------------------------------------
 
 DB_TIMEOUT = 3.0  # seconds to connect and per statement: a scrape must answer
+#: destinations with per-destination storage series, the largest by bytes (setting
+#: ``OCORE_METRICS_TOP_DESTINATIONS``); freshness series exist for every destination
+TOP_DESTINATIONS = 200
+#: the storage_analytics columns exported per destination (ocore_destination_files,
+#: ocore_destination_bytes) and in all (ocore_storage_files, ocore_storage_bytes)
+FIGURE_COLUMNS = (
+    "total_files",
+    "total_bytes",
+    "linked_files",
+    "linked_bytes",
+    "orphan_files",
+    "orphan_bytes",
+)
 PROJECTS_PER_DESTINATION = 100  # the scan's attribution keeps the top 100 projects
 _LOG_EVERY = 300.0  # seconds between repeated "database unreachable" warnings
 
@@ -288,9 +271,24 @@ class DatabaseCollector(Collector):
     counts ``ocore_db_collector_errors_total``.
     """
 
-    def __init__(self, database_url: str, timeout: float = DB_TIMEOUT) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        timeout: float = DB_TIMEOUT,
+        *,
+        cache_seconds: float = 0.0,
+        top_destinations: int = TOP_DESTINATIONS,
+    ) -> None:
         self.url = database_url
         self.timeout = timeout
+        #: a scrape within this many seconds of the last read gets the same figures
+        self.cache_seconds = cache_seconds
+        #: destinations with storage series (the largest by bytes); the others are
+        #: counted in the totals only (cardinality, docs/observability.md)
+        self.top_destinations = top_destinations
+        self._cached: tuple[float, list[Metric]] | None = None
+        #: destination id -> (analytics row id, {figure: value}) of its last ok scan
+        self._figures: dict[str, tuple[str, dict[str, float]]] = {}
         self.errors = 0
         self._engine: Any = None
         self._lock = threading.Lock()
@@ -337,6 +335,22 @@ class DatabaseCollector(Collector):
                 .scalar_subquery()
             )
 
+        from sqlalchemy import func
+
+        from db.models import Job
+        from worker import jobtypes
+
+        j = Job.__table__.c
+        scans = [t.name for t in jobtypes.JOB_TYPES.values() if t.scans]
+        cleanups = [t.name for t in jobtypes.JOB_TYPES.values() if t.deletes == "orphan"]
+
+        def last_job(types: list[str], statuses: tuple[str, ...]) -> Any:
+            return (
+                select(func.max(j.finished_at))
+                .where(j.destination_id == d.id, j.type.in_(types), j.status.in_(statuses))
+                .scalar_subquery()
+            )
+
         ok = a.status == "succeeded"
         stmt = select(
             d.id,
@@ -346,6 +360,18 @@ class DatabaseCollector(Collector):
             latest(a.finished_at, ok).label("last_ok_at"),
             latest(a.id, ok).label("last_ok_id"),
             latest(a.status).label("last_status"),
+            latest(a.finished_at).label("last_at"),
+            last_job(scans, ("failed",)).label("scan_failed_at"),
+            last_job(cleanups, ("succeeded", "partial")).label("cleanup_at"),
+            select(func.count())
+            .where(
+                j.destination_id == d.id,
+                j.type.in_(scans),
+                j.status == "queued",
+                j.phase == "retrying",
+            )
+            .scalar_subquery()
+            .label("scans_retrying"),
         ).order_by(d.id)
         with self._get_engine().connect() as conn:
             rows = conn.execute(stmt).all()
@@ -357,16 +383,24 @@ class DatabaseCollector(Collector):
                 if self._projects.get(did, ("",))[0] != str(aid)
             ]
             fetched: dict[str, list[tuple[str, float, float]]] = {}
+            figures: dict[str, dict[str, float]] = {}
             for i in range(0, len(new_ids), 500):
                 chunk = new_ids[i : i + 500]
-                projects_of = select(a.id, a.details["attribution"]["projects"])
-                for aid, projects in conn.execute(projects_of.where(a.id.in_(chunk))):
+                columns = [getattr(a, f) for f in FIGURE_COLUMNS]
+                of = select(a.id, a.details["attribution"]["projects"], *columns)
+                for aid, projects, *values in conn.execute(of.where(a.id.in_(chunk))):
                     fetched[str(aid)] = project_samples({"projects": projects})
+                    figures[str(aid)] = {
+                        f: float(v or 0) for f, v in zip(FIGURE_COLUMNS, values, strict=True)
+                    }
             for did, aid in latest_ok.items():
                 if str(aid) in fetched:
                     self._projects[did] = (str(aid), fetched[str(aid)])
+                    self._figures[did] = (str(aid), figures[str(aid)])
             for did in set(self._projects) - set(latest_ok):
                 del self._projects[did]
+            for did in set(self._figures) - set(latest_ok):
+                del self._figures[did]
             project_ids = {pid for _, ps in self._projects.values() for pid, _, _ in ps}
             names: dict[str, str] = {}
             if project_ids:
@@ -378,8 +412,10 @@ class DatabaseCollector(Collector):
         return {
             "destinations": rows,
             "projects": dict(self._projects),
+            "figures": {did: f for did, (_, f) in self._figures.items()},
             "names": names,
             "jobs": jobs,
+            "top": self.top_destinations,
         }
 
     # -- exposition ------------------------------------------------------------------
@@ -398,19 +434,28 @@ class DatabaseCollector(Collector):
         return [*self._health(), *self._families({"destinations": [], "projects": {}})]
 
     def collect(self) -> Iterable[Metric]:
-        up, errors = self._health()
         with self._lock:
-            try:
-                data = self.read()
-            except Exception as err:  # never fail the scrape: report the database down
-                self.errors += 1
-                self._warn(err)
-                up.add_metric([], 0)
-                errors.add_metric([], self.errors)
-                return [up, errors]
-            if not self._was_up:
-                log.info("database readable again for /metrics")
-            self._was_up = True
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+                return list(self._cached[1])
+            families = list(self._collect())
+            self._cached = (now, families)
+            return families
+
+    def _collect(self) -> Iterable[Metric]:
+        """One read of the database (the caller holds the lock)."""
+        up, errors = self._health()
+        try:
+            data = self.read()
+        except Exception as err:  # never fail the scrape: report the database down
+            self.errors += 1
+            self._warn(err)
+            up.add_metric([], 0)
+            errors.add_metric([], self.errors)
+            return [up, errors]
+        if not self._was_up:
+            log.info("database readable again for /metrics")
+        self._was_up = True
         up.add_metric([], 1)
         errors.add_metric([], self.errors)
         return [up, errors, *self._families(data)]
@@ -463,6 +508,49 @@ class DatabaseCollector(Collector):
             "Name of each project that has storage (value 1), to join on the project id",
             labels=["project", "name"],
         )
+        last_scan = GaugeMetricFamily(
+            "ocore_destination_last_scan_timestamp_seconds",
+            "End of the last scan (or scan-cleanup) whose listing completed; absent if none",
+            labels=["destination"],
+        )
+        success = GaugeMetricFamily(
+            "ocore_destination_last_scan_success",
+            "1 if the destination's last scan listed everything, 0 if it stopped or its "
+            "last scan job failed since",
+            labels=["destination"],
+        )
+        cleanup = GaugeMetricFamily(
+            "ocore_destination_last_cleanup_timestamp_seconds",
+            "End of the last orphan cleanup that deleted (succeeded or partial)",
+            labels=["destination"],
+        )
+        dest_files = GaugeMetricFamily(
+            "ocore_destination_files",
+            "Files in a destination by state (linked, orphan), from its last successful "
+            "scan; the largest destinations only (ocore_storage_files has them all)",
+            labels=["destination", "state"],
+        )
+        dest_bytes = GaugeMetricFamily(
+            "ocore_destination_bytes",
+            "Bytes in a destination by state (total, linked, orphan), from its last "
+            "successful scan; the largest destinations only (ocore_storage_bytes has them all)",
+            labels=["destination", "state"],
+        )
+        all_files = GaugeMetricFamily(
+            "ocore_storage_files",
+            "Files of every destination by state, from each one's last successful scan",
+            labels=["state"],
+        )
+        all_bytes = GaugeMetricFamily(
+            "ocore_storage_bytes",
+            "Bytes of every destination by state, from each one's last successful scan",
+            labels=["state"],
+        )
+        omitted = GaugeMetricFamily(
+            "ocore_destinations_without_storage_series",
+            "Destinations whose storage series are left out (beyond the largest "
+            "OCORE_METRICS_TOP_DESTINATIONS); their figures are in the ocore_storage_* totals",
+        )
         for row in data["destinations"]:
             did = str(row.id)
             info.add_metric([did, row.name or "", row.kind or ""], 1)
@@ -472,11 +560,41 @@ class DatabaseCollector(Collector):
             stamp = _stamp(row.last_ok_at)
             if stamp is not None:
                 last_ok.add_metric([did], stamp)
+                last_scan.add_metric([did], stamp)
             if row.last_status is not None:
                 complete.add_metric([did], 1 if row.last_status == "succeeded" else 0)
+            failed_at = _stamp(getattr(row, "scan_failed_at", None))
+            retrying = getattr(row, "scans_retrying", 0)
+            if row.last_status is not None or failed_at is not None or retrying:
+                ok = row.last_status == "succeeded"
+                last_at = _stamp(getattr(row, "last_at", None))
+                if failed_at is not None and (last_at is None or failed_at > last_at):
+                    ok = False  # its last scan job failed (before writing a scan row)
+                if getattr(row, "scans_retrying", 0):
+                    ok = False  # a scan stopped by a transient error waits to retry
+                success.add_metric([did], 1 if ok else 0)
+            stamp = _stamp(getattr(row, "cleanup_at", None))
+            if stamp is not None:
+                cleanup.add_metric([did], stamp)
+        figures: Mapping[str, Mapping[str, float]] = data.get("figures", {})
+        top = int(data.get("top", TOP_DESTINATIONS))
+        largest = sorted(figures, key=lambda k: (-figures[k]["total_bytes"], k))[:top]
+        for state in ("total", "linked", "orphan"):
+            all_files.add_metric([state], sum(f[f"{state}_files"] for f in figures.values()))
+            all_bytes.add_metric([state], sum(f[f"{state}_bytes"] for f in figures.values()))
+        for did in sorted(largest):
+            f = figures[did]
+            for state in ("linked", "orphan"):
+                dest_files.add_metric([did, state], f[f"{state}_files"])
+            for state in ("total", "linked", "orphan"):
+                dest_bytes.add_metric([did, state], f[f"{state}_bytes"])
+        omitted.add_metric([], len(figures) - len(largest))
+        shown = set(largest)
         seen: set[str] = set()
         names: Mapping[str, str] = data.get("names", {})
         for did, (_, projects) in sorted(data["projects"].items()):
+            if figures and did not in shown:
+                continue  # (cardinality: the largest destinations only)
             for pid, size, files in projects:
                 project_bytes.add_metric([did, pid], size)
                 project_files.add_metric([did, pid], files)
@@ -504,6 +622,14 @@ class DatabaseCollector(Collector):
             created,
             last_ok,
             complete,
+            last_scan,
+            success,
+            cleanup,
+            dest_files,
+            dest_bytes,
+            all_files,
+            all_bytes,
+            omitted,
             project_bytes,
             project_files,
             project_info,

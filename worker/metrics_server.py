@@ -209,11 +209,22 @@ def build_registry(
     queues: Sequence[str] = (),
     transport_options: dict[str, Any] | None = None,
     database_url: str | None = None,
+    *,
+    own: bool = True,
+    cache_seconds: float = 0.0,
+    top_destinations: int | None = None,
 ) -> CollectorRegistry:
-    """The registry ``/metrics`` serves: every child's values, plus the broker's and,
-    with ``database_url``, the destinations' freshness read from the database
-    (:class:`worker.metrics.DatabaseCollector`)."""
+    """The registry ``/metrics`` serves: every child's values (``own``: a worker's),
+    plus the shared figures: the broker's queues (``broker_url``) and, with
+    ``database_url``, what the database says (:class:`worker.metrics.DatabaseCollector`).
+    The shared figures are the same for every worker: one process serves them (the
+    exporter, or the one worker of ``serve``), so that sums over workers stay true."""
     registry = CollectorRegistry()
+    if not own:  # the exporter: the shared figures and its own process
+        ProcessCollector(registry=registry)
+        _add_shared(registry, broker_url, queues, transport_options, database_url,
+                    cache_seconds, top_destinations)  # fmt: skip
+        return registry
     folder = multiproc_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -223,13 +234,29 @@ def build_registry(
         ProcessCollector(registry=registry)
     else:
         registry.register(_DefaultRegistryProxy())
+    _add_shared(registry, broker_url, queues, transport_options, database_url,
+                cache_seconds, top_destinations)  # fmt: skip
+    return registry
+
+
+def _add_shared(
+    registry: CollectorRegistry,
+    broker_url: str | None,
+    queues: Sequence[str],
+    transport_options: dict[str, Any] | None,
+    database_url: str | None,
+    cache_seconds: float,
+    top_destinations: int | None,
+) -> None:
     if broker_url:
         registry.register(BrokerCollector(broker_url, queues, transport_options))
     if database_url:
-        from worker.metrics import DatabaseCollector
+        from worker.metrics import TOP_DESTINATIONS, DatabaseCollector
 
-        registry.register(DatabaseCollector(database_url))
-    return registry
+        top = TOP_DESTINATIONS if top_destinations is None else top_destinations
+        registry.register(
+            DatabaseCollector(database_url, cache_seconds=cache_seconds, top_destinations=top)
+        )
 
 
 #: ``check() -> (ok, what)``: one dependency of the worker (its broker, its database)

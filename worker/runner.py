@@ -185,23 +185,14 @@ def _record_metrics(
     metrics.JOBS_FINISHED.labels(spec.name, outcome.status).inc()
     metrics.JOB_DURATION.labels(spec.name).observe(seconds)
     r = outcome.result
-    d = str(dest.id)
     if outcome.status == JobStatus.GUARDED:
         metrics.GUARDED.labels(spec.name).inc()
+    # (a destination's figures, its last scan and cleanup are read from the database by
+    # one exporter, worker.metrics.DatabaseCollector: never per worker, docs/observability.md)
     if spec.scans:
-        if "total_files" in r:
-            ok = 1 if r.get("listing_complete") else 0
-            metrics.LAST_SCAN_OK.labels(d).set(ok)
-            if ok:
-                metrics.LAST_SCAN.labels(d).set(time.time())
-                metrics.ORPHANS_FOUND.labels(dest.kind).inc(r.get("orphan_files", 0))
-                metrics.AMBIGUOUS.labels(dest.kind).inc(r.get("ambiguous_files", 0))
-                for state in ("linked", "orphan"):
-                    metrics.DEST_FILES.labels(d, state).set(r.get(f"{state}_files", 0))
-                for state in ("total", "linked", "orphan"):
-                    metrics.DEST_BYTES.labels(d, state).set(r.get(f"{state}_bytes", 0))
-        elif outcome.status == JobStatus.FAILED:  # failed before its listing ended (result {})
-            metrics.LAST_SCAN_OK.labels(d).set(0)
+        if "total_files" in r and r.get("listing_complete"):
+            metrics.ORPHANS_FOUND.labels(dest.kind).inc(r.get("orphan_files", 0))
+            metrics.AMBIGUOUS.labels(dest.kind).inc(r.get("ambiguous_files", 0))
         # what the listing walked (dashboards), complete or not
         metrics.OBJECTS_LISTED.labels(dest.kind).inc(r.get("total_files", 0))
         metrics.BYTES_LISTED.labels(dest.kind).inc(r.get("total_bytes", 0))
@@ -216,8 +207,10 @@ def _record_metrics(
         metrics.ORPHANS_DELETED.labels(dest.kind, reason).inc(r.get("deleted_files", 0))
         metrics.BYTES_FREED.labels(dest.kind, reason).inc(r.get("bytes_freed", 0))
         metrics.CHANGED_SINCE_PLAN.labels(dest.kind, reason).inc(r.get("changed_since_plan", 0))
-        if reason == "orphan" and outcome.status in (JobStatus.SUCCEEDED, JobStatus.PARTIAL):
-            metrics.LAST_CLEANUP.labels(d).set(time.time())
+        uploads = r.get("incomplete_uploads") or {}
+        if uploads.get("aborted"):  # incomplete uploads aborted by orphan cleanup
+            metrics.ORPHANS_DELETED.labels(dest.kind, "upload").inc(uploads["aborted"])
+            metrics.BYTES_FREED.labels(dest.kind, "upload").inc(uploads.get("bytes_freed", 0))
     # records soft-deleted (only a job that removes records reports removed_records)
     metrics.STALE_REMOVED.inc(r.get("removed_records", 0))
 
@@ -473,8 +466,8 @@ def _run_claimed(
                             str(second)[:200])  # fmt: skip
                 raise StateNotRecorded(f"{msg[:500]}; then {type(second).__name__}") from err
             metrics.JOB_RETRIES.labels(job.type, type(err).__name__).inc()
-            if spec.scans:  # this scan did not complete
-                metrics.LAST_SCAN_OK.labels(str(dest.id)).set(0)
+            # (a scan waiting to retry shows as ocore_destination_last_scan_success 0:
+            # worker.metrics.DatabaseCollector reads its phase)
             raise RetryableJobError(msg, countdown) from err
         except StorageError as err:
             session.rollback()

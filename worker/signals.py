@@ -59,8 +59,18 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     broker_url = str(conf.broker_url) if conf is not None and conf.broker_url else None
     queues = [q.name for q in (conf.task_queues or [])] if conf is not None else []
     options = dict(conf.broker_transport_options or {}) if conf is not None else {}
-    database_url = get_settings().effective_database_url
-    registry = build_registry(broker_url, queues, options, database_url=database_url)
+    settings = get_settings()
+    database_url = settings.effective_database_url
+    # the figures every worker would repeat: only when this is the one worker (serve);
+    # else `ocore-storage exporter` serves them once (docs/observability.md)
+    shared = settings.metrics_shared
+    registry = build_registry(
+        broker_url if shared else None,
+        queues,
+        options,
+        database_url=database_url if shared else None,
+        top_destinations=settings.metrics_top_destinations,
+    )
     checks = {"database": database_check(database_url)}
     if broker_url:
         checks["broker"] = broker_check(broker_url, options)

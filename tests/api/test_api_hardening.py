@@ -8,6 +8,7 @@ import io
 import re
 import time
 import uuid
+from typing import cast
 from urllib.parse import unquote
 
 import jwt
@@ -439,6 +440,7 @@ def test_the_api_command_starts_with_a_real_secret_or_when_told_it_is_developmen
     from worker.cli import api as api_command
     from worker.cli import cli
 
+    assert api_command.callback is not None
     p0, p1, p2, p3 = _free_ports(4)
     environment.setenv("OCORE_ALLOW_INSECURE_DEV_SECRET", "true")
     result = CliRunner().invoke(cli, ["api", "--port", str(p0)])
@@ -486,7 +488,9 @@ def test_the_api_command_with_dev_serves_on_the_default_secret(pg_url, tmp_path)
                     body = json.loads(r.read())
             except OSError:
                 time.sleep(0.2)
-        assert body == {"status": "ok"}, proc.stdout.read1().decode() if proc.stdout else ""
+        assert body == {"status": "ok"}, (
+            cast(io.BufferedReader, proc.stdout).read1().decode() if proc.stdout else ""
+        )
     finally:
         proc.terminate()
         output = proc.communicate(timeout=30)[0].decode()

@@ -183,3 +183,22 @@ def test_job_of_another_org_or_unknown_is_404(client, auth, env, db):
     assert_error(client.get("/api/jobs/nope", headers=auth()), 400)
     admin = auth(role="admin")
     assert client.get(f"/api/jobs/{job_id}", headers=admin).status_code == 200
+
+
+def test_a_members_view_of_a_failed_job_names_no_server_internals(client, auth, env, db):
+    """A worker's error text can name the storage endpoint, the secrets directory and
+    settings variables: a member reads what failed without them, an admin reads it all."""
+    error = ("TransientStorageError: Could not connect to the endpoint URL: "
+             '"http://10.1.2.3:9000/tenant-bucket/x"; no file /run/secrets/ocore/moto and no '
+             "OCORE_CREDENTIALS_MOTO variable")  # fmt: skip
+    job = Job(type="scan", destination_id=env.dest.id, location_key="k", status="failed",
+              phase="failed", error=error, result={"error": error})  # fmt: skip
+    db.add(job)
+    db.commit()
+    member = client.get(f"/api/jobs/{job.id}", headers=auth()).get_json()
+    for text in (member["error"], member["result"]["error"]):
+        assert "TransientStorageError: Could not connect to the endpoint URL" in text
+        for internal in ("10.1.2.3", "9000", "tenant-bucket", "/run/secrets", "OCORE_"):
+            assert internal not in text, text
+    admin = client.get(f"/api/jobs/{job.id}", headers=auth(role="admin")).get_json()
+    assert admin["error"] == error and admin["result"]["error"] == error

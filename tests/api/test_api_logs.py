@@ -114,15 +114,15 @@ def test_one_audit_line_per_file_deleted_and_a_warning_when_it_was_not(
     assert bad.status_code >= 400
 
     lines = [r for r in caplog.records if r.name == "ocore.api.audit"]
-    assert [(r.levelno, r.audit["state"]) for r in lines] == [  # type: ignore[attr-defined]
+    assert [(r.levelno, r.audit["state"]) for r in lines] == [
         (logging.INFO, "deleted"),
         (logging.WARNING, "failed"),
     ]
     rows = {a.path: a for a in db.scalars(select(DeletionAudit)).all()}
-    first = lines[0].audit  # type: ignore[attr-defined]
+    first = lines[0].audit
     assert first["audit_id"] == str(rows["backups/a.dump"].id) == ok.get_json()["audit_id"]
     assert (first["path"], first["size_bytes"], first["actor"]) == ("backups/a.dump", 4, "bob")
     assert first["destination_id"] == str(env.dest.id)
     assert "backups/a.dump" in lines[0].getMessage() and "bob" in lines[0].getMessage()
-    assert "disk on fire" in lines[1].audit["error"]  # type: ignore[attr-defined]
-    assert lines[1].audit["audit_id"] == str(rows["backups/b.dump"].id)  # type: ignore[attr-defined]
+    assert "disk on fire" in lines[1].audit["error"]
+    assert lines[1].audit["audit_id"] == str(rows["backups/b.dump"].id)

@@ -58,7 +58,7 @@ def backend(request, tmp_path: Path) -> Iterator[Any]:
         yield LocalBackend(str(tmp_path))
     elif kind == "s3":
         server = request.getfixturevalue("s3_server")
-        options = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB}
+        options: dict[str, Any] = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB}
         with make_s3_backend(server, server.create_bucket(), **options) as b:
             yield b
     elif kind == "gcs":

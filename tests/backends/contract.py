@@ -16,6 +16,7 @@ import os
 import unicodedata
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from typing import BinaryIO, cast
 
 import pytest
 
@@ -87,11 +88,12 @@ def long_name(budget: int) -> str:
     return "/".join(parts)
 
 
-def assert_utc(value: datetime | None) -> None:
+def assert_utc(value: datetime | None) -> datetime:
     """A server time in UTC: zero offset, and UTC itself as the zone (a ``tzlocal`` time
     that happens to have a zero offset on a machine set to UTC is not)."""
     assert value is not None and value.utcoffset() == timedelta(0), value
     assert value.tzinfo is UTC, f"{value!r} is not in UTC"
+    return value
 
 
 class FailingStream(io.RawIOBase):
@@ -214,8 +216,8 @@ class BackendContract:
             ("top.bak", "top.bak", False),
         ]
         assert page.entries[1].size == 5
-        assert_utc(page.entries[1].last_modified)
-        assert abs(page.entries[1].last_modified - datetime.now(UTC)) < timedelta(minutes=5)
+        modified = assert_utc(page.entries[1].last_modified)
+        assert abs(modified - datetime.now(UTC)) < timedelta(minutes=5)
         inner = backend.browse("sub/")
         assert [(e.name, e.path, e.is_dir) for e in inner.entries] == [
             ("deeper", "sub/deeper/", True),
@@ -281,8 +283,8 @@ class BackendContract:
         assert info.path == "dir/file.bin" and info.size == len(data)
         stat = backend.stat("dir/file.bin")
         assert stat.size == len(data)
-        assert_utc(stat.last_modified)
-        assert abs(stat.last_modified - datetime.now(UTC)) < timedelta(minutes=5)
+        modified = assert_utc(stat.last_modified)
+        assert abs(modified - datetime.now(UTC)) < timedelta(minutes=5)
         if self.HAS_ETAG:
             assert stat.etag and '"' not in stat.etag
         chunks = list(backend.read_chunks("dir/file.bin", chunk_size=MIB))
@@ -308,7 +310,7 @@ class BackendContract:
     @pytest.mark.parametrize("good", [100, 6 * MIB], ids=["small", "multipart"])
     def test_interrupted_upload_leaves_nothing(self, backend: StorageBackend, good: int) -> None:
         with pytest.raises(Exception):  # the stream's own error, in any wrapper
-            backend.upload("cut/off.bin", FailingStream(good))
+            backend.upload("cut/off.bin", cast(BinaryIO, FailingStream(good)))
         with pytest.raises(NotFoundError):
             backend.stat("cut/off.bin")
         assert [o.path for page in backend.walk() for o in page] == []

@@ -115,6 +115,7 @@ def test_persistent_faults_fail_and_count_retries_taken(
 
 def test_signed_url_is_v4_with_the_asked_expiry(gcs_server, gcs_bucket, gcs_service_account):
     with make_gcs_backend(gcs_server, gcs_bucket, ROOT, gcs_service_account) as backend:
+        assert isinstance(backend, gcs.GCSBackend)
         backend.upload("s.bak", io.BytesIO(b"x"))
         for asked, expected in ((300, "300"), (None, "900")):
             url = backend.download_url("s.bak", expires_seconds=asked)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.backends.contract import MIB, ROOT, BackendContract, SlashKeysContract, big_key
 from tests.servers.destinations import make_s3_backend
+from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import seed_objects
 
-S3_OPTIONS = {"multipart_threshold": MIB, "multipart_chunksize": 5 * MIB}
+S3_OPTIONS: dict[str, Any] = {"multipart_threshold": MIB, "multipart_chunksize": 5 * MIB}
 
 
 class S3Contract(BackendContract):
@@ -30,6 +33,8 @@ class S3Contract(BackendContract):
 
 
 class TestS3Moto(SlashKeysContract, S3Contract):
+    proxy: FaultProxy  # set by the backend fixture
+
     @pytest.fixture(scope="class")
     def server(self, s3_server):
         return s3_server

@@ -17,6 +17,7 @@ from storage_backends.errors import (
     PathConflictError,
     PermissionDeniedError,
 )
+from storage_backends.sftp import SFTPBackend
 from tests.backends.contract import ROOT, BackendContract, big_key
 from tests.servers.destinations import make_sftp_backend
 from tests.servers.sshd import _ed25519_pair
@@ -124,6 +125,7 @@ def test_folder_checks_are_cached_briefly(sftp_server, sftp_dir) -> None:
             backend.delete(f"a/b/c/missing-{i}.bak")
         os.rename(sftp_dir / "a" / "b", sftp_dir / "a" / "moved")
         os.symlink(sftp_dir / "a" / "moved", sftp_dir / "a" / "b")
+        assert isinstance(backend, SFTPBackend)
         backend._real_dirs.clear()  # what the passing of DIR_CHECK_TTL seconds does
         with pytest.raises(InvalidPathError):
             backend.stat("a/b/c/keep.bak")

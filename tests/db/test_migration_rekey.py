@@ -35,6 +35,7 @@ def test_0004_rekeys_jobs_audit_rows_and_locks(which: str, request: pytest.Fixtu
                  "VALUES (:id, 'o', :now, :now)"),
             {"id": u(ORG), "now": now},
         )  # fmt: skip
+        dest_id: uuid.UUID | None  # (below, a job's destination may be gone)
         for dest_id, kind, endpoint, bucket, root in (
             (DEST_A, "s3", "HTTP://H:9000/", "bkt", "b/"),
             (DEST_B, "s3", "http://h:9000", "bkt", "b/"),
@@ -87,9 +88,13 @@ def test_0004_rekeys_jobs_audit_rows_and_locks(which: str, request: pytest.Fixtu
 
     canonical_a = identity.location_key(identity.spelled("s3", "http://h:9000", "bkt", "b/"))
     with engine.connect() as conn:
-        keys = dict(conn.execute(text("SELECT type || status, location_key FROM jobs")).all())
+        keys: dict[str, str] = dict(
+            conn.execute(text("SELECT type || status, location_key FROM jobs")).all()
+        )
         audit = conn.execute(text("SELECT location_key FROM deletion_audit")).scalar_one()
-        locks = dict(conn.execute(text("SELECT location_key, token FROM location_locks")).all())
+        locks: dict[str, int] = dict(
+            conn.execute(text("SELECT location_key, token FROM location_locks")).all()
+        )
     assert keys["orphan_cleanuprunning"] == canonical_a
     assert keys["orphan_cleanupqueued"] == canonical_a  # one location, two destinations
     assert keys["scansucceeded"] == "sftp|localhost:22|/|srv/data/x/"

@@ -28,6 +28,9 @@ from worker.cli import cli
 SETTINGS_FILES = (BASE / "settings.env", EXAMPLE / "settings.env")
 WORKERS = ("ocore-storage-worker-scan", "ocore-storage-worker-cleanup",
            "ocore-storage-worker-maintenance")  # fmt: skip
+EXPORTER = "ocore-storage-exporter"
+#: Deployments that read no storage, hence mount no destination credentials
+NO_STORAGE = ("ocore-storage-beat", EXPORTER)
 
 
 def _parse(args: list[str]) -> click.Context:
@@ -91,9 +94,11 @@ def test_credentials_come_from_secrets_and_settings_from_the_config_map() -> Non
             refs = {next(iter(e)): next(iter(e.values()))["name"] for e in c["envFrom"]}
             assert refs["secretRef"] == "ocore-storage-env", (name, c["name"])
             assert refs["configMapRef"].startswith("ocore-storage-settings-"), (name, c["name"])
-        if name == "ocore-storage-beat":
-            continue  # touches no storage
         volumes = {v["name"]: v for v in spec["volumes"]}
+        if name in NO_STORAGE:  # touches no storage: no credentials either
+            secrets = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
+            assert "ocore-storage-credentials" not in secrets, name
+            continue
         mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
         mount = mounts[secrets_dir]
         assert mount["readOnly"] is True
@@ -116,6 +121,13 @@ def test_every_container_command_parses_in_the_cli() -> None:
     for name in WORKERS:
         assert commands[name].command_path == "ocore-storage worker", name
         assert commands[name].params["beat"] is False, "beat runs in its own Deployment"
+    exporter = commands[EXPORTER]
+    assert exporter.command_path == "ocore-storage exporter"
+    assert exporter.params["host"] == "0.0.0.0"
+    assert exporter.params["port"] == Settings.model_fields["exporter_port"].default
+    assert sorted(commands) == sorted(
+        [*WORKERS, EXPORTER, "ocore-storage-beat", "ocore-storage-api", "ocore-storage-migrate"]
+    )
 
 
 def _queues(resources: list[dict[str, Any]]) -> dict[str, tuple[list[str], int]]:
@@ -195,6 +207,30 @@ def test_beat_runs_once_even_during_a_rollout() -> None:
     assert claim in by_kind(resources, "PersistentVolumeClaim"), "the schedule must persist"
 
 
+def test_the_exporter_runs_once_and_the_workers_leave_the_shared_figures_to_it() -> None:
+    """One exporter, never two at a time (they would double every sum over its series):
+    one replica, `Recreate`, no autoscaler; and no worker serves its figures too."""
+    resources = built(EXAMPLE)
+    exporter = by_kind(resources, "Deployment")[EXPORTER]
+    assert exporter["spec"]["replicas"] == 1
+    assert exporter["spec"]["strategy"] == {"type": "Recreate"}
+    for kind in ("ScaledObject", "HorizontalPodAutoscaler"):
+        for scaler in by_kind(resources, kind).values():
+            assert scaler["spec"]["scaleTargetRef"]["name"] != EXPORTER
+    default = Settings.model_fields["metrics_shared"].default
+    assert _settings(resources).get("OCORE_METRICS_SHARED", str(default)).lower() == "false"
+    for name in WORKERS:
+        env = {
+            e["name"]: e.get("value") for e in _main(by_kind(resources, "Deployment")[name])["env"]
+        }
+        assert "OCORE_METRICS_SHARED" not in env, name
+    c = _main(exporter)
+    # one process, no prefork children: no multiprocess folder, nothing to keep
+    assert "PROMETHEUS_MULTIPROC_DIR" not in {e["name"] for e in c.get("env", [])}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {"/tmp"}, mounts
+
+
 def _probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
     port = probe["httpGet"]["port"]
     if isinstance(port, int):
@@ -214,6 +250,25 @@ def test_probes_ask_what_the_processes_serve() -> None:
         assert c["readinessProbe"]["httpGet"]["path"] == "/healthz", name
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["PROMETHEUS_MULTIPROC_DIR"].startswith(settings["OCORE_DATA_DIR"] + "/")
+    exporter = _main(by_kind(resources, "Deployment")[EXPORTER])
+    port = _parse(exporter["args"]).params["port"]
+    assert [p["containerPort"] for p in exporter["ports"]] == [port]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert _probe_port(exporter, exporter[probe]) == port
+    # the same server as the workers': /metrics answers while the process lives
+    assert exporter["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert exporter["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics_server import Health, metrics_app
+
+    # ... and /healthz says 503 when the database is away (the server's WSGI app, called)
+    down = metrics_app(CollectorRegistry(), Health({"database": lambda: (False, "unreachable")}))
+    statuses: dict[str, str] = {}
+    for path in ("/metrics", "/healthz"):
+        environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "QUERY_STRING": ""}
+        down(environ, lambda status, headers, path=path: statuses.__setitem__(path, status))
+    assert statuses["/metrics"].startswith("200 ") and statuses["/healthz"].startswith("503 ")
     api = _main(by_kind(resources, "Deployment")["ocore-storage-api"])
     port = _parse(api["args"]).params["port"]
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -406,10 +461,20 @@ def test_a_changed_alert_file_makes_the_check_fail(
 
 def test_the_pod_monitors_keep_the_scrape_jobs_the_alerts_ask_for() -> None:
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    jobs = {
-        j["job_name"]: j["static_configs"][0]["labels"]["service"]
-        for j in prometheus["scrape_configs"]
-    }
+
+    def service(job: dict[str, Any]) -> str:
+        """The `service` label a scrape job gives: its static targets' or a relabeling's."""
+        found = {c["labels"]["service"] for c in job.get("static_configs", [])}
+        found |= {
+            r["replacement"]
+            for r in job.get("relabel_configs", [])
+            if r.get("target_label") == "service"
+        }
+        (label,) = found
+        return label
+
+    jobs = {j["job_name"]: service(j) for j in prometheus["scrape_configs"]}
+    assert {"ocore-worker", "ocore-exporter", "ocore-api"} <= set(jobs)
     found = {}
     for monitor in by_kind(built(EXAMPLE), "PodMonitor").values():
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]

@@ -135,7 +135,7 @@ def security_problems(resources: list[dict[str, Any]]) -> list[str]:
 
 def test_our_own_security_checks_pass(target: tuple[str, Path]) -> None:
     resources = built(target[1])
-    assert sum(1 for r in resources for _ in pod_specs(r)) == 6  # 5 Deployments + the Job
+    assert sum(1 for r in resources for _ in pod_specs(r)) == 7  # 6 Deployments + the Job
     assert security_problems(resources) == []
 
 

@@ -33,7 +33,9 @@ def age_objects(bucket: str, keys: list[str], days: float) -> None:
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     stamp = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
     for key in keys:
-        backend.get_object(bucket, key).last_modified = stamp
+        obj = backend.get_object(bucket, key)
+        assert obj is not None, key
+        obj.last_modified = stamp
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
 from db.models import Job
-from storage_backends.base import ObjectInfo
+from storage_backends.base import DeleteResult, ObjectInfo
 from storage_backends.local import LocalBackend
 from tests.factories import make_destination
 from worker.jobs import request_job
@@ -45,7 +45,7 @@ class PausingBackend(LocalBackend):
         self.deletes += 1
         super().delete(path)
 
-    def delete_many(self, paths):  # type: ignore[no-untyped-def]
+    def delete_many(self, paths: Iterable[str]) -> DeleteResult:
         self.deletes += 1
         return super().delete_many(paths)
 

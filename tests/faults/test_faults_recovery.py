@@ -323,6 +323,7 @@ def test_a_killed_worker_node_is_recovered_within_the_default_bound(
     wait_connected([b], [0])
     row = job_row(engine, job.id)
     assert (row.status, row.attempts) == ("running", 1), (row.status, log_of(a))
+    assert row.heartbeat_at is not None
     with Session(engine) as s:
         beat_age = (db_now(s) - row.heartbeat_at).total_seconds()
     a.stop()  # kill -9 of the main process and the child

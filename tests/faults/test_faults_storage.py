@@ -40,7 +40,8 @@ def test_slowdown_and_resets_on_listing_are_retried_and_the_scan_succeeds(
     assert fault_proxy.faults_fired == 3
     listings = [t for m, t in fault_proxy.requests if m == "GET" and re.search(LIST, t)]
     assert len(listings) >= 4  # three refused, then the real one
-    assert job_row(engine, job.id).result["total_files"] == 20
+    result = job_row(engine, job.id).result
+    assert result is not None and result["total_files"] == 20
 
 
 def test_a_listing_answer_cut_off_mid_body_and_500s_are_retried_and_the_scan_is_exact(
@@ -54,7 +55,8 @@ def test_a_listing_answer_cut_off_mid_body_and_500s_are_retried_and_the_scan_is_
     outcome = run_job(job.id, cfg, engine)
     assert outcome is not None and outcome.status == "succeeded", outcome
     assert fault_proxy.faults_fired == 2
-    assert job_row(engine, job.id).result["total_files"] == 1500  # nothing lost, nothing twice
+    result = job_row(engine, job.id).result
+    assert result is not None and result["total_files"] == 1500  # nothing lost, nothing twice
 
 
 def test_a_listing_that_fails_midway_removes_no_record_and_deletes_nothing(

@@ -90,7 +90,7 @@ def test_a_redis_restart_mid_job_loses_no_job_state_and_the_worker_reconnects(
         time.sleep(0.2)
         row = job_row(engine, job.id)
     assert row.status == "succeeded", (row.status, row.error)
-    assert row.result["total_files"] == 10
+    assert row.result is not None and row.result["total_files"] == 10
     # The worker reconnected: a job sent to the new Redis runs.
     job2, _ = request_job(db, "scan", dest, {})
     app, send = sender(own_redis.url)

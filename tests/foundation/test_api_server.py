@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import cast
 
 import pytest
 
@@ -42,7 +44,9 @@ def test_api_command_serves_health_and_stops_on_sigterm(pg_url, tmp_path):
                     body = json.loads(r.read())
             except OSError:
                 time.sleep(0.2)
-        assert body is not None, proc.stdout.read1().decode() if proc.stdout else ""
+        assert body is not None, (
+            cast(io.BufferedReader, proc.stdout).read1().decode() if proc.stdout else ""
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/openapi.json") as r:
             assert json.loads(r.read())["openapi"].startswith("3.1")
         proc.send_signal(signal.SIGTERM)

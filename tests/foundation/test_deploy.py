@@ -52,13 +52,16 @@ def _project_services() -> dict[str, dict]:
 
 def test_every_project_service_command_parses_in_the_cli():
     services = _project_services()
-    assert set(services) == {"migrate", "api", "worker", "beat"}
+    assert set(services) == {"migrate", "api", "worker", "beat", "exporter"}
     parsed = {name: _parse(svc["command"]) for name, svc in services.items()}
     assert parsed["migrate"].command_path == "ocore-storage db upgrade"
     assert parsed["api"].params["host"] == "0.0.0.0" and parsed["api"].params["port"] == 8080
     assert parsed["worker"].params["queues"] == "scan,cleanup,maintenance"
     assert parsed["worker"].params["concurrency"] == 2
     assert parsed["beat"].command_path == "ocore-storage beat"
+    assert parsed["exporter"].command_path == "ocore-storage exporter"
+    assert parsed["exporter"].params["port"] == 9810
+    assert ":9810/healthz" in " ".join(services["exporter"]["healthcheck"]["test"])
 
 
 def test_the_parser_rejects_what_the_cli_would():

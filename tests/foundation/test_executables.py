@@ -97,7 +97,7 @@ class Scanner:
         return Found(where, names - {PASSTHROUGH})
 
     # -- resolution ------------------------------------------------------------------
-    def _scope(self, node: ast.AST) -> ast.AST | None:
+    def _scope(self, node: ast.AST) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         cur = self.parents.get(node)
         while cur is not None and not isinstance(cur, ast.FunctionDef | ast.AsyncFunctionDef):
             cur = self.parents.get(cur)
@@ -123,7 +123,8 @@ class Scanner:
                     else []
                 )
                 if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                    values.append(n.value)  # type: ignore[union-attr]
+                    assert isinstance(n, ast.Assign | ast.AnnAssign) and n.value is not None
+                    values.append(n.value)
             if values:
                 return values
             if scope is None:

@@ -45,7 +45,7 @@ def _matches(default: object, cell: str) -> bool:
         return cell.lower() == str(default).lower()
     if isinstance(default, int | float):
         found = re.fullmatch(r"([\d.]+)\s*(KiB|MiB|GiB|TiB)?", cell.replace(",", ""))
-        return bool(found) and float(found.group(1)) * UNITS[found.group(2) or ""] == default
+        return found is not None and float(found.group(1)) * UNITS[found.group(2) or ""] == default
     if isinstance(default, list):
         return json.loads(cell) == default
     if isinstance(default, Path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -117,7 +119,7 @@ def test_two_requests_one_job_and_one_destructive_job_per_bucket_at_a_time(
     job_b, _ = request_job(db, "orphan_cleanup", b, {})
     dispatch(job_a, send)
     dispatch(job_b, send)
-    workers.start("w1", OCORE_TEST_DELETE_DELAY="0.01", OCORE_TEST_BUSY_RETRY_SECONDS="1")
+    workers.start("w1", OCORE_TEST_DELETE_DELAY="0.01", OCORE_BUSY_RETRY_SECONDS="1")
 
     def both_done() -> bool:
         return all(status(engine, j) not in ("queued", "running") for j in (job_a, job_b))
@@ -128,7 +130,8 @@ def test_two_requests_one_job_and_one_destructive_job_per_bucket_at_a_time(
     assert (ra.status, rb.status) == ("succeeded", "succeeded"), workers.log_tail()
     assert store.keys() == set()
     assert ra.started_at and ra.finished_at and rb.started_at and rb.finished_at
-    first, second = sorted([ra, rb], key=lambda r: r.started_at)
+    first, second = sorted([ra, rb], key=lambda r: cast(datetime, r.started_at))  # (set: above)
+    assert first.finished_at and second.started_at
     assert first.finished_at <= second.started_at  # one at a time on the bucket
     assert " waits for " in workers.log_tail(100_000)  # it did wait
     with Session(engine) as s:

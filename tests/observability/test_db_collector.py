@@ -127,7 +127,7 @@ def test_freshness_names_and_projects_come_from_the_database(
 
 
 def test_labels_stay_bounded_by_destinations_and_projects() -> None:
-    projects = [{"id": str(uuid.uuid4()), "bytes": i, "files": 1} for i in range(250)]
+    projects: list[Any] = [{"id": str(uuid.uuid4()), "bytes": i, "files": 1} for i in range(250)]
     projects.append({"id": "", "bytes": 5})  # malformed entries are skipped
     projects.append({"bytes": 5})
     projects.append("junk")
@@ -174,3 +174,39 @@ def test_the_worker_registry_serves_the_database_collector(
     assert info in page
     assert "ocore_db_collector_up 1.0" in page
     assert "ocore_destination_info" not in generate_latest(build_registry()).decode()
+
+
+def test_storage_series_cover_the_largest_destinations_and_the_totals_all(
+    db: Session, world: World, pg_url: str
+) -> None:
+    """Cardinality (issue #21 item 3): per-destination storage series for the largest
+    ``top_destinations`` by bytes only; every destination in the ``ocore_storage_*``
+    totals and in the freshness series; a cached read answers without the database."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    dests = {}
+    for name, total, orphan in (("small", 10, 1), ("big", 1000, 100), ("mid", 500, 0)):
+        d = make_destination(db, world, "local", bucket=f"/srv/{name}", name=name)
+        db.commit()
+        row = _analytics(db, d.id, "succeeded", now, [{"id": str(world.project.id), "bytes": 5}])
+        row.total_bytes, row.orphan_bytes, row.linked_bytes = total, orphan, total - orphan
+        row.total_files, row.orphan_files, row.linked_files = 3, 1, 2
+        db.commit()
+        dests[name] = str(d.id)
+
+    m = _samples(DatabaseCollector(pg_url, top_destinations=2))
+    shown = {dict(k)["destination"] for k in m["ocore_destination_bytes"]}
+    assert shown == {dests["big"], dests["mid"]}
+    assert value(m, "ocore_destination_bytes", destination=dests["big"], state="orphan") == 100
+    assert value(m, "ocore_storage_bytes", state="total") == 1510
+    assert value(m, "ocore_storage_bytes", state="orphan") == 101
+    assert value(m, "ocore_storage_files", state="orphan") == 3
+    assert value(m, "ocore_destinations_without_storage_series") == 1
+    assert {dict(k)["destination"] for k in m["ocore_project_bytes"]} == shown
+    success = {dict(k)["destination"] for k in m["ocore_destination_last_scan_success"]}
+    assert success == set(dests.values())  # freshness: every destination
+
+    cached = DatabaseCollector(pg_url, cache_seconds=3600)
+    first = _samples(cached)
+    cached.url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # unreachable from now on
+    cached._engine = None
+    assert _samples(cached) == first  # within the cache window: the same figures

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy import Engine, delete, update
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,7 @@ from tests.tasks.kit import (
     run,
 )
 from worker.jobs import fail_job
+from worker.metrics import DatabaseCollector
 from worker.runner import RetryableJobError, run_job
 
 # the job tests' fixtures: db (emptied after each test), world, store, cfg
@@ -37,6 +38,14 @@ cfg = _tasks_fixtures.cfg
 
 def sample(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
+
+
+def exported(engine: Engine, name: str, **labels: str) -> float | None:
+    """What the exporter (worker.metrics.DatabaseCollector) says: a destination's figures
+    come from the database, the same whichever worker ran its jobs."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(engine.url.render_as_string(hide_password=False)))
+    return registry.get_sample_value(name, labels)
 
 
 def count(name: str, **labels: str) -> float:
@@ -110,7 +119,7 @@ def test_last_scan_success_drops_to_zero_when_a_scan_fails(
     store.put_many(f"backups/{i}.tar" for i in range(10))
     run(engine, cfg, request(db, dest, job_type))
     d = str(dest.id)
-    assert sample("ocore_destination_last_scan_success", destination=d) == 1
+    assert exported(engine, "ocore_destination_last_scan_success", destination=d) == 1
     job = request(db, dest, job_type)
 
     if how == "early":  # fails before anything is listed: result {}
@@ -124,7 +133,7 @@ def test_last_scan_success_drops_to_zero_when_a_scan_fails(
         with pytest.raises(RetryableJobError):
             run(engine, cfg, job, ProbeBackend(dest, page_size=3, walk_error_after=4))
 
-    assert sample("ocore_destination_last_scan_success", destination=d) == 0
+    assert exported(engine, "ocore_destination_last_scan_success", destination=d) == 0
 
 
 # -- last cleanup timestamp -------------------------------------------------------------
@@ -149,7 +158,8 @@ def test_last_cleanup_timestamp_only_for_a_cleanup_that_ran(
     run(engine, settings, job, backend if setup == "failed" else None)
 
     assert job_row(engine, job.id).status == setup
-    value = sample("ocore_destination_last_cleanup_timestamp_seconds", destination=str(dest.id))
+    name = "ocore_destination_last_cleanup_timestamp_seconds"
+    value = exported(engine, name, destination=str(dest.id))
     assert (value is not None) is stamped
 
 
@@ -168,9 +178,9 @@ def test_scan_reports_linked_bytes_in_its_result_and_gauge(
     result = job_row(engine, job.id).result
     assert result is not None and result["linked_bytes"] == 70
     d = str(dest.id)
-    assert sample("ocore_destination_bytes", destination=d, state="linked") == 70
-    assert sample("ocore_destination_bytes", destination=d, state="orphan") == 5
-    assert sample("ocore_destination_bytes", destination=d, state="total") == 75
+    assert exported(engine, "ocore_destination_bytes", destination=d, state="linked") == 70
+    assert exported(engine, "ocore_destination_bytes", destination=d, state="orphan") == 5
+    assert exported(engine, "ocore_destination_bytes", destination=d, state="total") == 75
 
 
 # -- orphan cleanup's own listing ----------------------------------------------------------

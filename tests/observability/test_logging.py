@@ -43,7 +43,8 @@ def restore_logging() -> Iterator[None]:
 
 def _capture(fmt: str = "json", **kw: Any) -> io.StringIO:
     out = io.StringIO()
-    configure_logging(Settings(log_format=fmt, log_level="DEBUG", **kw), stream=out)
+    settings = Settings.model_validate({"log_format": fmt, "log_level": "DEBUG", **kw})
+    configure_logging(settings, stream=out)
     return out
 
 
@@ -224,10 +225,12 @@ def test_the_tasks_context_learns_the_type_destination_and_phase(restore_logging
         log.info("received")
         with job_context(job_id=jid, job_type="scan", destination_id=did):  # run_job
             set_phase("listing")
-            reader = threading.Thread(
-                target=contextvars.copy_context().run,
-                args=(lambda: (go.wait(5), log.info("page read")),),
-            )
+
+            def read_page() -> None:
+                go.wait(5)
+                log.info("page read")
+
+            reader = threading.Thread(target=contextvars.copy_context().run, args=(read_page,))
             reader.start()
             set_phase("reconciling")
             go.set()

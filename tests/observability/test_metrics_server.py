@@ -80,7 +80,7 @@ CHILDREN = textwrap.dedent(
     def killed():  # like SIGKILL or the OOM killer: no shutdown signal
         metrics.JOBS_IN_PROGRESS.labels("scan").inc()
         metrics.JOBS_FINISHED.labels("scan", "succeeded").inc(2)
-        metrics.DEST_BYTES.labels("d1", "orphan").set(5)
+        metrics.BEAT_LAST_TICK.set(5)  # a "max" gauge outlives its process
         os._exit(0)
 
     def graceful():
@@ -132,7 +132,7 @@ def test_multiprocess_children_add_up_and_dead_ones_drop_live_gauges(tmp_path: P
             samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     assert value(samples, "ocore_jobs_finished_total", type="scan", outcome="succeeded") == 2
     assert value(samples, "ocore_jobs_finished_total", type="orphan_cleanup") == 1
-    assert value(samples, "ocore_destination_bytes", destination="d1", state="orphan") == 5
+    assert value(samples, "ocore_beat_last_tick_timestamp_seconds") == 5
     # the killed child's in-progress job no longer counts; the live child's does
     assert value(samples, "ocore_jobs_in_progress", type="scan") == 0
     assert value(samples, "ocore_jobs_in_progress", type="orphan_cleanup") == 0

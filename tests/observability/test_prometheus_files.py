@@ -43,7 +43,10 @@ def test_rule_tests_fire_three_alerts_and_check_silence() -> None:
 def test_scrape_jobs() -> None:
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-    assert jobs["ocore-worker"]["static_configs"][0]["targets"] == ["worker:9808"]
+    # every worker replica (DNS discovery of the compose service), one exporter
+    [sd] = jobs["ocore-worker"]["dns_sd_configs"]
+    assert (sd["names"], sd["type"], sd["port"]) == (["worker"], "A", 9808)
+    assert jobs["ocore-exporter"]["static_configs"][0]["targets"] == ["exporter:9810"]
     assert jobs["ocore-api"]["static_configs"][0]["targets"] == ["api:8080"]
     assert jobs["ocore-api"].get("metrics_path", "/metrics") == "/metrics"
     assert cfg["rule_files"] == ["alerts.yml"]

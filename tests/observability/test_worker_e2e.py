@@ -71,6 +71,9 @@ def worker(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Worker]:
         "OCORE_DATABASE_URL": pg_url,
         "OCORE_BROKER_URL": broker_url,
         "OCORE_METRICS_PORT": str(port),
+        # one worker: its /metrics serves the shared figures too, as under `serve`
+        # (with several, the exporter does: test_many_workers_metrics.py)
+        "OCORE_METRICS_SHARED": "true",
         "OCORE_METRICS_HOST": "127.0.0.1",
         "OCORE_DATA_DIR": str(tmp_path / "var"),
         "OCORE_LOG_FORMAT": "json",

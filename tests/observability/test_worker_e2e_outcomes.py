@@ -102,6 +102,9 @@ def cli_env(
         "OCORE_DATABASE_URL": pg_url,
         "OCORE_BROKER_URL": broker_url,
         "OCORE_METRICS_PORT": str(free_port()),
+        # one worker: its /metrics serves the shared figures too, as under `serve`
+        # (with several, the exporter does: test_many_workers_metrics.py)
+        "OCORE_METRICS_SHARED": "true",
         "OCORE_METRICS_HOST": "127.0.0.1",
         "OCORE_DATA_DIR": str(tmp_path / "var"),
         "OCORE_LOG_FORMAT": "json",
@@ -185,7 +188,9 @@ def _age(bucket: str, keys: list[str], days: float) -> None:
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     stamp = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=days)
     for key in keys:
-        backend.get_object(bucket, key).last_modified = stamp
+        obj = backend.get_object(bucket, key)
+        assert obj is not None
+        obj.last_modified = stamp
 
 
 def _seed(db: Session, server: S3Server, proxy: FaultProxy) -> Seeded:

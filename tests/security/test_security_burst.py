@@ -62,7 +62,8 @@ def test_a_burst_of_enqueues_makes_one_job_per_destination(
                    timeout=60)  # fmt: skip
         return r.status_code
 
-    stop, peaks = threading.Event(), []
+    stop = threading.Event()
+    peaks: list[int] = []
     sampler = threading.Thread(target=_sample_connections, args=(stop, peaks), daemon=True)
     sampler.start()
     try:

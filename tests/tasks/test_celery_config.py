@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
+from db.models import BackupDestination
 from tests.factories import World, make_destination
 from tests.tasks.kit import job_row, request
 from worker.celery_app import QUEUES, make_celery
@@ -132,7 +133,7 @@ def task_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     get_settings.cache_clear()
 
 
-def unreachable_s3(db: Session, world: World) -> object:
+def unreachable_s3(db: Session, world: World) -> BackupDestination:
     """An S3 destination on a port nothing listens on: every listing fails transiently."""
     import socket
 

@@ -58,7 +58,7 @@ def test_lease_is_renewed_while_listing(
     run(engine, settings, job, backend)
     final = job_row(engine, job.id)
     assert final.status == "succeeded", final.error
-    assert final.result["deleted_files"] == 10
+    assert final.result is not None and final.result["deleted_files"] == 10
     assert min(seen) > 0  # the lease never lapsed during the listing
 
 

@@ -268,6 +268,7 @@ def _age_on_moto(bucket: str, keys: list[str], days: float) -> None:
     moto = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     for key in keys:
         obj = moto.get_object(bucket, key)
+        assert obj is not None, key
         when = datetime.now(UTC) - timedelta(days=days)
         obj.last_modified = when if obj.last_modified.tzinfo else when.replace(tzinfo=None)
 
@@ -498,11 +499,13 @@ def test_s3_versioned_bucket_deletes_the_planned_version_by_its_id(
 
 
 def test_s3_unversioned_bucket_reads_its_versioning_once(s3_server: S3Server) -> None:
+    from storage_backends.s3 import S3Backend
     from tests.servers.destinations import make_s3_backend
 
     bucket = s3_server.create_bucket()
     seed_objects(s3_server, bucket, ["r/a"], body=BODY)
     with make_s3_backend(s3_server, bucket, "r/") as backend:
+        assert isinstance(backend, S3Backend)
         assert backend.versioning() == ""
         planned = [o for page in backend.walk("") for o in page]
         result = backend.delete_planned(planned)
@@ -513,6 +516,7 @@ def test_s3_unversioned_bucket_reads_its_versioning_once(s3_server: S3Server) ->
 def test_s3_probe_of_conditional_deletes_writes_nothing(
     s3_server: S3Server, seaweedfs_server: S3Server
 ) -> None:
+    from storage_backends.s3 import S3Backend
     from tests.servers.destinations import make_s3_backend
 
     verdicts = {}
@@ -520,6 +524,7 @@ def test_s3_probe_of_conditional_deletes_writes_nothing(
         bucket = server.create_bucket()
         seed_objects(server, bucket, ["r/a"], body=BODY)
         with make_s3_backend(server, bucket, "r/") as backend:
+            assert isinstance(backend, S3Backend)
             verdicts[server.kind] = backend.conditional_deletes()
             assert backend.conditional_deletes() == verdicts[server.kind]  # (probed once)
         assert _bucket_keys(server, bucket) == {"r/a"}
@@ -531,12 +536,14 @@ def test_s3_seaweedfs_delete_planned_sends_the_etag(seaweedfs_server: S3Server) 
     not re-read: the ETag sent with each key is what keeps a rewritten one. With
     ``identity_recheck: always`` the batch is re-read too (a same-bytes rewrite, same
     ETag, is kept by its new last-modified time)."""
+    from storage_backends.s3 import S3Backend
     from tests.servers.destinations import make_s3_backend
 
     bucket = seaweedfs_server.create_bucket()
     seed_objects(seaweedfs_server, bucket, ["r/a", "r/b", "r/c", "r/d"], body=BODY)
     client = seaweedfs_server.client()
     with make_s3_backend(seaweedfs_server, bucket, "r/") as backend:
+        assert isinstance(backend, S3Backend)
         planned = {o.path: o for page in backend.walk("") for o in page}
         assert backend.conditional_deletes() is True
         client.put_object(Bucket=bucket, Key="r/b", Body=NEW_BODY)
@@ -551,6 +558,7 @@ def test_s3_seaweedfs_delete_planned_sends_the_etag(seaweedfs_server: S3Server) 
     time.sleep(1.1)  # (a last-modified time in another second)
     client.put_object(Bucket=bucket, Key="r/d", Body=BODY)  # same bytes, same ETag
     with make_s3_backend(seaweedfs_server, bucket, "r/", identity_recheck="always") as backend:
+        assert isinstance(backend, S3Backend)
         assert backend.conditional_deletes() is True
         result = backend.delete_planned([planned["d"]])
     assert (result.deleted, result.changed) == ([], ["d"])

@@ -305,11 +305,12 @@ def test_rule06_retention_below_one_day_is_refused_never_clamped(
 ) -> None:
     with pytest.raises(ValidationError):
         Settings(retention_days=0)
-    dest = local_dest(db, world, store, **({"retention_days": days} if where != "request" else {}))
+    on_dest: dict[str, Any] = {"retention_days": days} if where != "request" else {}
+    dest = local_dest(db, world, store, **on_dest)
     store.put("backups/two-days.tar", age_days=2)
     store.put("backups/half-day.tar", age_days=0.5)
 
-    params = {"retention_days": days} if where == "request" else {}
+    params: dict[str, Any] = {"retention_days": days} if where == "request" else {}
     job = cleanup(db, engine, cfg, dest, **params)
 
     assert job.status == "failed"

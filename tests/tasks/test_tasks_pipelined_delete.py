@@ -122,7 +122,8 @@ def test_a_stop_request_mid_run_sends_nothing_more_and_leaves_nothing_pending(
         if call_no == int(at_call):
             stop.set()
 
-    backend = ProbeBackend(dest, **{hook: request_stop})
+    hooks: dict[str, Any] = {hook: request_stop}
+    backend = ProbeBackend(dest, **hooks)
     job = request(db, dest, "orphan_cleanup")
 
     with pytest.raises(Requeued):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +138,7 @@ def test_rule17_purge_job_deletes_every_file_and_nothing_else(
     assert job.result["deleted_files"] == 4 and job.result["records"] == 3
 
 
-def _raise_at(point: str) -> dict[str, Callable[[int, list[str]], None]]:
+def _raise_at(point: str) -> dict[str, Any]:
     """Backend hooks that stop the worker at one point of the second delete batch."""
     hook_name, call = point.split(":")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, select
@@ -65,7 +65,7 @@ def records(engine: Engine) -> dict[str, Backup | Snapshot]:
         for model in (Backup, Snapshot):
             for r in s.scalars(select(model).execution_options(include_deleted=True)):
                 s.expunge(r)
-                out[r.path] = r
+                out[cast("Backup | Snapshot", r).path] = r  # (select of either model)
         return out
 
 

@@ -9,7 +9,6 @@ import os
 
 _delay = float(os.environ.get("OCORE_TEST_DELETE_DELAY", "0") or 0)
 _pidfile = os.environ.get("OCORE_TEST_PIDFILE", "")
-_busy_retry = os.environ.get("OCORE_TEST_BUSY_RETRY_SECONDS", "")
 
 if _delay or _pidfile:
     import time
@@ -28,8 +27,3 @@ if _delay or _pidfile:
         _delete(self, path)
 
     LocalBackend._delete_listed = _slow_delete  # type: ignore[method-assign]
-
-if _busy_retry:
-    import worker.celery_tasks
-
-    worker.celery_tasks.BUSY_RETRY_SECONDS = int(_busy_retry)
