@@ -312,9 +312,11 @@ def _run_job(
                 raise _wait_for_lock(engine, settings, job, key, busy)
         if job.attempts >= settings.max_attempts:
             # checked before claiming: a job over the cap never shows 'running' again
+            first = (job.progress or {}).get("first_error")
             error = (
                 f"gave up after {job.attempts} attempts: the job failed or its worker "
                 "died every time"
+                + (f"; the first error: {first}" if first and first != job.error else "")
                 + (f"; the last error: {job.error}" if job.error else "; see the worker logs")
             )
             with session_scope(engine) as s:
@@ -454,8 +456,12 @@ def _run_claimed(
             countdown = retry_countdown(max(0, job.attempts - 1))
             try:
                 session.rollback()
+                # the first error stays beside the last one (progress.first_error)
+                kept = dict(job.progress or {})
+                kept.setdefault("first_error", msg)
                 if not _finish(engine, job.id, lease, status=JobStatus.QUEUED, phase="retrying",
-                               error=msg, heartbeat_at=utcnow()):  # fmt: skip
+                               error=msg, heartbeat_at=utcnow(),
+                               progress=kept):  # fmt: skip
                     return None
                 _set_due(engine, job.id, countdown)
             except Exception as second:

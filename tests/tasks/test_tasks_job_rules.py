@@ -339,3 +339,31 @@ def test_rule20_too_many_attempts_fail_the_job_without_running_it(
     with Session(engine) as s:
         lock = s.get(LocationLock, lock_key(dest))
         assert lock is not None and lock.job_id is None  # released for the next job
+
+
+def test_a_job_that_gives_up_keeps_its_first_and_its_last_error(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    """#23 item 5: the first error (often the cause) is not lost behind later ones."""
+    from worker.runner import RetryableJobError
+
+    dest = local_dest(db, world, store)
+    store.put_many(f"backups/{i}.tar" for i in range(6))
+    job = request(db, dest, "scan")
+    with pytest.raises(RetryableJobError):
+        run(engine, cfg, job, ProbeBackend(dest, page_size=2, walk_error_after=2))
+    first = job_row(engine, job.id)
+    assert first.status == "queued" and first.error is not None
+    assert first.progress["first_error"] == first.error
+    # later attempts failed otherwise; the cap is reached
+    db.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(attempts=cfg.max_attempts, error="OperationalError: the database went away")
+    )
+    db.commit()
+    run(engine, cfg, job)
+    row = job_row(engine, job.id)
+    assert row.status == "failed" and row.error is not None
+    assert f"the first error: {first.error}" in row.error
+    assert "the last error: OperationalError: the database went away" in row.error
