@@ -72,17 +72,25 @@ def loose(key: str) -> str:
     return re.sub("/+", "/", text).lstrip("/")
 
 
+def loose_forms(key: str) -> set[str]:
+    """``key`` loosely, with its %-escapes decoded once or kept: rule 4 matches escapes
+    on either side (a record ``x%2520y`` names the file ``x%20y`` once decoded)."""
+    kept = re.sub("/+", "/", nfc(key.replace("+", " ")).casefold()).lstrip("/")
+    return {loose(key), kept}
+
+
 def protects(rec: Rec, file_key: str) -> bool:
     if rec.dest == "foreign":
         return False  # another bucket: never overlaps
+    files, records = loose_forms(file_key), loose_forms(rec.key)
     if rec.key.endswith("/"):
         exact = file_key.startswith(rec.key)
-        loosely = loose(file_key).startswith(loose(rec.key).rstrip("/") + "/")
+        loosely = any(f.startswith(r.rstrip("/") + "/") for f in files for r in records)
     else:
         exact = file_key == rec.key
         # equal loosely, or the record names a folder without its trailing '/'
-        loosely = loose(file_key) == loose(rec.key) or loose(file_key).startswith(
-            loose(rec.key) + "/"
+        loosely = bool(files & records) or any(
+            f.startswith(r + "/") for f in files for r in records
         )
     return exact or loosely
 
