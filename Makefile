@@ -62,7 +62,7 @@ sysdeps: ## Debian packages the tests need (sshd, promtool), installed when miss
 test: install lint sysdeps tools ## the README's test command: lint, then every test
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-fast: install ## tests without the slow (real worker, fault) ones
+test-fast: install tools ## tests without the slow (real worker, fault) ones
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
 
 test-deep: install sysdeps ## the property suite (tests/property) with many random examples, ~15 min

@@ -161,6 +161,13 @@ class IncompleteUpload:
     generation: str | None = None
     kind: str = "multipart"
 
+    @classmethod
+    def temporary(cls, info: ObjectInfo, name: str) -> IncompleteUpload:
+        """The upload temporary ``info`` (a local or SFTP walk listed it), whose file
+        name is ``name``."""
+        return cls(info.path, name, None, info.size, last_modified=info.last_modified,
+                   generation=info.generation, kind="temporary")  # fmt: skip
+
 
 #: the former name (S3 only)
 MultipartUpload = IncompleteUpload

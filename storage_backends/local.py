@@ -297,15 +297,7 @@ class LocalBackend(StorageBackend):
             return
         for page in self._walk(start, "", 1000, temporaries=True):
             for o in page:
-                yield IncompleteUpload(
-                    o.path,
-                    upload_temporary_name(o.path),
-                    None,
-                    o.size,
-                    last_modified=o.last_modified,
-                    generation=o.generation,
-                    kind="temporary",
-                )
+                yield IncompleteUpload.temporary(o, upload_temporary_name(o.path))
 
     def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
         """Remove a listed upload temporary, only if it is still the listed file (an

@@ -606,14 +606,7 @@ class SFTPBackend(StorageBackend):
         killed mid-upload leaves one), streaming, with size and mtime."""
         for page in self._walk("", PAGE_SIZE, temporaries=True):
             for o in page:
-                yield IncompleteUpload(
-                    o.path,
-                    upload_temporary_name(o.path),
-                    None,
-                    o.size,
-                    last_modified=o.last_modified,
-                    kind="temporary",
-                )
+                yield IncompleteUpload.temporary(o, upload_temporary_name(o.path))
 
     def remove_incomplete_upload(self, upload: IncompleteUpload) -> bool:
         """Remove a listed upload temporary, only if it is still the listed file (an
