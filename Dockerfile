@@ -6,7 +6,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 RUN python -m venv /opt/venv
 COPY requirements-runtime.lock pyproject.toml README.md ./
-RUN /opt/venv/bin/pip install -r requirements-runtime.lock
+RUN /opt/venv/bin/pip install --require-hashes -r requirements-runtime.lock
 COPY core ./core
 COPY worker ./worker
 COPY tasks ./tasks

@@ -15,7 +15,7 @@ NORMALIZE := tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g' | sort -u
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r $(LOCK)
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r $(LOCK)
 	@$(MAKE) --no-print-directory sync VENV=$(VENV) LOCK=$(LOCK)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
@@ -35,7 +35,7 @@ sync: ## uninstall what the lock file does not list (pip, setuptools, wheel and 
 
 $(TOOLS_VENV)/.installed: $(TOOLS_LOCK)
 	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install -q --disable-pip-version-check -r $(TOOLS_LOCK)
+	$(TOOLS_VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r $(TOOLS_LOCK)
 	@touch $@
 
 tools: $(TOOLS_VENV)/.installed ## checkov in .venv-tools from requirements-tools.lock (the Kubernetes manifests' checks)
@@ -59,8 +59,11 @@ format: install
 sysdeps: ## Debian packages the tests need (sshd, promtool), installed when missing
 	bash scripts/install-system-deps.sh
 
-test: install lint sysdeps tools ## the README's test command: lint, then every test
-	$(BIN)/pytest -q -p no:cacheprovider
+# Branch coverage floor of make test (README, "Tests"): raise it as coverage grows.
+COV_FLOOR ?= 0
+
+test: install lint sysdeps tools ## the README's test command: lint, then every test, with branch coverage
+	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report= --cov-fail-under=$(COV_FLOOR)
 
 test-fast: install tools ## tests without the slow (real worker, fault) ones
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"

@@ -17,14 +17,19 @@ from sqlalchemy import Engine
 
 from api import (
     archived,
+    audit,
     auth,
     backends,
     context,
     errors,
     health,
+    history,
+    intents,
     jobs,
     metrics,
     openapi,
+    plans,
+    policy,
     ratelimit,
     storage,
     transfers,
@@ -80,7 +85,9 @@ def create_app(
     app_state.extras["metrics"] = metrics.init_app(app)  # first: times every request
     auth.init_app(app)
     errors.init_app(app)
-    for module in (storage, jobs, archived, health, metrics, openapi):
+    routes = (storage, jobs, plans, audit, history, policy, intents, archived, health, metrics,
+              openapi)  # fmt: skip
+    for module in routes:
         app.register_blueprint(module.bp)
     app.after_request(_no_store)
     app_state.extras["limiter"] = ratelimit.init_app(app, cfg)  # off unless configured

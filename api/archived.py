@@ -1,4 +1,5 @@
-"""The archive (admin only): counts, listing, restore and purge of soft-deleted entities.
+"""The archive (the platform administrator only): counts, listing, restore and purge of
+soft-deleted entities.
 
 A purge hard-deletes in one transaction and leaves ``pending_deletions`` for the remote
 files; a purge job per affected destination deletes them (SAFETY rule 17).
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from api.auth import require_admin
-from api.context import db
+from api.auth import require_platform_admin
+from api.context import db, settings
 from api.jobs import start_job
 from api.params import parse_uuid, query_int
 from db import archive
 from db.models import BackupDestination
+from tasks.floor import purge_refusal
 
 bp = Blueprint("archived", __name__, url_prefix="/api/admin/archived")
 
@@ -23,7 +25,7 @@ MAX_LIMIT = 100
 
 @bp.before_request
 def _admins_only() -> None:
-    require_admin()
+    require_platform_admin()
 
 
 @bp.get("/summary")
@@ -61,10 +63,17 @@ def restore(entity_type: str, entity_id: str) -> Response:
 @bp.delete("/<entity_type>/<entity_id>/purge")
 def purge(entity_type: str, entity_id: str) -> Response:
     """Hard-delete an archived entity and queue a purge job per affected destination."""
-    actor = require_admin().sub
+    actor = require_platform_admin().sub
     ident = parse_uuid(entity_id, "id")
     session = db()
-    result = archive.purge(session, entity_type, ident, actor)
+    cfg = settings()  # minimum redundancy (SAFETY rule 21): a live instance's way back stays
+    result = archive.purge(
+        session,
+        entity_type,
+        ident,
+        actor,
+        lambda s, backups, instances: purge_refusal(s, cfg, backups, instances),
+    )
     jobs: list[str] = []
     for dest_id in sorted(result.destination_ids, key=str):
         dest = session.get(BackupDestination, dest_id)

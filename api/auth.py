@@ -6,11 +6,19 @@ key is chosen by the algorithm family, so an HS256 token signed with the RS publ
 (the classic confusion attack) never meets that key as an HMAC secret. ``exp`` is
 required; ``nbf`` is honoured; ``iss``/``aud`` are checked when configured.
 
-Claims: ``sub`` (user id: 1 to :data:`MAX_SUB_LENGTH` printable characters, as it is
-written to the audit and job rows), ``org`` (organization uuid), ``role`` (admin |
-member | viewer: :data:`ROLES`); any other value is a 401 before anything is written.
-A member reaches only its organization's destinations, projects and jobs; anything
-else is a 404 that says nothing about whether it exists. Admins reach everything.
+Claims (their names come from the settings ``jwt_claim_sub``/``jwt_claim_org``/
+``jwt_claim_role``, by default ``sub``/``org``/``role``): the subject (user id: 1 to
+:data:`MAX_SUB_LENGTH` printable characters, as it is written to the audit and job rows),
+the organization (a uuid) and the role, a string: ``settings.platform_admin_role``
+(default ``platform_admin``, the platform administrator: every organization, the
+organization claim may be left out), or one of an organization's roles
+:data:`ORG_ROLES`: ``admin`` (that organization's admin), ``member``, ``viewer``. Any
+other value (a list, an unknown role, an organization's role without an organization)
+is a 401 before anything is written. An organization's admin, member or viewer reaches
+only its organization's destinations, projects and jobs; anything else is a 404 that says
+nothing about whether it exists. Only the platform administrator reaches every
+organization and ``/api/admin/*``; :func:`require_org_admin` lets an organization's admin
+(and the platform administrator) approve what needs an admin of that organization.
 
 A token outlives no subject: one whose ``sub`` names a soft-deleted user, or a user of
 a soft-deleted (archived) organization, or whose ``org`` names an archived organization,
@@ -18,7 +26,8 @@ is refused (401, "no longer active"). The standing of each user and organization
 remembered for :data:`SUBJECT_CACHE_TTL_SECONDS` in this process (no query per request),
 so an archive takes effect within that time; :func:`clear_subject_cache` forgets it. A
 ``sub`` that names no user (a service identity such as ``dev-user``, or a user already
-purged from the archive) and the nil ``org`` of an admin token are not checked.
+purged from the archive) and the nil organization of a platform administrator's token are
+not checked.
 
 A token whose ``exp`` lies more than :data:`MAX_TOKEN_LIFETIME_SECONDS` ahead is refused:
 a leaked token must not stay valid for years. :func:`insecure_secret` says when the HMAC
@@ -46,9 +55,18 @@ from api.errors import ApiError, not_found
 from core.settings import MIN_SECRET_BYTES, Settings, secret_weakness
 from db.models import BackupDestination, Job, Organization, Project, User
 
-#: admin: every organization; member: its organization, reads and writes; viewer: its
-#: organization, reads only (no upload, delete, job or archive change)
-ROLES = ("admin", "member", "viewer")
+#: An organization's roles (a token with one of them needs an organization claim): admin:
+#: its organization's admin (its organization only, plus what :func:`require_org_admin`
+#: allows); member: its organization, reads and writes; viewer: its organization, reads
+#: only (no upload, delete, job or archive change).
+ORG_ROLES = ("admin", "member", "viewer")
+#: The organization's admin role value.
+ORG_ADMIN_ROLE = "admin"
+#: The default of ``settings.platform_admin_role``: the platform administrator (every
+#: organization, /api/admin/*).
+DEFAULT_PLATFORM_ADMIN_ROLE: str = Settings.model_fields["platform_admin_role"].default
+#: Kept for callers that list roles: the default platform role and the organization roles.
+ROLES = (DEFAULT_PLATFORM_ADMIN_ROLE, *ORG_ROLES)
 #: what a viewer may send
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Routes under /api that need no token.
@@ -69,7 +87,7 @@ SUBJECT_CACHE_TTL_SECONDS = 30.0
 #: Entries kept at most (each a few hundred bytes); past it the expired ones are dropped,
 #: then everything.
 SUBJECT_CACHE_MAX_ENTRIES = 10_000
-#: The ``org`` claim of an admin token minted without an organization.
+#: The organization of a platform administrator's token minted without one.
 NIL_ORG = uuid.UUID(int=0)
 #: Longest ``sub`` claim (characters): it is written to ``jobs.requested_by``,
 #: ``deletion_audit.actor`` and ``pending_deletions.actor``, all ``varchar(200)``.
@@ -111,17 +129,37 @@ def check_secret(cfg: Settings, allow_insecure: bool) -> str | None:
     return f"warning: {problem}: anyone can mint tokens this API accepts (development only)"
 
 
+def roles(cfg: Settings) -> tuple[str, ...]:
+    """Every role value a token may carry under ``cfg``: the platform administrator's
+    (``cfg.platform_admin_role``) first, then :data:`ORG_ROLES`."""
+    return (cfg.platform_admin_role, *ORG_ROLES)
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller. ``platform_admin_role`` is the role value that means
+    platform administrator under the settings the token was checked with."""
 
     sub: str
     org: uuid.UUID
     role: str
+    platform_admin_role: str = DEFAULT_PLATFORM_ADMIN_ROLE
 
     @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
+    def is_platform_admin(self) -> bool:
+        """The platform administrator: every organization, /api/admin/*, policies and
+        approvals of any organization."""
+        return self.role == self.platform_admin_role
+
+    @property
+    def is_org_admin(self) -> bool:
+        """An organization's admin: its own organization only."""
+        return self.role == ORG_ADMIN_ROLE
+
+    @property
+    def read_only(self) -> bool:
+        """A viewer: reads only."""
+        return self.role == "viewer"
 
 
 def _unauthorized(message: str, invalid: bool = True) -> ApiError:
@@ -152,7 +190,7 @@ def decode_token(token: str, cfg: Settings) -> dict[str, Any]:
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in cfg.jwt_algorithms or alg.lower() == "none":
         raise _unauthorized(f"algorithm {alg!r} is not accepted")
-    options: Any = {"require": ["exp", "sub"], "verify_aud": bool(cfg.jwt_audience)}
+    options: Any = {"require": ["exp", cfg.jwt_claim_sub], "verify_aud": bool(cfg.jwt_audience)}
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -184,22 +222,36 @@ def valid_sub(sub: object) -> TypeGuard[str]:
     return isinstance(sub, str) and 0 < len(sub) <= MAX_SUB_LENGTH and sub.isprintable()
 
 
-def principal_from_claims(claims: dict[str, Any]) -> Principal:
-    """Check the claims this service relies on (a bad one is 401, never a 500 later):
-    ``sub`` by :func:`valid_sub`, ``org`` a uuid (kept as :class:`uuid.UUID`), ``role``
-    one of :data:`ROLES`. Nothing else of the token reaches the database."""
-    sub, org, role = claims.get("sub"), claims.get("org"), claims.get("role")
+def principal_from_claims(claims: dict[str, Any], cfg: Settings | None = None) -> Principal:
+    """Check the claims this service relies on (a bad one is 401, never a 500 later), read
+    under the names ``cfg.jwt_claim_sub``/``jwt_claim_org``/``jwt_claim_role`` (default
+    settings when None): the subject by :func:`valid_sub`; the role a string of
+    :func:`roles`; the organization a uuid (kept as :class:`uuid.UUID`), which the
+    platform administrator may leave out (:data:`NIL_ORG`). Nothing else of the token
+    reaches the database."""
+    cfg = cfg if cfg is not None else Settings()
+    sub_claim, org_claim, role_claim = cfg.jwt_claim_sub, cfg.jwt_claim_org, cfg.jwt_claim_role
+    sub, org, role = claims.get(sub_claim), claims.get(org_claim), claims.get(role_claim)
     if not valid_sub(sub):
-        raise _unauthorized(f"claim 'sub' must be 1-{MAX_SUB_LENGTH} printable characters")
+        raise _unauthorized(f"claim '{sub_claim}' must be 1-{MAX_SUB_LENGTH} printable characters")
+    accepted = roles(cfg)
+    if not isinstance(role, str) or role not in accepted:
+        raise _unauthorized(f"claim '{role_claim}' must be one of {', '.join(accepted)}")
+    platform = role == cfg.platform_admin_role
     try:
         org_id = uuid.UUID(org) if isinstance(org, str) else None
     except ValueError:
         org_id = None
+    if org_id is None and platform and org is None:
+        org_id = NIL_ORG  # the platform administrator needs no organization
     if org_id is None:
-        raise _unauthorized("claim 'org' must be an organization uuid")
-    if role not in ROLES:
-        raise _unauthorized(f"claim 'role' must be one of {', '.join(ROLES)}")
-    return Principal(sub=sub, org=org_id, role=role)
+        raise _unauthorized(f"claim '{org_claim}' must be an organization uuid")
+    if org_id == NIL_ORG and not platform:
+        raise _unauthorized(
+            f"claim '{org_claim}' must name an organization: role {role!r} is an "
+            "organization's role"
+        )
+    return Principal(sub=sub, org=org_id, role=role, platform_admin_role=cfg.platform_admin_role)
 
 
 def _bearer_token() -> str:
@@ -321,16 +373,17 @@ def authenticate() -> None:
     path = request.path
     if not (path == "/api" or path.startswith("/api/")) or path in PUBLIC_PATHS:
         return
-    principal = principal_from_claims(decode_token(_bearer_token(), settings()))
+    cfg = settings()
+    principal = principal_from_claims(decode_token(_bearer_token(), cfg), cfg)
     reason = inactive_reason(state().engine, principal)
     if reason is not None:
         raise _unauthorized(f"the token's subject is no longer active: {reason}")
-    if principal.role == "viewer" and request.method not in READ_METHODS:
+    if principal.read_only and request.method not in READ_METHODS:
         raise ApiError(
             403,
             "forbidden",
             "the viewer role only reads: uploading, deleting files and starting jobs need "
-            "the member or admin role",
+            "the member, admin or platform administrator role",
         )
     g.principal = principal
 
@@ -343,18 +396,43 @@ def current_principal() -> Principal:
     return principal
 
 
-def require_admin() -> Principal:
-    """403 unless the caller is an admin."""
+def require_platform_admin() -> Principal:
+    """403 unless the caller is the platform administrator (an organization's admin is
+    not: it reaches its own organization only)."""
     principal = current_principal()
-    if not principal.is_admin:
-        raise ApiError(403, "forbidden", "this endpoint needs the admin role")
+    if not principal.is_platform_admin:
+        raise ApiError(
+            403,
+            "forbidden",
+            "this endpoint needs the platform administrator role "
+            f"({settings().platform_admin_role!r}); an organization's admin, member or "
+            "viewer may not call it",
+        )
     return principal
 
 
-def can_reach(organization_id: uuid.UUID | None) -> bool:
-    """May the caller see an object of this organization?"""
+def require_org_admin(organization_id: uuid.UUID | None) -> Principal:
+    """403 unless the caller is the platform administrator or the admin of this
+    organization (call it after the object was found reachable: 404 comes first)."""
     principal = current_principal()
-    return principal.is_admin or (organization_id is not None and organization_id == principal.org)
+    if principal.is_platform_admin:
+        return principal
+    if principal.is_org_admin and organization_id is not None and organization_id == principal.org:
+        return principal
+    raise ApiError(
+        403,
+        "forbidden",
+        "this needs the admin role of the organization (or the platform administrator)",
+    )
+
+
+def can_reach(organization_id: uuid.UUID | None) -> bool:
+    """May the caller see an object of this organization? The platform administrator
+    every one; anyone else (an organization's admin too) its own only."""
+    principal = current_principal()
+    if principal.is_platform_admin:
+        return True
+    return organization_id is not None and organization_id == principal.org
 
 
 def load_destination(dest_id: uuid.UUID) -> BackupDestination:
@@ -380,7 +458,7 @@ def load_job(job_id: uuid.UUID) -> Job:
     if job is not None and job.destination_id is not None:
         dest = db().get(BackupDestination, job.destination_id)
         org = dest.organization_id if dest is not None else None
-    if job is None or not (current_principal().is_admin or can_reach(org)):
+    if job is None or not can_reach(org):
         raise not_found(f"job {job_id} not found")
     return job
 

@@ -205,6 +205,51 @@ def curl(method: str, path: str, op: J, params: list[J]) -> str:
     return " ".join(parts)
 
 
+#: The "Tokens and roles" section.
+TOKENS_AND_ROLES = [
+    "## Tokens and roles",
+    "",
+    "The claims are read under configurable names, for an identity provider that uses "
+    "others: `OCORE_JWT_CLAIM_SUB` (default `sub`: the user id), `OCORE_JWT_CLAIM_ORG` "
+    "(default `org`: the organization uuid) and `OCORE_JWT_CLAIM_ROLE` (default `role`). "
+    "`ocore-storage token` writes the same names, and a 401 names the claim as configured "
+    "(`claim 'tenant' must be an organization uuid`). The role is one string (a list or "
+    "any other value is a 401), one of four:",
+    "",
+    "| Role value | Who | Reaches |",
+    "|---|---|---|",
+    "| `OCORE_PLATFORM_ADMIN_ROLE` (default `platform_admin`) | the platform administrator "
+    "(the operator's staff) | every organization's destinations, projects and jobs; "
+    "`/api/admin/*` (the archive); destination policies; approvals in any organization; "
+    "the full text of storage errors. The organization claim may be left out (the nil "
+    "uuid) |",
+    "| `admin` | an organization's admin | its own organization only, like a member, plus "
+    "what needs that organization's admin (approving a deletion plan of its "
+    "destinations); 403 on the platform administrator's routes, 404 on other "
+    "organizations' objects |",
+    "| `member` | a user of an organization | its organization's destinations, projects "
+    "and jobs: reads and writes (upload, delete, jobs); anything else is 404, saying "
+    "nothing about whether it exists |",
+    "| `viewer` | a read-only user | what a member of its organization reads; any "
+    "upload, file delete, job request or change is 403 `forbidden` |",
+    "",
+    "`admin`, `member` and `viewer` need an organization claim (a real uuid, not the "
+    "nil one): without it the token is a 401. `OCORE_PLATFORM_ADMIN_ROLE` may not be one "
+    "of those three. An endpoint's `403` response (listed with it below) says which "
+    "callers it refuses.",
+    "",
+    "How the API tier maps its users onto these tokens: a user whose organization role "
+    "is `admin` (the `users.role` column) gets role `admin` and their organization; a "
+    "user whose organization role is `member` gets `member` (or `viewer` for read-only "
+    "access) and their organization; platform staff get the `OCORE_PLATFORM_ADMIN_ROLE` "
+    "value. Never mint the platform administrator's value from a user's organization "
+    "role: an organization's admin must not reach every other organization. "
+    "`ocore-storage token --role platform_admin|admin|member|viewer [--org <uuid>]` mints "
+    "development tokens (`--org` is required except for `platform_admin`).",
+    "",
+]
+
+
 def operation(method: str, path: str, op: J, purpose: str) -> list[str]:
     params: list[J] = op.get("parameters", [])
     public = op.get("security", None) == []
@@ -214,8 +259,10 @@ def operation(method: str, path: str, op: J, purpose: str) -> list[str]:
         text += f" {purpose}"
     out += [text, ""]
     auth = "none (public)" if public else "bearer token"
-    if "403" in op.get("responses", {}):
-        auth += ", admin role"
+    forbidden = op.get("responses", {}).get("403")
+    if forbidden:  # who is refused: see "Tokens and roles"
+        description = forbidden.get("description") or "forbidden"
+        auth += f"; 403: {description[:1].lower()}{description[1:]}"
     out += [f"Authentication: {auth}. Tag: `{', '.join(op.get('tags', []))}`.", ""]
     out += ["**Parameters**", ""]
     if params:
@@ -277,46 +324,46 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "## Authentication and errors",
         "",
         "Every endpoint not marked public needs `Authorization: Bearer <JWT>`, a token "
-        "with the claims `sub` (user id), `org` (organization uuid), `role` (`admin`, "
-        "`member` or `viewer`) and `exp`. HS* tokens are verified with `OCORE_JWT_SECRET`, "
-        "RS*/ES*/PS* ones with `OCORE_JWT_PUBLIC_KEY`, among the algorithms of "
-        "`OCORE_JWT_ALGORITHMS`. "
-        "A member reaches only its organization's destinations, projects and jobs (anything "
-        "else is 404); admins reach everything; endpoints listing 403 need the admin role. "
-        "A viewer reaches what a member of its organization reaches, reading only: any "
-        "upload, file delete, job request or archive change is 403 `forbidden`. "
-        "A token outlives no subject: when `sub` names a user that is archived "
-        "(soft-deleted) or whose organization is archived, or `org` names an archived "
-        "organization, the token is refused with 401 `unauthorized` (\"the token's "
-        "subject is no longer active: ...\"). Each user's and organization's standing is "
-        f"remembered for {SUBJECT_CACHE_TTL_SECONDS:g} seconds per API process, so an "
-        "archive takes effect within a minute at most, a restore likewise. A `sub` that "
-        "names no user (a service "
-        "identity, e.g. `ocore-storage token`'s default `dev-user`) and the nil `org` of an "
-        "admin token are not checked. "
+        "with a subject (user id), an organization (uuid), a role and `exp` (the claims and "
+        "roles: [Tokens and roles](#tokens-and-roles)). HS* tokens are verified with "
+        "`OCORE_JWT_SECRET`, RS*/ES*/PS* ones with `OCORE_JWT_PUBLIC_KEY`, among the "
+        "algorithms of `OCORE_JWT_ALGORITHMS`. "
+        "A token outlives no subject: when the subject names a user that is archived "
+        "(soft-deleted) or whose organization is archived, or the organization claim names "
+        'an archived organization, the token is refused with 401 `unauthorized` ("the '
+        "token's subject is no longer active: ...\"). Each user's and organization's "
+        f"standing is remembered for {SUBJECT_CACHE_TTL_SECONDS:g} seconds per API process, "
+        "so an archive takes effect within a minute at most, a restore likewise. A subject "
+        "that names no user (a service identity, e.g. `ocore-storage token`'s default "
+        "`dev-user`) and the nil organization of a platform administrator's token are not "
+        "checked. "
         "Every error body is an [Error](#error) object, "
         '`{"error": code, "message": text}`.',
         "",
-        f"The claim `sub` is 1 to {MAX_SUB_LENGTH} printable characters (it is recorded as "
+        *TOKENS_AND_ROLES,
+        f"The subject claim is 1 to {MAX_SUB_LENGTH} printable characters (it is recorded as "
         "who requested a job or deleted a file): a longer one, an empty one, or one with a "
         "control character (NUL, newline, escape...), a lone surrogate or a line separator "
-        "is refused with 401 `unauthorized` before anything is written. `org` must be a "
-        "uuid and `role` one of the three roles, likewise.",
+        "is refused with 401 `unauthorized` before anything is written. The organization "
+        "claim must be a uuid and the role one string of the four roles, likewise (the "
+        "message names the claim).",
         "",
-        "Error messages hold no server internals for members and viewers: when the storage "
-        "fails (502 `storage_error`, `storage_permission_denied`; 503 `storage_unavailable`, "
+        "Error messages hold no server internals for anyone but the platform administrator "
+        "(members, viewers and organizations' admins alike): when the storage fails (502 "
+        "`storage_error`, `storage_permission_denied`; 503 `storage_unavailable`, "
         "`backend_unavailable`; 404 `not_found` from the storage) or a file operation meets "
         "a configuration problem (409 `link_check_failed`), they get a fixed message that "
         "names the destination and what happened in kind and, where an administrator has "
         "to look, a reference: the request's `X-Request-ID`, or an id of the server's. "
-        "Admins get the full text (endpoint address, bucket, base directory, secrets "
-        "directory, `OCORE_CREDENTIALS_*` variable...), and the service log (`api.errors`) "
-        "always has it under that reference. The status and the code are the same for "
-        "every role. A 400 `invalid_path` and a 409 `path_conflict` name the caller's path "
-        "relative to the destination, never an absolute one. A job's `error` (and its "
-        "result's `error`), as `GET /api/jobs/{id}` shows it to a member or viewer, has "
-        "URLs, absolute paths, IP addresses and `OCORE_*` names replaced by `<address>`, "
-        "`<path>` and `<setting>`; admins read it whole.",
+        "The platform administrator gets the full text (endpoint address, bucket, base "
+        "directory, secrets directory, `OCORE_CREDENTIALS_*` variable...), and the service "
+        "log (`api.errors`) always has it under that reference. The status and the code "
+        "are the same for every role. A 400 `invalid_path` and a 409 `path_conflict` name "
+        "the caller's path relative to the destination, never an absolute one. A job's "
+        "`error` (and its result's `error`), as `GET /api/jobs/{id}` shows it to anyone "
+        "but the platform administrator, has URLs, absolute paths, IP addresses and "
+        "`OCORE_*` names replaced by `<address>`, `<path>` and `<setting>`; the platform "
+        "administrator reads it whole.",
         "",
         "Every answer carries `Cache-Control: no-store`. A browse `next_cursor` is valid "
         "only for the destination and prefix that returned it, passed back unchanged: it "
@@ -348,8 +395,8 @@ def render(document: J, purposes: dict[tuple[str, str], str] | None = None) -> s
         "",
         "```sh",
         "export BASE=http://127.0.0.1:8080",
-        'export TOKEN=$(ocore-storage token --org "$ORG_ID" --role admin)  # signed with '
-        "the configured key",
+        'export TOKEN=$(ocore-storage token --org "$ORG_ID" --role platform_admin)  # signed '
+        "with the configured key",
         "```",
         "",
         "and one per path parameter (`$DEST_ID`, `$JOB_ID`...): ids of your data.",

@@ -6,8 +6,9 @@ Werkzeug (404 routes, 405, 413), storage errors, archive errors and anything els
 
 What a backend says about a failure names the server's internals: the endpoint address
 and bucket, the base directory, the secrets directory and the ``OCORE_CREDENTIALS_*``
-variable it looked for. Only an admin (``role`` admin in the token) gets that text; any
-other caller gets a fixed message per kind of error (:data:`STORAGE_ERRORS`) naming the
+variable it looked for. Only the platform administrator (the role claim is
+``OCORE_PLATFORM_ADMIN_ROLE``) gets that text; any other caller (an organization's admin
+too) gets a fixed message per kind of error (:data:`STORAGE_ERRORS`) naming the
 destination and a *reference*, the request's ``X-Request-ID`` or a fresh id, under which
 the full text is logged (``api.errors``, WARNING; a 404 at INFO). The status and code are
 the same for both. An :class:`InvalidPathError` keeps its text (it describes the
@@ -173,13 +174,14 @@ def redact_internals(text: str | None) -> str | None:
 
 
 def caller_is_admin() -> bool:
-    """The request's token has the admin role (False before or without authentication).
+    """The request's token is the platform administrator's (False before or without
+    authentication; an organization's admin is not: it gets a member's redacted texts).
 
     Read from ``g.principal`` (set by :func:`api.auth.authenticate`), not through
     ``api.auth``, which imports this module."""
     if not has_request_context():
         return False
-    return getattr(g.get("principal"), "is_admin", False) is True
+    return getattr(g.get("principal"), "is_platform_admin", False) is True
 
 
 def reference() -> str:

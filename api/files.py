@@ -9,17 +9,20 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from flask import Response, stream_with_context
+from flask import Response, has_app_context, stream_with_context
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api import context
 from api.errors import ApiError, uuids_in
+from core.settings import Settings
 from db.models import BackupDestination, DeletionAudit, PendingDeletion
 from db.session import db_now
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import NotFoundError, StorageError
 from storage_backends.identity import DirResolver, RelativeBaseDirectory, location_key
 from storage_backends.paths import normalize_root
+from tasks.floor import count_refusals, destination_floor, protected
 from tasks.linking import LinkRef, OverlapOutsideFrame, find_links, overlapping_destinations
 
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 !#$&+,.=@^_`{}~()\[\]-]")
@@ -82,12 +85,46 @@ def refuse_if_linked(
         + (f" (ambiguous match: its path is {ref.path!r})" if ref.ambiguous else "")
         for ref in links
     )
-    raise ApiError(
-        409,
-        "file_linked",
-        f"refusing to {action} {path!r}: {names}",
-        extra={"links": [link_to_dict(ref) for ref in links]},
-    )
+    extra: dict[str, Any] = {"links": [link_to_dict(ref) for ref in links]}
+    if action == "delete":
+        floor = _floor_refusals(session, links)
+        if floor:
+            extra["floor"] = floor
+            names += "; " + "; ".join(
+                f"backup {f['backup_id']} is one of the last completed backups of instance "
+                f"{f['instance_id']} (minimum redundancy: {f['min_backups_per_instance']} per "
+                f"instance, {f['min_backups_in_destination']} on its destination)"
+                for f in floor
+            )
+    raise ApiError(409, "file_linked", f"refusing to {action} {path!r}: {names}", extra=extra)
+
+
+def _floor_refusals(
+    session: Session, links: list[LinkRef], cfg: Settings | None = None
+) -> list[dict[str, Any]]:
+    """The live completed backups among ``links`` that the minimum redundancy keeps
+    (SAFETY rule 21, :mod:`tasks.floor`): a file delete would remove one of its
+    instance's last N completed backups. Counted (``api-delete``)."""
+    if cfg is None:
+        if not has_app_context():
+            return []
+        cfg = context.settings()
+    out: list[dict[str, Any]] = []
+    for ref in links:
+        if ref.type != "backup" or ref.deleted:
+            continue
+        floor = destination_floor(session, ref.destination_id, cfg)
+        for backup_id, instance_id in protected(session, floor, [[ref.id]]).items():
+            out.append(
+                {
+                    "backup_id": str(backup_id),
+                    "instance_id": str(instance_id),
+                    "destination_id": str(ref.destination_id),
+                    **floor.as_dict(),
+                }
+            )
+    count_refusals("api-delete", 1 if out else 0)
+    return out
 
 
 #: Unicode categories never kept in a download name: controls (Cc), format characters

@@ -11,26 +11,46 @@ job, its status and its options: the caller's request was *not* queued.
 
 The options each job type takes and how messages name it come from the job-type
 registry (:mod:`worker.jobtypes`); each option is checked here (:data:`OPTIONS`).
+
+``GET /api/jobs`` lists the jobs the caller may reach, newest first, with keyset
+pagination on ``(created_at, id)`` (:func:`worker.jobs.list_jobs`): the cursor is the
+last row's position, signed (:mod:`api.cursors`) for the same filters, so a page is
+never shifted by jobs created meanwhile and a tampered cursor is a 400. ``POST
+/api/jobs/{id}/cancel`` is :func:`worker.jobs.cancel_job` (the CLI's ``jobs cancel``
+too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
 
-from api.auth import current_principal, load_destination, load_job
+from api import cursors
+from api.auth import current_principal, load_destination, load_job, load_project
 from api.context import db, settings, state
-from api.errors import ApiError, caller_is_admin, redact_internals
-from api.params import json_body, parse_uuid, strict_bool
+from api.errors import ApiError, bad_request, caller_is_admin, redact_internals
+from api.params import json_body, parse_uuid, query_int, strict_bool
 from core.settings import MAX_RETENTION_DAYS  # (one limit: API, CLI, setting)
-from db.models import BackupDestination, Job
+from db.models import BackupDestination, Job, JobStatus
 from db.session import db_now
 from worker import jobtypes
-from worker.jobs import default_retention, dispatch_or_fail, job_to_dict, request_job
+from worker.jobs import (
+    JobNotActive,
+    NoSuchJob,
+    cancel_job,
+    default_retention,
+    dispatch_or_fail,
+    job_to_dict,
+    list_jobs,
+    request_job,
+)
 from worker.runner import job_health
 
 log = logging.getLogger(__name__)
@@ -199,14 +219,192 @@ def cleanup_orphans(dest_id: str) -> Response:
     return _request(dest_id, "orphan_cleanup")
 
 
-@bp.get("/jobs/<job_id>")
-def get_job(job_id: str) -> Response:
-    """A job's status, progress and result."""
-    job = load_job(parse_uuid(job_id, "id"))
+def job_body(job: Job, now: datetime) -> dict[str, Any]:
+    """A job as ``GET /api/jobs/{id}`` shows it (the list's items too): its row, and
+    whether anything is happening (``stale``, ``waiting_for``, ``activity``:
+    :func:`worker.runner.job_health`). A caller who is not an admin gets the error texts
+    without server internals."""
     body = job_to_dict(job)
     if not caller_is_admin():  # members: what failed, not where the servers are
         body["error"] = redact_internals(body["error"])
         if isinstance(body["result"], dict) and isinstance(body["result"].get("error"), str):
             body["result"] = {**body["result"], "error": redact_internals(body["result"]["error"])}
-    # stale / waiting_for / activity: is anything happening (worker.runner.job_health)
-    return jsonify({**body, **job_health(job, db_now(db()), settings())})
+    return {**body, **job_health(job, now, settings())}
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    """A job's status, progress and result."""
+    job = load_job(parse_uuid(job_id, "id"))
+    return jsonify(job_body(job, db_now(db())))
+
+
+#: ``GET /api/jobs``: page size (default, maximum) and the query parameters it takes
+LIST_DEFAULT_LIMIT = 50
+LIST_MAX_LIMIT = 500
+LIST_PARAMS = (
+    "destination",
+    "project",
+    "type",
+    "status",
+    "created_since",
+    "created_until",
+    "limit",
+    "cursor",
+)
+JOB_STATUSES = tuple(str(s) for s in JobStatus)
+#: the scope of the jobs list's cursors (api.cursors signs a cursor for one listing)
+CURSOR_SCOPE = "jobs-list"
+INVALID_CURSOR = (
+    "cursor is not valid: pass the next_cursor of the previous page of this same query "
+    "(same filters) unchanged, or leave cursor out for the first page"
+)
+
+
+def _query_value(name: str) -> str | None:
+    """A query parameter given at most once (None: absent)."""
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise bad_request(f"{name} is given {len(values)} times: give it once")
+    return values[0] if values else None
+
+
+def _instant(name: str) -> datetime | None:
+    """An ISO 8601 date and time with a timezone, as UTC; 400 for anything else."""
+    raw = _query_value(name)
+    if raw is None:
+        return None
+    example = "e.g. 2024-05-01T00:00:00Z or 2024-05-01T02:00:00%2B02:00"
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        hint = (
+            ": a '+' in a query string reads as a space, write it %2B (or use Z)"
+            if " " in raw
+            else ""
+        )
+        raise bad_request(
+            f"{name} must be an ISO 8601 date and time with a timezone, {example} "
+            f"(got {raw[:60]!r}){hint}"
+        ) from None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise bad_request(
+            f"{name} needs a timezone (Z or an offset such as %2B02:00), {example} "
+            f"(got {raw[:60]!r})"
+        )
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise bad_request(f"{name} is out of range (got {raw[:60]!r})") from None
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> str | None:
+    raw = _query_value(name)
+    if raw is not None and raw not in allowed:
+        raise bad_request(f"{name} must be one of {', '.join(allowed)} (got {raw[:60]!r})")
+    return raw
+
+
+def _cursor_token(job: Job) -> str:
+    return f"{job.created_at.isoformat()}|{job.id}"
+
+
+def _cursor_position(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        at, _, job_id = token.partition("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError(at)
+        return when, uuid.UUID(job_id)
+    except ValueError:  # (signed by this API: only a changed secret gets here)
+        raise bad_request(INVALID_CURSOR, "invalid_cursor") from None
+
+
+@bp.get("/jobs")
+def list_jobs_route() -> Response:
+    """The jobs the caller may reach, newest first, filtered; cursor pagination."""
+    unknown = sorted(set(request.args) - set(LIST_PARAMS))
+    if unknown:
+        raise bad_request(
+            f"unknown query parameter(s): {', '.join(unknown)[:200]}; "
+            f"allowed: {', '.join(LIST_PARAMS)}"
+        )
+    dest_raw, project_raw = _query_value("destination"), _query_value("project")
+    job_type = _choice("type", tuple(jobtypes.JOB_TYPES))
+    status = _choice("status", JOB_STATUSES)
+    since, until = _instant("created_since"), _instant("created_until")
+    if since is not None and until is not None and since >= until:
+        raise bad_request("created_since must be before created_until")
+    _query_value("limit")  # once
+    limit = query_int("limit", LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
+    cursor = _query_value("cursor")
+    filters = {
+        "destination": dest_raw,
+        "project": project_raw,
+        "type": job_type,
+        "status": status,
+        "created_since": since.isoformat() if since else None,
+        "created_until": until.isoformat() if until else None,
+    }
+    scope = json.dumps(filters, sort_keys=True)
+    before = None
+    if cursor is not None:
+        try:
+            token = cursors.accept(settings(), CURSOR_SCOPE, scope, cursor)
+        except ApiError:
+            raise bad_request(INVALID_CURSOR, "invalid_cursor") from None
+        assert token is not None
+        before = _cursor_position(token)
+    # Which destinations' jobs (404 for one the caller may not reach, as everywhere)
+    principal = current_principal()
+    dest_ids: Any = None
+    if dest_raw is not None:
+        dest = load_destination(parse_uuid(dest_raw, "destination"))
+        dest_ids = [dest.id]
+    if project_raw is not None:
+        project = load_project(parse_uuid(project_raw, "project"))
+        of_project = select(BackupDestination.id).where(BackupDestination.project_id == project.id)
+        if dest_ids is not None:  # both: that destination, if it is the project's
+            of_project = of_project.where(BackupDestination.id == dest_ids[0])
+        dest_ids = of_project
+    if dest_ids is None and not principal.is_platform_admin:
+        # an organization's jobs; a job whose destination was deleted is nobody's
+        dest_ids = select(BackupDestination.id).where(
+            BackupDestination.organization_id == principal.org
+        )
+    session = db()
+    rows = list_jobs(
+        session,
+        limit=limit + 1,
+        destination_ids=dest_ids,
+        job_type=job_type,
+        status=status,
+        created_since=since,
+        created_until=until,
+        before=before,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (
+        cursors.issue(settings(), CURSOR_SCOPE, scope, _cursor_token(rows[-1]))
+        if more and rows
+        else None
+    )
+    now = db_now(session)
+    return jsonify({"items": [job_body(job, now) for job in rows], "next_cursor": next_cursor})
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> Response:
+    """Cancel a queued job (it never runs) or stop a running one before its next batch."""
+    job = load_job(parse_uuid(job_id, "id"))
+    try:
+        job, _what = cancel_job(db(), job.id, current_principal().sub)
+    except NoSuchJob:  # (rows are not deleted; as load_job would say)
+        raise ApiError(404, "not_found", f"job {job.id} not found") from None
+    except JobNotActive as err:
+        raise ApiError(409, "not_active", str(err), extra={"status": err.status}) from None
+    response = jsonify(job_body(job, db_now(db())))
+    response.status_code = 202
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return response

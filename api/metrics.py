@@ -21,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 
 from api.accesslog import log_request
 from api.context import state
-from worker.metrics import JOBS_ENQUEUED
+from worker.metrics import FLOOR_REFUSALS, JOBS_ENQUEUED
 
 bp = Blueprint("metrics", __name__)
 UNMATCHED = "<unmatched>"
@@ -48,6 +48,8 @@ class ApiMetrics:
         )
         # The process-wide counter that worker.jobs.request_job increments.
         self.registry.register(JOBS_ENQUEUED)
+        # The file deletes this process refuses for the minimum redundancy (api-delete).
+        self.registry.register(FLOOR_REFUSALS)
 
 
 def _method() -> str:

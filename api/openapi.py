@@ -103,7 +103,7 @@ def _op(
 
 
 _EXTRA = {
-    "403": "The admin role is required",
+    "403": "The platform administrator role is required",
     "409": "Conflict: the file is referenced by a record, or the entity is in the wrong state",
     "413": "Body too large or too many form parts",
     "415": "Unsupported media type",
@@ -163,7 +163,9 @@ FILE_LINKED = (
     "file exists or not; a folder record above it; a loose spelling); `links` names "
     "each (type, id, destination_id, path). link_check_failed: the records that may name "
     "it cannot be checked (a destination covers this one from above its base directory, "
-    "or has a relative one). Nothing was written or deleted"
+    "or has a relative one). Nothing was written or deleted. On a delete, `floor` lists "
+    "the linked backups that are among their instance's last completed ones (minimum "
+    "redundancy)"
 )
 
 
@@ -343,7 +345,339 @@ def _paths() -> J:
                 tag="archive",
             )
         },
+        **_jobs_control_paths(),
+        **_plan_paths(),
+        **_audit_paths(),
+        **_history_paths(),
+        **_policy_paths(),
+        **_intent_paths(),
         **_public_paths(),
+    }
+
+
+def _jobs_control_paths() -> J:
+    """GET /api/jobs, POST /api/jobs/{id}/cancel."""
+    from api.jobs import JOB_STATUSES, LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT
+    from worker.jobtypes import JOB_TYPES
+
+    instant = {"type": "string", "format": "date-time"}
+    params = [
+        _query("destination", {"type": "string", "format": "uuid"}, "Only this destination's"),
+        _query(
+            "project",
+            {"type": "string", "format": "uuid"},
+            "Only the jobs of this project's destinations",
+        ),
+        _query("type", {"type": "string", "enum": list(JOB_TYPES)}, "Only this job type"),
+        _query("status", {"type": "string", "enum": list(JOB_STATUSES)}, "Only this status"),
+        _query(
+            "created_since",
+            instant,
+            "Created at or after (ISO 8601 with a timezone: Z or an offset, %2B for a '+')",
+        ),
+        _query("created_until", instant, "Created before (ISO 8601 with a timezone)"),
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT},
+            f"Jobs per page (default {LIST_DEFAULT_LIMIT})",
+        ),
+        _query(
+            "cursor",
+            {"type": "string"},
+            "next_cursor of the previous page of this same query, unchanged (anything "
+            "else: 400 invalid_cursor)",
+        ),
+    ]
+    cancelled = _json(
+        _ref("Job"),
+        "Accepted: a queued job is cancelled at once (it never runs); a running one stops "
+        "before its next batch and ends cancelled (cancel_requested_at/by set; repeated: "
+        "unchanged)",
+    )
+    cancel = _op("Cancel a job", [_uuid_param("id", "Job id")], ("202", cancelled), tag="jobs")
+    cancel["responses"]["202"]["headers"] = {
+        "Location": {"description": "The job's URL", "schema": {"type": "string"}}
+    }
+    cancel["responses"]["403"] = _error("The viewer role only reads")
+    cancel["responses"]["409"] = _error(
+        "not_active: the job already finished (status names how); nothing changed"
+    )
+    return {
+        "/api/jobs": {
+            "get": _op(
+                "List jobs (newest first)",
+                params,
+                ("200", _json(_ref("JobsPage"))),
+                tag="jobs",
+            )
+        },
+        "/api/jobs/{id}/cancel": {"post": cancel},
+    }
+
+
+def _plan_paths() -> J:
+    """GET /api/jobs/{id}/plan, POST /api/jobs/{id}/approve."""
+    from api.plans import PLAN_DEFAULT_LIMIT, PLAN_MAX_LIMIT
+    from tasks.plans import CANDIDATE_STATES
+
+    job_id = _uuid_param("id", "Plan job id")
+    params = [
+        job_id,
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": PLAN_MAX_LIMIT},
+            f"Files per page (default {PLAN_DEFAULT_LIMIT})",
+        ),
+        _query(
+            "cursor",
+            {"type": "string"},
+            "next_cursor of the previous page of this plan (and state), unchanged (anything "
+            "else: 400 invalid_cursor)",
+        ),
+        _query("state", {"type": "string", "enum": list(CANDIDATE_STATES)}, "Only these files"),
+    ]
+    get = _op(
+        "An orphan cleanup's stored plan: totals, by state, prefix and age, a page of files",
+        params,
+        ("200", _json(_ref("Plan"))),
+        tag="jobs",
+        conflict="no_plan: the job is not an orphan cleanup, or its plan is not complete yet "
+        "(queued, listing) or never was (it failed before)",
+    )
+    ok = (
+        "202",
+        _json(
+            _ref("JobAccepted"),
+            "Accepted: the orphan cleanup that deletes this plan was queued (created), or "
+            "the one an earlier approval started (created false)",
+        ),
+    )
+    post = _op(
+        "Approve a dry run's plan: start the orphan cleanup that deletes at most that plan",
+        [job_id],
+        ok,
+        "403",
+        "413",
+        "415",
+        "503",
+        tag="jobs",
+        conflict="no_plan; not_approvable: not a dry run, or it did not succeed (guarded: "
+        "over the budget), or its destination is gone; plan_expired (with expires_at): "
+        "older than OCORE_PLAN_TTL_HOURS, run a new dry run; job_conflict (with job_id, "
+        "status, params): another orphan cleanup of the destination is queued or running. "
+        "Nothing was queued",
+    )
+    post["responses"]["403"] = _error(
+        "The organization's admin role (or the platform administrator) is required"
+    )
+    post["responses"]["202"]["headers"] = {
+        "Location": {"description": "The cleanup job's URL", "schema": {"type": "string"}}
+    }
+    return {"/api/jobs/{id}/plan": {"get": get}, "/api/jobs/{id}/approve": {"post": post}}
+
+
+def _audit_paths() -> J:
+    """GET .../deletions."""
+    from api import audit
+    from db.audit_log import COLUMNS, REASONS, STATES
+
+    time = {"type": "string", "format": "date-time"}
+    params = [
+        DEST_ID,
+        _query("job", {"type": "string", "format": "uuid"}, "Only this job's rows"),
+        _query("reason", {"type": "string", "enum": list(REASONS)}, "Only this reason"),
+        _query("state", {"type": "string", "enum": list(STATES)}, "Only this state"),
+        _query("since", time, "Rows created at or after this time (ISO 8601 with a time zone)"),
+        _query(
+            "until",
+            time,
+            "Rows created before this time (ISO 8601 with a time zone; one not after since: none)",
+        ),
+        _query(
+            "prefix",
+            {"type": "string", "maxLength": audit.MAX_PREFIX_CHARS},
+            "Only keys starting with this, taken literally (% and _ are no wildcards)",
+        ),
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": audit.MAX_LIMIT},
+            f"Rows per page (default {audit.DEFAULT_LIMIT}); CSV: at most this many rows "
+            "(default: every matching row)",
+        ),
+        _query(
+            "cursor",
+            {"type": "string", "maxLength": audit.MAX_CURSOR_CHARS},
+            "next_cursor of the previous page, with the same filters, unchanged (anything "
+            "else: 400 invalid_cursor); CSV: the export starts after it",
+        ),
+        _query(
+            "format",
+            {"type": "string", "enum": ["json", "csv"]},
+            "csv: the CSV export, as with Accept: text/csv (default: json)",
+        ),
+    ]
+    ok = {
+        "description": "A page of rows, newest first (JSON); or, with Accept: text/csv or "
+        "format=csv, every matching row streamed as CSV (Content-Disposition: attachment; "
+        f"columns {', '.join(COLUMNS)}; a cell starting with = + - @, a tab or a carriage "
+        "return gets a leading ' so that a spreadsheet keeps it as text)",
+        "content": {
+            "application/json": {"schema": _ref("DeletionPage")},
+            "text/csv": {"schema": {"type": "string"}},
+        },
+    }
+    return {f"{DEST}/deletions": {"get": _op("Deletion audit", params, ("200", ok))}}
+
+
+def _history_params(first: J) -> list[J]:
+    time = {"type": "string", "format": "date-time"}
+    from api.history import DEFAULT_DAYS, MAX_POINTS
+
+    return [
+        first,
+        _query("since", time, f"From this time (default: until minus {DEFAULT_DAYS} days)"),
+        _query("until", time, "Before this time (default: now)"),
+        _query(
+            "bucket",
+            {"type": "string", "enum": ["day", "scan"]},
+            "day (default): one point per UTC day; scan: one point per scan",
+        ),
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": MAX_POINTS},
+            f"Most points (default {MAX_POINTS}): the newest are kept",
+        ),
+    ]
+
+
+def _history_paths() -> J:
+    """GET .../analytics/history, GET /api/projects/{id}/storage/history."""
+    return {
+        f"{DEST}/analytics/history": {
+            "get": _op(
+                "Storage history of a destination",
+                _history_params(DEST_ID),
+                ("200", _json(_ref("DestinationHistory"))),
+            )
+        },
+        "/api/projects/{id}/storage/history": {
+            "get": _op(
+                "Storage history of a project",
+                _history_params(_uuid_param("id", "Project id")),
+                ("200", _json(_ref("ProjectHistory"))),
+            )
+        },
+    }
+
+
+def _policy_paths() -> J:
+    """GET/PATCH .../policy."""
+    ok = ("200", _json(_ref("DestinationPolicy")))
+    body = {
+        "required": False,
+        "description": "JSON merge-patch: fields given are set, null resets one to the "
+        "service's setting; every field is checked before anything is written",
+        # inline (the component PolicyPatch is the same), so that docs/api.md lists
+        # the fields and its example sends one
+        "content": {"application/json": {"schema": SCHEMAS["PolicyPatch"]}},
+    }
+    forbidden = "403"
+    return {
+        f"{DEST}/policy": {
+            "get": _op(
+                "A destination's policy (platform administrator)",
+                [DEST_ID],
+                ok,
+                forbidden,
+                tag="policy",
+            ),
+            "patch": _op(
+                "Change a destination's policy (platform administrator)",
+                [DEST_ID],
+                ok,
+                forbidden,
+                "413",
+                "415",
+                body=body,
+                tag="policy",
+            ),
+        }
+    }
+
+
+def _intent_paths() -> J:
+    """POST/GET .../intents, POST .../intents/{intentId}/renew, DELETE .../intents/{intentId}."""
+    from api.intents import LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT
+
+    intent_id = _uuid_param("intentId", "Upload intent id")
+    one = _json(_ref("Intent"))
+
+    def body(name: str, required: bool) -> J:
+        return {"required": required, "content": {"application/json": {"schema": SCHEMAS[name]}}}
+
+    viewer = _error("The viewer role only reads")
+    create = _op(
+        "Register an upload intent: no job deletes a file under the key or prefix while it is live",
+        [DEST_ID],
+        ("201", _json(_ref("Intent"), "Created")),
+        "403",
+        "413",
+        "415",
+        body=body("IntentCreate", True),
+        tag="intents",
+    )
+    create["responses"]["201"]["headers"] = {
+        "Location": {"description": "The intent's URL", "schema": {"type": "string"}}
+    }
+    renew = _op(
+        "Renew a live upload intent (ttl_seconds from now)",
+        [DEST_ID, intent_id],
+        ("200", one),
+        "403",
+        "413",
+        "415",
+        body=body("IntentRenew", False),
+        tag="intents",
+        conflict="intent_not_live: the intent was released or has expired; it is never "
+        "revived, register a new one",
+    )
+    release = _op(
+        "Release an upload intent (one released already is answered as it is)",
+        [DEST_ID, intent_id],
+        ("200", one),
+        "403",
+        tag="intents",
+    )
+    listing = _op(
+        "A destination's live upload intents, oldest first",
+        [
+            DEST_ID,
+            _query(
+                "include",
+                {"type": "string", "enum": ["expired"]},
+                "expired: also the intents that expired without being released",
+            ),
+            _query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT},
+                f"Intents per page (default {LIST_DEFAULT_LIMIT})",
+            ),
+            _query(
+                "cursor",
+                {"type": "string"},
+                "next_cursor of the previous page (same include), unchanged (anything else: "
+                "400 invalid_cursor)",
+            ),
+        ],
+        ("200", _json(_ref("IntentsPage"))),
+        tag="intents",
+    )
+    for op in (create, renew, release):
+        op["responses"]["403"] = viewer
+    return {
+        f"{DEST}/intents": {"get": listing, "post": create},
+        f"{DEST}/intents/{{intentId}}/renew": {"post": renew},
+        f"{DEST}/intents/{{intentId}}": {"delete": release},
     }
 
 

@@ -29,6 +29,7 @@ from api.files import (
     stream_file,
     upload_with_audit,
 )
+from api.intents import upload_intent
 from api.params import json_body, parse_uuid, query_int, safe_path, safe_prefix
 from api.transfers import TransferSlots
 from api.upload import MultipartFileStream, too_large
@@ -230,6 +231,12 @@ def upload(dest_id: str) -> Response:
         refuse_if_purge_pending(db(), dest, path, backend.resolve_dir)
         release_db()  # the bytes move without a database connection (api.transfers)
         done = _transfer("upload")
+        # SAFETY rule 12a: no job deletes what is at the path while the upload runs
+        try:
+            end_intent = upload_intent(dest, path, actor)
+        except BaseException:
+            done()
+            raise
         try:
             old = existing_file(backend, path)
             refuse_overwrite(dest, path, old)  # before the body is read
@@ -250,6 +257,7 @@ def upload(dest_id: str) -> Response:
                     raise form.error from None
                 raise
         finally:
+            end_intent()  # released (upload_done), whether it succeeded or failed
             done()
     body: dict[str, Any] = {"message": f"uploaded {info.size} bytes", "path": info.path}
     if old is not None:

@@ -144,7 +144,7 @@ def run(bench: Bench) -> list[Row]:
         {
             "sub": "bench",
             "org": str(dbload.ORG0),
-            "role": "admin",
+            "role": "platform_admin",
             "exp": datetime.now(UTC) + timedelta(hours=2),
         },
         JWT_SECRET,

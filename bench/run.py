@@ -240,6 +240,53 @@ class Bench:
         )
         rate = n / ours.wall
         self.rows.append(Row(f"full scan {n:,}: objects/s (process wall)", f"{rate:,.0f}"))
+        if self.args.confirm_ab:
+            self.confirm_ab(n, did)
+
+    def confirm_ab(self, n: int, did: uuid.UUID) -> None:
+        """Two-phase orphan confirmation (docs/safety.md, rule 6a): the scan with sightings
+        written against the same scan without, both on a listing aged by 40 days (its
+        orphans, 10 % of the files, are past retention: each is upserted a page at a
+        time). Alternating runs; from the second on, the sightings exist (updates, the
+        steady state of daily scans). Target at 1M: at most 15 % slower."""
+        days = {"dest": str(did), "aged_days": 40}
+        on = self.child_env(OCORE_CONFIRM_SCANS="2", OCORE_CONFIRM_HOURS="24")
+        off = self.child_env(OCORE_CONFIRM_SCANS="1", OCORE_CONFIRM_HOURS="0")
+        runners: dict[str, Callable[[], Sample]] = {
+            "sightings off": lambda: py_target("our_scan", days, off),
+            "sightings on": lambda: py_target("our_scan", days, on),
+        }
+        repeats = max(2, self.repeats if n < 1_000_000 else min(self.repeats, 3))
+        self.log(f"scan {n:,}: two-phase confirmation A/B, {repeats} alternating runs each")
+        stats = alternate(runners, repeats)
+        a, b = stats["sightings off"], stats["sightings on"]
+        ratio = b.wall / a.wall
+        seen = b.samples[-1].output.get("unconfirmed_files", 0)
+        target, met = "", ""
+        if n >= 1_000_000:
+            ok = ratio <= 1.15
+            self.targets.append(("full scan 1M, sightings on <= 1.15x off", ok, f"{ratio:.2f}x"))
+            target, met = "<= 1.15x", "yes" if ok else "NO"
+        self.rows.append(
+            Row(
+                f"full scan {n:,}, {seen:,} orphans past retention: sightings on (wall)",
+                f"{b.wall:.2f} s",
+                "sightings off",
+                f"{a.wall:.2f} s",
+                f"{ratio:.2f}x",
+                target,
+                met,
+            )
+        )
+        self.rows.append(
+            Row(
+                f"full scan {n:,}: sightings on, CPU / peak RSS",
+                f"{b.cpu:.2f} s / {b.rss:.0f} MB",
+                "sightings off",
+                f"{a.cpu:.2f} s / {a.rss:.0f} MB",
+                f"{b.rss / max(a.rss, 1e-9):.2f}x RSS",
+            )
+        )
 
     def scan_target(self, n: int, peer: str, ratio: float) -> tuple[str, str]:
         if n < 1_000_000:
@@ -618,6 +665,11 @@ class Bench:
 
         self.rows.extend(apibench.run(self))
 
+    def section_lists(self) -> None:
+        from bench import listbench
+
+        self.rows.extend(listbench.run(self))
+
     def section_upload(self) -> None:
         from bench import uploadrss
 
@@ -786,7 +838,8 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
   linked by a backup record, 10 % orphans, 10 % `snap-G/chunk-XXX` linked through one
   directory (snapshot) record per 10 chunks, plus one backup record per 100 objects whose
   file is missing. 50-550 byte objects. Buckets are populated once (raw signed PUTs, 32
-  threads) and reused from `.bench/`; records are loaded with COPY into `ocore_bench`.
+  threads) and reused from `.bench/`; records are loaded with COPY into `ocore_bench`
+  (`OCORE_BENCH_DB` names another database).
 - Full scan, ours: `tasks.scan.run_scan` with the registry's S3 backend (builds the link
   index from PostgreSQL, walks, reconciles, counts missing records, writes the analytics
   row). Raw signed walk: botocore-signed ListObjectsV2 GETs on one `http.client`
@@ -854,8 +907,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--only",
-        default="scan,cleanup,backends,jobs,api",
-        help="comma list of sections: scan,cleanup,backends,jobs,api,upload",
+        default="scan,cleanup,backends,jobs,api,lists",
+        help="comma list of sections: scan,cleanup,backends,jobs,api,lists,upload",
     )
     p.add_argument(
         "--upload-rss",
@@ -888,6 +941,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="orphan cleanup also without the object-identity check (rule 5a), alternated",
     )
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--no-confirm-ab",
+        dest="confirm_ab",
+        action="store_false",
+        help="skip the scan's two-phase confirmation A/B (sightings on vs off)",
+    )
     p.add_argument(
         "--no-slow-peers",
         action="store_true",
@@ -946,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
             b.section_jobs(min(args.jobs, 300) if args.quick else args.jobs)
         if "api" in sections:
             b.section_api()
+        if "lists" in sections:
+            b.section_lists()
         if "upload" in sections or args.upload_rss:
             b.section_upload()
         if not args.no_profile and not args.quick:

@@ -43,9 +43,18 @@ def our_scan(args: dict[str, Any]) -> dict[str, Any]:
         dest = session.get(BackupDestination, uuid.UUID(args["dest"]))
         assert dest is not None
         with open_backend(dest, settings) as backend:
-            result = run_scan(session, backend, dest, settings)
+            # aged_days: the listing reports every file that much older, so that its
+            # orphans are past retention (the two-phase confirmation A/B writes sightings)
+            days = int(args.get("aged_days") or 0)
+            listed: Any = AgedBackend(backend, days) if days else backend
+            result = run_scan(session, listed, dest, settings)
     engine.dispose()
-    return {**result.summary, "inner_seconds": time.perf_counter() - t0}
+    confirmation = result.analytics.details.get("confirmation", {})
+    return {
+        **result.summary,
+        "inner_seconds": time.perf_counter() - t0,
+        "unconfirmed_files": confirmation.get("unconfirmed", {}).get("files", 0),
+    }
 
 
 def raw_walk(args: dict[str, Any]) -> dict[str, Any]:

@@ -369,7 +369,7 @@ def _token(secret: str) -> str:
     claims = {
         "sub": "bench",
         "org": str(dbload.ORG0),
-        "role": "admin",
+        "role": "platform_admin",
         "exp": datetime.now(UTC) + timedelta(hours=2),
     }
     return str(jwt.encode(claims, secret, algorithm="HS256"))

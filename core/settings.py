@@ -120,6 +120,26 @@ class Settings(BaseSettings):
     )
     jwt_issuer: str = Field(default="", description="the expected `iss` claim, or empty")
     jwt_audience: str = Field(default="", description="the expected `aud` claim, or empty")
+    # Claims (docs/api.md, "Tokens and roles"): which claims carry the subject, the
+    # organization and the role, and which role value means the platform administrator
+    # (every organization). Any other admin is an organization's admin: its own only.
+    jwt_claim_sub: str = Field(
+        default="sub", min_length=1, max_length=100, description="a claim name (1-100 characters)"
+    )
+    jwt_claim_org: str = Field(
+        default="org", min_length=1, max_length=100, description="a claim name (1-100 characters)"
+    )
+    jwt_claim_role: str = Field(
+        default="role", min_length=1, max_length=100, description="a claim name (1-100 characters)"
+    )
+    platform_admin_role: str = Field(
+        default="platform_admin",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="a role value of 1-100 letters, digits or _ . : - (not admin, member "
+        "or viewer)",
+    )
 
     # Secrets: credentials references resolve here or in OCORE_CREDENTIALS_<NAME>.
     secrets_dir: Path = Field(
@@ -199,12 +219,37 @@ class Settings(BaseSettings):
     scan_grace_hours: float = Field(
         default=1.0, ge=0, le=8760, allow_inf_nan=False, description="hours from 0 to 8760 (a year)"
     )
+    # Two-phase orphan confirmation (docs/safety.md, rule 6a): an orphan past retention is
+    # deleted only once scans saw it, with the same identity, confirm_scans times over at
+    # least confirm_hours (1 and 0: one sighting suffices, no sighting is written).
+    confirm_scans: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="a whole number of scans from 1 (one sighting suffices) to 100",
+    )
+    confirm_hours: float = Field(
+        default=24.0,
+        ge=0,
+        le=8760,
+        allow_inf_nan=False,
+        description="hours from 0 to 8760 (a year) between the first and the deciding sighting",
+    )
     stale_removal_max_share: float = Field(
         default=0.20,
         gt=0,
         le=1,
         allow_inf_nan=False,
         description="a fraction between 0 (excluded) and 1 (0.2 = 20 %)",
+    )
+    # Minimum redundancy (docs/safety.md, rule 21): no job or API call removes an
+    # instance's last N completed backups; 0 = no floor. A destination's policy may set
+    # its own floor within that destination (destination_policies.min_backups).
+    min_backups_per_instance: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="a whole number of backups from 0 (no floor) to 1000",
     )
     cleanup_max_files: int = Field(
         default=100_000, ge=1, description="a number of files, at least 1"
@@ -332,6 +377,53 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="seconds, more than 0, at most 3600",
     )
+    # Per-destination schedules (destination policies): beat ticks every
+    # schedule_tick_seconds and enqueues what is due; a destination's first due time and
+    # each next one carry up to schedule_jitter (a fraction of its interval) of jitter.
+    schedule_tick_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds from 1 to 3600",
+    )
+    schedule_jitter: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        allow_inf_nan=False,
+        description="a fraction of the interval from 0 to 0.5 (0.1 = 10 %)",
+    )
+    # A dry run's plan may be approved for this many hours after it was made.
+    plan_ttl_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=8760,
+        allow_inf_nan=False,
+        description="hours, more than 0 and at most 8760 (a year)",
+    )
+    # Upload intents (POST .../intents): the longest lease one may ask for, and the lease
+    # of an intent that names none (the API's own uploads too, renewed as they stream).
+    intent_max_ttl_seconds: int = Field(
+        default=86_400,
+        ge=60,
+        le=604_800,
+        description="whole seconds from 60 to 604800 (7 days)",
+    )
+    intent_default_ttl_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=604_800,
+        description="whole seconds from 60 to 604800, at most OCORE_INTENT_MAX_TTL_SECONDS",
+    )
+    # The reaper deletes analytics rows (one per scan) older than this many days, always
+    # keeping each destination's latest; 0 keeps every row.
+    analytics_retention_days: int = Field(
+        default=400,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        description=f"whole days from 0 (keep every row) to {MAX_RETENTION_DAYS}",
+    )
 
     log_format: LogFormat = Field(default="auto", description="one of auto, json, console")
     log_level: LogLevel = Field(
@@ -411,6 +503,17 @@ class Settings(BaseSettings):
                 f"OCORE_API_MAX_TRANSFERS={self.api_max_transfers} is out of range: below "
                 f"OCORE_API_THREADS={self.api_threads} (the other threads answer everything "
                 "else while files move)"
+            )
+        if self.platform_admin_role in ("admin", "member", "viewer"):
+            problems.append(
+                f"OCORE_PLATFORM_ADMIN_ROLE={self.platform_admin_role} is out of range: not "
+                "admin, member or viewer (those are an organization's roles; the platform "
+                "administrator reaches every organization)"
+            )
+        if self.intent_default_ttl_seconds > self.intent_max_ttl_seconds:
+            problems.append(
+                f"OCORE_INTENT_DEFAULT_TTL_SECONDS={self.intent_default_ttl_seconds} is out of "
+                f"range: at most OCORE_INTENT_MAX_TTL_SECONDS={self.intent_max_ttl_seconds}"
             )
         if problems:
             raise PydanticCustomError("ocore_settings", "{text}", {"text": "; ".join(problems)})

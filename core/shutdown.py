@@ -6,12 +6,18 @@ orchestrator waits. So the main process drops a marker file that its children ch
 before each delete batch and at each progress write. A child that sees it stops after
 the batch it is in (each batch commits or rolls back as a whole), puts its job back on
 the queue, and returns; another worker resumes the job from its stored plan.
+
+The same checks stop a job whose cancel was requested: the runner installs its own
+check for the job it runs (:func:`also_check`, a context variable of the job's thread),
+which :func:`check` calls after the marker's, at the same points between batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core.settings import get_settings
@@ -43,6 +49,28 @@ def requested() -> bool:
     return marker_path(os.getppid()).exists()
 
 
+#: a further stop check of the running job (the runner's cancel check), if any
+_also: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "ocore_stop_check", default=None
+)
+
+
+@contextlib.contextmanager
+def also_check(fn: Callable[[], None]) -> Iterator[None]:
+    """Within the block (in this thread's context), :func:`check` also calls ``fn``,
+    which raises to stop the job between batches (a cancel)."""
+    token = _also.set(fn)
+    try:
+        yield
+    finally:
+        _also.reset(token)
+
+
 def check() -> None:
+    """Between batches: raise :class:`ShutdownRequested` when the worker stops, or what
+    the check installed with :func:`also_check` raises."""
     if requested():
         raise ShutdownRequested("the worker is shutting down; the job goes back to the queue")
+    extra = _also.get()
+    if extra is not None:
+        extra()

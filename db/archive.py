@@ -19,7 +19,7 @@ before (a backup a scan-cleanup found missing) stays archived.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -382,8 +382,22 @@ def _queue_file_deletions(
             result.files_pending += 1
 
 
-def purge(session: Session, entity_type: str, entity_id: uuid.UUID, actor: str) -> PurgeResult:
+#: ``refuse(session, backup ids, instance ids)``: why a purge that hard-deletes those
+#: backups and instances must not run, or None (the minimum redundancy of the tasks
+#: layer, ``tasks.floor.purge_refusal``: db/ never imports tasks/)
+PurgeCheck = Callable[[Session, Sequence[uuid.UUID], Sequence[uuid.UUID]], str | None]
+
+
+def purge(
+    session: Session,
+    entity_type: str,
+    entity_id: uuid.UUID,
+    actor: str,
+    refuse: PurgeCheck | None = None,
+) -> PurgeResult:
     """Hard-delete a soft-deleted entity and its (soft-deleted) descendants; commits.
+    ``refuse`` is asked, in the transaction and with the rows locked, about the backups
+    and instances the purge removes; its reason makes it a PurgeRefused.
 
     Raises EntityNotFound (404), NotArchived / PurgeRefused (409).
     """
@@ -396,6 +410,10 @@ def purge(session: Session, entity_type: str, entity_id: uuid.UUID, actor: str) 
             tree = _descendants(session, entity_type, entity_id)
             model = _model(entity_type)
             tree.setdefault(model, []).append(entity_id)
+            if refuse is not None:
+                why = refuse(session, tree.get(Backup, []), tree.get(Instance, []))
+                if why:
+                    raise PurgeRefused(f"{entity_type} {entity_id} is not purged: {why}")
             for record_model in (Backup, Snapshot):
                 if tree.get(record_model):
                     _queue_file_deletions(session, record_model, tree[record_model], actor, result)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
@@ -52,6 +53,7 @@ class JobStatus(StrEnum):
     PARTIAL = "partial"  # finished; some files could not be deleted (the error says why)
     GUARDED = "guarded"  # a safety guard stopped it before it removed anything
     FAILED = "failed"
+    CANCELLED = "cancelled"  # cancelled by an operator (queued: never ran; running: stopped)
 
 
 ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -60,6 +62,7 @@ TERMINAL_JOB_STATUSES = (
     JobStatus.PARTIAL,
     JobStatus.GUARDED,
     JobStatus.FAILED,
+    JobStatus.CANCELLED,
 )
 DESTINATION_KINDS = ("s3", "gcs", "sftp", "local")
 #: Record statuses; only ``completed`` is a terminal success (SAFETY rule 14).
@@ -279,6 +282,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: ``POST /api/jobs/{id}/cancel`` on a running job: it stops before its next batch
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(200), default=None)
     __table_args__ = (
         # SAFETY rule 19: one active job per type and destination (destinations that
         # overlap serialise on their location locks, db.locks).
@@ -290,6 +296,9 @@ class Job(Base):
             postgresql_where=text("status IN ('queued', 'running')"),
             sqlite_where=text("status IN ('queued', 'running')"),
         ),
+        # GET /api/jobs: newest first, whole list or one destination's
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_destination_created_id", "destination_id", "created_at", "id"),
     )
 
 
@@ -315,11 +324,16 @@ class StorageAnalytics(Base):
     ambiguous_files: Mapped[int] = mapped_column(BigInteger, default=0)
     duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    __table_args__ = (
+        # history of a destination (since/until) and the reaper's retention pass
+        Index("ix_storage_analytics_destination_finished", "destination_id", "finished_at"),
+    )
 
 
 class DeletionAudit(Base):
     """Every deleted file (SAFETY rule 9). ``state`` pending → deleted | failed | kept |
-    changed (written again since the plan: kept, rule 5a)."""
+    changed (written again since the plan: kept, rule 5a); reason ``overwrite``:
+    ``replaced`` (an API upload replaced the file)."""
 
     __tablename__ = "deletion_audit"
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -357,6 +371,8 @@ class DeletionAudit(Base):
             postgresql_where=text("state = 'pending'"),
             sqlite_where=text("state = 'pending'"),
         ),
+        # GET .../deletions: one destination's rows, newest first (keyset on created_at, id)
+        Index("ix_deletion_audit_destination_created_id", "destination_id", "created_at", "id"),
     )
 
 
@@ -368,6 +384,62 @@ class LocationLock(Base):
     token: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DestinationPolicy(Base):
+    """A destination's own schedule, budget and approval rule (``GET/PATCH
+    /api/storage/destinations/{destId}/policy``). A null field takes the service's
+    setting; an interval of 0 turns that schedule off. The retention window is the
+    destination's own ``retention_days``. ``next_scan_at`` / ``next_cleanup_at``: when
+    beat enqueues the next one (null: due now, with jitter); every destination gets a row
+    the first time beat schedules it."""
+
+    __tablename__ = "destination_policies"
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="CASCADE"), primary_key=True
+    )
+    scan_interval_seconds: Mapped[int | None] = mapped_column(Integer, default=None)
+    cleanup_interval_seconds: Mapped[int | None] = mapped_column(Integer, default=None)
+    cleanup_max_files: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    cleanup_max_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    cleanup_max_share: Mapped[float | None] = mapped_column(Float, default=None)
+    #: scheduled orphan cleanups only plan (a dry run) and wait for an approval
+    approval_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: two-phase orphan confirmation (null: OCORE_CONFIRM_SCANS / OCORE_CONFIRM_HOURS):
+    #: sightings an orphan needs, and hours they must span, before it is deleted
+    confirm_scans: Mapped[int | None] = mapped_column(Integer, default=None)
+    confirm_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    #: minimum redundancy within this destination: the last N completed backups of each
+    #: instance here are never removed (null: OCORE_MIN_BACKUPS_PER_INSTANCE; tasks/floor.py)
+    min_backups: Mapped[int | None] = mapped_column(Integer, default=None)
+    next_scan_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    next_cleanup_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200), default="system")
+
+
+class OrphanSighting(Base):
+    """An orphan past retention that scans saw (two-phase confirmation, SAFETY rule 6a;
+    :mod:`tasks.sightings`). Written by every scan while confirmation is on, a page at a
+    time: the same identity (size, etag, generation, last-modified) seen again counts one
+    more sighting, another identity starts again at one. A complete listing deletes the
+    destination's sightings it did not see (the file is gone or a record links it)."""
+
+    __tablename__ = "orphan_sightings"
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    etag: Mapped[str | None] = mapped_column(String(200), default=None)
+    generation: Mapped[str | None] = mapped_column(String(100), default=None)
+    last_modified: Mapped[datetime | None] = mapped_column(default=None)
+    #: the database clock when this identity was first seen / last seen
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    times_seen: Mapped[int] = mapped_column(Integer, default=1)
+    #: the scan that saw it last (its ``storage_analytics`` row id)
+    last_scan_id: Mapped[uuid.UUID] = mapped_column(Uuid)
 
 
 class PendingDeletion(Base):
@@ -384,6 +456,34 @@ class PendingDeletion(Base):
     record_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     actor: Mapped[str] = mapped_column(String(200), default="system")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadIntent(Base):
+    """A key or a prefix (``path`` ending in '/') the API tier is about to upload to
+    (``POST /api/storage/destinations/{destId}/intents``; SAFETY rule 12a): no job
+    deletes a file under it while it is live (not released, ``expires_at`` after the
+    database's now). ``release_reason``: ``deleted`` (DELETE of the intent),
+    ``record`` (the reaper found a record at the exact path), ``upload_done`` (the
+    API's own upload ended)."""
+
+    __tablename__ = "upload_intents"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    destination_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("backup_destinations.id", ondelete="CASCADE")
+    )
+    #: relative to the destination's root; a prefix ends in '/'
+    path: Mapped[str] = mapped_column(String(1024))
+    is_prefix: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the JWT ``sub`` that registered it
+    owner: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    released_at: Mapped[datetime | None] = mapped_column(default=None)
+    release_reason: Mapped[str | None] = mapped_column(String(20), default=None)
+    __table_args__ = (
+        # the live intents of a destination (the delete path's re-check, the listing)
+        Index("ix_upload_intents_destination_expires", "destination_id", "expires_at"),
+    )
 
 
 ARCHIVABLE: dict[str, type[Base]] = {

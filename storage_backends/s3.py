@@ -2,31 +2,29 @@
 
 The walk is the hot path: boto3 spends ~80 µs parsing each listed key, so ListObjectsV2
 is sent by hand (signed with botocore's SigV4 signer, on a pooled urllib3 connection) and
-parsed with the C ElementTree parser. Everything else goes through the boto3 client.
+parsed by :mod:`storage_backends.s3_listing`. Everything else goes through the boto3
+client.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import boto3
 import urllib3
 from boto3.s3.transfer import TransferConfig
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -38,6 +36,7 @@ from botocore.exceptions import (
 )
 from botocore.httpsession import get_cert_path
 
+from core.pump import Outlet, Pump
 from storage_backends.base import (
     MAX_DELETE_BATCH,
     PAGE_SIZE,
@@ -61,6 +60,13 @@ from storage_backends.errors import (
 from storage_backends.identity import canonical_endpoint
 from storage_backends.paths import normalize_root
 from storage_backends.retry import call_with_retry
+from storage_backends.s3_listing import (
+    list_request,
+    parse_error,
+    parse_list_folders,
+    parse_list_head,
+    parse_list_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,225 +160,10 @@ def _strip_etag(etag: str | None) -> str | None:
 
 #: walk_unordered lists this many folders at once (destination option walk_connections)
 WALK_CONNECTIONS = 3
-_COMMON_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
 
 #: delete_many sends a batch as this many concurrent requests of DELETE_CHUNK keys
 DELETE_PARALLEL = 8
 DELETE_CHUNK = 125
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_time(text: str | None) -> datetime | None:
-    # cached: objects written by one backup run share their timestamps
-    if not text:
-        return None
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _local(tag: str) -> str:
-    return tag.rpartition("}")[2]
-
-
-# ListObjectsV2 is the hot path of every job. Its body is flat, machine-written XML
-# (no CDATA, no attributes on these elements): a regex pass over each <Contents> block
-# costs a fraction of ElementTree's tree building. Text is XML-unescaped below.
-_CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
-_FIELDS = re.compile(rb"<(Key|LastModified|ETag|Size|StorageClass)>([^<]*)</\1>")
-_TOP = {
-    name: re.compile(rb"<%s>([^<]*)</%s>" % (name, name))
-    for name in (b"EncodingType", b"IsTruncated", b"NextContinuationToken")
-}
-
-
-#: The five entities XML predefines; any other named entity is not XML.
-_XML_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
-_REFERENCE = re.compile(r"&(#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z][A-Za-z0-9]*);|&")
-
-
-def _xml_char(ref: re.Match[str]) -> str:
-    name = ref.group(1)
-    if name is None:
-        raise StorageError("the listing holds a bare '&': not well-formed XML")
-    if name[0] != "#":
-        char = _XML_ENTITIES.get(name)
-        if char is None:
-            raise StorageError(f"the listing holds &{name};, an entity XML does not define")
-        return char
-    code = int(name[2:], 16) if name[1] == "x" else int(name[1:])
-    if code == 0 or 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
-        raise StorageError(f"the listing holds &{name};, not a character")
-    return chr(code)
-
-
-def xml_unescape(text: str) -> str:
-    """Resolve XML's references: the five predefined entities and numeric character
-    references (``&#x80;`` is U+0080, not the '€' HTML's rules make of it). Anything
-    else (an HTML entity, a bare ``&``) is not XML: the listing is refused rather than
-    a key misread."""
-    return _REFERENCE.sub(_xml_char, text) if "&" in text else text
-
-
-def _text(raw: bytes) -> str:
-    return xml_unescape(raw.decode("utf-8"))
-
-
-#: one simple element ``<Tag>text</Tag>`` (no attributes, no children)
-_SIMPLE = re.compile(rb"<([A-Za-z]+)>[^<]*</\1>")
-_FIELD_NAMES = (b"Key", b"LastModified", b"ETag", b"Size", b"StorageClass")
-#: per field order of a server's <Contents> blocks: a regex matching a whole block
-_BLOCK_RX: dict[tuple[bytes, ...], tuple[re.Pattern[bytes], tuple[int, ...]]] = {}
-_QUOT = b"&#34;"
-
-
-def _block_pattern(data: bytes) -> tuple[re.Pattern[bytes], tuple[int, ...]] | None:
-    """A regex for the layout of the first <Contents> block, when it is made only of
-    simple elements (what S3, SeaweedFS and moto send): each element in that order,
-    the wanted fields captured; and where each of the five fields sits in a match
-    (-1: absent). None for any other layout (the general parser handles it)."""
-    first = _CONTENTS.search(data)
-    if first is None:
-        return None
-    inner = first.group(1)
-    elements = list(_SIMPLE.finditer(inner))
-    if b"".join(m.group(0) for m in elements) != inner:
-        return None  # whitespace, attributes or nested elements: not this fast path
-    tags = tuple(m.group(1) for m in elements)
-    if len(set(tags)) != len(tags) or b"Key" not in tags:
-        return None
-    cached = _BLOCK_RX.get(tags)
-    if cached is None:
-        parts = []
-        where = [-1] * len(_FIELD_NAMES)
-        group = 0
-        for tag in tags:
-            if tag in _FIELD_NAMES:
-                parts.append(b"<%s>([^<]*)</%s>" % (tag, tag))
-                where[_FIELD_NAMES.index(tag)] = group
-                group += 1
-            else:
-                parts.append(b"<%s>[^<]*</%s>" % (tag, tag))
-        rx = re.compile(b"<Contents>" + b"".join(parts) + b"</Contents>")
-        cached = _BLOCK_RX[tags] = (rx, tuple(where))
-        if len(_BLOCK_RX) > 64:
-            _BLOCK_RX.clear()
-    return cached
-
-
-_CLASSES: dict[bytes, str] = {}
-
-
-def _etag_text(raw: bytes) -> str:
-    """``_text(raw).strip('"')``, without the general unescape pass for the usual
-    ``&#34;hex&#34;`` form (``&#34;`` is the one entity there)."""
-    plain = raw.replace(_QUOT, b'"')
-    if b"&" in plain:
-        return _text(raw).strip('"')
-    return plain.decode("utf-8").strip('"')
-
-
-def _fast_items(data: bytes, encoded: bool) -> list[ObjectInfo] | None:
-    """Every <Contents> block in one regex pass, when all blocks share the first
-    one's layout of simple elements; None otherwise (the general parser runs)."""
-    pattern = _block_pattern(data)
-    if pattern is None:
-        return None
-    rx, (k, t, e, z, c) = pattern
-    rows = rx.findall(data)
-    if len(rows) != data.count(b"<Contents>"):
-        return None  # some block differs: the general parser decides
-    if rows and not isinstance(rows[0], tuple):
-        rows = [(r,) for r in rows]
-    # column by column: C-level passes where the text needs no unescaping
-    raw_keys = [r[k] for r in rows]
-    if any(b"&" in x for x in raw_keys):
-        keys = [_text(x) for x in raw_keys]
-    else:
-        keys = [x.decode("utf-8") for x in raw_keys]
-    if encoded:
-        keys = [unquote_plus(x) if "%" in x or "+" in x else x for x in keys]
-    n = len(rows)
-    sizes = [int(r[z] or 0) for r in rows] if z >= 0 else [0] * n
-    times: list[datetime | None] = [_time_of(r[t]) for r in rows] if t >= 0 else [None] * n
-    etags: list[str | None] = (
-        [_etag_text(r[e]) if r[e] else None for r in rows] if e >= 0 else [None] * n
-    )
-    classes: list[str | None] = [_class_of(r[c]) for r in rows] if c >= 0 else [None] * n
-    return list(map(ObjectInfo, keys, sizes, times, etags, classes))
-
-
-def _time_of(raw: bytes) -> datetime | None:
-    return _parse_time(_text(raw)) if raw else None
-
-
-def _class_of(raw: bytes) -> str | None:
-    if not raw:
-        return None
-    text = _CLASSES.get(raw)
-    if text is None:
-        if len(_CLASSES) > 256:
-            _CLASSES.clear()
-        text = _CLASSES[raw] = _text(raw)
-    return text
-
-
-def parse_list_page(data: bytes) -> tuple[list[ObjectInfo], str | None]:
-    """Parse one ListObjectsV2 response body: (objects with full keys, next token).
-
-    Keys are URL-decoded exactly once, and only when the server says it encoded them
-    (``<EncodingType>url``). S3, moto and SeaweedFS all send a literal ``+`` as ``%2B``
-    and may send a space as ``+`` (SeaweedFS does, moto sends ``%20``), so
-    ``unquote_plus`` is the one correct decoding, as in botocore.
-    """
-    encoded, token = parse_list_head(data)
-    return parse_list_items(data, encoded), token
-
-
-def parse_list_head(data: bytes) -> tuple[bool, str | None]:
-    """(keys URL-encoded?, next continuation token or None) of a ListObjectsV2 body:
-    cheap, so that the next page can be requested before this one is parsed."""
-    if b"<ListBucketResult" not in data[:1024]:
-        raise StorageError("the listing response is not a ListBucketResult document")
-    # top-level elements sit before the first <Contents> or after the last one:
-    # searching there spares two scans of the whole body
-    first, last = data.find(b"<Contents>"), data.rfind(b"</Contents>")
-    outside = data[:first] + data[last:] if 0 <= first < last else data
-    top = {name: m.group(1) if (m := rx.search(outside)) else None for name, rx in _TOP.items()}
-    encoded = (top[b"EncodingType"] or b"").lower() == b"url"
-    truncated = (top[b"IsTruncated"] or b"").lower() == b"true"
-    token = _text(top[b"NextContinuationToken"]) if top[b"NextContinuationToken"] else None
-    return encoded, token if truncated else None
-
-
-def parse_list_items(data: bytes, encoded: bool) -> list[ObjectInfo]:
-    """The objects (full keys) of a ListObjectsV2 body; see :func:`parse_list_page`."""
-    fast = _fast_items(data, encoded)
-    if fast is not None:
-        return fast
-    items: list[ObjectInfo] = []
-    for block in _CONTENTS.finditer(data):
-        fields = dict(_FIELDS.findall(block.group(1)))
-        key = _text(fields.get(b"Key", b""))
-        etag = fields.get(b"ETag")
-        storage_class = fields.get(b"StorageClass")
-        items.append(
-            ObjectInfo(
-                unquote_plus(key) if encoded else key,
-                int(fields.get(b"Size") or 0),
-                _parse_time(_text(fields[b"LastModified"]) if b"LastModified" in fields else None),
-                _text(etag).strip('"') if etag else None,
-                _text(storage_class) if storage_class else None,
-            )
-        )
-    return items
-
-
-def _parse_error(data: bytes) -> tuple[str, str]:
-    try:
-        root = ET.fromstring(data)  # noqa: S314 - server error document
-    except ET.ParseError:
-        return "", data[:200].decode("utf-8", "replace")
-    fields = {_local(f.tag): f.text or "" for f in root}
-    return fields.get("Code", ""), fields.get("Message", "")
 
 
 class S3Backend(StorageBackend):
@@ -492,12 +283,13 @@ class S3Backend(StorageBackend):
                 attempts=self.max_attempts,
             )
 
+        # (the request thread runs in the caller's context: its log lines carry the job's)
         with ThreadPoolExecutor(1, thread_name_prefix="s3-list") as pool:
-            pending = pool.submit(fetch, None)
+            pending = pool.submit(contextvars.copy_context().run, fetch, None)
             while True:
                 data, encoded, token = pending.result()
                 if token is not None:
-                    pending = pool.submit(fetch, token)
+                    pending = pool.submit(contextvars.copy_context().run, fetch, token)
                 try:
                     items = parse_list_items(data, encoded)
                 except StorageError:
@@ -541,13 +333,11 @@ class S3Backend(StorageBackend):
             )
             try:
                 items = parse_list_items(data, encoded) if b"<Contents>" in data else []
-                folders = [_text(p) for p in _COMMON_PREFIX.findall(data)]
+                folders = parse_list_folders(data, encoded)
             except StorageError:
                 raise
             except Exception as err:
                 raise self.translate_error(err, f"list {full_prefix or '/'}") from err
-            if encoded:
-                folders = [unquote_plus(f) for f in folders]
             if self.root:
                 items = [self._relative_info(o) for o in items if o.path != self.root]
             yield items, folders
@@ -576,58 +366,23 @@ class S3Backend(StorageBackend):
         work: queue.SimpleQueue[str] = queue.SimpleQueue()
         for folder in folders:
             work.put(folder)
-        out: queue.Queue[Any] = queue.Queue(maxsize=2 * connections)
-        stop = threading.Event()
-        done = object()
 
-        def put(item: Any) -> bool:
-            while not stop.is_set():
+        def lister(out: Outlet[list[ObjectInfo]]) -> None:
+            while not out.stopping:
                 try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+                    folder = work.get_nowait()
+                except queue.Empty:
+                    return
+                pages = self._walk(folder, max_keys)
+                try:
+                    for page in pages:
+                        out.put(page)
+                finally:
+                    pages.close()
 
-        def lister() -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        folder = work.get_nowait()
-                    except queue.Empty:
-                        break
-                    pages = self._walk(folder, max_keys)
-                    try:
-                        for page in pages:
-                            if not put(page):
-                                return
-                    finally:
-                        pages.close()
-            except BaseException as err:  # handed to the consumer
-                put(err)
-            finally:
-                put(done)
-
-        threads = [
-            threading.Thread(target=lister, name=f"s3-walk-{i}", daemon=True)
-            for i in range(min(connections, len(folders)))
-        ]
-        for t in threads:
-            t.start()
-        try:
-            running = len(threads)
-            while running:
-                item = out.get()
-                if item is done:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
+        listers = [lister] * min(connections, len(folders))
+        with Pump(listers, depth=2 * connections, name="s3-walk", join_timeout=30) as pump:
+            yield from pump
 
     def _relative_info(self, info: ObjectInfo) -> ObjectInfo:
         return ObjectInfo(
@@ -643,26 +398,20 @@ class S3Backend(StorageBackend):
         start_after: str = "",
     ) -> tuple[bytes, bool, str | None]:
         """One ListObjectsV2 request: (body, keys URL-encoded?, next token)."""
-        params = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
-        if delimiter:
-            params["delimiter"] = delimiter
-        if start_after:
-            params["start-after"] = start_after
-        if prefix:
-            params["prefix"] = prefix
-        if token:
-            params["continuation-token"] = token
-        # SigV4 signs the query as sent: encode it once, sorted, RFC 3986 unreserved only.
-        query = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
-        request = AWSRequest(method="GET", url=f"{self._list_url}?{query}")
-        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
-        prepared = request.prepare()
+        url, headers = list_request(
+            self._list_url,
+            self._credentials,
+            self.region,
+            prefix,
+            max_keys,
+            token,
+            delimiter=delimiter,
+            start_after=start_after,
+        )
         with self._op("list", prefix or "/"):
-            response = self._http.request(
-                "GET", prepared.url, headers=dict(prepared.headers.items()), preload_content=True
-            )
+            response = self._http.request("GET", url, headers=headers, preload_content=True)
             if response.status != 200:
-                code, message = _parse_error(response.data)
+                code, message = parse_error(response.data)
                 raise error_for(code, response.status, f"list {prefix}: {code} {message}")
             data: bytes = response.data
             return (data, *parse_list_head(data))

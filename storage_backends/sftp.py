@@ -8,26 +8,26 @@ Host keys are always verified against ``credentials["known_hosts"]`` unless
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import errno
 import io
 import itertools
 import logging
 import posixpath
-import queue
 import socket
 import stat as stat_mod
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
 
 import paramiko
 from paramiko import sftp as sftp_mod
 
+from core.pump import POLL, Outlet, Pump
 from storage_backends.base import (
     MAX_DELETE_BATCH,
     PAGE_SIZE,
@@ -137,6 +137,143 @@ class _RejectUnknown(paramiko.MissingHostKeyPolicy):
             "known_hosts: add the server's key to credentials['known_hosts'] "
             "(or set allow_unknown_host_key for a throwaway test server)"
         )
+
+
+class _Walk:
+    """One walk of an SFTP tree: the state its threads share and what each does.
+
+    Every thread runs :meth:`produce`: take a folder, list it (retried on a new channel
+    when the connection drops), queue its sub-folders, hand its files to the pump,
+    until no folder is queued or being listed. Thread slot k runs on connection
+    k % ``walk_connections``: 0 is the backend's own connection, the others are opened
+    for this walk and closed by :meth:`close` (with every channel it opened).
+    """
+
+    def __init__(self, backend: SFTPBackend, prefix: str, temporaries: bool) -> None:
+        self.backend = backend
+        self.prefix = prefix
+        self.temporaries = temporaries
+        # (the walk of the upload temporaries, a second walk of every scan, keeps to
+        # the backend's own connection: no extra logins)
+        self.connections = 1 if temporaries else backend.walk_connections
+        self.local = threading.local()  # this thread's slot and channel
+        self.channels: list[paramiko.SFTPClient] = []
+        self.slots = itertools.count()
+        self.extra: dict[int, paramiko.SSHClient] = {}
+        self.extra_lock = threading.Lock()
+        self.refused: str | None = None  # a second connection failed: the walk uses one
+        # folders to list, and how many are queued or being listed
+        self.todo: collections.deque[str] = collections.deque([prefix])
+        self.pending = 1
+        self.todo_changed = threading.Condition()
+
+    # -- connections and channels ---------------------------------------------------------
+    def connection(self) -> paramiko.SSHClient:
+        local, backend = self.local, self.backend
+        if getattr(local, "slot", None) is None:
+            local.slot = next(self.slots) % self.connections
+        if local.slot == 0 or self.refused is not None:
+            return backend._client()  # reconnects when the connection has gone away
+        with self.extra_lock:
+            client = self.extra.get(local.slot)
+            transport = client.get_transport() if client is not None else None
+            if client is None or transport is None or not transport.is_active():
+                if client is not None:
+                    client.close()
+                try:
+                    client = self.extra[local.slot] = backend._connect()
+                except Exception as err:  # e.g. a per-user connection limit
+                    self.extra.pop(local.slot, None)
+                    if self.refused is None:
+                        self.refused = f"{type(err).__name__}: {err}"
+                        log.warning(
+                            "SFTP %s refused another connection (%s): the walk goes "
+                            "on over one (destination option walk_connections: 1)",
+                            backend.endpoint_name,
+                            self.refused,
+                        )
+                    return backend._client()
+            return client
+
+    def channel(self) -> paramiko.SFTPClient:
+        sftp: paramiko.SFTPClient | None = getattr(self.local, "sftp", None)
+        if sftp is None:
+            sftp = self.backend._open_sftp(self.connection())
+            self.local.sftp = sftp
+            self.channels.append(sftp)
+        return sftp
+
+    def reopen(self, _err: BaseException) -> None:
+        """Before a retry: this thread opens a new channel on a new connection (the
+        first thread to need it reconnects, under the lock). The old connection is
+        closed: it died, or went silent past ``io_timeout`` (its other channels fail
+        over too)."""
+        old: paramiko.SFTPClient | None = getattr(self.local, "sftp", None)
+        self.local.sftp = None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                transport = old.get_channel().get_transport()  # type: ignore[union-attr]
+                old.close()
+                transport.close()
+
+    def close(self) -> None:
+        """Close the channels and the extra connections of the walk (threads ended)."""
+        for sftp in self.channels:
+            with contextlib.suppress(Exception):
+                sftp.close()
+        for client in self.extra.values():
+            with contextlib.suppress(Exception):
+                client.close()
+
+    # -- listing --------------------------------------------------------------------------
+    def list_once(self, rel: str) -> list[paramiko.SFTPAttributes]:
+        backend = self.backend
+        with backend._op("list", rel or "/"):
+            sftp = self.channel()
+            try:
+                if rel == self.prefix:  # below it, only real folders are entered
+                    backend._check_dirs(sftp, self.prefix)
+                return _listdir_raw(sftp, backend._abs(rel))
+            except (FileNotFoundError, PathConflictError):
+                return []  # removed while we walked, never existed, or under a file
+
+    def list_dir(self, rel: str) -> tuple[list[ObjectInfo], list[str]]:
+        entries = call_with_retry(
+            self.backend,
+            lambda: self.list_once(rel),
+            attempts=WALK_ATTEMPTS,
+            transient=lambda err: isinstance(err, TransientStorageError),
+            on_retry=self.reopen,
+        )
+        return self.backend._split(rel, entries, self.temporaries)
+
+    def next_folder(self, out: Outlet[list[ObjectInfo]]) -> str | None:
+        """A folder to list; None once none is queued or being listed (or the pump
+        stops)."""
+        with self.todo_changed:
+            while not self.todo:
+                if self.pending == 0 or out.stopping:
+                    return None
+                self.todo_changed.wait(POLL)
+            return self.todo.popleft()
+
+    def listed(self, subdirs: list[str]) -> None:
+        """A folder was listed: queue its sub-folders."""
+        with self.todo_changed:
+            self.todo.extend(subdirs)
+            self.pending += len(subdirs) - 1
+            if self.pending == 0:
+                self.todo_changed.notify_all()  # the walk is over: every thread returns
+            elif subdirs:
+                self.todo_changed.notify(len(subdirs))  # (not a herd of idle threads)
+
+    def produce(self, out: Outlet[list[ObjectInfo]]) -> None:
+        """One thread of the walk (a producer of its pump)."""
+        while (rel := self.next_folder(out)) is not None:
+            files, subdirs = self.list_dir(rel)
+            self.listed(subdirs)  # (others list them while this one hands its files over)
+            if files:
+                out.put(files)
 
 
 class SFTPBackend(StorageBackend):
@@ -368,124 +505,27 @@ class SFTPBackend(StorageBackend):
         self, prefix: str, page_size: int, temporaries: bool = False
     ) -> Iterator[list[ObjectInfo]]:
         """Files under ``prefix``, upload temporaries left out; with ``temporaries``
-        only those (:meth:`list_incomplete_uploads`)."""
-        local = threading.local()
-        channels: list[paramiko.SFTPClient] = []
-        # thread slot k runs on connection k % walk_connections: 0 is the backend's own
-        # connection, the others are opened for this walk (and closed after it)
-        slots = itertools.count()
-        extra: dict[int, paramiko.SSHClient] = {}
-        extra_lock = threading.Lock()
-        refused: list[str] = []  # a second connection failed: the walk uses one
-
-        def connection() -> paramiko.SSHClient:
-            if getattr(local, "slot", None) is None:
-                # (the walk of the upload temporaries, a second walk of every scan,
-                # keeps to the backend's own connection: no extra logins)
-                local.slot = next(slots) % (1 if temporaries else self.walk_connections)
-            if local.slot == 0 or refused:
-                return self._client()  # reconnects when the connection has gone away
-            with extra_lock:
-                client = extra.get(local.slot)
-                transport = client.get_transport() if client is not None else None
-                if client is None or transport is None or not transport.is_active():
-                    if client is not None:
-                        client.close()
-                    try:
-                        client = extra[local.slot] = self._connect()
-                    except Exception as err:  # e.g. a per-user connection limit
-                        extra.pop(local.slot, None)
-                        if not refused:
-                            refused.append(f"{type(err).__name__}: {err}")
-                            log.warning(
-                                "SFTP %s refused another connection (%s): the walk goes "
-                                "on over one (destination option walk_connections: 1)",
-                                self.endpoint_name,
-                                refused[0],
-                            )
-                        return self._client()
-                return client
-
-        def channel() -> paramiko.SFTPClient:
-            sftp: paramiko.SFTPClient | None = getattr(local, "sftp", None)
-            if sftp is None:
-                sftp = self._open_sftp(connection())
-                local.sftp = sftp
-                channels.append(sftp)
-            return sftp
-
-        def reopen(_err: BaseException) -> None:
-            """Before a retry: this thread opens a new channel on a new connection (the
-            first thread to need it reconnects, under the lock). The old connection is
-            closed: it died, or went silent past ``io_timeout`` (its other channels fail
-            over too)."""
-            old: paramiko.SFTPClient | None = getattr(local, "sftp", None)
-            local.sftp = None
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    transport = old.get_channel().get_transport()  # type: ignore[union-attr]
-                    old.close()
-                    transport.close()
-
-        def list_once(rel: str) -> list[paramiko.SFTPAttributes]:
-            with self._op("list", rel or "/"):
-                sftp = channel()
-                try:
-                    if rel == prefix:  # below it, only real folders are entered
-                        self._check_dirs(sftp, prefix)
-                    return _listdir_raw(sftp, self._abs(rel))
-                except (FileNotFoundError, PathConflictError):
-                    return []  # removed while we walked, never existed, or under a file
-
-        def list_dir(rel: str) -> tuple[list[ObjectInfo], list[str]]:
-            entries = call_with_retry(
-                self,
-                lambda: list_once(rel),
-                attempts=WALK_ATTEMPTS,
-                transient=lambda err: isinstance(err, TransientStorageError),
-                on_retry=reopen,
-            )
-            return self._split(rel, entries, temporaries)
-
-        # Each listed folder comes back through one queue: waiting on a set of futures
-        # (concurrent.futures.wait) costs O(folders queued) per folder, O(n^2) in all.
-        done: queue.SimpleQueue[tuple[list[ObjectInfo], list[str]] | BaseException]
-        done = queue.SimpleQueue()
-
-        def run(rel: str) -> None:
-            try:
-                done.put(list_dir(rel))
-            except BaseException as err:  # handed to the consumer, raised there
-                done.put(err)
-
-        pool = ThreadPoolExecutor(self.walk_threads)
+        only those (:meth:`list_incomplete_uploads`). ``walk_threads`` threads list
+        folders (a :class:`_Walk`) and hand each folder's files over through a
+        :class:`~core.pump.Pump`; they are put in pages of ``page_size`` here."""
+        walk = _Walk(self, prefix, temporaries)
         try:
-            pool.submit(run, prefix)
-            outstanding = 1
-            page: list[ObjectInfo] = []
-            while outstanding:
-                result = done.get()
-                outstanding -= 1
-                if isinstance(result, BaseException):
-                    raise result
-                files, subdirs = result
-                for d in subdirs:
-                    pool.submit(run, d)
-                outstanding += len(subdirs)
-                page.extend(files)
-                while len(page) >= page_size:
-                    yield page[:page_size]
-                    page = page[page_size:]
-            if page:
-                yield page
+            with Pump(
+                [walk.produce] * self.walk_threads,
+                depth=4 * self.walk_threads,
+                name="sftp-walk",
+                join_timeout=None,  # (every request ends within io_timeout)
+            ) as pump:
+                page: list[ObjectInfo] = []
+                for files in pump:
+                    page.extend(files)
+                    while len(page) >= page_size:
+                        yield page[:page_size]
+                        page = page[page_size:]
+                if page:
+                    yield page
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            for sftp in channels:
-                with contextlib.suppress(Exception):
-                    sftp.close()
-            for client in extra.values():
-                with contextlib.suppress(Exception):
-                    client.close()
+            walk.close()
 
     @staticmethod
     def _split(

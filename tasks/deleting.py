@@ -48,6 +48,7 @@ from storage_backends.base import (
 )
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from storage_backends.identity import location_key
+from tasks.intents import intents_over
 from tasks.linking import find_links
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class BatchOutcome:
     kept: list[str] = field(default_factory=list)  # a record links it now
     #: kept: the object at the key was written again since the plan (rule 5a)
     changed: list[str] = field(default_factory=list)
+    #: kept: under a live upload intent (rule 12a, :mod:`tasks.intents`)
+    kept_intent: list[str] = field(default_factory=list)
+    #: sent: only an expired upload intent covered it (reported, not trusted)
+    expired_intent: list[str] = field(default_factory=list)
 
     @property
     def bytes_freed(self) -> int:
@@ -238,6 +243,13 @@ def _prepare(ctx: DeleteContext, items: Sequence[Doomed]) -> _Prepared:
     links = find_links(session, ctx.dest, list(by_path), destinations=ctx.destinations)
     outcome.kept = [p for p, refs in links.items() if refs]
     doomed = [by_path[p] for p in by_path if not links[p]]
+    # a live upload intent keeps its files (rule 12a), read in this same transaction
+    intents = intents_over(
+        session, ctx.dest, [d.path for d in doomed], destinations=ctx.destinations
+    )
+    outcome.kept_intent = [d.path for d in doomed if d.path in intents.live]
+    outcome.expired_intent = [d.path for d in doomed if d.path in intents.expired_only]
+    doomed = [d for d in doomed if d.path not in intents.live]
     # A key the backend cannot send back exactly ('a//b', '/a', a 'dir/' marker) stays
     # and is reported per key: it must not fail the whole batch, nor every later run.
     unsendable = _unsendable(ctx.backend, doomed)
@@ -246,6 +258,8 @@ def _prepare(ctx: DeleteContext, items: Sequence[Doomed]) -> _Prepared:
     session.commit()
     if outcome.kept:
         log.info("kept %d file(s) a record links since planning", len(outcome.kept))
+    if outcome.kept_intent:
+        log.info("kept %d file(s) under a live upload intent", len(outcome.kept_intent))
     outcome.failed.update(unsendable)
     if unsendable:
         log.warning("kept %d key(s) that cannot be sent back exactly", len(unsendable))
@@ -303,9 +317,50 @@ def _close(
             )
             .values(state="kept")
         )
+    if outcome.kept_intent:  # the same, for a file a live upload intent now covers
+        _audit_kept_intent(session, ctx, outcome.kept_intent)
     finalize(session, outcome)
     session.commit()
     return outcome
+
+
+#: the error text of an audit row kept because a live upload intent covers its file
+INTENT_KEPT_ERROR = "under a live upload intent: kept (SAFETY rule 12a)"
+
+
+def _audit_kept_intent(session: Session, ctx: DeleteContext, paths: list[str]) -> None:
+    """A ``kept`` audit row for each file a live upload intent kept (an earlier
+    attempt's ``pending`` row becomes it; none is duplicated): the audit shows why a
+    planned file stayed."""
+    existing = _audit_ids(session, ctx, paths)
+    if existing:
+        update_by_ids(
+            session,
+            DeletionAudit.id,
+            list(existing.values()),
+            {"state": "kept", "error": INTENT_KEPT_ERROR},
+        )
+    fresh = [p for p in paths if p not in existing]
+    if fresh:
+        loc, now = location_key(ctx.dest), utcnow()
+        session.execute(
+            insert(DeletionAudit),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "destination_id": ctx.dest.id,
+                    "location_key": loc,
+                    "path": p,
+                    "reason": ctx.reason,
+                    "job_id": ctx.job_id,
+                    "actor": ctx.actor,
+                    "state": "kept",
+                    "error": INTENT_KEPT_ERROR,
+                    "created_at": now,
+                }
+                for p in fresh
+            ],
+        )
 
 
 def _write_pending(

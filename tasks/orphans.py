@@ -17,13 +17,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.locks import Lease, check_and_renew
 from db.models import BackupDestination, CleanupCandidate, Job
-from db.session import is_postgresql, update_by_ids
+from db.session import db_now, is_postgresql, update_by_ids
 from db.types import as_utc
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from tasks.deleting import (
@@ -36,6 +36,7 @@ from tasks.deleting import (
 )
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
+from tasks.plans import approved_plan_problem, expires_at
 from tasks.scan import (
     LISTED_KEY,
     InvalidRetention,
@@ -44,6 +45,7 @@ from tasks.scan import (
     resolve_retention,
     run_scan,
 )
+from tasks.sightings import unconfirmed_figures
 from tasks.uploads import UploadPlan, abort_uploads, result_figures
 
 log = logging.getLogger(__name__)
@@ -130,10 +132,14 @@ def _plan(
             f"{scan.error}; nothing was deleted",
         )
     past = scan.analytics.details["orphans_past_retention"]
+    # rule 6a: only confirmed orphans are planned; the others are kept and reported
+    confirmation = scan.analytics.details.get("confirmation") or {}
+    past = confirmation.get("confirmed", past)
     plan = {
         "plan_complete": True,
         "plan_files": past["files"],
         "plan_bytes": past["bytes"],
+        "unconfirmed_kept": unconfirmed_figures(confirmation),
         "total_files": scan.analytics.total_files,
         "analytics_id": str(scan.analytics.id),
         "ambiguous_kept": scan.analytics.ambiguous_files,
@@ -147,9 +153,116 @@ def _plan(
             if entry["destination_id"] != str(dest.id)
         ],
         "upload_plan": uploads.figures(scan.analytics.details.get("incomplete_uploads", {})),
+        # the database clock: a dry run's plan can be approved until OCORE_PLAN_TTL_HOURS
+        # after this (tasks.plans.expires_at)
+        "planned_at": db_now(session).isoformat(),
     }
     _save_progress(session, job, phase="planned", **plan)
     return {**plan, LISTED_KEY: listing_figures(scan)}
+
+
+def _copy_approved(
+    session: Session, settings: Settings, job: Job, source: Job, lease: Lease
+) -> dict[str, Any]:
+    """Make the approved plan of ``source`` (a dry run) this job's plan: its ``planned``
+    candidates copied in one ``INSERT ... SELECT`` under the fence (no row passes through
+    this process), with the same figures. Nothing is listed: files that appeared since
+    the plan are not in it and are never deleted."""
+    session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
+    check_and_renew(session, lease, settings.lock_lease_seconds)
+    c = CleanupCandidate
+    columns = ["job_id", "path", "size_bytes", "last_modified", "etag", "generation", "state"]
+    rows = select(
+        literal(job.id, c.job_id.type),
+        c.path,
+        c.size_bytes,
+        c.last_modified,
+        c.etag,
+        c.generation,
+        literal("planned", c.state.type),
+    ).where(c.job_id == source.id, c.state == "planned")
+    session.execute(insert(c).from_select(columns, rows))
+    session.commit()
+    files, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(c.size_bytes), 0)).where(c.job_id == job.id)
+    ).one()
+    stored = source.progress or {}
+    plan = {
+        "plan_complete": True,
+        "plan_files": int(files),
+        "plan_bytes": int(size),
+        "total_files": stored.get("total_files", 0),
+        "analytics_id": stored.get("analytics_id"),
+        "ambiguous_kept": stored.get("ambiguous_kept", 0),
+        "no_timestamp_kept": stored.get("no_timestamp_kept", 0),
+        "undecodable_kept": stored.get("undecodable_kept", 0),
+        "unconfirmed_kept": stored.get("unconfirmed_kept", unconfirmed_figures({})),
+        "kept_linked_by": stored.get("kept_linked_by", []),
+        # the approved plan is its files: incomplete uploads are listed anew by a
+        # cleanup of its own, never aborted from an approval
+        "upload_plan": {},
+        "approved_plan": str(source.id),
+        "planned_at": stored.get("planned_at"),
+    }
+    _save_progress(session, job, phase="planned", **plan)
+    return plan
+
+
+def _kept_sample(session: Session, job: Job, limit: int = 20) -> list[dict[str, str]]:
+    """Some files of the plan that were kept when their batch came: rewritten since the
+    plan (``changed``) or linked by a record since (``kept``)."""
+    rows = session.execute(
+        select(CleanupCandidate.path, CleanupCandidate.state)
+        .where(CleanupCandidate.job_id == job.id, CleanupCandidate.state.in_(("changed", "kept")))
+        .order_by(CleanupCandidate.id)
+        .limit(limit)
+    )
+    return [{"path": p, "state": st} for p, st in rows]
+
+
+def _dry_run_intents(
+    session: Session, dest: BackupDestination, backend: StorageBackend, job: Job
+) -> dict[str, int]:
+    """A dry run's planned files under a live upload intent become ``kept`` in its plan
+    (an approval copies only ``planned`` ones); ``kept_intent`` and ``expired_intents``
+    count them as a real run's batches would."""
+    from tasks.intents import intents_over
+
+    destinations = overlapping_destinations(session, dest, backend.resolve_dir)
+    counts = {"kept_intent": 0, "expired_intents": 0}
+    ids: dict[str, int] = {}
+    for batch in _planned(session, job, ids):
+        found = intents_over(session, dest, [d.path for d in batch], destinations=destinations)
+        counts["kept_intent"] += len(found.live)
+        counts["expired_intents"] += len(found.expired_only)
+        if found.live:
+            _mark(session, [ids[p] for p in found.live], "kept")
+        session.commit()
+    return counts
+
+
+def _notify_awaiting_approval(
+    session: Session, dest: BackupDestination, settings: Settings, job: Job, plan: dict[str, Any]
+) -> None:
+    """One structured warning: a scheduled dry run (``awaiting_approval``) has a plan an
+    admin should look at and approve (``POST /api/jobs/{id}/approve``)."""
+    end = expires_at(session, job, settings)
+    log.warning(
+        "plan awaiting approval: job %s of destination %s, %d files, %d bytes, expires at %s",
+        job.id,
+        dest.id,
+        plan["plan_files"],
+        plan["plan_bytes"],
+        end.isoformat() if end is not None else "-",
+        extra={
+            "event": "plan_awaiting_approval",
+            "plan_job_id": str(job.id),
+            "destination_id": str(dest.id),
+            "files": plan["plan_files"],
+            "bytes": plan["plan_bytes"],
+            "expires_at": end.isoformat() if end is not None else None,
+        },
+    )
 
 
 def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
@@ -251,8 +364,22 @@ def run_orphan_cleanup(
         return JobOutcome("failed", {}, str(err))
     dry_run = bool(params.get("dry_run", False))
     plan: dict[str, Any] | JobOutcome
+    approved = params.get("approved_plan")
+    source: Job | None = None
+    if approved is not None:
+        # Deletes an approved dry run's plan, never a listing of its own. Checked again
+        # on every start (a redelivery too): the plan belongs to this destination, was
+        # approved for this job and has not expired. Else nothing (more) is deleted.
+        source, why = approved_plan_problem(session, job, settings, db_now(session))
+        if source is None:
+            log.warning("approved orphan cleanup of %s refused: %s", dest.id, why)
+            refused = {"approved_plan": str(approved), "deleted_files": 0, "guard": why}
+            return JobOutcome("guarded", refused, f"{why}; nothing was deleted")
+        dry_run = False
     if (job.progress or {}).get("plan_complete"):
         plan = dict(job.progress)
+    elif source is not None:
+        plan = _copy_approved(session, settings, job, source, lease)
     else:
         plan = _plan(session, backend, dest, settings, job, retention, progress, lease)
         if isinstance(plan, JobOutcome):
@@ -268,16 +395,28 @@ def run_orphan_cleanup(
         "no_timestamp_kept": plan.get("no_timestamp_kept", 0),
         "kept_linked_by": plan.get("kept_linked_by", []),
         "undecodable_kept": plan.get("undecodable_kept", 0),
+        # orphans past retention not confirmed yet by enough scans (rule 6a): kept
+        "unconfirmed_kept": plan.get("unconfirmed_kept", unconfirmed_figures({})),
         # S3 multipart uploads / local and SFTP upload temporaries (tasks.uploads)
         "incomplete_uploads": result_figures(plan.get("upload_plan")),
     }
     if listed is not None:
         result[LISTED_KEY] = listed
+    if approved is not None:
+        result["approved_plan"] = str(approved)
+    from tasks.policy import budget_settings  # the destination's budget overrides
+
+    settings = budget_settings(session, dest, settings)
     reason = _over_budget(plan, settings)
     if reason:
         log.warning("orphan cleanup of %s guarded: %s; nothing deleted", dest.id, reason)
         return JobOutcome("guarded", {**result, "guard": reason, "deleted_files": 0})
     if dry_run:
+        # the plan shows what a live upload intent would keep now (rule 12a): kept
+        result.update(_dry_run_intents(session, dest, backend, job))
+        if params.get("awaiting_approval"):
+            _notify_awaiting_approval(session, dest, settings, job, plan)
+            result["awaiting_approval"] = True
         return JobOutcome("succeeded", {**result, "deleted_files": 0})
     ctx = DeleteContext(
         session=session,
@@ -294,6 +433,7 @@ def run_orphan_cleanup(
     )
     totals = {"deleted_files": 0, "bytes_freed": 0, "failed_files": 0, "kept_linked": 0}
     totals["changed_since_plan"] = 0
+    totals["kept_intent"] = totals["expired_intents"] = 0  # upload intents (rule 12a)
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
 
     ids: dict[str, int] = {}  # candidate id of each path of the batches under way
@@ -311,6 +451,9 @@ def run_orphan_cleanup(
         mark(s, list(out.failed), "failed")
         mark(s, out.kept, "kept")
         mark(s, out.changed, "changed")
+        mark(s, out.kept_intent, "kept")
+        totals["kept_intent"] += len(out.kept_intent)
+        totals["expired_intents"] += len(out.expired_intent)
         totals["changed_since_plan"] += len(out.changed)
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
@@ -338,6 +481,9 @@ def run_orphan_cleanup(
         room_bytes=settings.cleanup_max_bytes - plan["plan_bytes"],
         progress=progress,
     )
+    kept_any = totals["changed_since_plan"] or totals["kept_linked"] or totals["kept_intent"]
+    if approved is not None and kept_any:
+        result["kept_sample"] = _kept_sample(session, job)
     status = "partial" if totals["failed_files"] or upload_error else "succeeded"
     errors = [e for e in (failures.summary(totals["failed_files"]), upload_error) if e]
     return JobOutcome(status, {**result, **totals}, "; ".join(errors) or None)

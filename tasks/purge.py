@@ -13,6 +13,11 @@ it: ``..``, a leading ``/``, control characters...) is never sent to storage. It
 pending rows are quarantined ones (:func:`has_purgeable_pending`), so no purge job is
 re-run for them every few minutes. The state is derived from the path (the same check
 every time), so nothing needs to be written to mark it.
+
+Minimum redundancy (rule 21, :mod:`tasks.floor`) is decided before this job: the purge
+request refuses an archived completed backup of a live instance below its floor
+(:func:`tasks.floor.purge_refusal`), and the records whose files this job deletes are
+gone already; a file a live record links is kept by the re-check (rule 1).
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ def run_purge(
     totals["kept_linked"] = 0
     totals["changed_since_plan"] = 0  # written again since the listing: kept (rule 5a)
     totals["kept_newer"] = 0  # written after the purge was requested: not the record's
+    totals["kept_intent"] = 0  # under a live upload intent: kept, its debt dropped (12a)
+    totals["expired_intents"] = 0  # only an expired upload intent covered it: deleted
     # Counts of earlier attempts, saved with the batches they count (rule 20).
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
     totals["invalid_paths"] = 0  # recounted by every run: their rows stay
@@ -164,6 +171,8 @@ def run_purge(
         totals["failed_files"] += len(out.failed)
         totals["kept_linked"] += len(out.kept)
         totals["changed_since_plan"] += len(out.changed)
+        totals["kept_intent"] += len(out.kept_intent)
+        totals["expired_intents"] += len(out.expired_intent)
         save(s)
 
     def record_done(s: Session) -> None:

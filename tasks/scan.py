@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +15,7 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from core.logging import set_phase
+from core.pump import Outlet, Pump, feed
 from core.settings import Settings
 from db.models import BackupDestination, Environment, Instance, Project, StorageAnalytics
 from db.session import db_now
@@ -25,7 +23,9 @@ from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
 from tasks.analytics import ScanStats, UploadSink, escaped_name
+from tasks.intents import intent_counts
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
+from tasks.sightings import Sightings, effective_confirmation
 
 log = logging.getLogger(__name__)
 
@@ -271,66 +271,25 @@ def _missing_records(
     return stale, live
 
 
-_END = object()
+#: pages the scan's listing reads ahead of the page being processed
+READ_AHEAD = 32
 
 
-class ReadAhead:
+def read_ahead(
+    pages: Iterator[list[ObjectInfo]], depth: int = READ_AHEAD
+) -> Pump[list[ObjectInfo]]:
     """Pull ``pages`` in a background thread, up to ``depth`` pages ahead, so that the
     listing's network time overlaps building the link index and processing pages.
-    Pages and errors reach the caller in order; :meth:`close` stops the thread (also
-    when iteration never started). Memory stays bounded by ``depth`` pages."""
+    Pages and errors reach the caller in order; closing the pump stops the thread (also
+    when iteration never started). Memory stays bounded by ``depth`` pages. The thread
+    runs in a copy of the caller's context (:class:`~core.pump.Pump`): its log lines (a
+    backend retrying, say) carry the job's id, type, destination and phase too."""
 
-    def __init__(self, pages: Iterator[list[ObjectInfo]], depth: int = 32) -> None:
-        self._pages = pages
-        self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        # The thread runs in a copy of the caller's context: its log lines (a backend
-        # retrying, say) carry the job's id, type, destination and phase too.
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name="scan-listing", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
+    def listing(out: Outlet[list[ObjectInfo]]) -> None:
         set_phase("listing")
-        self._produce()
+        feed(pages)(out)
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for page in self._pages:
-                if not self._put(page):
-                    return
-            self._put(_END)
-        except BaseException as err:  # handed to the consumer, in order
-            self._put(err)
-
-    def __iter__(self) -> ReadAhead:
-        return self
-
-    def __next__(self) -> list[ObjectInfo]:
-        item = self._buffer.get()
-        if item is _END:
-            self._buffer.put(_END)  # stay exhausted
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._buffer.put(_END)
-            raise item
-        page: list[ObjectInfo] = item
-        return page
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    return Pump([listing], depth=depth, name="scan-listing", join_timeout=10)
 
 
 def run_scan(
@@ -359,9 +318,15 @@ def run_scan(
     """
     t0 = time.perf_counter()
     started = db_now(session)
+    # two-phase confirmation (rule 6a): orphans past retention are recorded as sightings
+    # a page at a time; only confirmed ones reach ``on_candidates``
+    scan_id = uuid.uuid4()  # the analytics row's id
+    sightings = Sightings(
+        session, dest.id, scan_id, effective_confirmation(session, dest, settings), started
+    )
     # the listing starts while the index builds; its order does not matter (lookups
     # are by hash), so a backend may list several folders at once
-    pages = ReadAhead(backend.walk_unordered(""))
+    pages = read_ahead(backend.walk_unordered(""))
     try:
         index = LinkIndex(session, dest, backend.resolve_dir)
     except BaseException:
@@ -382,6 +347,8 @@ def run_scan(
                 page = stats.set_aside_undecodable(page)  # kept, never planned: rule 5
             classified = index.classify([o.path for o in page], loose_all=loose_all)
             candidates = stats.add_page(page, classified.owner, classified.ambiguous)
+            if candidates:
+                candidates = sightings.see(candidates)  # the confirmed ones
             if on_candidates and candidates:
                 on_candidates(candidates)
             if progress and time.monotonic() - last_report > PROGRESS_EVERY:
@@ -400,6 +367,8 @@ def run_scan(
     finally:
         pages.close()
     complete = error is None
+    if complete:
+        sightings.forget_unseen()  # an incomplete listing forgets nothing
     if progress:
         progress("reconciling", listed)
     grace = timedelta(hours=settings.scan_grace_hours)
@@ -416,7 +385,10 @@ def run_scan(
     details = stats.details(settings.analytics_top_prefixes, attribution, missing)
     details["objects_per_second"] = round(listed / duration, 1) if duration > 0 else None
     details["listing_complete"] = complete
+    details["confirmation"] = sightings.figures()  # rule 6a
     details["error"] = error
+    # upload intents (rule 12a) that cover its files: live ones protect, expired ones not
+    details["upload_intents"] = intent_counts(session, [d.id for d in index.destinations])
     # whose records link the files (other destinations on the same storage too)
     by_dest = stats.owner_bytes(index.owner_destinations)
     details["linked_by_destination"] = [
@@ -424,7 +396,7 @@ def run_scan(
         for d, t in sorted(by_dest.items(), key=lambda kv: (-kv[1].bytes, str(kv[0])))
     ]
     row = StorageAnalytics(
-        id=uuid.uuid4(),
+        id=scan_id,
         destination_id=dest.id,
         job_id=job_id,
         status="succeeded" if complete else "partial",

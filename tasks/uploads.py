@@ -36,6 +36,7 @@ from storage_backends.base import IncompleteUpload, StorageBackend
 from storage_backends.errors import ChangedSincePlanError, StorageError
 from storage_backends.identity import location_key
 from tasks.analytics import escaped_name
+from tasks.intents import intents_over
 from tasks.linking import find_links, overlapping_destinations
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ class _Aborter:
         if self.destinations is None:
             self.destinations = overlapping_destinations(s, self.dest, self.backend.resolve_dir)
         links = find_links(s, self.dest, paths, destinations=self.destinations)
+        # a live upload intent keeps an upload under it like a link (rule 12a)
+        intended = intents_over(s, self.dest, paths, destinations=self.destinations).live
         # one audit row per job and path (the table's unique key): a path this job has a
         # row for already (an orphan file deleted there, another upload of that key)
         # waits for a later run
@@ -212,14 +215,14 @@ class _Aborter:
         loc, now = location_key(self.dest), utcnow()
         for u in items:
             if u.path in pending:  # an earlier attempt's row: re-checked, never budgeted twice
-                if links[u.path]:
+                if links[u.path] or u.path in intended:
                     kept.append(pending[u.path])
                     self.counts["kept_linked"] += 1
                 else:
                     doomed.append((u, pending[u.path]))
                     self._attempt(u)
                 continue
-            if links[u.path]:
+            if links[u.path] or u.path in intended:
                 self.counts["kept_linked"] += 1
                 continue
             if u.path in taken:

@@ -27,6 +27,12 @@ from db.session import make_engine
 # for the tests' processes (and the workers they start, which inherit it), not for the
 # service, where the provider's default chain (an instance role) must work.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# Two-phase orphan confirmation (docs/safety.md, rule 6a) off for the tests' processes and
+# the workers and CLIs they start: most tests scan once and clean up at once, and assert
+# what one sighting decides. The confirmation's own tests set it on explicitly
+# (tests/tasks/test_tasks_confirmation.py).
+os.environ.setdefault("OCORE_CONFIRM_SCANS", "1")
+os.environ.setdefault("OCORE_CONFIRM_HOURS", "0")
 
 PG_ADMIN = os.environ.get("OCORE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("OCORE_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -95,4 +101,6 @@ def settings(pg_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "var",
         secrets_dir=tmp_path / "secrets",
         jwt_secret="test-secret-0123456789abcdef0123456789",
+        confirm_scans=1,  # one sighting suffices (rule 6a off), as above
+        confirm_hours=0,
     )

@@ -111,14 +111,12 @@ def make_celery(settings: Settings) -> Celery:
         timezone="UTC",
         enable_utc=True,
         beat_schedule={
-            "scan-all-destinations": {
-                "task": "ocore.schedule_scans",
-                "schedule": settings.scan_interval,
-                "options": {"queue": "maintenance"},
-            },
-            "cleanup-all-destinations": {
-                "task": "ocore.schedule_cleanups",
-                "schedule": settings.cleanup_interval,
+            # the destinations' schedules live in the database (destination policies):
+            # each tick enqueues the scans and cleanups that are due, with jitter
+            # (worker.celery_tasks.schedule_tick); a policy change needs no restart
+            "schedule-tick": {
+                "task": "ocore.schedule_tick",
+                "schedule": settings.schedule_tick_seconds,
                 "options": {"queue": "maintenance"},
             },
             "reap-stuck-jobs": {

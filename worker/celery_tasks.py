@@ -33,22 +33,25 @@ import logging
 import random
 import threading
 import uuid
-from collections.abc import Iterator
-from datetime import timedelta
-from typing import Any
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, cast
 
 from celery import Task, signals
 from celery.exceptions import MaxRetriesExceededError
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, Row, Select, and_, or_, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
 from core.logging import job_context
 from core.settings import Settings, get_settings
-from db.models import BackupDestination, Job, JobStatus
+from db.models import BackupDestination, DestinationPolicy, JobStatus
 from db.session import get_engine, session_scope
 from db.types import utcnow
+from tasks.policy import first_due, interval, new_rng, next_due
 from worker import metrics
 from worker.celery_app import app, send
 from worker.jobs import Sender, default_retention, dispatch_or_fail, request_job
@@ -183,38 +186,216 @@ def _job_task(job_type: JobType) -> Task:
 JOB_TASKS: dict[str, Task] = {name: _job_task(jt) for name, jt in JOB_TYPES.items()}
 
 
-def schedule_jobs(session: Session, settings: Settings, job_type: str, sender: Sender) -> int:
-    """One ``job_type`` job for every destination (orphan cleanups with the
-    destination's own retention), unless one is already queued or running for its
-    location, or beat already requested one within the last half of the schedule's
-    interval (a second beat process, e.g. during a rolling update, ticks in the same
-    period: each destination is still scheduled once, even when the first job finished
-    in milliseconds; a beat job that failed does not count). A job whose message
-    cannot be sent is failed, not left queued. Returns how many were sent.
+@dataclasses.dataclass
+class TickResult:
+    """What one schedule tick did: jobs sent per job type, destinations seen for the
+    first time (their first due times spread, :func:`tasks.policy.first_due`), and
+    whether a send failed (the broker away: the rest waits for the next tick)."""
 
-    Atomic across beat processes: on PostgreSQL the pass holds an advisory lock of its
-    job type from the read of the recent jobs to the last request, so a second beat
-    ticking at the same instant waits and then finds every destination scheduled
-    (SQLite, the embedded default, serialises writers itself and runs one beat)."""
-    with _schedule_lock(session, job_type):
-        return _schedule_pass(session, settings, job_type, sender)
+    scan: int = 0
+    orphan_cleanup: int = 0
+    first_seen: int = 0
+    send_failed: bool = False
 
 
-#: advisory lock ids of the scheduling passes (a fixed 64-bit number per job type)
-def _schedule_lock_id(job_type: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"ocore-schedule:{job_type}".encode()).digest()[:8],
+#: the scheduled job types: (job type, DestinationPolicy's interval and due columns)
+SCHEDULES = (
+    ("scan", "scan_interval_seconds", "next_scan_at"),
+    ("orphan_cleanup", "cleanup_interval_seconds", "next_cleanup_at"),
+)
+#: due destinations handled (enqueued, due times written, committed) per round
+TICK_BATCH = 500
+
+
+def schedule_tick(
+    session: Session,
+    settings: Settings,
+    sender: Sender,
+    *,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+) -> TickResult:
+    """One beat tick: enqueue every scan and orphan cleanup that is due, from the
+    destinations' policies (:class:`db.models.DestinationPolicy`), and write when each
+    is due next. Run every ``schedule_tick_seconds``; reads the database each time, so a
+    policy changed through the API needs no restart.
+
+    * ONE query (backup_destinations LEFT JOIN destination_policies) selects the
+      destinations with a due schedule: interval null (the setting's) or above 0 (0 is
+      off), and ``next_*_at`` null (never seen: no row yet) or past. It is streamed in
+      rounds of :data:`TICK_BATCH`, never held whole.
+    * A schedule beat has never seen is not run at once: its first due time is spread
+      over the next ``schedule_jitter`` x interval (:func:`tasks.policy.first_due`), so
+      10,000 new destinations (or every destination after an upgrade) start over hours,
+      not in one minute; with no jitter, at once.
+    * A due schedule goes through the request path (:func:`worker.jobs.request_job`: one
+      active job per type and destination; :func:`worker.jobs.dispatch_or_fail`), and is
+      due again one interval later, give or take the jitter
+      (:func:`tasks.policy.next_due`). A cleanup of a destination whose policy says
+      ``approval_required`` is queued as a dry run awaiting approval.
+    * A send that fails fails its job (never left queued) and stops this tick's
+      enqueuing: the failed schedule and the rest stay due (their due times unchanged)
+      and the next tick tries again, so a broker outage costs one failed job a tick, not
+      one per destination.
+    * Due times are written after the jobs were requested, per round, and only where
+      the policy did not change meanwhile (an API change reschedules itself).
+
+    Atomic across beat processes: on PostgreSQL the tick holds an advisory lock from its
+    query to its last write, so a second beat ticking at the same instant waits and then
+    finds nothing due (each schedule runs once per due time). SQLite, the embedded
+    default, serialises writers itself and runs one beat."""
+    with _schedule_lock(session, "tick"):
+        return _tick(session, settings, sender, now or utcnow(), rng or new_rng())
+
+
+def _due_query(now: datetime) -> Select[BackupDestination, DestinationPolicy]:
+    P = DestinationPolicy
+    due = [
+        and_(
+            or_(getattr(P, every).is_(None), getattr(P, every) != 0),
+            or_(getattr(P, at).is_(None), getattr(P, at) <= now),
+        )
+        for _type, every, at in SCHEDULES
+    ]
+    return (
+        select(BackupDestination, P)
+        .outerjoin(P, P.destination_id == BackupDestination.id)
+        .where(or_(*due))
+        .order_by(BackupDestination.id)
+    )
+
+
+#: a due query row: the destination and its policy (None: it has no row yet)
+DueRow = Row[BackupDestination, DestinationPolicy]
+
+
+def _due_batches(session: Session, now: datetime) -> Iterator[Sequence[DueRow]]:
+    """The due query's rows (destination, its policy or None), :data:`TICK_BATCH` at a
+    time. PostgreSQL: streamed (a server-side cursor) through a session of its own,
+    since a cursor lives as long as its transaction and the tick commits per round on
+    ``session``. SQLite (the embedded default, small): read at once on ``session``."""
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if engine.dialect.name != "postgresql":
+        rows = session.execute(_due_query(now)).all()
+        for i in range(0, len(rows), TICK_BATCH):
+            yield rows[i : i + TICK_BATCH]
+        return
+    with Session(bind=engine) as reader:
+        result = reader.execute(_due_query(now), execution_options={"yield_per": TICK_BATCH})
+        yield from result.partitions()
+        reader.rollback()
+
+
+def _tick(
+    session: Session, settings: Settings, sender: Sender, now: datetime, rng: random.Random
+) -> TickResult:
+    out = TickResult()
+    defaults = {"scan": settings.scan_interval, "orphan_cleanup": settings.cleanup_interval}
+    jitter = settings.schedule_jitter
+    for batch in _due_batches(session, now):
+        writes = []
+        for row in batch:
+            dest, policy = row[0], cast(DestinationPolicy | None, row[1])
+            if policy is None:
+                out.first_seen += 1
+            due_at = {}
+            for job_type, every_col, at_col in SCHEDULES:
+                stored = getattr(policy, at_col) if policy is not None else None
+                every = interval(getattr(policy, every_col, None), defaults[job_type])
+                if every <= 0:  # off: its due time stays as it was
+                    due_at[at_col] = stored
+                    continue
+                when = stored
+                if when is None:  # first sight: spread, unless no jitter
+                    when = first_due(now, every, jitter, rng)
+                if when <= now and not out.send_failed:
+                    sent = _enqueue(session, settings, job_type, dest, policy, sender)
+                    if sent is None:  # the broker is away: due again next tick
+                        out.send_failed = True
+                        due_at[at_col] = stored
+                        continue
+                    setattr(out, job_type, getattr(out, job_type) + int(sent))
+                    when = next_due(now, every, jitter, rng)
+                due_at[at_col] = when
+            writes.append(
+                {
+                    "destination_id": dest.id,
+                    # compared on conflict: the policy row as this tick read it
+                    "updated_at": policy.updated_at if policy is not None else now,
+                    "updated_by": "system",
+                    "approval_required": False,
+                    **due_at,
+                }
+            )
+        _write_due_times(session, writes)
+    if out.scan or out.orphan_cleanup or out.first_seen or out.send_failed:
+        log.info("schedule tick: %s", dataclasses.asdict(out))
+    return out
+
+
+def _enqueue(
+    session: Session,
+    settings: Settings,
+    job_type: str,
+    dest: BackupDestination,
+    policy: DestinationPolicy | None,
+    sender: Sender,
+) -> bool | None:
+    """Request a scheduled ``job_type`` job of ``dest`` and send it when it is new.
+    True: sent; False: a job of that type was active already; None: the send failed
+    (the job is failed)."""
+    params: dict[str, Any] = {}
+    if "retention_days" in JOB_TYPES[job_type].params:
+        # the destination's window, else the setting's; none when the destination's is
+        # refused (below a day): the job fails naming it (SAFETY rule 6)
+        retention = default_retention(dest, settings)
+        if retention is not None:
+            params["retention_days"] = retention
+    if job_type == "orphan_cleanup" and policy is not None and policy.approval_required:
+        # only a plan: an operator approves it (POST /api/jobs/{id}/approve)
+        params.update(dry_run=True, awaiting_approval=True)
+    job, new = request_job(session, job_type, dest, params, requested_by="beat")
+    if not new:
+        return False
+    return True if dispatch_or_fail(session, job, sender) else None
+
+
+def _write_due_times(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Upsert the due times of one round; a policy row changed since the tick read it
+    (its ``updated_at`` moved: the API rescheduled it) keeps what the API wrote."""
+    if not rows:
+        return
+    bind = session.get_bind()
+    insert = pg_insert if bind.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(DestinationPolicy)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[DestinationPolicy.destination_id],
+        set_={
+            "next_scan_at": stmt.excluded.next_scan_at,
+            "next_cleanup_at": stmt.excluded.next_cleanup_at,
+        },
+        where=DestinationPolicy.updated_at == stmt.excluded.updated_at,
+    )
+    session.execute(stmt, rows)
+    session.commit()
+
+
+#: advisory lock ids of the scheduling passes (a fixed 64-bit number per name)
+def _schedule_lock_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"ocore-schedule:{name}".encode()).digest()[:8],
                           "big", signed=True)  # fmt: skip
 
 
 @contextlib.contextmanager
-def _schedule_lock(session: Session, job_type: str) -> Iterator[None]:
+def _schedule_lock(session: Session, name: str) -> Iterator[None]:
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
     if engine.dialect.name != "postgresql":
         yield
         return
-    key = _schedule_lock_id(job_type)
-    # its own connection: the pass commits once per destination, and a session-level
+    key = _schedule_lock_id(name)
+    # its own connection: the tick commits once per round, and a session-level
     # advisory lock lives as long as the connection that took it
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -226,53 +407,36 @@ def _schedule_lock(session: Session, job_type: str) -> Iterator[None]:
             conn.commit()
 
 
-def _schedule_pass(session: Session, settings: Settings, job_type: str, sender: Sender) -> int:
-    interval = settings.scan_interval if job_type == "scan" else settings.cleanup_interval
-    since = utcnow() - timedelta(seconds=interval / 2)
-    recent = set(
-        session.scalars(
-            select(Job.destination_id).where(
-                Job.type == job_type,
-                Job.requested_by == "beat",
-                Job.created_at >= since,
-                Job.status != JobStatus.FAILED,
-            )
-        )
-    )
-    created = 0
-    for dest in session.scalars(select(BackupDestination).order_by(BackupDestination.id)).all():
-        if dest.id in recent:
-            continue  # scheduled in this period already (by this beat or another)
-        params = {}
-        if "retention_days" in JOB_TYPES[job_type].params:
-            # the destination's window, else the setting's; none when the destination's
-            # is refused (below a day): the job fails naming it (SAFETY rule 6)
-            retention = default_retention(dest, settings)
-            if retention is not None:
-                params["retention_days"] = retention
-        job, new = request_job(session, job_type, dest, params, requested_by="beat")
-        if new and dispatch_or_fail(session, job, sender):
-            created += 1
-    return created
-
-
-def _schedule(job_type: str) -> int:
+def _run_tick() -> TickResult:
     metrics.BEAT_LAST_TICK.set_to_current_time()  # beat's heartbeat (OcoreBeatDown)
     settings = get_settings()
     with session_scope(get_engine(settings.effective_database_url)) as s:
-        return schedule_jobs(s, settings, job_type, send)
+        return schedule_tick(s, settings, send)
+
+
+@app.task(name="ocore.schedule_tick", queue="maintenance")
+def schedule_tick_task() -> dict[str, Any]:
+    """Beat, every ``schedule_tick_seconds``: enqueue the scans and orphan cleanups that
+    are due (:func:`schedule_tick`)."""
+    return dataclasses.asdict(_run_tick())
+
+
+# The tasks of the schedules before per-destination policies (one pass over every
+# destination each OCORE_SCAN_INTERVAL / OCORE_CLEANUP_INTERVAL). Beat no longer sends
+# them; a message already in a broker across an upgrade still works: it runs one tick
+# (which enqueues what is due, scans and cleanups alike, and never a schedule twice).
 
 
 @app.task(name="ocore.schedule_scans", queue="maintenance")
 def schedule_scans() -> int:
-    """Beat: a scan of every destination."""
-    return _schedule("scan")
+    """Superseded by ``ocore.schedule_tick``: runs one tick; the scans it sent."""
+    return _run_tick().scan
 
 
 @app.task(name="ocore.schedule_cleanups", queue="maintenance")
 def schedule_cleanups() -> int:
-    """Beat: orphan cleanup of every destination with its own retention."""
-    return _schedule("orphan_cleanup")
+    """Superseded by ``ocore.schedule_tick``: runs one tick; the cleanups it sent."""
+    return _run_tick().orphan_cleanup
 
 
 @app.task(name="ocore.reap", queue="maintenance")

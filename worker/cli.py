@@ -815,19 +815,37 @@ def jobs_show(job_id: str) -> None:
 
 @cli.command()
 @click.option("--sub", default="dev-user", show_default=True, help="User id claim.")
-@click.option("--org", default=None, help="Organization id claim (UUID).")
-@click.option("--role", type=click.Choice(["admin", "member"]), default="admin", show_default=True)
+@click.option(
+    "--org", default=None, help="Organization id claim (UUID); required except for platform_admin."
+)
+@click.option(
+    "--role",
+    type=click.Choice(["platform_admin", "admin", "member", "viewer"]),
+    default="platform_admin",
+    show_default=True,
+    help="platform_admin: every organization (the OCORE_PLATFORM_ADMIN_ROLE value is "
+    "written); admin: the organization's admin (its organization only); member; viewer: "
+    "reads only.",
+)
 @click.option("--ttl", default=3600, show_default=True, help="Seconds until expiry.")
 def token(sub: str, org: str | None, role: str, ttl: int) -> None:
     """Mint a development JWT from the configured key."""
     from api.tokens import mint_token
 
     settings = _settings()
+    if role == "platform_admin":
+        role = settings.platform_admin_role
+    elif org is None:
+        raise CliError(f"--role {role} is an organization's role: pass --org <organization "
+                       "uuid> (only --role platform_admin reaches every organization "
+                       "without one)")  # fmt: skip
     if org is not None:
         try:
-            uuid.UUID(org)
+            org_id = uuid.UUID(org)
         except ValueError:
             raise CliError(f"--org must be a UUID, got {org!r}") from None
+        if org_id.int == 0 and role != settings.platform_admin_role:
+            raise CliError(f"--role {role} needs a real organization, not the nil uuid")
     try:
         click.echo(mint_token(settings, sub=sub, org=org, role=role, ttl_seconds=ttl))
     except Exception as err:
@@ -898,5 +916,12 @@ def main(args: list[str] | None = None) -> None:
     raise SystemExit(rv if isinstance(rv, int) else 0)
 
 
+# commands of the control plane, on the groups above (each module imports this one)
+from worker import cli_audit, cli_jobs, cli_plans  # noqa: E402, F401
+
 if __name__ == "__main__":
-    main()
+    # `python -m worker.cli`: this file runs as __main__, while the modules above added
+    # their commands to the groups of the module worker.cli: run that one's.
+    from worker.cli import main as _main
+
+    _main()

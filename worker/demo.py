@@ -174,9 +174,14 @@ def _run_demo(base: Path, console: Console) -> dict[str, Any]:
     env.pop("OCORE_DATABASE_URL", None)
     env.pop("OCORE_BROKER_URL", None)
     env.setdefault("OCORE_METRICS_HOST", "127.0.0.1")  # a demo's /metrics is not for the LAN
+    # one scan, then a cleanup at once: one sighting must suffice (two-phase confirmation
+    # off for the demo; the service's default waits for 2 scans over 24 h: rule 6a)
+    env.update(OCORE_CONFIRM_SCANS="1", OCORE_CONFIRM_HOURS="0")
     log_path = base / "worker.log"
     console.print(
-        f"[bold]3.[/] starting a Celery worker on the filesystem broker (log: {log_path})"
+        f"[bold]3.[/] starting a Celery worker on the filesystem broker (log: {log_path}); "
+        "OCORE_CONFIRM_SCANS=1 OCORE_CONFIRM_HOURS=0: one scan confirms an orphan (the "
+        "default waits for 2 scans over 24 h)"
     )
     with open(log_path, "wb") as log_file:
         worker = subprocess.Popen(

@@ -2,9 +2,12 @@
 
 A job row exists before its Celery message is sent; the task re-reads everything from
 the database (ids only travel through the broker). The job types are in
-:mod:`worker.jobtypes`. Two policies live here once: :func:`fail_job` (fail a job that
-is still queued or running, and count it) and :func:`dispatch_or_fail` (send the job's
-message, or fail the job: no row waits for a message that does not exist).
+:mod:`worker.jobtypes`. Policies that live here once: :func:`fail_job` (fail a job that
+is still queued or running, and count it), :func:`dispatch_or_fail` (send the job's
+message, or fail the job: no row waits for a message that does not exist),
+:func:`cancel_job` (the API's ``POST /api/jobs/{id}/cancel`` and ``ocore-storage jobs
+cancel``), :func:`end_cancelled` (end a job whose cancel was requested: the runner before
+it claims one, the reaper) and :func:`list_jobs` (``GET /api/jobs``, ``jobs list``).
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
-from db.models import ACTIVE_JOB_STATUSES, BackupDestination, Job, JobStatus
+from db.models import (
+    ACTIVE_JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    BackupDestination,
+    Job,
+    JobStatus,
+)
 from db.types import utcnow
 from storage_backends.identity import location_key
 from tasks.scan import InvalidRetention, resolve_retention
@@ -169,4 +178,185 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "created_at": ts(job.created_at),
         "started_at": ts(job.started_at),
         "finished_at": ts(job.finished_at),
+        "cancel_requested_at": ts(job.cancel_requested_at),
+        "cancel_requested_by": job.cancel_requested_by,
     }
+
+
+def cancelled_error(actor: str | None) -> str:
+    """The ``error`` of a cancelled job: who cancelled it."""
+    return f"cancelled by {actor or 'an operator'}"
+
+
+def cancelled_result(
+    job_type: str, phase: str | None, progress: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``result`` of a cancelled job: what it had done when it stopped, read from the
+    progress its batches committed (``objects`` listed; the ``totals`` of the deleting
+    jobs: files deleted, bytes freed, failed, kept, changed since the plan)."""
+    progress = progress or {}
+    objects = progress.get("objects")
+    out: dict[str, Any] = {
+        "cancelled": True,
+        "phase": phase,
+        "objects": objects if type(objects) is int else 0,
+    }
+    totals = progress.get("totals")
+    if isinstance(totals, dict):
+        out.update({k: v for k, v in totals.items() if type(v) is int})
+    spec = jobtypes.JOB_TYPES.get(job_type)
+    if spec is not None and spec.deletes is not None:
+        out.setdefault("deleted_files", 0)
+        out.setdefault("bytes_freed", 0)
+    return out
+
+
+def end_cancelled(
+    session: Session,
+    job: Job,
+    actor: str | None,
+    *,
+    still: tuple[Any, ...] = (),
+    **values: Any,
+) -> bool:
+    """End ``job`` ``cancelled`` when it is still queued or running (and as ``still``
+    says): ``error`` names ``actor``, ``result`` holds what it had done
+    (:func:`cancelled_result`); counted in ``ocore_jobs_finished_total``. ``values``:
+    further columns. Returns whether it did. Commits."""
+    final = {
+        "status": JobStatus.CANCELLED,
+        "phase": "cancelled",
+        "error": cancelled_error(actor),
+        "finished_at": utcnow(),
+        "result": cancelled_result(job.type, job.phase, job.progress),
+    }
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES), *still)
+        .values({**final, **values})
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    done = bool(res.rowcount)  # type: ignore[attr-defined]
+    if done:
+        metrics.JOBS_FINISHED.labels(job.type, JobStatus.CANCELLED).inc()
+        log.info("job %s (%s): %s", job.id, job.type, final["error"])
+    return done
+
+
+class NoSuchJob(LookupError):
+    """:func:`cancel_job` of an id no job has."""
+
+
+class JobNotActive(Exception):
+    """:func:`cancel_job` of a job that already finished (its ``status`` says how)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.status = job.status
+        super().__init__(
+            f"job {job.id} is already {job.status}: only a queued or running job can be cancelled"
+        )
+
+
+#: what :func:`cancel_job` did
+CANCELLED = "cancelled"  # a queued job: ended at once, it never runs
+REQUESTED = "requested"  # a running job: it stops before its next batch
+ALREADY_REQUESTED = "already_requested"  # a running job asked before: nothing changed
+
+
+def cancel_job(session: Session, job_id: uuid.UUID, actor: str) -> tuple[Job, str]:
+    """Cancel a job (the one implementation behind the API and the CLI).
+
+    * ``queued``: ends ``cancelled`` at once with a conditional UPDATE (``WHERE status =
+      'queued'``): a worker claiming it at the same instant either claimed it first (the
+      job is running: its cancel is requested instead) or finds it cancelled and does
+      not run it (:func:`worker.runner.run_job` claims only a job still active).
+    * ``running``: ``cancel_requested_at``/``_by`` are set; the runner notices at its
+      next heartbeat and stops before its next batch (listing page, delete batch),
+      ending the job ``cancelled`` with what it had done.
+    * running with a cancel already requested: nothing changes.
+
+    Returns ``(job as it is now, CANCELLED | REQUESTED | ALREADY_REQUESTED)``. Raises
+    :class:`NoSuchJob`, or :class:`JobNotActive` for a job that already finished.
+    Commits."""
+    for _ in range(10):  # a job moves between queued and running only a few times
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is None:
+            raise NoSuchJob(f"job {job_id} does not exist")
+        if job.status in TERMINAL_JOB_STATUSES:
+            raise JobNotActive(job)
+        if job.status == JobStatus.QUEUED:
+            now = utcnow()
+            first_ask = job.cancel_requested_at is None
+            asked = {"cancel_requested_at": now, "cancel_requested_by": actor} if first_ask else {}
+            by = actor if first_ask else job.cancel_requested_by
+            if end_cancelled(session, job, by, still=(Job.status == JobStatus.QUEUED,), **asked):
+                return _reread(session, job_id), CANCELLED
+            continue  # claimed (or finished) in between: look again
+        res = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.RUNNING,
+                Job.cancel_requested_at.is_(None),
+            )
+            .values(cancel_requested_at=utcnow(), cancel_requested_by=actor)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if res.rowcount:  # type: ignore[attr-defined]
+            log.info("job %s (%s): cancel requested by %s", job_id, job.type, actor)
+            return _reread(session, job_id), REQUESTED
+        job = _reread(session, job_id)
+        if job.status == JobStatus.RUNNING and job.cancel_requested_at is not None:
+            return job, ALREADY_REQUESTED
+    raise RuntimeError(f"job {job_id} kept changing state; try again")  # pragma: no cover
+
+
+def _reread(session: Session, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:  # pragma: no cover - rows are never deleted under a cancel
+        raise NoSuchJob(f"job {job_id} does not exist")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    limit: int,
+    destination_ids: Select[Any] | list[uuid.UUID] | None = None,
+    job_type: str | None = None,
+    status: str | None = None,
+    created_since: datetime | None = None,
+    created_until: datetime | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[Job]:
+    """At most ``limit`` jobs, newest first (``created_at``, then ``id``, descending),
+    strictly after the keyset position ``before`` (the last row of the previous page).
+    ``destination_ids``: only jobs of these destinations (a list, or a query of ids:
+    an organization's, a project's), so a job whose destination was deleted is left
+    out; None: every job. ``created_since`` is inclusive, ``created_until`` exclusive.
+
+    Index-backed: ``ix_jobs_created_id`` (every job) and ``ix_jobs_destination_created_id``
+    (one destination); the database stops after ``limit`` rows."""
+    stmt = select(Job)
+    if destination_ids is not None:
+        if isinstance(destination_ids, list) and len(destination_ids) == 1:
+            stmt = stmt.where(Job.destination_id == destination_ids[0])
+        else:
+            stmt = stmt.where(Job.destination_id.in_(destination_ids))
+    if job_type is not None:
+        stmt = stmt.where(Job.type == job_type)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if created_since is not None:
+        stmt = stmt.where(Job.created_at >= created_since)
+    if created_until is not None:
+        stmt = stmt.where(Job.created_at < created_until)
+    if before is not None:
+        at, job_id = before
+        position = tuple_(literal(at, Job.created_at.type), literal(job_id, Job.id.type))
+        stmt = stmt.where(tuple_(Job.created_at, Job.id) < position)
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    return list(session.scalars(stmt))

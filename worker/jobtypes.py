@@ -42,6 +42,10 @@ class JobType:
     destructive: bool = False
     #: the options a request may give (the API's body fields); others are refused
     params: frozenset[str] = frozenset()
+    #: further options only the service itself sets (never a request body): an orphan
+    #: cleanup's ``approved_plan`` (set by ``POST /api/jobs/{id}/approve`` alone) and
+    #: ``awaiting_approval`` (a scheduled dry run whose policy requires an approval)
+    internal_params: frozenset[str] = frozenset()
     #: its names for ``ocore-storage jobs run`` (none: not run from the command line)
     cli: tuple[str, ...] = ()
     #: its result is a scan's summary: it feeds the listing and last-scan metrics
@@ -157,6 +161,7 @@ ORPHAN_CLEANUP = register(
         run=_orphan_cleanup,
         destructive=True,
         params=frozenset({"retention_days", "dry_run"}),
+        internal_params=frozenset({"approved_plan", "awaiting_approval"}),
         cli=("orphan-cleanup", "cleanup-orphans"),
         deletes="orphan",
     )

@@ -73,6 +73,7 @@ from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
 from db.models import TERMINAL_JOB_STATUSES  # noqa: E402
+from tasks import floor  # noqa: E402
 from worker import jobtypes  # noqa: E402
 
 #: Bounded label values (the job-type registry, the terminal job statuses): the series
@@ -143,6 +144,15 @@ CHANGED_SINCE_PLAN = Counter(
     "Planned deletions kept because the object was written again since the plan",
     ["backend", "reason"],
 )
+#: Removals refused by the minimum redundancy (SAFETY rule 21, tasks/floor.py), by path:
+#: scan-cleanup (records kept), purge (purges refused), api-delete (file deletes refused).
+FLOOR_REFUSALS = Counter(
+    "ocore_floor_refusals_total",
+    "Removals of an instance's last completed backups refused by the minimum redundancy",
+    ["path"],
+)
+FLOOR_PATHS = ("scan-cleanup", "purge", "api-delete")
+floor.OBSERVERS.append(lambda path, n: FLOOR_REFUSALS.labels(path).inc(n))
 
 #: Stamped by the tasks beat sends on its schedule (``ocore.reap`` every reaper_interval,
 #: the scan and cleanup scheduling) when a worker runs them: beat is alive and its
@@ -168,6 +178,8 @@ def init_series() -> None:
         GUARDED.labels(job_type)
         for outcome in OUTCOMES:
             JOBS_FINISHED.labels(job_type, outcome)
+    for path in FLOOR_PATHS:
+        FLOOR_REFUSALS.labels(path)
 
 
 init_series()
@@ -224,6 +236,82 @@ def project_samples(
         out[str(entry["id"])] = (size, files)
     ranked = sorted(out.items(), key=lambda kv: -kv[1][0])[:limit]
     return [(pid, size, files) for pid, (size, files) in ranked]
+
+
+def _intent_totals(conn: Any) -> tuple[int, int]:
+    """``(live, expired)``: upload intents not released whose lease runs (they keep the
+    files under them) and those expired (within ``tasks.intents.EXPIRED_REPORT_DAYS``),
+    by the database's clock (SAFETY rule 12a)."""
+    from datetime import UTC, timedelta
+
+    from sqlalchemy import func, select, text
+
+    from db.models import UploadIntent
+    from tasks.intents import EXPIRED_REPORT_DAYS
+
+    i = UploadIntent.__table__.c
+    sql = "SELECT CURRENT_TIMESTAMP" if conn.dialect.name == "sqlite" else "SELECT now()"
+    now = conn.execute(text(sql)).scalar_one()
+    if isinstance(now, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS', UTC
+        now = datetime.fromisoformat(now)
+    now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+    live, expired = conn.execute(
+        select(
+            func.count().filter(i.expires_at > now), func.count().filter(i.expires_at <= now)
+        ).where(
+            i.released_at.is_(None),
+            i.expires_at > now - timedelta(days=EXPIRED_REPORT_DAYS),
+        )
+    ).one()
+    return int(live or 0), int(expired or 0)
+
+
+def _orphan_sightings(conn: Any) -> tuple[int, int]:
+    """``(files, bytes)`` of every destination's orphan sightings (two-phase
+    confirmation, SAFETY rule 6a): orphans past retention seen by scans and not deleted
+    yet, unconfirmed or waiting for the next orphan cleanup. One aggregate, no labels."""
+    from sqlalchemy import func, select
+
+    from db.models import OrphanSighting
+
+    s = OrphanSighting.__table__.c
+    files, size = conn.execute(select(func.count(), func.coalesce(func.sum(s.size_bytes), 0))).one()
+    return int(files), int(size)
+
+
+def _plans_awaiting(conn: Any) -> tuple[int, float]:
+    """``(plans, age in seconds of the oldest)``: dry-run orphan cleanups that a policy
+    requiring approval queued (params ``awaiting_approval``), finished with a plan, not
+    approved and not expired (``OCORE_PLAN_TTL_HOURS``). Reads only the orphan cleanups
+    finished within the plan lifetime (``ix_jobs_created_id``: few rows)."""
+    from datetime import UTC, timedelta
+
+    from sqlalchemy import select
+
+    from core.settings import get_settings
+    from db.models import Job
+
+    ttl = timedelta(hours=get_settings().plan_ttl_hours)
+    now = datetime.now(UTC)
+    j = Job.__table__.c
+    stmt = select(j.params, j.progress, j.finished_at).where(
+        j.created_at >= now - ttl - timedelta(days=1),  # finished within ttl: created near
+        j.type == "orphan_cleanup",
+        j.status == "succeeded",
+    )
+    count, oldest = 0, 0.0
+    for params, progress, finished in conn.execute(stmt):
+        if not (params or {}).get("awaiting_approval") or finished is None:
+            continue
+        progress = progress or {}
+        if not progress.get("plan_complete") or progress.get("approved_by_job"):
+            continue
+        age = (now - finished).total_seconds()
+        if age >= ttl.total_seconds():
+            continue  # expired: it can no longer be approved
+        count += 1
+        oldest = max(oldest, age)
+    return count, oldest
 
 
 def _job_activity(conn: Any) -> dict[str, tuple[int, float]]:
@@ -409,7 +497,13 @@ class DatabaseCollector(Collector):
                 for pid, name in conn.execute(select(p.id, p.name).where(p.id.in_(wanted))):
                     names[str(pid)] = name
             jobs = _job_activity(conn)
+            plans = _plans_awaiting(conn)
+            sightings = _orphan_sightings(conn)
+            intents = _intent_totals(conn)
         return {
+            "intents": intents,
+            "plans": plans,
+            "sightings": sightings,
             "destinations": rows,
             "projects": dict(self._projects),
             "figures": {did: f for did, (_, f) in self._figures.items()},
@@ -617,7 +711,47 @@ class DatabaseCollector(Collector):
             count, age = jobs.get(job_type, (0, 0.0))
             stale.add_metric([job_type], count)
             oldest.add_metric([job_type], age)
+        awaiting = GaugeMetricFamily(
+            "ocore_plans_awaiting_approval",
+            "Dry-run plans of scheduled orphan cleanups (policy approval_required) waiting "
+            "for POST /api/jobs/{id}/approve, not expired",
+        )
+        awaiting_age = GaugeMetricFamily(
+            "ocore_plans_awaiting_approval_oldest_age_seconds",
+            "Age of the oldest of those plans (it expires at OCORE_PLAN_TTL_HOURS)",
+        )
+        plans, plans_age = data.get("plans", (0, 0.0))
+        awaiting.add_metric([], plans)
+        awaiting_age.add_metric([], plans_age)
+        sighted = GaugeMetricFamily(
+            "ocore_orphan_sightings",
+            "Orphans past retention seen by scans and not deleted yet, every destination "
+            "(two-phase confirmation: not confirmed yet, or waiting for the next cleanup)",
+        )
+        sighted_bytes = GaugeMetricFamily(
+            "ocore_orphan_sightings_bytes", "Bytes of those orphans (as last listed)"
+        )
+        seen_files, seen_bytes = data.get("sightings", (0, 0))
+        sighted.add_metric([], seen_files)
+        sighted_bytes.add_metric([], seen_bytes)
+        intents_live = GaugeMetricFamily(
+            "ocore_intents_live",
+            "Upload intents whose lease runs: no job deletes a file under them (rule 12a)",
+        )
+        intents_expired = GaugeMetricFamily(
+            "ocore_intents_expired",
+            "Upload intents expired without being released (they protect nothing)",
+        )
+        live_intents, expired_intents = data.get("intents", (0, 0))
+        intents_live.add_metric([], live_intents)
+        intents_expired.add_metric([], expired_intents)
         return [
+            intents_live,
+            intents_expired,
+            awaiting,
+            awaiting_age,
+            sighted,
+            sighted_bytes,
             info,
             created,
             last_ok,

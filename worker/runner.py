@@ -16,7 +16,17 @@ The reaper (:func:`reap`, beat) looks after jobs nobody works on:
   (a Redis restart, a failed send), so it is sent again, up to ``max_attempts`` times,
   then failed;
 * destinations with pending deletions no purge job works on get a purge job, unless
-  every pending row is quarantined (an unsafe path, see :mod:`tasks.purge`).
+  every pending row is quarantined (an unsafe path, see :mod:`tasks.purge`);
+* a job whose cancel was requested is never sent again: it ends ``cancelled``.
+
+Cancel (``POST /api/jobs/{id}/cancel``, :func:`worker.jobs.cancel_job`): a queued job
+is ended at once and never claimed (:func:`_claim` takes only a job still active whose
+cancel was not requested). A running job's :class:`Heartbeat` reads its
+``cancel_requested_at`` once per heartbeat interval; the job's next stop check between
+batches (:func:`core.shutdown.check`: each progress write, each delete batch before it
+is sent) then raises :class:`JobCancelled`, the delete batches already sent are closed
+as on a shutdown, and the job ends ``cancelled`` with what it had done
+(:func:`worker.jobs.cancelled_result`); its lock is released.
 """
 
 from __future__ import annotations
@@ -59,7 +69,16 @@ from tasks.outcome import JobContext, JobOutcome
 from tasks.purge import has_purgeable_pending
 from tasks.scan import LISTED_KEY
 from worker import jobtypes, metrics
-from worker.jobs import Sender, dispatch, dispatch_or_fail, fail_job, request_job
+from worker.jobs import (
+    Sender,
+    cancelled_error,
+    cancelled_result,
+    dispatch,
+    dispatch_or_fail,
+    end_cancelled,
+    fail_job,
+    request_job,
+)
 from worker.jobtypes import JobType
 
 log = logging.getLogger(__name__)
@@ -71,6 +90,10 @@ RETRY_BASE_SECONDS = 10
 RETRY_MAX_SECONDS = 600
 #: Progress keys of a queued job's bookkeeping, dropped when a worker claims it.
 QUEUE_KEYS = ("resends", "waits", "due_at", "waiting_for")
+
+
+#: the ``phase`` a job ends in, by its final status (any other: ``done``)
+FINAL_PHASES = {JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
 
 
 def retry_countdown(retries: int) -> int:
@@ -115,6 +138,15 @@ class RetryableJobError(Exception):
         self.countdown = countdown
 
 
+class JobCancelled(Exception):
+    """The job's cancel was requested (by ``by``): it stops before its next batch and
+    ends ``cancelled``."""
+
+    def __init__(self, by: str | None) -> None:
+        super().__init__(cancelled_error(by))
+        self.by = by
+
+
 class StateNotRecorded(Exception):
     """Handling a failure failed too (the database went away while the runner wrote
     ``queued/retrying``): the job row may still say ``running``. The task must come
@@ -152,13 +184,20 @@ def _progress_writer(
     return write
 
 
-def _claim(session: Session, job: Job) -> None:
+def _claim(session: Session, job: Job) -> bool:
+    """``job`` becomes running, only if it is still queued or running and no cancel was
+    requested: a job cancelled since it was read (a cancel at the same instant) is not
+    run. Returns whether it was claimed."""
     extra: dict[str, Any] = {}
     if set(QUEUE_KEYS) & set(job.progress or {}):  # picked up: no longer waiting or lost
         extra["progress"] = {k: v for k, v in job.progress.items() if k not in QUEUE_KEYS}
-    session.execute(
+    res = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .where(
+            Job.id == job.id,
+            Job.status.in_(ACTIVE_JOB_STATUSES),
+            Job.cancel_requested_at.is_(None),
+        )
         .values(
             **extra,
             attempts=Job.attempts + 1,
@@ -171,6 +210,7 @@ def _claim(session: Session, job: Job) -> None:
     )
     session.commit()
     session.refresh(job)
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def _record_metrics(
@@ -293,6 +333,12 @@ def _run_job(
         context.enter_context(
             job_context(job_id=job.id, job_type=job.type, destination_id=job.destination_id)
         )
+        if job.cancel_requested_at is not None:
+            # cancelled while it ran, then put back in the queue (a shutdown, a retry):
+            # it never runs again
+            end_cancelled(session, job, job.cancel_requested_by,
+                          still=(Job.cancel_requested_at.is_not(None),))  # fmt: skip
+            return None
         spec = jobtypes.JOB_TYPES.get(job.type)
         if spec is None:  # a row no request_job wrote (it refuses an unknown type)
             with session_scope(engine) as s:
@@ -324,7 +370,9 @@ def _run_job(
             if failed:
                 log.warning("job %s: %s", job.id, error)
             return JobOutcome(JobStatus.FAILED, {}, error)
-        _claim(session, job)
+        if not _claim(session, job):
+            log.info("job %s: cancelled or finished before it was claimed; not run", job.id)
+            return None
         metrics.JOBS_STARTED.labels(job.type).inc()
         if job.attempts > 1:
             metrics.JOB_REDELIVERIES.labels(job.type).inc()
@@ -428,7 +476,12 @@ def _run_claimed(
         metrics.JOBS_IN_PROGRESS.labels(job.type).inc()
         beat = Heartbeat(engine, job.id, settings.heartbeat_interval)
         try:
-            with beat, backend_factory(dest, settings) as backend:
+            # (a cancel read by the heartbeat stops the job at its next stop check)
+            with (
+                shutdown.also_check(beat.check_cancel),
+                beat,
+                backend_factory(dest, settings) as backend,
+            ):
                 backend.request_hook = _backend_hook(dest.kind)
                 try:
                     ctx = JobContext(session, backend, dest, settings, job, lease, progress)
@@ -451,6 +504,15 @@ def _run_claimed(
             assert lease is not None
             _on_lock_lost(engine, job, lease, err)
             return None
+        except JobCancelled as err:
+            session.rollback()
+            # what its batches committed before it stopped
+            with session_scope(engine) as s:
+                row = s.get(Job, job.id)
+                so_far = cancelled_result(job.type, *((row.phase, row.progress) if row else
+                                                      (job.phase, job.progress)))  # fmt: skip
+            log.info("job %s: %s; stopped before its next batch", job.id, err)
+            outcome = JobOutcome(JobStatus.CANCELLED, so_far, str(err))
         except (TransientStorageError, DBAPIError) as err:
             msg = f"{type(err).__name__}: {err}"[:2000]
             countdown = retry_countdown(max(0, job.attempts - 1))
@@ -490,7 +552,7 @@ def _run_claimed(
             job.id,
             lease,
             status=outcome.status,
-            phase="done" if outcome.status != JobStatus.FAILED else "failed",
+            phase=FINAL_PHASES.get(outcome.status, "done"),
             result=outcome.result,
             error=outcome.error,
             finished_at=utcnow(),
@@ -523,14 +585,33 @@ class Heartbeat:
         self.engine, self.job_id, self.interval = engine, job_id, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: who asked to cancel the job, once a beat has read it (None: nobody yet)
+        self.cancel_by: str | None = None
+        self._cancelled = threading.Event()
 
     def beat(self) -> None:
+        """Write the heartbeat and read whether a cancel was requested (the job row is
+        read once per interval, never per batch)."""
         with session_scope(self.engine) as s:
             s.execute(
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(heartbeat_at=utcnow())
             )
+            row = s.execute(
+                select(Job.cancel_requested_at, Job.cancel_requested_by).where(
+                    Job.id == self.job_id
+                )
+            ).first()
+        if row is not None and row.cancel_requested_at is not None:
+            self.cancel_by = row.cancel_requested_by
+            self._cancelled.set()
+
+    def check_cancel(self) -> None:
+        """In the job's thread, between batches: raise :class:`JobCancelled` once a beat
+        has seen a cancel request."""
+        if self._cancelled.is_set():
+            raise JobCancelled(self.cancel_by)
 
     def _run(self) -> None:
         failing = False
@@ -575,6 +656,9 @@ class Reaped:
     resent: int = 0  # queued jobs whose message was lost, sent again
     lost: int = 0  # queued jobs sent again too often, failed
     purges: int = 0  # purge jobs requested for pending deletions
+    analytics_pruned: int = 0  # analytics rows past OCORE_ANALYTICS_RETENTION_DAYS deleted
+    intents_released: int = 0  # upload intents whose exact path a live record now names
+    cancelled: int = 0  # jobs whose cancel was requested, ended instead of sent again
 
 
 def queued_resend_after(settings: Settings) -> int:
@@ -607,6 +691,12 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
             Job.status == JobStatus.RUNNING,
             (Job.heartbeat_at < stale) | (Job.started_at < too_old),
         )
+        if job.cancel_requested_at is not None:  # never sent again: it ends cancelled
+            if end_cancelled(session, job, job.cancel_requested_by, still=still_stuck,
+                             finished_at=now):  # fmt: skip
+                _release_locks_of(session, job.id)
+                out.cancelled += 1
+            continue
         if send is not None and not past_limit and job.attempts < settings.max_attempts:
             note = (
                 f"no progress since {job.heartbeat_at}: the worker died or hung; "
@@ -630,6 +720,13 @@ def reap_stuck_jobs(session: Session, settings: Settings, send: Sender | None = 
             log.warning("job %s: %s", job.id, error)
             _release_locks_of(session, job.id)
             out.failed += 1
+    # queued again after a cancel was requested (its worker stopped, a retry): ended
+    for job in session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED, Job.cancel_requested_at.is_not(None))
+    ).all():
+        if end_cancelled(session, job, job.cancel_requested_by,
+                         still=(Job.status == JobStatus.QUEUED,), finished_at=now):  # fmt: skip
+            out.cancelled += 1
     if send is not None:
         queued_resend(session, settings, send, out)
     return out
@@ -771,6 +868,8 @@ def job_health(job: Job, now: datetime, settings: Settings) -> dict[str, Any]:
         activity = job.status
     elif stale:
         activity = f"stale: no sign of life since {beat.isoformat() if beat else 'creation'}"
+    elif job.cancel_requested_at is not None:
+        activity = f"stopping: cancel requested by {job.cancel_requested_by or 'an operator'}"
     elif isinstance(waiting, dict):
         held = f" held by job {waiting.get('held_by')}" if waiting.get("held_by") else ""
         activity = f"waiting for {waiting.get('lock')}{held}"
@@ -782,6 +881,33 @@ def job_health(job: Job, now: datetime, settings: Settings) -> dict[str, Any]:
         "waiting_for": waiting if isinstance(waiting, dict) else None,
         "activity": activity,
     }
+
+
+def _prune_analytics(session: Session, settings: Settings) -> int:
+    """Analytics retention (:func:`db.retention.prune_analytics`), in bounded batches; a
+    failure is logged and the next pass tries again (the jobs above are already done)."""
+    from db.retention import prune_analytics
+
+    try:
+        return prune_analytics(session, settings.analytics_retention_days)
+    except Exception:
+        session.rollback()
+        log.warning("analytics retention failed; the next reaper pass retries", exc_info=True)
+        return 0
+
+
+def _release_recorded_intents(session: Session) -> int:
+    """Upload intents whose record appeared are released (:func:`tasks.intents.
+    release_recorded`, bounded batches); a failure is logged and the next pass retries."""
+    from tasks.intents import release_recorded
+
+    try:
+        return release_recorded(session)
+    except Exception:
+        session.rollback()
+        log.warning("releasing recorded upload intents failed; the next pass retries",
+                    exc_info=True)  # fmt: skip
+        return 0
 
 
 def reap(session: Session, settings: Settings, send: Sender) -> Reaped:
@@ -797,8 +923,10 @@ def reap(session: Session, settings: Settings, send: Sender) -> Reaped:
         job, new = request_job(session, "purge", dest, {}, requested_by="reaper")
         if new and dispatch_or_fail(session, job, send):
             out.purges += 1
+    out.analytics_pruned = _prune_analytics(session, settings)
+    out.intents_released = _release_recorded_intents(session)
     log.info(
-        "reaper: %d failed, %d requeued, %d re-sent, %d lost, %d purge(s) requested",
-        out.failed, out.requeued, out.resent, out.lost, out.purges,
+        "reaper: %d failed, %d requeued, %d re-sent, %d lost, %d cancelled, %d purge(s) "
+        "requested", out.failed, out.requeued, out.resent, out.lost, out.cancelled, out.purges,
     )  # fmt: skip
     return out

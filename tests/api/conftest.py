@@ -18,6 +18,7 @@ from api import create_app
 from api.tokens import mint_token
 from core.settings import Settings
 from db.models import BackupDestination
+from tasks.intents import create_intent
 from tests.factories import World, make_backup, make_destination, make_world
 from worker.jobs import request_job
 
@@ -72,12 +73,16 @@ HeaderMaker = Callable[..., dict[str, str]]
 
 @pytest.fixture
 def auth(settings: Settings, env: Env) -> HeaderMaker:
-    """``auth()`` -> headers of a member of ``env.world``; ``auth(role="admin")``,
-    ``auth(org=...)`` for others."""
+    """``auth()`` -> headers of a member of ``env.world``; ``auth(role=...)`` for another
+    role: ``"platform_admin"`` (every organization: ``settings.platform_admin_role`` is
+    minted), ``"admin"`` (the organization's admin), ``"viewer"``; ``auth(org=...)`` for
+    another organization."""
 
     def make(
         org: uuid.UUID | None = None, role: str = "member", sub: str = "user-1"
     ) -> dict[str, str]:
+        if role == "platform_admin":
+            role = settings.platform_admin_role
         token = mint_token(settings, sub, str(org or env.world.org.id), role)
         return {"Authorization": f"Bearer {token}"}
 
@@ -93,9 +98,11 @@ def ids(db: Session, env: Env) -> dict[str, uuid.UUID]:
     job, _ = request_job(db, "scan", env.dest, {}, requested_by="seed")
     archived = make_backup(db, env.world, env.dest, "backups/old.dump", deleted=True)
     db.commit()
+    intent = create_intent(db, env.dest, "backups/incoming/", 3600, "seed")  # (commits)
     return {
         "dest": env.dest.id,
         "project": env.world.project.id,
         "job": job.id,
         "entity": archived.id,
+        "intent": intent.id,
     }

@@ -22,7 +22,20 @@ ROUTES: list[tuple[str, str, bool]] = [
     ("POST", DEST + "/scan", False),
     ("POST", DEST + "/scan-cleanup", False),
     ("POST", DEST + "/cleanup-orphans", False),
+    ("GET", DEST + "/deletions", False),
+    ("GET", DEST + "/analytics/history", False),
+    ("GET", "/api/projects/{project}/storage/history", False),
+    ("GET", DEST + "/policy", False),
+    ("PATCH", DEST + "/policy", False),
+    ("POST", DEST + "/intents", False),
+    ("GET", DEST + "/intents", False),
+    ("POST", DEST + "/intents/{intent}/renew", False),
+    ("DELETE", DEST + "/intents/{intent}", False),
     ("GET", "/api/jobs/{job}", False),
+    ("GET", "/api/jobs/{job}/plan", False),
+    ("POST", "/api/jobs/{job}/approve", False),
+    ("GET", "/api/jobs?destination={dest}", False),
+    ("POST", "/api/jobs/{job}/cancel", False),
     ("GET", "/api/admin/archived/summary", False),
     ("GET", "/api/admin/archived/backups", False),
     ("POST", "/api/admin/archived/backups/{entity}/restore", False),
@@ -32,6 +45,32 @@ ROUTE_IDS = [f"{m} {u.split('?')[0]}" for m, u, _ in ROUTES]
 #: Routes that reach one organization's destination, project or job.
 ORG_ROUTES = [r for r in ROUTES if "/admin/" not in r[1]]
 ORG_ROUTE_IDS = [f"{m} {u.split('?')[0]}" for m, u, _ in ORG_ROUTES]
+
+#: The roles from least to most: a viewer reads its organization, a member also writes,
+#: the organization's admin also approves (``api.auth.require_org_admin``), the platform
+#: administrator reaches every organization and ``/api/admin/*``.
+ROLE_ORDER = ("viewer", "member", "org_admin", "platform_admin")
+#: The least role that may call a route (a route id of :data:`ROUTE_IDS`, e.g.
+#: ``"POST /api/jobs/{job}/approve"``), for the routes where :func:`least_role`'s
+#: default is wrong: add an entry with each such new route.
+ROUTE_ROLE: dict[str, str] = {
+    "POST /api/jobs/{job}/approve": "org_admin",
+    "GET /api/storage/destinations/{dest}/policy": "platform_admin",
+    "PATCH /api/storage/destinations/{dest}/policy": "platform_admin",
+}
+
+
+def least_role(route_id: str) -> str:
+    """:data:`ROUTE_ROLE`'s entry, else ``platform_admin`` under ``/api/admin/``,
+    ``viewer`` for a read (GET/HEAD), ``member`` otherwise."""
+    if route_id in ROUTE_ROLE:
+        role = ROUTE_ROLE[route_id]
+        assert role in ROLE_ORDER, (route_id, role)
+        return role
+    method, _, path = route_id.partition(" ")
+    if path.startswith("/api/admin/"):
+        return "platform_admin"
+    return "viewer" if method in ("GET", "HEAD") else "member"
 
 
 def call(

@@ -18,7 +18,7 @@ BASE = "/api/admin/archived"
 
 @pytest.fixture
 def admin(auth):
-    return auth(role="admin", sub="root")
+    return auth(role="platform_admin", sub="root")
 
 
 @pytest.fixture

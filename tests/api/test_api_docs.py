@@ -8,6 +8,7 @@ import copy
 import io
 import re
 import shlex
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from api.tokens import mint_token
 from db.models import StorageAnalytics
 from db.types import utcnow
 from tests.factories import make_backup
+from worker.jobs import request_job
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "api.md"
@@ -75,6 +77,16 @@ def _analytics(db, dest) -> None:
     db.commit()
 
 
+def _dry_run(db, dest) -> uuid.UUID:
+    """A succeeded dry-run orphan cleanup with a (empty) plan: readable and approvable."""
+    job, _ = request_job(db, "orphan_cleanup", dest, {"dry_run": True}, requested_by="docs")
+    planned = {"plan_complete": True, "plan_files": 0, "plan_bytes": 0, "total_files": 0}
+    job.progress = {**planned, "planned_at": utcnow().isoformat()}
+    job.status = "succeeded"
+    db.commit()
+    return job.id
+
+
 def test_the_curl_examples_work(client, settings, env, ids, db) -> None:
     """Each example, its shell variables filled in, sent to the app as curl would send
     it: every one gets a 2xx answer."""
@@ -85,7 +97,7 @@ def test_the_curl_examples_work(client, settings, env, ids, db) -> None:
     target.write_bytes(b"backup bytes")  # download, then delete, then upload again
     second = make_backup(db, env.world, env.dest, "backups/older.dump", deleted=True)
     db.commit()
-    token = mint_token(settings, "docs", str(env.world.org.id), "admin")
+    token = mint_token(settings, "docs", str(env.world.org.id), "platform_admin")
     variables = {
         "BASE": "",
         "TOKEN": token,
@@ -93,6 +105,8 @@ def test_the_curl_examples_work(client, settings, env, ids, db) -> None:
         "PROJECT_ID": str(ids["project"]),
         "JOB_ID": str(ids["job"]),
         "ENTITY_ID": str(ids["entity"]),
+        "INTENT_ID": str(ids["intent"]),  # renewed, then released
+        "PLAN_JOB_ID": str(_dry_run(db, env.other_dest)),  # read, then approved
     }
     examples = re.findall(r"^```sh\n(curl .*)\n```$", DOC.read_text(), flags=re.M)
     assert len(examples) >= 18

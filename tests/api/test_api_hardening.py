@@ -346,7 +346,9 @@ def test_a_token_that_lives_too_long_is_refused(client, settings, env):
     ok = _token(settings, env.world.org.id, now + MAX_TOKEN_LIFETIME_SECONDS - 120)
     assert client.get(url, headers={"Authorization": f"Bearer {ok}"}).status_code == 200
     with pytest.raises(ValueError):
-        mint_token(settings, "u", str(uuid.uuid4()), "admin", MAX_TOKEN_LIFETIME_SECONDS + 1)
+        mint_token(
+            settings, "u", str(uuid.uuid4()), "platform_admin", MAX_TOKEN_LIFETIME_SECONDS + 1
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,35 +1,17 @@
-"""Cross-organization access and path traversal: refused before any storage request."""
+"""Cross-organization access and path traversal, in the API module: the backend of another
+organization is never opened, malformed ids, names that decode safely, symlinks.
+
+The matrices of every route x another organization's ids and of every path parameter x
+every traversal payload, with proof that nothing reached the storage, are the attack
+tests: tests/security/test_security_isolation.py and test_security_traversal.py."""
 
 from __future__ import annotations
 
 import io
-import uuid
-from urllib.parse import unquote
 
 import pytest
-from sqlalchemy import func, select
 
-from db.models import DeletionAudit, Job
-from tests.api.helpers import ORG_ROUTE_IDS, ORG_ROUTES, assert_error, call, tree_snapshot
-
-
-@pytest.mark.parametrize(("method", "url", "upload"), ORG_ROUTES, ids=ORG_ROUTE_IDS)
-def test_other_organization_gets_404_and_storage_is_untouched(
-    client, auth, ids, env, db, sent, method, url, upload
-):
-    outsider = auth(org=env.other.org.id)  # a member of globex calls acme's routes
-    before = tree_snapshot(env.root)
-    jobs_before = db.scalar(select(func.count()).select_from(Job))
-    r = call(client, method, url, ids, outsider, upload)
-    assert_error(r, 404, "not_found")
-    assert tree_snapshot(env.root) == before
-    assert sent == []
-    assert db.scalar(select(func.count()).select_from(Job)) == jobs_before
-    assert db.scalar(select(func.count()).select_from(DeletionAudit)) == 0
-    # the same answer as for an id that does not exist at all: nothing leaks
-    missing = {k: uuid.uuid4() for k in ids}
-    r2 = call(client, method, url, missing, outsider, upload)
-    assert_error(r2, 404, "not_found")
+from tests.api.helpers import ORG_ROUTE_IDS, ORG_ROUTES, assert_error, call
 
 
 def test_cross_org_backend_is_never_opened(client, auth, env, monkeypatch):
@@ -57,32 +39,6 @@ def test_malformed_uuid_is_400(client, auth, ids, method, url, upload):
     assert_error(call(client, method, url, bad, auth(), upload), 400, "invalid_uuid")
 
 
-TRAVERSAL = [
-    "../x",
-    "../../etc/passwd",
-    "%2e%2e%2f",
-    "%2e%2e%2fx",
-    "%252e%252e%252f",
-    "%252e%252e%252fx",
-    "..\\x",
-    "a\\..\\..\\x",
-    "/abs",
-    "//x",
-    "x/../../y",
-    "x/./y",
-    "a//b",
-    "%00",
-    "a%00b",
-    "\uff0e\uff0e/x",  # full-width dots
-    "x/\uff0e\uff0e/\uff0e\uff0e/y",
-    "\uff0e\uff0e\uff0fx",  # and a full-width slash
-    "%EF%BC%8E%EF%BC%8E/x",
-    "..",
-    "%2e%2e",
-    "a/%2e%2e/%2e%2e/b",
-]
-
-
 def _url(env, endpoint: str, param: str, value: str) -> str:
     # the value is put in the query string raw: the %-sequences are what the client sent
     return f"/api/storage/destinations/{env.dest.id}/{endpoint}?{param}={value}"
@@ -96,33 +52,6 @@ def planted(env):
     outside = env.root.parent / "x"
     outside.write_bytes(b"outside")
     return outside
-
-
-@pytest.mark.parametrize("value", TRAVERSAL)
-def test_traversal_is_400_everywhere(client, auth, env, planted, value):
-    headers = auth()
-    before = tree_snapshot(env.root)
-    cases = [
-        ("GET", _url(env, "browse", "prefix", value), {}),
-        ("GET", _url(env, "download", "path", value), {}),
-        ("DELETE", _url(env, "files", "path", value), {}),
-        (
-            "POST",
-            _url(env, "upload", "path", value),
-            {"data": {"file": (io.BytesIO(b"evil"), "f")}, "content_type": "multipart/form-data"},
-        ),
-    ]
-    for method, url, kwargs in cases:
-        r = client.open(url, method=method, headers=headers, **kwargs)
-        assert_error(r, 400, "invalid_path")
-    # the JSON body form of DELETE carries what Flask hands the view from the query
-    decoded = unquote(value)
-    r = client.delete(
-        f"/api/storage/destinations/{env.dest.id}/files", headers=headers, json={"path": decoded}
-    )
-    assert_error(r, 400, "invalid_path")
-    assert tree_snapshot(env.root) == before
-    assert planted.read_bytes() == b"outside"
 
 
 @pytest.mark.parametrize("value", ["a%20b.dump", "100%25.dump", "caf%C3%A9.dump"])

@@ -181,7 +181,7 @@ def test_job_of_another_org_or_unknown_is_404(client, auth, env, db):
     assert_error(client.get(f"/api/jobs/{job_id}", headers=auth()), 404)
     assert_error(client.get(f"/api/jobs/{uuid.uuid4()}", headers=auth()), 404)
     assert_error(client.get("/api/jobs/nope", headers=auth()), 400)
-    admin = auth(role="admin")
+    admin = auth(role="platform_admin")
     assert client.get(f"/api/jobs/{job_id}", headers=admin).status_code == 200
 
 
@@ -200,5 +200,5 @@ def test_a_members_view_of_a_failed_job_names_no_server_internals(client, auth, 
         assert "TransientStorageError: Could not connect to the endpoint URL" in text
         for internal in ("10.1.2.3", "9000", "tenant-bucket", "/run/secrets", "OCORE_"):
             assert internal not in text, text
-    admin = client.get(f"/api/jobs/{job.id}", headers=auth(role="admin")).get_json()
+    admin = client.get(f"/api/jobs/{job.id}", headers=auth(role="platform_admin")).get_json()
     assert admin["error"] == error and admin["result"]["error"] == error

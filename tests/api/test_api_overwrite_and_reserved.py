@@ -166,9 +166,9 @@ def test_a_missing_base_directory_is_an_error_for_browse_upload_and_download(
     db.commit()
     base = f"/api/storage/destinations/{dest.id}"
     answers = [
-        client.get(f"{base}/browse", headers=auth(role="admin")),
-        _upload(client, auth, dest, "backups/a.dump", b"bytes", role="admin"),
-        client.get(f"{base}/download?path=backups/a.dump", headers=auth(role="admin")),
+        client.get(f"{base}/browse", headers=auth(role="platform_admin")),
+        _upload(client, auth, dest, "backups/a.dump", b"bytes", role="platform_admin"),
+        client.get(f"{base}/download?path=backups/a.dump", headers=auth(role="platform_admin")),
     ]
     for r in answers:
         body = assert_error(r, 503, "backend_unavailable")
@@ -192,8 +192,9 @@ def test_a_path_a_purge_still_owes_is_refused_until_the_purge_job_ran(
     (env.root / "snap" / "vol" / "c0").write_bytes(b"c0")
     backup = make_backup(db, env.world, env.dest, "b/old.dump", deleted=True)
     snap = make_backup(db, env.world, env.dest, "snap/vol/", snapshot=True, deleted=True)
+    make_backup(db, env.world, env.dest, "kept/live.dump")  # the instance's floor (rule 21)
     db.commit()
-    admin = auth(role="admin", sub="root")
+    admin = auth(role="platform_admin", sub="root")
     base = "/api/admin/archived"
     r = client.delete(f"{base}/backups/{backup.id}/purge", headers=admin)
     assert r.status_code == 200, r.get_json()
@@ -241,8 +242,9 @@ def test_a_purge_keeps_a_file_written_at_the_path_after_it_was_requested(
         os.utime(env.root / "b" / name, (old, old))
     records = [make_backup(db, env.world, env.dest, f"b/{n}", deleted=True)
                for n in ("gone.dump", "replanted.dump")]  # fmt: skip
+    make_backup(db, env.world, env.dest, "kept/live.dump")  # the instance's floor (rule 21)
     db.commit()
-    admin = auth(role="admin", sub="root")
+    admin = auth(role="platform_admin", sub="root")
     job_ids = set()
     for record in records:
         r = client.delete(f"/api/admin/archived/backups/{record.id}/purge", headers=admin)

@@ -42,7 +42,7 @@ def test_cleanup_with_retention_zero_says_what_is_allowed(client, auth, env, sen
     ],
 )
 def test_archived_page_and_limit_say_what_they_got(client, auth, env, query, words):
-    r = client.get(f"/api/admin/archived/backups?{query}", headers=auth(role="admin"))
+    r = client.get(f"/api/admin/archived/backups?{query}", headers=auth(role="platform_admin"))
     body = assert_error(r, 400)
     for word in words:
         assert word in body["message"], body

@@ -461,7 +461,7 @@ def test_storage_errors_are_mapped(client, auth, env, monkeypatch, error, status
     monkeypatch.setattr(LocalBackend, "browse", fail)
     # an admin reads the backend's text; a member does not (issue 24 item 5:
     # tests/security/test_security_error_disclosure.py)
-    admin = auth(role="admin")
+    admin = auth(role="platform_admin")
     body = assert_error(client.get(_url(env, "browse"), headers=admin), status, code)
     assert "the server said no" in body["message"]
 
@@ -469,7 +469,9 @@ def test_storage_errors_are_mapped(client, auth, env, monkeypatch, error, status
 def test_missing_credentials_is_503(client, auth, env, db):
     dest = make_destination(db, env.world, bucket="/b", credentials_ref="nowhere")
     db.commit()
-    r = client.get(f"/api/storage/destinations/{dest.id}/browse", headers=auth(role="admin"))
+    r = client.get(
+        f"/api/storage/destinations/{dest.id}/browse", headers=auth(role="platform_admin")
+    )
     body = assert_error(r, 503, "backend_unavailable")
     assert "OCORE_CREDENTIALS_NOWHERE" in body["message"]  # (an admin's message)
 

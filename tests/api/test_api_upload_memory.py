@@ -171,7 +171,7 @@ def world(db: Session) -> World:
 
 def _token(world: World) -> str:
     settings = Settings(jwt_secret=SECRET)
-    return mint_token(settings, "uploader", str(world.org.id), "admin")
+    return mint_token(settings, "uploader", str(world.org.id), "platform_admin")
 
 
 def test_a_large_s3_upload_holds_a_few_parts_only(

@@ -1,15 +1,14 @@
 """Real Celery worker processes for the fault tests: ``celery -A worker worker -c 1
---pool prefork`` on a Redis server of the test's own, PostgreSQL and (usually) moto
-behind the fault proxy. Fixtures ``own_redis`` and ``start_worker``."""
+--pool prefork`` (the shared harness, tests/harness/worker.py) on a Redis server of the
+test's own, PostgreSQL and (usually) moto behind the fault proxy. Fixtures ``own_redis``
+and ``start_worker``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from sqlalchemy import Engine
 
 from core.settings import Settings
 from db.models import Job
+from tests.harness.worker import WorkerProcess, worker_pool
 from tests.servers._proc import free_port, spawn, wait_for_port
 from tests.tasks.kit import job_row
 from worker.celery_app import make_celery
@@ -84,48 +84,8 @@ class RedisServer:
         self.start()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-class Worker:
-    """``celery -A worker worker -c 1 --pool prefork`` with its own environment."""
-
-    def __init__(self, env: dict[str, str], log: Path, name: str = "celery") -> None:
-        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-                "-Q", "scan,cleanup,maintenance", "-c", "1", "--pool", "prefork",
-                "-n", f"{name}@%h",  # one node name each: control commands reach each
-                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
-        self.log = log
-        fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self._fh = fh
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-    def child(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            kids = _children(self.proc.pid)
-            if kids:
-                return kids[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no pool child: {self.log.read_text(errors='replace')[-2000:]}")
-
-    def stop(self) -> None:
-        """Kill the pool children and the master (a running job would block a warm stop)."""
-        kids = _children(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        for pid in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._fh.close()
+#: Kept importable: a fault test's worker is the shared harness's (tests/harness/worker.py)
+Worker = WorkerProcess
 
 
 @pytest.fixture
@@ -137,27 +97,27 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def start_worker(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
+    """``start_worker(broker_url, **env)``: ``celery -A worker worker -c 1`` (prefork),
+    returned once it consumes; at teardown each is killed -9 with its pool (a running
+    job would block a warm stop)."""
+    base = dict(os.environ)
+    base.update(
+        OCORE_DATABASE_URL=pg_url,
+        OCORE_DATA_DIR=str(tmp_path / "worker-var"),
+        OCORE_CREDENTIALS_FAULT=CREDS,
+        OCORE_LOG_FORMAT="console",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    with worker_pool(base, tmp_path / "worker-logs", concurrency=1) as pool:
 
-    def start(broker: str, **extra: str) -> Worker:
-        env = dict(os.environ)
-        env.update(
-            OCORE_DATABASE_URL=pg_url,
-            OCORE_BROKER_URL=broker,
-            OCORE_DATA_DIR=str(tmp_path / "worker-var"),
-            OCORE_CREDENTIALS_FAULT=CREDS,
-            OCORE_LOG_FORMAT="console",
-            AWS_EC2_METADATA_DISABLED="true",
-        )
-        env.update(extra)  # a test may override any of the above
-        n = len(workers)
-        w = Worker(env, tmp_path / f"worker-{n}.log", name=f"w{n}-{uuid.uuid4().hex[:6]}")
-        workers.append(w)
-        return w
+        def start(broker: str, **extra: str) -> Worker:
+            n = len(pool.workers)
+            # one node name each: control commands reach each; a test may override any
+            # variable of the environment
+            name = f"w{n}-{uuid.uuid4().hex[:6]}"
+            return pool.start(name, environ={"OCORE_BROKER_URL": broker, **extra})
 
-    yield start
-    for w in workers:
-        w.stop()
+        yield start
 
 
 class Blackhole:

@@ -110,8 +110,9 @@ def test_kill_9_of_the_worker_child_mid_cleanup_and_the_restarted_child_finishes
         )
     worker = start_worker(own_redis.url, OCORE_CLEANUP_MAX_SHARE="1")
     job = start_cleanup(db, bucket, own_redis.url)
+    # the first request and then every other one under way with it arrive and are held
     assert hold.wait(1, 90), log_of(worker)
-    time.sleep(0.5)  # the batch's other concurrent requests arrive and are held too
+    assert hold.wait(1 if point == "listing" else DELETE_REQUESTS_IN_FLIGHT, 30), log_of(worker)
 
     # The state at the moment of the kill: the child is pinned on the held request(s).
     left = bucket.keys()
@@ -207,7 +208,8 @@ def test_database_connections_cut_under_a_real_worker_and_the_job_converges(
     )
     job = start_cleanup(db, bucket, own_redis.url)
     assert hold.wait(1, 90), log_of(worker)
-    time.sleep(0.5)
+    # every request under way is held: the job is pinned there while its connections go
+    assert hold.wait(1 if point == "listing" else DELETE_REQUESTS_IN_FLIGHT, 30), log_of(worker)
     hold.disarm()
     cut = _cut_worker_connections(app_name, pg_url)
     assert cut >= 1, "the worker had no database connection to cut"
@@ -255,7 +257,7 @@ def test_a_worker_stopped_between_two_delete_batches_sends_no_more_after_sigcont
         hold.release()  # the answers wait in the stopped process's sockets
         first_batch = bucket.orphans - bucket.keys()
         assert first_batch, "the batches under way had reached the server"
-        time.sleep(3.5)  # past the 2 s lease
+        time.sleep(3.5)  # the behaviour under test: the 2 s lease expires while stopped
         job_b, _ = request_job(db, "orphan_cleanup", dest_b, {"retention_days": 7})
         outcome_b = run_job(job_b.id, cfg, engine)
         assert outcome_b is not None and outcome_b.status == "succeeded", outcome_b

@@ -65,11 +65,11 @@ def test_a_redis_restart_mid_job_loses_no_job_state_and_the_worker_reconnects(
                             credentials_ref="fault",
                             options=make_s3_destination_options())  # fmt: skip
     db.commit()
-    started = threading.Event()
+    started, redis_back = threading.Event(), threading.Event()
 
     def slow_503(method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
         started.set()
-        time.sleep(4)  # the listing hangs while Redis goes away and comes back
+        redis_back.wait(60)  # the listing hangs while Redis goes away and comes back
         from tests.servers.fault_proxy import SLOWDOWN
 
         return 503, "application/xml", SLOWDOWN
@@ -82,8 +82,9 @@ def test_a_redis_restart_mid_job_loses_no_job_state_and_the_worker_reconnects(
     app.close()
     assert started.wait(60), "the job never reached the storage"
     own_redis.kill()
-    time.sleep(1)
+    time.sleep(1)  # the behaviour under test: Redis stays down a while (not an ordering)
     own_redis.start()  # empty: no persistence, every broker message is gone
+    redis_back.set()
     deadline = time.monotonic() + 60
     row = job_row(engine, job.id)
     while time.monotonic() < deadline and row.status in ("queued", "running"):
@@ -148,7 +149,7 @@ def test_a_worker_stopped_past_its_lease_deletes_nothing_after_sigcont(
     child = worker.child()
     os.kill(child, signal.SIGSTOP)
     try:
-        time.sleep(3.5)  # past the 2 s lease
+        time.sleep(3.5)  # the behaviour under test: the 2 s lease expires while stopped
         job_b, _ = request_job(db, "orphan_cleanup", dest_b, {"retention_days": 7})
         from worker.runner import run_job
 

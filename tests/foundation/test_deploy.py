@@ -92,7 +92,7 @@ def test_dockerfile_is_multistage_non_root_and_uses_the_lock_file():
     text = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.search(r"^USER (?!root)", text, re.M)
-    assert "pip install -r requirements-runtime.lock" in text
+    assert "pip install --require-hashes -r requirements-runtime.lock" in text
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for src in copied.split():
             assert (ROOT / src).exists(), src
@@ -194,3 +194,23 @@ def test_the_runtime_lock_is_the_full_locks_pins_without_the_test_toolchain():
         assert tool not in runtime, tool
     for needed in ("celery", "boto3", "google-cloud-storage", "paramiko", "waitress"):
         assert needed in runtime, needed
+
+
+@pytest.mark.parametrize(
+    "name", ["requirements.lock", "requirements-runtime.lock", "requirements-tools.lock"]
+)
+def test_every_pin_of_every_lock_carries_its_hashes(name: str) -> None:
+    """Issue 21: the lock had no hashes, so a replaced file on an index would install
+    unnoticed. Every pin lists the sha256 of its files, and every install reads the lock
+    with --require-hashes (pip refuses a file whose hash is not listed)."""
+    text = (ROOT / name).read_text()
+    header = text.splitlines()[1]
+    assert "--generate-hashes" in header, header  # regenerated the same way
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+    pins = [b for b in blocks if re.match(r"^[A-Za-z0-9._-]+==", b)]
+    assert len(pins) > 20
+    unhashed = [b.split()[0] for b in pins if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)]
+    assert unhashed == []
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r $(LOCK)" in makefile
+    assert "--require-hashes -r $(TOOLS_LOCK)" in makefile

@@ -294,15 +294,16 @@ def test_beat_and_the_api_never_replace_a_refused_destination_window(
     naming the destination, deleting nothing."""
     from api import create_app
     from api.tokens import mint_token
-    from worker.celery_tasks import schedule_jobs
+    from worker.celery_tasks import schedule_tick
 
     db.execute(
         update(BackupDestination).where(BackupDestination.id == dest.id).values(retention_days=days)
     )
     db.commit()
+    at_once = settings.model_copy(update={"schedule_jitter": 0.0})  # first sight: due now
     with Session(engine, expire_on_commit=False) as s:
-        assert schedule_jobs(s, settings, "orphan_cleanup", lambda *_a: None) == 1
-    [beat_job] = db.scalars(select(Job)).all()
+        assert schedule_tick(s, at_once, lambda *_a: None).orphan_cleanup == 1
+    [beat_job] = db.scalars(select(Job).where(Job.type == "orphan_cleanup")).all()
     assert beat_job.params == {}
     run_job(beat_job.id, settings, engine)
     row = _row(engine, beat_job.id)

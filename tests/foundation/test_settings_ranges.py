@@ -112,7 +112,7 @@ def test_the_readme_table_lists_every_setting_with_what_is_allowed():
     assert [n for n in Settings.model_fields if f"`{env_name(n)}`" not in table] == []
 
 
-def _just_outside(bound: object, is_int: bool) -> object:
+def _just_outside(bound: object, is_int: bool, is_str: bool = False) -> object:
     step = 1 if is_int else 0.5
     if isinstance(bound, annotated_types.Gt):
         return bound.gt
@@ -122,8 +122,10 @@ def _just_outside(bound: object, is_int: bool) -> object:
         return bound.lt
     if isinstance(bound, annotated_types.Le):
         return bound.le + step  # type: ignore[operator]
+    if isinstance(bound, annotated_types.MaxLen):  # a claim name, a role value: too long
+        return "x" * (bound.max_length + 1)
     assert isinstance(bound, annotated_types.MinLen)
-    return []
+    return "" if is_str else []
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,8 @@ def _just_outside(bound: object, is_int: bool) -> object:
 )
 def test_a_value_just_outside_a_declared_bound_is_refused_naming_it(name, bound):
     is_int = Settings.model_fields[name].annotation is int
-    value = _just_outside(bound, is_int)
+    is_str = Settings.model_fields[name].annotation is str
+    value = _just_outside(bound, is_int, is_str)
     with pytest.raises(ValidationError) as err:
         _settings(**{name: value})
     line = describe_settings_error(err.value)

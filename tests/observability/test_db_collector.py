@@ -210,3 +210,41 @@ def test_storage_series_cover_the_largest_destinations_and_the_totals_all(
     cached.url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # unreachable from now on
     cached._engine = None
     assert _samples(cached) == first  # within the cache window: the same figures
+
+
+def test_plans_awaiting_approval_count_only_live_unapproved_scheduled_plans(
+    db: Session, world: World, pg_url: str
+) -> None:
+    """The exporter counts the dry-run plans a policy requiring approval produced, that
+    nobody approved and that have not expired (the OcorePlanAwaitingApproval alert)."""
+    from db.models import Job
+
+    now = datetime.now(UTC)
+    dests = [make_destination(db, world, "local", bucket=f"/p{i}") for i in range(5)]
+
+    def plan(dest: Any, age: timedelta, **extra: Any) -> None:
+        params = {"dry_run": True, "awaiting_approval": True, **extra.pop("params", {})}
+        progress = {"plan_complete": True, "plan_files": 3, **extra.pop("progress", {})}
+        db.add(
+            Job(
+                type="orphan_cleanup",
+                destination_id=dest.id,
+                location_key=f"k{dest.id}",
+                params=params,
+                status=extra.pop("status", "succeeded"),
+                progress=progress,
+                created_at=now - age - timedelta(minutes=1),
+                finished_at=now - age,
+            )
+        )
+
+    plan(dests[0], timedelta(hours=13))  # waiting 13 h: counts, the oldest
+    plan(dests[1], timedelta(hours=1))  # waiting 1 h: counts
+    plan(dests[2], timedelta(hours=2), progress={"approved_by_job": str(uuid.uuid4())})
+    plan(dests[3], timedelta(hours=30))  # expired (24 h)
+    plan(dests[4], timedelta(hours=3), params={"awaiting_approval": False})  # a manual dry run
+    db.commit()
+    m = _samples(DatabaseCollector(pg_url))
+    assert value(m, "ocore_plans_awaiting_approval") == 2
+    age = value(m, "ocore_plans_awaiting_approval_oldest_age_seconds")
+    assert 13 * 3600 - 60 < age < 13 * 3600 + 60

@@ -123,7 +123,7 @@ def test_a_rescan_on_another_worker_clears_the_figure_everywhere(
                          OCORE_METRICS_HOST="127.0.0.1",
                          PROMETHEUS_MULTIPROC_DIR=str(tmp_path / f"prom-{name}"))  # fmt: skip
         url = f"http://127.0.0.1:{port}/metrics"
-        _wait(url, w.proc, w.log)
+        w.wait_ready(metrics_url=url)
         return w, url
 
     app, send = sender(own_redis.url)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +21,8 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.models import TERMINAL_JOB_STATUSES, Backup, Job
 from tests.factories import make_destination, make_world, old
-from tests.observability.helpers import ROOT, scrape, value
+from tests.harness.worker import WorkerProcess, worker_pool
+from tests.observability.helpers import scrape, value
 from tests.observability.test_metrics_server import free_port
 from worker.celery_app import make_celery
 from worker.jobs import dispatch, request_job
@@ -37,25 +35,13 @@ LINKED, OLD_ORPHANS, NEW_ORPHANS, MISSING = 2300, 600, 100, 5
 
 @dataclass
 class Worker:
-    proc: subprocess.Popen[bytes]
+    proc: WorkerProcess
     metrics_url: str
     log: Path
     broker_url: str
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    pgid = os.getpgid(proc.pid)
-    os.killpg(pgid, signal.SIGTERM)  # warm shutdown of the worker and its children
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        return self.proc.log_text()
 
 
 @pytest.fixture
@@ -80,37 +66,16 @@ def worker(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Worker]:
         "OCORE_LOG_LEVEL": "INFO",
         "PROMETHEUS_MULTIPROC_DIR": str(mp),
     }
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker",
-             "-Q", "scan,cleanup,maintenance", "-c", "2", "-n", f"obs-{port}@%h",
-             "--without-mingle", "--without-gossip"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    w = Worker(proc, f"http://127.0.0.1:{port}/metrics", log, broker_url)
+    url = f"http://127.0.0.1:{port}/metrics"
+    # prefork, concurrency 2, Celery's own log level; ready once it logged "ready." and
+    # its /metrics answers; stopped with SIGTERM (warm), SIGKILL after 20 s
     try:
-        _wait_ready(w)
-        yield w
+        with worker_pool(env, tmp_path, concurrency=2, loglevel=None, grace=20) as pool:
+            proc = pool.start(f"obs-{port}", metrics_url=url)
+            yield Worker(proc, url, proc.log, broker_url)
     finally:
-        _stop(proc)
         client.flushdb()
         client.close()
-
-
-def _wait_ready(w: Worker, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if w.proc.poll() is not None:
-            pytest.fail(f"the worker exited with {w.proc.returncode}:\n{w.log_text()}")
-        if "ready." in w.log_text():
-            try:
-                scrape(w.metrics_url, timeout=2)
-                return
-            except OSError:
-                pass
-        time.sleep(0.2)
-    pytest.fail(f"the worker was not ready within {timeout}s:\n{w.log_text()}")
 
 
 def _seed(db: Session, storage: Path) -> uuid.UUID:

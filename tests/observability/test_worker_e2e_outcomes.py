@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +25,8 @@ from core.settings import Settings
 from db import archive
 from db.models import TERMINAL_JOB_STATUSES, BackupDestination, Job, StorageAnalytics
 from tests.factories import World, make_backup, make_destination, make_world
-from tests.observability.helpers import ROOT, scrape, value
+from tests.harness.worker import WorkerProcess, worker_pool
+from tests.observability.helpers import scrape, value
 from tests.observability.test_metrics_server import free_port
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
@@ -42,6 +40,7 @@ CREDENTIALS = json.dumps({"access_key_id": "testing", "secret_access_key": "test
 LINKED, LEFTOVERS, PURGED, MAX_FILES = 20, 10, 3, 5
 SIZE = 10  # bytes of every object
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+STOP_GRACE = 30.0  # seconds a worker has for a warm shutdown before SIGKILL
 
 
 # --- the worker, through the CLI -----------------------------------------------------
@@ -49,42 +48,22 @@ Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 @dataclass
 class CliWorker:
-    proc: subprocess.Popen[bytes]
+    """The worker through the CLI: the shared harness's process (tests/harness/worker.py)
+    and its /metrics."""
+
+    proc: WorkerProcess
     metrics_url: str
     log: Path
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.proc.log_text()
 
     def json_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.log_text().splitlines() if x.startswith("{")]
+        return self.proc.json_lines()
 
-
-def _group_alive(pgid: int) -> bool:
-    """A process of the group is still running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def _stop(w: CliWorker, timeout: float = 30) -> None:
-    """SIGTERM to the CLI and its Celery processes; wait until every one has exited."""
-    pgid = w.proc.pid  # start_new_session: the CLI leads its own group
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            os.killpg(pgid, signal.SIGKILL)
-            time.sleep(0.5)
-            break
-        time.sleep(0.1)
-    w.proc.wait(timeout=10)
+    def stop(self) -> None:
+        """SIGTERM to the CLI and its Celery processes; SIGKILL what is left after 30 s."""
+        self.proc.stop(STOP_GRACE)
 
 
 @pytest.fixture
@@ -122,42 +101,16 @@ def cli_env(
 
 @pytest.fixture
 def start_cli_worker(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], CliWorker]]:
-    started: list[CliWorker] = []
+    """``ocore-storage worker`` (prefork, concurrency 2), returned once it logged "ready."
+    and its /metrics answers; stopped with SIGTERM to its group, SIGKILL after 30 s."""
+    url = f"http://127.0.0.1:{cli_env['OCORE_METRICS_PORT']}/metrics"
+    with worker_pool(cli_env, tmp_path, command="cli", concurrency=2, grace=STOP_GRACE) as pool:
 
-    def start() -> CliWorker:
-        log = tmp_path / f"worker-{len(started) + 1}.log"
-        cli = Path(sys.executable).parent / "ocore-storage"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [str(cli), "worker", "--queues", "scan,cleanup,maintenance", "--concurrency", "2"],
-                cwd=ROOT, env=cli_env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        w = CliWorker(proc, f"http://127.0.0.1:{cli_env['OCORE_METRICS_PORT']}/metrics", log)
-        started.append(w)
-        _wait_ready(w)
-        return w
+        def start() -> CliWorker:
+            proc = pool.start(f"worker-{len(pool.workers) + 1}", metrics_url=url)
+            return CliWorker(proc, url, proc.log)
 
-    try:
         yield start
-    finally:
-        for w in started:
-            _stop(w)
-
-
-def _wait_ready(w: CliWorker, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if w.proc.poll() is not None:
-            pytest.fail(f"the worker exited with {w.proc.returncode}:\n{w.log_text()}")
-        if "ready." in w.log_text():
-            try:
-                scrape(w.metrics_url, timeout=2)
-                return
-            except OSError:
-                pass
-        time.sleep(0.2)
-    pytest.fail(f"the worker was not ready within {timeout}s:\n{w.log_text()}")
 
 
 def _scrape_when(w: CliWorker, ready: Callable[[Samples], bool], timeout: float = 15) -> Samples:
@@ -397,7 +350,7 @@ def test_outcomes_retries_backends_and_a_restart(
 
     # 4. Restart through the CLI: nothing of the previous run is counted again, and the
     #    freshness figures are there at once (read from the database, not from memory).
-    _stop(w)
+    w.stop()
     w2 = start_cli_worker()
     m = scrape(w2.metrics_url)
     for name in (

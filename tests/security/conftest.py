@@ -24,6 +24,7 @@ from api import create_app
 from api.tokens import mint_token
 from core.settings import Settings
 from db.models import BackupDestination, Job
+from tasks.intents import create_intent
 from tests.factories import World, make_backup, make_destination, make_world
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
@@ -41,7 +42,10 @@ class LiveServer:
         self.server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll interval: stop() (every test's teardown) returns at once
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -159,7 +163,9 @@ def attack(
         job, _ = request_job(db, "scan", d, {}, requested_by="seed")
         archived = make_backup(db, w, d, f"backups/old-{uuid.uuid4().hex[:6]}.dump", deleted=True)
         db.commit()
-        return {"dest": d.id, "project": w.project.id, "job": job.id, "entity": archived.id}
+        intent = create_intent(db, d, "backups/incoming/", 3600, "seed")  # (commits)
+        return {"dest": d.id, "project": w.project.id, "job": job.id, "entity": archived.id,
+                "intent": intent.id}  # fmt: skip
 
     live = make_live(settings)
     a = Attack(

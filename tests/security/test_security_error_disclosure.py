@@ -93,7 +93,7 @@ def _sub_routes(a: Attack) -> list[tuple[str, str, str]]:
     return [
         ("DELETE", f"{dest}/files?path=backups/x.dump", "member"),
         ("POST", f"{dest}/scan", "member"),
-        ("DELETE", f"/api/admin/archived/backups/{a.ids['entity']}/purge", "admin"),
+        ("DELETE", f"/api/admin/archived/backups/{a.ids['entity']}/purge", "platform_admin"),
     ]
 
 
@@ -131,6 +131,12 @@ def test_a_sub_of_200_printable_characters_is_recorded_whole(
     a = attack
     sub = ("Zoë Ünïcode " * 20)[:200]
     assert len(sub) == 200
+    with Session(engine) as s:  # the instance keeps its floor (SAFETY rule 21): purgeable
+        entity = s.get(Backup, a.ids["entity"], execution_options={"include_deleted": True})
+        assert entity is not None
+        s.add(Backup(instance_id=entity.instance_id, destination_id=entity.destination_id,
+                     path="backups/live-floor.dump", status="completed"))  # fmt: skip
+        s.commit()
     for method, url, role in _sub_routes(a):
         r = a.request(method, url, headers={"Authorization": f"Bearer {_token_with(a, sub, role)}"})
         assert r.status_code in (200, 202), r.text
@@ -165,7 +171,7 @@ def test_an_unreachable_s3_endpoint_is_told_without_its_address(
     assert logged and logged[0].levelno == logging.WARNING, caplog.text
     assert f"127.0.0.1:{port}" in logged[0].getMessage()
 
-    admin = _body(_browse(a, dest, "admin"), 503, "storage_unavailable")
+    admin = _body(_browse(a, dest, "platform_admin"), 503, "storage_unavailable")
     assert f"127.0.0.1:{port}" in admin["message"], admin
 
 
@@ -185,7 +191,7 @@ def test_a_missing_secret_is_told_without_variable_names_or_the_secrets_director
     _assert_none_in(msg, ["OCORE_", secrets_dir, MISSING_REF, ".json", BUCKET, a.proxy.endpoint])
     assert str(dest.id) in msg and "configuration" in msg, msg
 
-    admin = _body(_browse(a, dest, "admin"), 503, "backend_unavailable")
+    admin = _body(_browse(a, dest, "platform_admin"), 503, "backend_unavailable")
     assert "OCORE_CREDENTIALS_VAULT_PROD_S3_KEY" in admin["message"], admin
     assert secrets_dir in admin["message"], admin
     assert a.proxy.request_count == 0
@@ -212,7 +218,7 @@ def test_a_missing_base_directory_is_told_without_the_directory(
     _assert_none_in(_body(upload, 503, "backend_unavailable")["message"], [str(tmp_path)])
     assert not base.exists()
 
-    admin = _body(_browse(a, dest, "admin"), 503, "backend_unavailable")
+    admin = _body(_browse(a, dest, "platform_admin"), 503, "backend_unavailable")
     assert "not mounted?" in admin["message"], admin
 
 
@@ -261,7 +267,7 @@ def test_every_storage_error_keeps_its_code_and_hides_the_backend_text(
     assert kind in member and str(a.local.id) in member, member
     viewer = _body(_browse(a, a.local, "viewer"), status, code)["message"]
     _assert_none_in(viewer, ["10.1.2.3", "OCORE_"])
-    admin = _body(_browse(a, a.local, "admin"), status, code)["message"]
+    admin = _body(_browse(a, a.local, "platform_admin"), status, code)["message"]
     assert INTERNALS in admin, admin
 
 
@@ -312,7 +318,7 @@ def test_a_raw_os_error_shows_the_member_no_absolute_path(
     member = _body(_browse(attack, attack.local, "member"), 409, "path_conflict")["message"]
     assert where not in member and str(attack.local_root) not in member, member
     assert "collides" in member and str(attack.local.id) in member, member
-    admin = _body(_browse(attack, attack.local, "admin"), 409, "path_conflict")["message"]
+    admin = _body(_browse(attack, attack.local, "platform_admin"), 409, "path_conflict")["message"]
     assert where in admin, admin
 
 
@@ -343,7 +349,7 @@ def test_a_link_check_that_cannot_place_records_hides_the_base_directories(
     member = upload("member")
     _assert_none_in(member, [str(tmp_path), "outer-5e2b"])
     assert "'x.tar'" in member and str(above.id) in member, member
-    assert str(outer) in upload("admin")
+    assert str(outer) in upload("platform_admin")
     assert os.listdir(inner) == []
 
 
@@ -357,7 +363,7 @@ def test_an_unexpected_error_carries_a_reference_and_no_text(
 
     monkeypatch.setattr(LocalBackend, "browse", fail)
     caplog.set_level(logging.ERROR, logger="api.errors")
-    for role in ("member", "admin"):
+    for role in ("member", "admin", "platform_admin"):
         msg = _body(_browse(attack, attack.local, role), 500, "internal_error")["message"]
         assert INTERNALS not in msg and "reference " in msg, msg
         ref = msg.rsplit("reference ", 1)[1].rstrip(")")

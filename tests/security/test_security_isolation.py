@@ -1,16 +1,29 @@
 """Issue 8, A2: a member of one organization reaches nothing of another one. Every route
-answers 404 (403 for the admin-only archive) and not one request reaches the storage."""
+answers 404 (403 for the admin-only archive) and not one request reaches the storage.
+
+The one cross-organization matrix of the suite (it was also in
+tests/api/test_api_isolation.py). That the API never even opens the other organization's
+backend is tests/api/test_api_isolation.py::test_cross_org_backend_is_never_opened."""
 
 from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import DeletionAudit
 from tests.api.helpers import ROUTES
 from tests.security.conftest import Attack, job_count
 
 
 def _url(template: str, ids: dict[str, uuid.UUID]) -> str:
     return template.format(**{k: str(v) for k, v in ids.items()})
+
+
+def _audit_count(engine) -> int:
+    with Session(engine) as s:
+        return int(s.scalar(select(func.count()).select_from(DeletionAudit)) or 0)
 
 
 def test_other_organizations_ids_are_404_on_every_route_and_touch_no_storage(
@@ -22,13 +35,22 @@ def test_other_organizations_ids_are_404_on_every_route_and_touch_no_storage(
     for method, template, upload in ROUTES:
         files = {"file": ("new.dump", b"payload")} if upload else None
         r = a.request(method, _url(template, a.other_ids), headers=a.headers(), files=files)
-        expected = 403 if "/admin/" in template else 404
-        if r.status_code != expected or "secret" in r.text:
+        expected, code = (403, "forbidden") if "/admin/" in template else (404, "not_found")
+        body = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+        if (
+            r.status_code != expected
+            or body.get("error") != code
+            or not isinstance(body.get("message"), str)
+            or "secret" in r.text
+            or "Traceback" in r.text
+        ):
             wrong.append((method, template, r.status_code, r.text[:200]))
     assert wrong == []
     assert a.proxy.request_count == 0, a.proxy.requests
     assert a.sent == []
     assert job_count(engine) == jobs_before
+    assert _audit_count(engine) == 0  # no deletion was even planned
+    assert sorted(p.name for p in a.local_root.rglob("*")) == ["backups", "x.dump"]
 
 
 def test_a_foreign_id_answers_exactly_like_a_missing_one(attack: Attack) -> None:

@@ -46,9 +46,9 @@ def test_malformed_uuids_are_a_400_on_every_route(attack: Attack, engine) -> Non
         if "{" not in template:
             continue
         for bad in BAD_UUIDS:
-            url = template.format(dest=bad, project=bad, job=bad, entity=bad)
+            url = template.format(dest=bad, project=bad, job=bad, entity=bad, intent=bad)
             files = {"file": ("n", b"p")} if upload else None
-            r = a.request(method, url, headers=a.headers(role="admin"), files=files)
+            r = a.request(method, url, headers=a.headers(role="platform_admin"), files=files)
             ok = r.status_code == 400 or (r.status_code == 404 and "/" in bad.replace("%2e", "/"))
             if not ok or "Traceback" in r.text:
                 wrong.append((method, url[:120], r.status_code, r.text[:120]))
@@ -66,7 +66,7 @@ def test_unknown_entity_types_are_a_400(attack: Attack, engine) -> None:
             ("POST", f"/api/admin/archived/{kind}/{entity}/restore"),
             ("DELETE", f"/api/admin/archived/{kind}/{entity}/purge"),
         ):
-            r = a.request(method, url, headers=a.headers(role="admin"))
+            r = a.request(method, url, headers=a.headers(role="platform_admin"))
             assert r.status_code in (400, 404), (url, r.status_code, r.text)
             assert r.status_code == 400 or kind == "..", (url, r.status_code, r.text)
     assert _state(a, engine) == before
@@ -113,7 +113,7 @@ def test_bad_page_and_limit_are_a_400(attack: Attack, engine) -> None:
             f"/api/admin/archived/backups?limit={value}",
             f"{browse}?limit={value}",
         ):
-            r = a.request("GET", url, headers=a.headers(role="admin"))
+            r = a.request("GET", url, headers=a.headers(role="platform_admin"))
             if r.status_code != 400:
                 wrong.append((url, r.status_code, r.text[:120]))
     r = a.request("GET", f"{browse}?cursor={'c' * 5000}", headers=a.headers())

@@ -166,7 +166,7 @@ def test_an_inconsistent_destination_never_shows_in_another_organizations_projec
 
     for headers in (
         _bearer(settings, "b-member", b.org.id),
-        _bearer(settings, "root", None, "admin"),
+        _bearer(settings, "root", None, "platform_admin"),
     ):
         r = client.get(f"/api/projects/{b.project.id}/storage", headers=headers)
         assert r.status_code == 200, r.text
@@ -295,7 +295,7 @@ def test_a_token_of_a_user_of_an_archived_organization_is_refused(
     """Even an admin token without an organization claim: the user's own organization."""
     world = make_world(db)
     user = _user(db, world)
-    headers = _bearer(settings, str(user.id), None, "admin")
+    headers = _bearer(settings, str(user.id), None, "platform_admin")
     assert _storage(client, world, headers).status_code == 200
     org = db.get(Organization, world.org.id)
     _archive(db, org)

@@ -1,11 +1,16 @@
 """Issue 8, A3: every path parameter refuses traversal in all its disguises with a 400
 before any storage request; a neighbouring root (``backups/10`` next to ``backups/1``)
-is out of reach."""
+is out of reach.
+
+The one traversal matrix of the suite (the local destination's was also in
+tests/api/test_api_isolation.py)."""
 
 from __future__ import annotations
 
+import uuid
 from urllib.parse import unquote
 
+from tests.api.helpers import tree_snapshot
 from tests.security.conftest import Attack
 
 #: As they appear in the query string (requests quotes what is not URL-safe).
@@ -39,14 +44,41 @@ PAYLOADS = [
     "../10/secret.dump",
     "..%2F10%2Fsecret.dump",
 ]
+#: From the API module's tests (tests/api/test_api_isolation.py, merged here): these are
+#: refused as ``invalid_path`` exactly, on the local destination as on S3.
+STRICT = [
+    "../x",
+    "../../etc/passwd",
+    "%2e%2e%2f",
+    "%2e%2e%2fx",
+    "%252e%252e%252f",
+    "%252e%252e%252fx",
+    "..\\x",
+    "a\\..\\..\\x",
+    "/abs",
+    "//x",
+    "x/../../y",
+    "x/./y",
+    "a//b",
+    "%00",
+    "a%00b",
+    "\uff0e\uff0e/x",  # full-width dots
+    "x/\uff0e\uff0e/\uff0e\uff0e/y",
+    "\uff0e\uff0e\uff0fx",  # and a full-width slash
+    "%EF%BC%8E%EF%BC%8E/x",
+    "..",
+    "%2e%2e",
+    "a/%2e%2e/%2e%2e/b",
+]
+PAYLOADS += [p for p in STRICT if p not in PAYLOADS]
 #: Overlong UTF-8 encodings of '.' (invalid UTF-8 that lenient decoders read as '.').
 OVERLONG = ["%c0%ae%c0%ae/x", "%c0%ae%c0%ae%2Fx", "%e0%80%ae%e0%80%ae/x"]
 
 DEST = "/api/storage/destinations/{dest}"
 
 
-def _requests(a: Attack, raw: str) -> list[tuple[str, str, dict]]:
-    base = DEST.format(dest=a.dest.id)
+def _requests(a: Attack, raw: str, dest_id: uuid.UUID) -> list[tuple[str, str, dict]]:
+    base = DEST.format(dest=dest_id)
     files = {"file": ("x.dump", b"payload")}
     prefix = raw if raw.endswith("/") else raw + "/"
     return [
@@ -59,12 +91,15 @@ def _requests(a: Attack, raw: str) -> list[tuple[str, str, dict]]:
     ]
 
 
-def _attack_all(a: Attack, payloads: list[str]) -> list[tuple[str, str, int, str]]:
+def _attack_all(
+    a: Attack, payloads: list[str], dest_id: uuid.UUID | None = None
+) -> list[tuple[str, str, int, str]]:
     wrong = []
     for raw in payloads:
-        for method, url, kw in _requests(a, raw):
+        codes = ("invalid_path",) if raw in STRICT else ("invalid_path", "bad_request")
+        for method, url, kw in _requests(a, raw, dest_id or a.dest.id):
             r = a.request(method, url, headers=a.headers(), **kw)
-            if r.status_code != 400 or r.json().get("error") not in ("invalid_path", "bad_request"):
+            if r.status_code != 400 or r.json().get("error") not in codes:
                 wrong.append((method, url, r.status_code, r.text[:160]))
     return wrong
 
@@ -76,6 +111,24 @@ def test_traversal_in_every_path_parameter_is_a_400_before_any_storage_request(
     assert wrong == [], "\n".join(map(str, wrong))
     assert attack.proxy.request_count == 0, attack.proxy.requests
     assert attack.sent == []
+
+
+def test_traversal_on_a_local_destination_touches_nothing_in_or_out_of_its_root(
+    attack: Attack,
+) -> None:
+    """The same payloads on a filesystem destination: a file next to its root (what
+    ``../x`` would reach) and every file in it stay as they were."""
+    a = attack
+    (a.local_root / "inside").mkdir()
+    (a.local_root / "inside" / "y").write_bytes(b"inside")
+    planted = a.local_root.parent / "x"
+    planted.write_bytes(b"outside")
+    before = tree_snapshot(a.local_root)
+    wrong = _attack_all(a, PAYLOADS, a.local.id)
+    assert wrong == [], "\n".join(map(str, wrong))
+    assert tree_snapshot(a.local_root) == before
+    assert planted.read_bytes() == b"outside"
+    assert a.sent == []
 
 
 def test_overlong_utf8_is_a_400_before_any_storage_request(attack: Attack) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tracemalloc
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db import archive
 from db.locks import acquire
-from db.models import Backup, Job, LocationLock, PendingDeletion
+from db.models import Backup, DestinationPolicy, Job, LocationLock, PendingDeletion
 from storage_backends.identity import lock_key
 from tasks.scan import RecordIds, run_scan
 from tests.factories import World
@@ -33,7 +34,7 @@ from tests.tasks.kit import (
     request,
     run,
 )
-from worker.celery_tasks import schedule_jobs
+from worker.celery_tasks import schedule_tick
 from worker.runner import LocationBusy, queued_resend_after, reap, reap_stuck_jobs
 
 
@@ -227,7 +228,12 @@ def test_a_new_job_whose_message_cannot_be_sent_is_failed_not_left_queued(
         archive.purge(db, "backups", gone.id, "admin")
         reap(db, settings, broken)
     else:
-        assert schedule_jobs(db, settings, "orphan_cleanup", broken) == 0
+        # beat's cleanup only (its scans off); with no jitter a first sight is due now
+        settings = settings.model_copy(update={"schedule_jitter": 0.0})
+        db.add(DestinationPolicy(destination_id=dest.id, scan_interval_seconds=0))
+        db.commit()
+        tick = schedule_tick(db, settings, broken)
+        assert (tick.orphan_cleanup, tick.send_failed) == (0, True)
 
     jobs = db.scalars(select(Job)).all()
     assert len(jobs) == 1
@@ -238,8 +244,8 @@ def test_a_new_job_whose_message_cannot_be_sent_is_failed_not_left_queued(
     # the location is free again: the next request creates a new job
     if job_type == "purge":
         assert reap(db, settings, Sender()).purges == 1
-    else:
-        assert schedule_jobs(db, settings, job_type, Sender()) == 1
+    else:  # still due: the failed send left its due time as it was
+        assert schedule_tick(db, settings, Sender()).orphan_cleanup == 1
 
 
 @pytest.mark.parametrize("where", ["reaper requeue", "reaper resend"])
@@ -398,11 +404,12 @@ def test_beat_schedules_one_job_per_destination_on_its_queue_with_its_retention(
     # run one at a time with a's through their location lock
     twin = local_dest(db, world, store, "/a")
     send = Sender()
+    at_once = cfg.model_copy(update={"schedule_jitter": 0.0})  # first sight: due now
 
-    assert schedule_jobs(db, cfg, "scan", send) == 3
-    assert schedule_jobs(db, cfg, "orphan_cleanup", send) == 3
-    assert schedule_jobs(db, cfg, "scan", send) == 0  # second tick: no duplicates
-    assert schedule_jobs(db, cfg, "orphan_cleanup", send) == 0
+    tick = schedule_tick(db, at_once, send)
+    assert (tick.scan, tick.orphan_cleanup, tick.first_seen) == (3, 3, 3)
+    tick = schedule_tick(db, at_once, send)  # second tick: no duplicates
+    assert (tick.scan, tick.orphan_cleanup, tick.first_seen) == (0, 0, 0)
 
     assert len(send.sent) == 6
     assert sorted((n, q) for n, _a, q in send.sent) == [
@@ -491,17 +498,20 @@ def test_two_beats_in_one_period_schedule_each_destination_once(
     job de-duplication cannot see it: the second beat must still schedule nothing. The
     next period schedules again."""
     dest = local_dest(db, world, store)
+    at_once = cfg.model_copy(update={"schedule_jitter": 0.0})  # first sight: due now
     first, second = Sender(), Sender()
-    assert schedule_jobs(db, cfg, job_type, first) == 1
-    [job] = db.scalars(select(Job).where(Job.destination_id == dest.id)).all()
+    t0 = datetime.now(UTC)
+    assert getattr(schedule_tick(db, at_once, first, now=t0), job_type) == 1
+    [job] = db.scalars(select(Job).where(Job.destination_id == dest.id, Job.type == job_type)).all()
     run(engine, cfg, job_row(engine, job.id))
     assert job_row(engine, job.id).status == "succeeded"
     db.expire_all()
-    assert schedule_jobs(db, cfg, job_type, second) == 0  # the other beat, same period
+    later = t0 + timedelta(minutes=1)  # the other beat, same period
+    assert getattr(schedule_tick(db, at_once, second, now=later), job_type) == 0
     assert second.sent == []
     period = cfg.scan_interval if job_type == "scan" else cfg.cleanup_interval
-    age(db, job, minutes=period / 60, column="created_at")
-    assert schedule_jobs(db, cfg, job_type, second) == 1  # the next period
+    next_period = t0 + timedelta(seconds=period)
+    assert getattr(schedule_tick(db, at_once, second, now=next_period), job_type) == 1
 
 
 def test_two_beats_ticking_at_once_schedule_each_destination_once_per_due_time(
@@ -509,9 +519,9 @@ def test_two_beats_ticking_at_once_schedule_each_destination_once_per_due_time(
 ) -> None:
     """Issue 22: two beat processes tick at the same instant for several due times, and
     every job they send finishes at once (so the active-job de-duplication sees
-    nothing): exactly one scan per destination per due time. The pass holds a database
-    lock (PostgreSQL advisory lock) from its read of the recent jobs to its last
-    request; without it both beats read "nothing scheduled" and both schedule."""
+    nothing): exactly one scan per destination per due time. The tick holds a database
+    lock (PostgreSQL advisory lock) from its query of the due schedules to its last
+    write of the next due times; without it both beats read "due" and both schedule."""
     import threading
 
     dests = [local_dest(db, world, store, root=f"d{i}/") for i in range(20)]
@@ -521,15 +531,21 @@ def test_two_beats_ticking_at_once_schedule_each_destination_once_per_due_time(
         with engine.begin() as conn:
             conn.execute(update(Job).where(Job.id == uuid.UUID(args[0])).values(status="succeeded"))
 
+    at_once = cfg.model_copy(update={"schedule_jitter": 0.0})  # first sight: due now
+    t0 = datetime.now(UTC)
     ticks = 3
     for tick in range(ticks):
         start = threading.Barrier(2)
         sent: list[int] = []
+        # the next due time: one scan interval later
+        now = t0 + timedelta(seconds=tick * cfg.scan_interval)
 
-        def beat(start: threading.Barrier = start, sent: list[int] = sent) -> None:
+        def beat(
+            start: threading.Barrier = start, sent: list[int] = sent, now: datetime = now
+        ) -> None:
             with Session(engine) as s:
                 start.wait()
-                sent.append(schedule_jobs(s, cfg, "scan", finish_at_once))
+                sent.append(schedule_tick(s, at_once, finish_at_once, now=now).scan)
 
         threads = [threading.Thread(target=beat) for _ in range(2)]
         for t in threads:
@@ -537,15 +553,10 @@ def test_two_beats_ticking_at_once_schedule_each_destination_once_per_due_time(
         for t in threads:
             t.join(timeout=60)
         assert sorted(sent) == [0, len(dests)], f"tick {tick}: {sent}"
-        # the next due time: every job of this tick one interval older
-        with engine.begin() as conn:
-            conn.execute(
-                update(Job).values(
-                    created_at=text(f"created_at - interval '{int(cfg.scan_interval)} seconds'")
-                )
-            )
     with Session(engine) as s:
         per_dest = s.execute(
-            select(Job.destination_id, func.count()).group_by(Job.destination_id)
+            select(Job.destination_id, func.count())
+            .where(Job.type == "scan")
+            .group_by(Job.destination_id)
         ).all()
     assert {d: n for d, n in per_dest} == {d.id: ticks for d in dests}

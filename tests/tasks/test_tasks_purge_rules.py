@@ -3,8 +3,8 @@ pending deletions; a purge job deletes the files; restore and purge serialise.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +18,8 @@ from db import archive
 from db.models import Backup, BackupDestination, Instance, PendingDeletion, Snapshot
 from db.types import utcnow
 from tests.factories import World, make_world
+from tests.harness.db import backend_pid, blocked_by
+from tests.harness.worker import wait_until
 from tests.tasks.kit import (
     Interrupted,
     ProbeBackend,
@@ -243,8 +245,10 @@ def test_rule18_purge_waits_for_a_concurrent_restore_of_the_entity(
         ).one()
         row.deleted_at = None
         restorer.flush()
+        pid = backend_pid(restorer)
         purge = _purge_in_thread(engine, "instances", world.instance.id)
-        time.sleep(0.5)
+        # the purge reaches the restore's row lock and waits on it (PostgreSQL says so)
+        wait_until(lambda: blocked_by(engine, pid) or not purge["thread"].is_alive(), 10)
         assert purge["thread"].is_alive()  # blocked on the restore's row lock
         restorer.commit()
     purge["thread"].join(10)
@@ -264,8 +268,10 @@ def test_rule18_restoring_a_child_during_the_parents_purge_keeps_its_files(
         restorer.execute(
             update(Backup).where(Backup.id == a.b1.id).values(deleted_at=None, deleted_reason=None)
         )
+        pid = backend_pid(restorer)
         purge = _purge_in_thread(engine, "instances", world.instance.id)
-        time.sleep(0.5)
+        # the purge waits on the restored child's row lock (or is already done)
+        wait_until(lambda: blocked_by(engine, pid) or not purge["thread"].is_alive(), 10)
         restorer.commit()
     purge["thread"].join(10)
 
@@ -284,10 +290,15 @@ def test_rule18_restore_waits_for_a_running_purge_then_finds_nothing(
 ) -> None:
     a = archived_instance(db, world, store)
     purger = Session(engine, expire_on_commit=False)
-    committed = threading.Event()
+    committing, committed = threading.Event(), threading.Event()
 
-    def slow_commit(_session: Session) -> None:
-        time.sleep(0.5)  # the purge holds its row locks a little longer
+    def slow_commit(session: Session) -> None:
+        # the purge holds its row locks until the restore waits on them (or 10 s pass:
+        # then the restore did not wait, and the test fails below)
+        pid = backend_pid(session)
+        committing.set()
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: blocked_by(engine, pid), 10)
         committed.set()
 
     event.listen(purger, "before_commit", slow_commit)
@@ -295,7 +306,7 @@ def test_rule18_restore_waits_for_a_running_purge_then_finds_nothing(
         target=archive.purge, args=(purger, "instances", world.instance.id, "admin")
     )
     purge.start()
-    time.sleep(0.2)
+    assert committing.wait(10)  # the purge has done its work and holds its locks
     with Session(engine) as s, pytest.raises(archive.EntityNotFound):
         archive.restore(s, "backups", a.b1.id)
     assert committed.is_set()

@@ -49,7 +49,7 @@ from tests.tasks.kit import (
     signal_index_built,
 )
 from tests.tasks.test_tasks_s3_moto import CREDS_REF, Bucket, s3_dest
-from worker.celery_tasks import schedule_jobs
+from worker.celery_tasks import schedule_tick
 from worker.cli import cli
 from worker.seed import SeedError, load_seed, load_seed_file
 
@@ -330,10 +330,13 @@ def test_destination_retention_below_one_day_through_the_api_and_beat_fails_the_
     assert row.status == "failed" and row.error is not None
     assert str(dest.id) in row.error and "retention_days" in row.error
 
+    at_once = cfg.model_copy(update={"schedule_jitter": 0.0})  # first sight: due now
     with Session(engine, expire_on_commit=False) as s:
-        assert schedule_jobs(s, cfg, "orphan_cleanup", lambda *_a: None) == 1
+        assert schedule_tick(s, at_once, lambda *_a: None).orphan_cleanup == 1
         s.commit()
-    beat_jobs = [j for j in _jobs(engine) if j.requested_by == "beat"]
+    beat_jobs = [
+        j for j in _jobs(engine) if j.requested_by == "beat" and j.type == "orphan_cleanup"
+    ]
     assert len(beat_jobs) == 1
     run(engine, cfg, beat_jobs[0])
     row = job_row(engine, beat_jobs[0].id)

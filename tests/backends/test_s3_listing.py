@@ -1,11 +1,12 @@
-"""The ListObjectsV2 parser's one-regex fast path gives exactly what the general
-per-block parser gives, and steps aside for any layout it does not know."""
+"""The hand-signed ListObjectsV2 request and its parser (storage_backends.s3_listing):
+the parser's one-regex fast path gives exactly what the general per-block parser gives,
+and steps aside for any layout it does not know; the request is signed as sent."""
 
 from __future__ import annotations
 
 import pytest
 
-import storage_backends.s3 as s3
+import storage_backends.s3_listing as s3_listing
 from storage_backends.errors import StorageError
 
 
@@ -36,8 +37,8 @@ def _aws(key: bytes) -> bytes:
 
 def _general(data: bytes, monkeypatch: pytest.MonkeyPatch) -> object:
     with monkeypatch.context() as m:
-        m.setattr(s3, "_fast_items", lambda _data, _encoded: None)
-        return s3.parse_list_page(data)
+        m.setattr(s3_listing, "_fast_items", lambda _data, _encoded: None)
+        return s3_listing.parse_list_page(data)
 
 
 DOCS = {
@@ -66,12 +67,12 @@ DOCS = {
 @pytest.mark.parametrize("name", list(DOCS))
 def test_fast_parser_matches_general_parser(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data = DOCS[name]
-    assert s3.parse_list_page(data) == _general(data, monkeypatch)
+    assert s3_listing.parse_list_page(data) == _general(data, monkeypatch)
 
 
 def test_fast_path_taken_for_uniform_simple_blocks() -> None:
     data = DOCS["seaweedfs layout"]
-    items = s3._fast_items(data, True)
+    items = s3_listing._fast_items(data, True)
     assert items is not None
     assert [o.path for o in items] == ["a/b+c d.tar.gz", "x y/\u00e9"]
     assert [o.etag for o in items] == ["abc", "abc"]
@@ -83,16 +84,16 @@ def test_fast_path_taken_for_uniform_simple_blocks() -> None:
     ["aws layout with owner (general parser)", "mixed layouts (general parser)"],
 )
 def test_fast_path_steps_aside(name: str) -> None:
-    assert s3._fast_items(DOCS[name], True) is None
+    assert s3_listing._fast_items(DOCS[name], True) is None
 
 
 def test_not_a_listing_is_rejected() -> None:
     with pytest.raises(StorageError):
-        s3.parse_list_page(b"<Error><Code>x</Code></Error>")
+        s3_listing.parse_list_page(b"<Error><Code>x</Code></Error>")
 
 
 def _keys(data: bytes) -> list[str]:
-    return [o.path for o in s3.parse_list_page(data)[0]]
+    return [o.path for o in s3_listing.parse_list_page(data)[0]]
 
 
 def _etree_keys(data: bytes) -> list[str]:
@@ -118,7 +119,7 @@ XML_KEYS = [
 def test_keys_are_unescaped_as_xml(raw: bytes, fast: bool, monkeypatch) -> None:
     data = _doc([_seaweed(raw), _seaweed(b"plain")], encoded=False)
     if not fast:
-        monkeypatch.setattr(s3, "_fast_items", lambda _data, _encoded: None)
+        monkeypatch.setattr(s3_listing, "_fast_items", lambda _data, _encoded: None)
     assert _keys(data) == _etree_keys(data)
 
 
@@ -134,4 +135,29 @@ def test_what_xml_does_not_define_is_refused(raw: bytes) -> None:
     """An HTML entity, a bare '&' or a reference to no character: the key would be
     misread, so the page is refused (the walk fails, never lists a wrong key)."""
     with pytest.raises(StorageError):
-        s3.parse_list_page(_doc([_seaweed(raw)], encoded=False))
+        s3_listing.parse_list_page(_doc([_seaweed(raw)], encoded=False))
+
+
+def test_common_prefixes_are_decoded_as_keys() -> None:
+    data = _doc([]).replace(
+        b"</ListBucketResult>",
+        b"<CommonPrefixes><Prefix>a%2Bb+c/</Prefix></CommonPrefixes>"
+        b"<CommonPrefixes><Prefix>x&amp;y/</Prefix></CommonPrefixes></ListBucketResult>",
+    )
+    assert s3_listing.parse_list_folders(data, True) == ["a+b c/", "x&y/"]
+    assert s3_listing.parse_list_folders(data, False) == ["a%2Bb+c/", "x&y/"]
+
+
+def test_request_is_signed_with_the_query_as_sent() -> None:
+    """The query is encoded once (RFC 3986 unreserved kept), sorted, and signed so."""
+    from botocore.credentials import Credentials
+
+    url, headers = s3_listing.list_request(
+        "http://h:9000/b", Credentials("AK", "SK"), "us-east-1", "a b/+", 1000, "t/k=", "/"
+    )
+    assert url == (
+        "http://h:9000/b?continuation-token=t%2Fk%3D&delimiter=%2F&encoding-type=url"
+        "&list-type=2&max-keys=1000&prefix=a%20b%2F%2B"
+    )
+    assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AK/")
+    assert "SignedHeaders=host;x-amz-content-sha256;x-amz-date" in headers["Authorization"]
