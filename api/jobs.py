@@ -105,10 +105,15 @@ def _dry_run(body: dict[str, Any]) -> bool | None:
     return strict_bool(body, "dry_run")
 
 
+def _noncurrent_versions(body: dict[str, Any]) -> bool | None:
+    return strict_bool(body, "noncurrent_versions")
+
+
 #: option -> its check: the request body -> the value (None if absent), or a 400
 OPTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "dry_run": _dry_run,
     "retention_days": _retention_days,
+    "noncurrent_versions": _noncurrent_versions,
 }
 
 
@@ -124,6 +129,8 @@ def effective_params(
     out: dict[str, Any] = {}
     if "dry_run" in allowed:
         out["dry_run"] = given.get("dry_run", False) is True
+    if "noncurrent_versions" in allowed and given.get("noncurrent_versions") is True:
+        out["noncurrent_versions"] = True  # (false, the default, is left out)
     if "retention_days" in allowed:
         requested = given.get("retention_days")
         if requested is None:

@@ -70,6 +70,8 @@ ENTITY_TYPE = {
 #: server accepts more (any name validate_path allows: Unicode, dot-files...).
 PATH_SCHEMA = {
     "type": "string",
+    "description": "A file path relative to the destination's root: at most 1024 bytes "
+    "(UTF-8) in all and 255 bytes per segment (between slashes); longer is 400 invalid_path",
     "minLength": 1,
     "maxLength": 1024,
     "pattern": r"^[A-Za-z0-9_-][A-Za-z0-9._ -]*(/[A-Za-z0-9_-][A-Za-z0-9._ -]*)*$",
@@ -126,6 +128,15 @@ def _job_body(fields: J) -> J:
 
 
 DRY_RUN: J = {"dry_run": {"type": "boolean", "description": "Plan only, delete nothing"}}
+NONCURRENT: J = {
+    "noncurrent_versions": {
+        "type": "boolean",
+        "description": "Versioned S3 buckets: also remove the noncurrent versions of keys "
+        "deleted (a delete marker current) longer than the retention window that no record "
+        "links, by version id, audited (reason version), within the budget (default false; "
+        "elsewhere a no-op the result explains)",
+    }
+}
 RETENTION: J = {
     "retention_days": {
         "type": "integer",
@@ -296,7 +307,7 @@ def _paths() -> J:
             "post": _job_op("Queue a scan with stale-record cleanup", DRY_RUN)
         },
         f"{DEST}/cleanup-orphans": {
-            "post": _job_op("Queue an orphan cleanup", {**RETENTION, **DRY_RUN})
+            "post": _job_op("Queue an orphan cleanup", {**RETENTION, **DRY_RUN, **NONCURRENT})
         },
         "/api/jobs/{id}": {
             "get": _op(

@@ -347,7 +347,7 @@ class DeletionAudit(Base):
     etag: Mapped[str | None] = mapped_column(String(200), default=None)
     #: GCS generation / local inode and change time of the object deleted (rule 5a)
     generation: Mapped[str | None] = mapped_column(String(100), default=None)
-    #: orphan | purge | manual | overwrite | multipart | temporary
+    #: orphan | purge | manual | overwrite | multipart | temporary | version
     reason: Mapped[str] = mapped_column(String(20))
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True, default=None)
     actor: Mapped[str] = mapped_column(String(200), default="system")

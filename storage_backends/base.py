@@ -173,6 +173,39 @@ class IncompleteUpload:
 MultipartUpload = IncompleteUpload
 
 
+#: :meth:`StorageBackend.versioning_status` values
+VERSIONING_ENABLED, VERSIONING_SUSPENDED = "enabled", "suspended"
+VERSIONING_OFF, VERSIONING_UNKNOWN = "off", "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """A noncurrent version, or a delete marker, of a key of a versioned bucket
+    (:meth:`StorageBackend.iter_noncurrent`).
+
+    - ``path``: the key, relative to the root prefix, as the server listed it;
+      ``version_id``: the server's id of this version (S3 ``VersionId``, GCS generation).
+    - ``size``, ``last_modified``, ``etag``: this version's (a delete marker: size 0).
+    - ``is_latest``: the key's current entry (only a delete marker can be both yielded
+      and latest: current versions are files, :meth:`StorageBackend.walk` lists them).
+    - ``noncurrent_since``: when this version stopped being current (the last-modified
+      time of the key's next newer entry); ``None`` when unknown or latest.
+    - ``key_deleted``: the key's current entry is a delete marker (S3) or the key has
+      no live generation (GCS): no file is listed at the key; ``key_deleted_at``: when.
+    """
+
+    path: str
+    version_id: str
+    size: int
+    last_modified: datetime | None
+    is_delete_marker: bool = False
+    is_latest: bool = False
+    etag: str | None = None
+    noncurrent_since: datetime | None = None
+    key_deleted: bool = False
+    key_deleted_at: datetime | None = None
+
+
 #: ``hook(operation, outcome, seconds)`` receives every backend request (metrics).
 RequestHook = Callable[[str, str, float], None]
 
@@ -451,6 +484,27 @@ class StorageBackend(abc.ABC):
 
     def abort_multipart_upload(self, path: str, upload_id: str) -> None:
         raise NotImplementedError(f"{self.kind} has no multipart uploads")
+
+    # -- versions (S3 versioned buckets, GCS object versioning) ------------------------
+    def versioning_status(self) -> str:
+        """``enabled``, ``suspended``, ``off`` or ``unknown`` (could not be read): whether
+        the storage keeps noncurrent versions. Local and SFTP have none: ``off``."""
+        return VERSIONING_OFF
+
+    def iter_noncurrent(self, page_size: int = PAGE_SIZE) -> Iterator[list[ObjectVersion]]:
+        """Every noncurrent version and delete marker under the root, a server page at a
+        time (streaming), in key order, each key's entries newest first; nothing where
+        the backend keeps no versions. Raises a :class:`StorageError` when the listing
+        cannot complete."""
+        return iter(())
+
+    def delete_noncurrent(self, items: Sequence[Planned]) -> DeleteResult:
+        """Delete noncurrent versions of deleted keys by version id (``generation`` of
+        each item; one item per key), each only while it is still as planned: the key's
+        versions are read again right before the delete, and a version that is current
+        again or whose key is no longer deleted is kept (``changed``); a version already
+        gone counts as deleted (rule 10). docs/safety.md, rule 5d."""
+        raise NotImplementedError(f"{self.kind} keeps no versions")
 
     # -- incomplete uploads (S3 multipart uploads, local/SFTP upload temporaries) ------
     def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:

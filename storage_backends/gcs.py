@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from storage_backends.base import (
     BrowsePage,
     DeleteResult,
     ObjectInfo,
+    ObjectVersion,
     Planned,
     StorageBackend,
 )
@@ -42,6 +44,8 @@ from storage_backends.errors import (
 )
 from storage_backends.identity import canonical_endpoint
 from storage_backends.paths import normalize_root
+
+log = logging.getLogger(__name__)
 
 #: google.api_core / google.auth exception -> our error. First match wins.
 ERROR_TABLE: tuple[tuple[type[BaseException], type[StorageError]], ...] = (
@@ -377,6 +381,68 @@ class GCSBackend(StorageBackend):
             else:
                 result.errors[rel] = error
         return result
+
+    # -- versions -------------------------------------------------------------------
+    def versioning_status(self) -> str:
+        """``enabled`` / ``off`` from the bucket's ``versioning.enabled`` (GCS has no
+        suspended state: turned off, the noncurrent generations stay and are still
+        listed); ``unknown`` when the bucket's metadata cannot be read."""
+        try:
+            with self._op("versioning", self.bucket.name):
+                self.bucket.reload(retry=self.retry)
+        except StorageError as err:
+            log.warning("gcs %s: versioning unreadable (%s)", self.bucket.name, err)
+            return "unknown"
+        return "enabled" if self.bucket.versioning_enabled else "off"
+
+    def iter_noncurrent(self, page_size: int = PAGE_SIZE) -> Iterator[list[ObjectVersion]]:
+        """The noncurrent generations under the root (``versions=true``; those with a
+        ``timeDeleted``), a page at a time. GCS has no delete markers: a key with no live
+        generation is ``key_deleted``. One key's generations are held until the listing
+        passes the key (GCS lists them together). Soft-deleted objects are not listed
+        (fake-gcs-server ignores ``softDeleted``; docs/safety.md, rule 5d)."""
+        iterator = self.client.list_blobs(
+            self.bucket,
+            prefix=self.root,
+            versions=True,
+            page_size=max(1, min(page_size, 1000)),
+            retry=self.retry,
+        )
+        held: list[storage.Blob] = []
+
+        def flush() -> list[ObjectVersion]:
+            live = any(b.time_deleted is None for b in held)
+            gone = [_utc(b.time_deleted) for b in held if b.time_deleted is not None]
+            deleted_at = max((t for t in gone if t is not None), default=None)
+            out = [
+                ObjectVersion(
+                    self._rel(b.name),
+                    str(b.generation),
+                    int(b.size or 0),
+                    _utc(b.updated),
+                    etag=_etag(b.etag),
+                    noncurrent_since=_utc(b.time_deleted),
+                    key_deleted=not live,
+                    key_deleted_at=None if live else deleted_at,
+                )
+                for b in held
+                if b.time_deleted is not None and b.name != self.root
+            ]
+            held.clear()
+            return out
+
+        with self._op("list_versions", self.root or "/"):
+            for server_page in iterator.pages:
+                page: list[ObjectVersion] = []
+                for blob in server_page:
+                    if held and held[0].name != blob.name:
+                        page += flush()
+                    held.append(blob)
+                if page:
+                    yield page
+            last = flush()
+            if last:
+                yield last
 
     def close(self) -> None:
         """Close the client's HTTP session."""

@@ -45,6 +45,7 @@ from storage_backends.base import (
     DeleteResult,
     IncompleteUpload,
     ObjectInfo,
+    ObjectVersion,
     Planned,
     StorageBackend,
     same_object,
@@ -215,6 +216,8 @@ class S3Backend(StorageBackend):
         #: the bucket's versioning status, read once (:meth:`versioning`)
         self._versioning: str | None = None
         self._versioning_read = 0.0
+        #: the last GetBucketVersioning failed (:meth:`versioning_status`: unknown)
+        self._versioning_unknown = False
         self._probe_lock = threading.Lock()
         self._http = urllib3.PoolManager(
             maxsize=max(4, 2 * self.walk_connections),
@@ -593,7 +596,9 @@ class S3Backend(StorageBackend):
                 with self._op("versioning", self.bucket):
                     resp = self.client.get_bucket_versioning(Bucket=self.bucket)
                 status = str(resp.get("Status") or "")
+                self._versioning_unknown = False
             except StorageError as err:
+                self._versioning_unknown = True
                 log.warning(
                     "s3 %s: versioning status unreadable (%s): deleting by key; on a "
                     "versioned bucket that only adds delete markers",
@@ -603,6 +608,136 @@ class S3Backend(StorageBackend):
                 status = ""
             self._versioning, self._versioning_read = status, time.monotonic()
         return self._versioning
+
+    def versioning_status(self) -> str:
+        """:meth:`versioning` as ``enabled`` / ``suspended`` / ``off``, or ``unknown``
+        when GetBucketVersioning failed (read once per backend, as there)."""
+        status = self.versioning()
+        if self._versioning_unknown:
+            return "unknown"
+        return {"Enabled": "enabled", "Suspended": "suspended"}.get(status, "off")
+
+    def iter_noncurrent(self, page_size: int = PAGE_SIZE) -> Iterator[list[ObjectVersion]]:
+        """ListObjectVersions under the root (boto3's paginator: an extra pass over a
+        versioned bucket only), a page at a time: the noncurrent versions and every
+        delete marker, with whether each key is deleted (its latest entry a marker)."""
+        paginator = self.client.get_paginator("list_object_versions")
+        pages = iter(
+            paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=self.root,
+                PaginationConfig={"PageSize": max(1, min(page_size, 1000))},
+            )
+        )
+        state = _KeyState()
+        while True:
+            with self._op("list_versions", self.root or "/"):
+                page = next(pages, None)
+            if page is None:
+                return
+            out = [v for v in self._page_versions(page, state) if not v.is_latest or
+                   v.is_delete_marker]  # fmt: skip
+            if out:
+                yield out
+            if not page.get("IsTruncated"):
+                return
+
+    def _page_versions(self, page: dict[str, Any], state: _KeyState) -> list[ObjectVersion]:
+        """Every entry of one ListObjectVersions page (versions and markers merged back
+        into S3's order: by key, the latest first, then newest first), with each entry's
+        ``noncurrent_since`` and its key's deletion carried across pages by ``state``."""
+        entries = [(v, False) for v in page.get("Versions", [])]
+        entries += [(m, True) for m in page.get("DeleteMarkers", [])]
+        entries.sort(
+            key=lambda e: (
+                e[0]["Key"],
+                not e[0].get("IsLatest"),
+                -(e[0]["LastModified"].timestamp() if e[0].get("LastModified") else 0.0),
+            )
+        )
+        out: list[ObjectVersion] = []
+        for v, marker in entries:
+            key = v["Key"]
+            when = v["LastModified"].astimezone(UTC) if v.get("LastModified") else None
+            latest = bool(v.get("IsLatest"))
+            if key != state.key:
+                state.key, state.newer = key, None
+                state.deleted = latest and marker
+                state.deleted_at = when if state.deleted else None
+            if key != self.root:
+                out.append(
+                    ObjectVersion(
+                        self._rel(key),
+                        str(v.get("VersionId") or "null"),
+                        0 if marker else int(v.get("Size", 0)),
+                        when,
+                        is_delete_marker=marker,
+                        is_latest=latest,
+                        etag=None if marker else _strip_etag(v.get("ETag")),
+                        noncurrent_since=None if latest else state.newer,
+                        key_deleted=state.deleted,
+                        key_deleted_at=state.deleted_at,
+                    )
+                )
+            state.newer = when
+        return out
+
+    def _key_versions(self, path: str) -> list[ObjectVersion]:
+        """Every entry (versions and markers) of exactly one key, read now."""
+        key = self._key(path)
+        paginator = self.client.get_paginator("list_object_versions")
+        state = _KeyState()
+        found: list[ObjectVersion] = []
+        with self._op("list_versions", key):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                entries = self._page_versions(page, state)
+                found += [v for v in entries if v.path == path]
+                if any(v.path != path for v in entries) or not page.get("IsTruncated"):
+                    break  # (keys sort after their prefix: past the key, it is all read)
+        return found
+
+    def delete_noncurrent(self, items: Sequence[Planned]) -> DeleteResult:
+        """Delete noncurrent versions of deleted keys by version id (SAFETY rule 5d).
+
+        Right before the DeleteObjects, each item's key is listed again
+        (ListObjectVersions, in parallel): a version no longer there counts as deleted
+        (rule 10); one that is current again, whose key is no longer deleted (a delete
+        marker removed: the object restored) or whose size or ETag differ from the plan
+        is kept (``changed``); the others are sent with their ``VersionId``, which
+        removes exactly that version and nothing else (no marker is added)."""
+        for item in items:
+            self.check_listed_key(item.path)
+        if len(items) > MAX_DELETE_BATCH:
+            raise ValueError(f"delete_noncurrent takes at most {MAX_DELETE_BATCH} keys")
+        if len({i.path for i in items}) != len(items):
+            raise ValueError("delete_noncurrent takes one version per key")
+        result = DeleteResult()
+        if not items:
+            return result
+        with ThreadPoolExecutor(min(self.current_threads, len(items))) as pool:
+            now = list(pool.map(lambda i: self._key_versions(i.path), items))
+        send: list[tuple[str, str | None, str | None]] = []
+        for item, entries in zip(items, now, strict=True):
+            mine = [v for v in entries if v.version_id == item.generation]
+            if not item.generation or not mine:
+                result.deleted.append(item.path)  # that version is gone already
+                continue
+            v = mine[0]
+            if (
+                v.is_latest
+                or v.is_delete_marker
+                or not v.key_deleted
+                or (item.size is not None and item.size != v.size)
+                or (item.etag is not None and v.etag is not None and item.etag != v.etag)
+            ):
+                result.changed.append(item.path)
+                continue
+            send.append((item.path, None, item.generation))
+        sent = self._delete_objects(send)
+        result.deleted.extend(sent.deleted)
+        result.errors.update(sent.errors)
+        result.changed.extend(sent.changed)
+        return result
 
     def _delete_versions(self, items: Sequence[Planned]) -> DeleteResult:
         """Delete planned objects of a versioned bucket by version id (SAFETY rule 5a).
@@ -885,6 +1020,20 @@ class S3Backend(StorageBackend):
         """Release the listing pool and the boto3 client's connections."""
         self._http.clear()
         self.client.close()
+
+
+class _KeyState:
+    """The key a version listing is in, carried across its pages: the last-modified
+    time of the entry just listed (the next one's ``noncurrent_since``) and whether the
+    key's latest entry is a delete marker (and its time)."""
+
+    __slots__ = ("deleted", "deleted_at", "key", "newer")
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.newer: datetime | None = None
+        self.deleted = False
+        self.deleted_at: datetime | None = None
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from storage_backends.base import IncompleteUpload, ObjectInfo
+from storage_backends.base import IncompleteUpload, ObjectInfo, ObjectVersion
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
     ("<1d", 1),
@@ -382,3 +382,45 @@ class ScanStats:
             tally.files += t.files
             tally.bytes += t.bytes
         return out
+
+
+def version_figures(
+    status: str, pages: Iterable[list[ObjectVersion]], now: datetime
+) -> dict[str, Any]:
+    """The analytics ``versions`` of a versioned bucket, from one streaming pass over
+    its noncurrent versions and delete markers (:meth:`StorageBackend.iter_noncurrent`):
+    counters only, whatever the bucket's size. ``noncurrent.by_age``: by how long each
+    version has been noncurrent (its own last-modified time where that is unknown), in
+    the buckets of the files' ``by_age``; ``deleted_keys``: the versions of keys whose
+    current entry is a delete marker (no file shows them: only this pass sees their
+    bytes). A listing error propagates (the caller reports it)."""
+    bounds = [(name, now - timedelta(days=min(limit, 365 * 1000))) for name, limit in AGE_BUCKETS]
+    noncurrent, deleted_keys = _Tally(), _Tally()
+    by_age = {name: _Tally() for name, _ in AGE_BUCKETS}
+    markers = current_markers = 0
+    for page in pages:
+        for v in page:
+            if v.is_delete_marker:
+                markers += 1
+                current_markers += v.is_latest
+                continue
+            noncurrent.add(v.size)
+            if v.key_deleted:
+                deleted_keys.add(v.size)
+            since = v.noncurrent_since or v.last_modified
+            if since is None:
+                continue
+            for name, bound in bounds:
+                if since >= bound or name == AGE_BUCKETS[-1][0]:
+                    by_age[name].add(v.size)
+                    break
+    return {
+        "status": status,
+        "noncurrent": {
+            **noncurrent.as_dict(),
+            "by_age": {k: t.as_dict() for k, t in by_age.items()},
+            "deleted_keys": deleted_keys.as_dict(),
+        },
+        "delete_markers": {"count": markers, "current": current_markers},
+        "error": None,
+    }

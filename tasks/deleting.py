@@ -130,12 +130,16 @@ class DeleteContext:
     dest: BackupDestination
     lease: Lease
     lease_seconds: int
-    reason: str  # orphan | purge
+    reason: str  # orphan | purge | version
     job_id: uuid.UUID
     actor: str
     destinations: list[BackupDestination] | None = None
     #: storage deletes under way at once in :func:`delete_batches` (SFTP/local: 1)
     in_flight: int = 1
+    #: noncurrent versions (:mod:`tasks.versions`): each item's ``generation`` is its
+    #: version id, sent with ``StorageBackend.delete_noncurrent`` and kept in the audit
+    #: row's ``upload_id`` too (SAFETY rule 5d)
+    versions: bool = False
 
 
 def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize) -> BatchOutcome:
@@ -255,6 +259,13 @@ def _prepare(ctx: DeleteContext, items: Sequence[Doomed]) -> _Prepared:
     unsendable = _unsendable(ctx.backend, doomed)
     doomed = [d for d in doomed if d.path not in unsendable]
     audit_ids = _write_pending(session, ctx, doomed)
+    if ctx.versions and audit_ids:  # the version id where the audit names it (rule 5d)
+        update_by_ids(
+            session,
+            DeletionAudit.id,
+            list(audit_ids.values()),
+            {"upload_id": DeletionAudit.generation},
+        )
     session.commit()
     if outcome.kept:
         log.info("kept %d file(s) a record links since planning", len(outcome.kept))
@@ -270,6 +281,8 @@ def _send(ctx: DeleteContext, prepared: _Prepared) -> DeleteResult | None:
     """Step 2: the storage delete (nothing to send: None)."""
     if not prepared.doomed:
         return None
+    if ctx.versions:
+        return ctx.backend.delete_noncurrent(prepared.doomed)
     return ctx.backend.delete_planned(prepared.doomed)
 
 

@@ -13,7 +13,9 @@ An **expired** intent protects nothing (an uploader that stopped renewing is gon
 it is reported: a file that only an expired intent covered is counted
 (``expired_intents`` in the job result), and so are a destination's live and expired
 intents in its scan analytics. Expired intents are read for that report for
-:data:`EXPIRED_REPORT_DAYS` after their expiry.
+:data:`EXPIRED_REPORT_DAYS` after their expiry. The reaper deletes the rows released or
+expired more than :data:`PRUNE_AFTER_DAYS` ago (:func:`prune_intents`): such a row
+protects nothing and can never become live again (a renewal needs a live intent).
 
 Matching is on absolute keys (each destination's root + the intent's path), exactly and
 loosely (rule 4: case, Unicode form, ``%``-escapes, ``+``, ``.``/``..`` segments): a
@@ -29,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Backup, BackupDestination, Snapshot, UploadIntent
@@ -44,6 +46,12 @@ EXPIRED_REPORT_DAYS = 30
 #: intents the reaper releases per transaction, and transactions per reaper pass
 RELEASE_BATCH = 500
 RELEASE_MAX_BATCHES = 20
+#: released or expired intents are deleted this long after (never before the report
+#: window above ends: the report would lose them)
+PRUNE_AFTER_DAYS = EXPIRED_REPORT_DAYS
+#: intent rows the reaper deletes per transaction, and transactions per reaper pass
+PRUNE_BATCH = 1000
+PRUNE_MAX_BATCHES = 20
 
 
 class IntentNotLive(Exception):
@@ -236,6 +244,34 @@ def release_recorded(
         if len(ids) < batch:
             break
     return released
+
+
+def prune_intents(
+    session: Session, *, batch: int = PRUNE_BATCH, max_batches: int = PRUNE_MAX_BATCHES
+) -> int:
+    """The reaper: delete the intents released, or expired without being released, more
+    than :data:`PRUNE_AFTER_DAYS` days ago (database clock). A live intent is never
+    deleted: an unreleased row goes only once its ``expires_at`` is that far in the past,
+    and nothing moves an expired ``expires_at`` (:func:`renew_intent` needs a live one).
+    At most ``batch`` a transaction and ``max_batches`` a pass; how many were deleted."""
+    cutoff = db_now(session) - timedelta(days=PRUNE_AFTER_DAYS)
+    done = or_(
+        UploadIntent.released_at < cutoff,
+        and_(UploadIntent.released_at.is_(None), UploadIntent.expires_at < cutoff),
+    )
+    stmt = select(UploadIntent.id).where(done).limit(batch)
+    deleted = 0
+    for _ in range(max_batches):
+        ids = list(session.scalars(stmt))
+        if not ids:
+            break
+        # the condition again: a row is only deleted as read (one statement, one clock)
+        session.execute(delete(UploadIntent).where(UploadIntent.id.in_(ids), done))
+        session.commit()
+        deleted += len(ids)
+        if len(ids) < batch:
+            break
+    return deleted
 
 
 def intent_counts(

@@ -47,6 +47,7 @@ from tasks.scan import (
 )
 from tasks.sightings import unconfirmed_figures
 from tasks.uploads import UploadPlan, abort_uploads, result_figures
+from tasks.versions import VERSIONED, remove_noncurrent, versioning_figures
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ def _plan(
             if entry["destination_id"] != str(dest.id)
         ],
         "upload_plan": uploads.figures(scan.analytics.details.get("incomplete_uploads", {})),
+        # a versioned bucket's noncurrent versions, as the scan counted them (tasks.versions)
+        "versions_scanned": scan.analytics.details.get("versions"),
         # the database clock: a dry run's plan can be approved until OCORE_PLAN_TTL_HOURS
         # after this (tasks.plans.expires_at)
         "planned_at": db_now(session).isoformat(),
@@ -404,6 +407,16 @@ def run_orphan_cleanup(
         result[LISTED_KEY] = listed
     if approved is not None:
         result["approved_plan"] = str(approved)
+    versioning = backend.versioning_status()
+    if versioning in VERSIONED:  # what the deletes free, and what they do not
+        result["versioning"] = versioning
+        result["versions"] = versioning_figures(versioning, plan.get("versions_scanned"))
+    want_versions = bool(params.get("noncurrent_versions")) and approved is None
+    if params.get("noncurrent_versions") and approved is not None:
+        result["noncurrent_versions"] = {
+            "requested": True,
+            "skipped": "an approved plan deletes only its files: nothing else removed",
+        }
     from tasks.policy import budget_settings  # the destination's budget overrides
 
     settings = budget_settings(session, dest, settings)
@@ -411,9 +424,22 @@ def run_orphan_cleanup(
     if reason:
         log.warning("orphan cleanup of %s guarded: %s; nothing deleted", dest.id, reason)
         return JobOutcome("guarded", {**result, "guard": reason, "deleted_files": 0})
+    up_plan = plan.get("upload_plan") or {}
+    version_room = {  # what the budget leaves after the files and the uploads
+        "room_files": settings.cleanup_max_files - plan["plan_files"] - up_plan.get("planned", 0),
+        "room_bytes": settings.cleanup_max_bytes - plan["plan_bytes"]
+        - up_plan.get("planned_bytes", 0),
+    }  # fmt: skip
     if dry_run:
         # the plan shows what a live upload intent would keep now (rule 12a): kept
         result.update(_dry_run_intents(session, dest, backend, job))
+        if want_versions:  # what the option would remove now; nothing is deleted
+            result["noncurrent_versions"], _ = remove_noncurrent(
+                session, backend, dest, job, lease, settings.lock_lease_seconds,
+                retention_days=retention, dry_run=True,
+                destinations=overlapping_destinations(session, dest, backend.resolve_dir),
+                **version_room,
+            )  # fmt: skip
         if params.get("awaiting_approval"):
             _notify_awaiting_approval(session, dest, settings, job, plan)
             result["awaiting_approval"] = True
@@ -481,9 +507,18 @@ def run_orphan_cleanup(
         room_bytes=settings.cleanup_max_bytes - plan["plan_bytes"],
         progress=progress,
     )
+    version_error: str | None = None
+    if want_versions:  # then the noncurrent versions of deleted keys (rule 5d)
+        result["noncurrent_versions"], version_error = remove_noncurrent(
+            session, backend, dest, job, lease, settings.lock_lease_seconds,
+            retention_days=retention, dry_run=False, destinations=ctx.destinations,
+            progress=progress, **version_room,
+        )  # fmt: skip
     kept_any = totals["changed_since_plan"] or totals["kept_linked"] or totals["kept_intent"]
     if approved is not None and kept_any:
         result["kept_sample"] = _kept_sample(session, job)
-    status = "partial" if totals["failed_files"] or upload_error else "succeeded"
-    errors = [e for e in (failures.summary(totals["failed_files"]), upload_error) if e]
+    failed_any = totals["failed_files"] or upload_error or version_error
+    status = "partial" if failed_any else "succeeded"
+    summary = failures.summary(totals["failed_files"])
+    errors = [e for e in (summary, upload_error, version_error) if e]
     return JobOutcome(status, {**result, **totals}, "; ".join(errors) or None)

@@ -22,7 +22,7 @@ from db.session import db_now
 from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
-from tasks.analytics import ScanStats, UploadSink, escaped_name
+from tasks.analytics import ScanStats, UploadSink, escaped_name, version_figures
 from tasks.intents import intent_counts
 from tasks.linking import RECORD_MODELS, LinkIndex, stream_columns
 from tasks.sightings import Sightings, effective_confirmation
@@ -292,6 +292,30 @@ def read_ahead(
     return Pump([listing], depth=depth, name="scan-listing", join_timeout=10)
 
 
+def _versions(
+    backend: StorageBackend, dest: BackupDestination, now: datetime
+) -> dict[str, Any] | None:
+    """The analytics ``versions`` (:func:`~tasks.analytics.version_figures`) when the
+    bucket keeps versions: one more streaming pass after the listing; ``None`` when
+    versioning is off (one cheap status read, cached by the backend). Never fails the
+    scan: an error is reported in the figures (``error``)."""
+    try:
+        status = backend.versioning_status()
+    except Exception as err:  # a status we cannot read must not fail the scan
+        status, why = "unknown", escaped_name(f"{type(err).__name__}: {err}")
+        return {"status": status, "error": f"versioning status unreadable: {why}"}
+    if status == "off":
+        return None
+    if status == "unknown":
+        return {"status": status, "error": "versioning status unreadable"}
+    try:
+        return version_figures(status, backend.iter_noncurrent(), now)
+    except Exception as err:  # the listing of versions failed: the scan still stands
+        why = escaped_name(f"{type(err).__name__}: {err}")
+        log.warning("scan of %s: listing the noncurrent versions failed: %s", dest.id, why)
+        return {"status": status, "error": f"listing the noncurrent versions failed: {why}"}
+
+
 def run_scan(
     session: Session,
     backend: StorageBackend,
@@ -369,6 +393,7 @@ def run_scan(
     complete = error is None
     if complete:
         sightings.forget_unseen()  # an incomplete listing forgets nothing
+    versions = _versions(backend, dest, started) if complete else None
     if progress:
         progress("reconciling", listed)
     grace = timedelta(hours=settings.scan_grace_hours)
@@ -387,6 +412,8 @@ def run_scan(
     details["listing_complete"] = complete
     details["confirmation"] = sightings.figures()  # rule 6a
     details["error"] = error
+    if versions is not None:  # versioned buckets only (S3, GCS)
+        details["versions"] = versions
     # upload intents (rule 12a) that cover its files: live ones protect, expired ones not
     details["upload_intents"] = intent_counts(session, [d.id for d in index.destinations])
     # whose records link the files (other destinations on the same storage too)

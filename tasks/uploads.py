@@ -152,6 +152,7 @@ def settle_abandoned_uploads(session: Session, dest: BackupDestination, job_id: 
             DeletionAudit.destination_id == dest.id,
             DeletionAudit.state == "pending",
             DeletionAudit.upload_id.is_not(None),
+            DeletionAudit.reason != "version",  # noncurrent versions: tasks.versions
             DeletionAudit.job_id != job_id,
             Job.status.not_in(ACTIVE_JOB_STATUSES),
         )
@@ -316,6 +317,7 @@ class _Aborter:
                 DeletionAudit.destination_id == self.dest.id,
                 DeletionAudit.state == "pending",
                 DeletionAudit.upload_id.is_not(None),
+                DeletionAudit.reason != "version",  # noncurrent versions: tasks.versions
             )
         ).all()
         self.session.commit()

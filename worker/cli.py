@@ -735,12 +735,35 @@ def _share_metrics_with_the_worker(settings: Settings) -> None:
     "destination's window, else OCORE_RETENTION_DAYS).",
 )
 @click.option("--dry-run", is_flag=True, default=False)
-def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_run: bool) -> None:
+@click.option(
+    "--noncurrent-versions",
+    is_flag=True,
+    default=False,
+    help="orphan-cleanup only: also remove, by version id, the noncurrent versions of keys "
+    "deleted longer than the retention window that no record links (versioned S3 buckets; "
+    "docs/safety.md, rule 5d).",
+)
+def jobs_run(
+    job_type: str,
+    destination: str,
+    retention_days: int | None,
+    dry_run: bool,
+    noncurrent_versions: bool,
+) -> None:
     """Run one job synchronously in this process and print its result as JSON.
 
     On a terminal, a status line on stderr shows the phase, objects listed, files
     deleted and elapsed time while the job runs.
     """
+    from worker import jobtypes
+
+    # only the job types that take the param (orphan cleanup): never dropped silently
+    takes = [t for t in jobtypes.JOB_TYPES.values() if "noncurrent_versions" in t.params]
+    if noncurrent_versions and JOB_TYPES[job_type] not in {t.name for t in takes}:
+        raise click.UsageError(
+            f"--noncurrent-versions applies to {' / '.join(t.cli[0] for t in takes)} only "
+            f"(noncurrent versions of a versioned bucket), not to {job_type}"
+        )
     settings = _settings()
     _share_metrics_with_the_worker(settings)
 
@@ -760,6 +783,8 @@ def jobs_run(job_type: str, destination: str, retention_days: int | None, dry_ru
         params["retention_days"] = retention_days
     if dry_run:
         params["dry_run"] = True
+    if noncurrent_versions:
+        params["noncurrent_versions"] = True
     with Session(engine, expire_on_commit=False) as s:
         dest = s.get(BackupDestination, dest_id)
         if dest is None:

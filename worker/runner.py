@@ -658,6 +658,7 @@ class Reaped:
     purges: int = 0  # purge jobs requested for pending deletions
     analytics_pruned: int = 0  # analytics rows past OCORE_ANALYTICS_RETENTION_DAYS deleted
     intents_released: int = 0  # upload intents whose exact path a live record now names
+    intents_pruned: int = 0  # upload intents released or expired over 30 days ago, deleted
     cancelled: int = 0  # jobs whose cancel was requested, ended instead of sent again
 
 
@@ -910,6 +911,20 @@ def _release_recorded_intents(session: Session) -> int:
         return 0
 
 
+def _prune_intents(session: Session) -> int:
+    """Upload intents released or expired over :data:`tasks.intents.PRUNE_AFTER_DAYS`
+    ago are deleted (:func:`tasks.intents.prune_intents`, bounded batches); a failure is
+    logged and the next pass retries."""
+    from tasks.intents import prune_intents
+
+    try:
+        return prune_intents(session)
+    except Exception:
+        session.rollback()
+        log.warning("pruning old upload intents failed; the next pass retries", exc_info=True)
+        return 0
+
+
 def reap(session: Session, settings: Settings, send: Sender) -> Reaped:
     """The reaper (beat): stuck and lost jobs (:func:`reap_stuck_jobs`), and a purge job
     for every destination whose pending deletions no active purge is working on (SAFETY
@@ -925,6 +940,7 @@ def reap(session: Session, settings: Settings, send: Sender) -> Reaped:
             out.purges += 1
     out.analytics_pruned = _prune_analytics(session, settings)
     out.intents_released = _release_recorded_intents(session)
+    out.intents_pruned = _prune_intents(session)
     log.info(
         "reaper: %d failed, %d requeued, %d re-sent, %d lost, %d cancelled, %d purge(s) "
         "requested", out.failed, out.requeued, out.resent, out.lost, out.cancelled, out.purges,

@@ -56,6 +56,20 @@ def test_orphan_cleanup_params(client, auth, env, db, settings):
     assert job.params == {"retention_days": 45, "dry_run": True}
 
 
+def test_orphan_cleanup_noncurrent_versions_option(client, auth, env, db, settings):
+    """docs/safety.md rule 5d: the option is accepted, a boolean only, and a request
+    without it is another request than one with it (409 while one is active)."""
+    url = _url(env.dest, "cleanup-orphans")
+    bad = client.post(url, json={"noncurrent_versions": "yes"}, headers=auth())
+    assert bad.status_code == 400
+    r = client.post(url, json={"noncurrent_versions": True}, headers=auth())
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["params"]["noncurrent_versions"] is True
+    job = db.get(Job, uuid.UUID(r.get_json()["job_id"]))
+    assert job.params["noncurrent_versions"] is True
+    assert client.post(url, json={}, headers=auth()).status_code == 409
+
+
 def test_orphan_cleanup_default_retention(client, auth, env, db, settings):
     r = client.post(_url(env.dest, "cleanup-orphans"), headers=auth())
     job = db.get(Job, uuid.UUID(r.get_json()["job_id"]))

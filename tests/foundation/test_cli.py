@@ -103,6 +103,28 @@ def test_jobs_run_on_factory_destination(cli_env, db, tmp_path):
     assert json.loads(res.stdout)["result"]["dry_run"] is True
 
 
+def test_jobs_run_orphan_cleanup_noncurrent_versions(cli_env, db, tmp_path):
+    """--noncurrent-versions sets the job param (a local destination keeps no versions:
+    the result says it was asked and skipped); any other job type is a usage error."""
+    w = make_world(db)
+    d = make_destination(db, w, bucket=str(tmp_path))
+    db.commit()
+    res = run_cli("jobs", "run", "orphan-cleanup", "--destination", str(d.id), "--dry-run",
+                  "--noncurrent-versions", env=cli_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    job = json.loads(res.stdout)
+    assert job["params"] == {"dry_run": True, "noncurrent_versions": True}
+    assert job["result"]["noncurrent_versions"]["requested"] is True
+    assert "nothing to remove" in job["result"]["noncurrent_versions"]["skipped"]
+    for other in ("scan", "scan-cleanup", "purge"):
+        res = run_cli("jobs", "run", other, "--destination", str(d.id), "--noncurrent-versions",
+                      env=cli_env)  # fmt: skip
+        line = assert_one_line_error(res, "--noncurrent-versions applies to orphan-cleanup only",
+                                     status=2)  # fmt: skip
+        assert line.endswith(f"not to {other} (try: ocore-storage jobs run --help)")
+    assert db.execute(text("SELECT count(*) FROM jobs")).scalar() == 1  # none of them ran
+
+
 # --- every error is exactly one line ("error: ..."), never a traceback ----------------
 
 

@@ -80,7 +80,7 @@ def test_the_registry_holds_the_four_job_types_as_they_were() -> None:
     assert {n: set(jt.params) for n, jt in JOB_TYPES.items()} == {
         "scan": set(),
         "scan_cleanup": {"dry_run"},
-        "orphan_cleanup": {"retention_days", "dry_run"},
+        "orphan_cleanup": {"retention_days", "dry_run", "noncurrent_versions"},
         "purge": set(),
     }
     assert cli_names() == {

@@ -136,3 +136,29 @@ def test_per_destination_panels_show_the_top_n_only() -> None:
         for t in p.get("targets", []):
             if "by (destination" in t["expr"] or "by (project" in t["expr"]:
                 assert t["expr"].startswith("topk("), (p["title"], t["expr"])
+
+
+def test_safety_layers_row_shows_the_safety_gauges() -> None:
+    """The "Safety layers" row: orphan sightings, upload intents, plans awaiting approval
+    and minimum-redundancy refusals, each panel inside the row (below it, above the next)."""
+    dash = _load()
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == "Safety layers"]
+    below = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]]
+    end = min(below, default=10**6)
+    inside = [
+        p
+        for p in dash["panels"]
+        if p["type"] != "row" and row["gridPos"]["y"] < p["gridPos"]["y"] < end
+    ]
+    exprs = " ".join(t["expr"] for p in inside for t in p["targets"])
+    for name in (
+        "ocore_orphan_sightings",
+        "ocore_orphan_sightings_bytes",
+        "ocore_intents_live",
+        "ocore_intents_expired",
+        "ocore_plans_awaiting_approval",
+        "ocore_plans_awaiting_approval_oldest_age_seconds",
+    ):
+        assert name in promql_metric_names(exprs), name
+    assert "sum by (path) (rate(ocore_floor_refusals_total[5m]))" in exprs

@@ -257,3 +257,22 @@ def test_bodies_are_refused_before_they_are_read(server: Server) -> None:
         sel.register(sock, selectors.EVENT_READ)
         assert sel.select(timeout=1) == []  # no answer: the server waits for the rest
         sel.close()
+
+
+def test_long_request_lines_get_the_json_error_shape(server: Server) -> None:
+    """Issue 14 item 7: behind gunicorn, a request line over 4 KiB got an HTML 414 page.
+    The server reads request line and headers up to 64 KiB (a URL of a 1024-byte path,
+    fully %-escaped, is about 3 KiB): longer lines reach the app, whose answer is JSON;
+    past the limit the answer is still JSON (431 headers_too_large), never HTML."""
+    token = mint_token(Settings(jwt_secret=SECRET), "u1", str(uuid.uuid4()), "member")
+    long_path = "/".join(["%61" * 80] * 30)  # 7,2 KiB escaped, over 4 KiB
+    target = f"/api/storage/destinations/{uuid.uuid4()}/download?path={long_path}"
+    status, body = _refused_at_once(
+        server,
+        f"GET {target} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\r\n".encode(),
+    )
+    assert len(target) > 4096
+    assert status == 400 and body["error"] == "invalid_path", (status, body)
+    huge = "/api/jobs?x=" + "a" * 70_000
+    status, body = _refused_at_once(server, f"GET {huge} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+    assert status == 431 and body["error"] == "headers_too_large", (status, body)

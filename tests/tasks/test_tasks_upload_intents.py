@@ -21,7 +21,15 @@ from db.models import Instance, StorageAnalytics, UploadIntent
 from db.session import db_now
 from db.types import utcnow
 from storage_backends.registry import open_backend
-from tasks.intents import create_intent, intents_over, release_intent, release_recorded
+from tasks.intents import (
+    PRUNE_AFTER_DAYS,
+    create_intent,
+    intent_counts,
+    intents_over,
+    prune_intents,
+    release_intent,
+    release_recorded,
+)
 from tests.factories import World
 from tests.tasks.kit import (
     HookedBackend,
@@ -260,6 +268,56 @@ def test_reap_runs_the_release_and_the_scan_reports_live_and_expired_intents(
     with Session(engine) as s:
         row = s.scalars(select(StorageAnalytics).where(StorageAnalytics.job_id == job.id)).one()
     assert row.details["upload_intents"] == {"live": 1, "expired": 1}
+
+
+def test_the_reaper_prunes_intents_released_or_expired_over_30_days_ago(
+    db: Session, engine: Engine, cfg: Settings, world: World, store: Store
+) -> None:
+    """Bounded batches; a live intent (even an old one, renewed) and what the report
+    still reads (expired or released within 30 days) stay."""
+    from worker.runner import reap
+
+    assert PRUNE_AFTER_DAYS == 30
+    dest = local_dest(db, world, store)
+    now = db_now(db)
+    day = timedelta(days=1)
+
+    def intent(path: str, expires: timedelta, released: timedelta | None = None) -> Any:
+        row = UploadIntent(
+            destination_id=dest.id,
+            path=path,
+            owner="api-tier",
+            created_at=now - 60 * day,
+            expires_at=now + expires,
+            released_at=None if released is None else now + released,
+            release_reason=None if released is None else "upload_done",
+        )
+        db.add(row)
+        db.commit()
+        return row.id
+
+    live = intent("live.tar", timedelta(hours=1))  # registered 60 days ago, renewed
+    kept = {
+        live,
+        intent("expired-29d.tar", -29 * day),  # still in the report
+        intent("released-29d.tar", -20 * day, released=-29 * day),
+        intent("released-1d.tar", -40 * day, released=-day),  # expired, released late
+    }
+    gone = {
+        intent("expired-31d.tar", -31 * day),
+        intent("released-31d.tar", timedelta(hours=1), released=-31 * day),
+        intent("released-90d.tar", -80 * day, released=-90 * day),
+    }
+
+    assert prune_intents(db, batch=1, max_batches=2) == 2  # bounded: the next pass goes on
+    reaped = reap(db, cfg, lambda *a, **k: None)
+
+    assert reaped.intents_pruned == 1
+    with Session(engine) as s:
+        left = set(s.scalars(select(UploadIntent.id)))
+        assert left == kept and not gone & left
+        assert intent_counts(s, [dest.id]) == {"live": 1, "expired": 1}
+    assert reap(db, cfg, lambda *a, **k: None).intents_pruned == 0
 
 
 def test_intents_over_matches_loosely_and_segment_wise(
