@@ -707,7 +707,7 @@ def _retention_option(_ctx: click.Context, param: click.Parameter, value: int | 
 
 
 #: ``jobs run``'s exit status per job outcome (2 is a usage error, click's)
-EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3, "guarded": 4}
+EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3, "guarded": 4, "cancelled": 5}
 
 
 def _share_metrics_with_the_worker(settings: Settings) -> None:
