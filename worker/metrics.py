@@ -281,36 +281,38 @@ def _orphan_sightings(conn: Any) -> tuple[int, int]:
 
 def _plans_awaiting(conn: Any) -> tuple[int, float]:
     """``(plans, age in seconds of the oldest)``: dry-run orphan cleanups that a policy
-    requiring approval queued (params ``awaiting_approval``), finished with a plan, not
-    approved and not expired (``OCORE_PLAN_TTL_HOURS``). Reads only the orphan cleanups
-    finished within the plan lifetime (``ix_jobs_created_id``: few rows)."""
+    requiring approval queued (params ``awaiting_approval``), with a plan nobody approved
+    that has not expired. Planned time and expiry are :mod:`tasks.plans`' (the approve
+    route's own rules); reads only the orphan cleanups created within the plan lifetime
+    and a day (``ix_jobs_created_id``: few rows)."""
     from datetime import UTC, timedelta
 
     from sqlalchemy import select
+    from sqlalchemy.orm import Session
 
     from core.settings import get_settings
     from db.models import Job
+    from tasks.plans import expires_at, planned_at
 
-    ttl = timedelta(hours=get_settings().plan_ttl_hours)
+    settings = get_settings()
     now = datetime.now(UTC)
-    j = Job.__table__.c
-    stmt = select(j.params, j.progress, j.finished_at).where(
-        j.created_at >= now - ttl - timedelta(days=1),  # finished within ttl: created near
-        j.type == "orphan_cleanup",
-        j.status == "succeeded",
+    since = now - timedelta(hours=settings.plan_ttl_hours, days=1)
+    stmt = select(Job).where(
+        Job.created_at >= since, Job.type == "orphan_cleanup", Job.status == "succeeded"
     )
     count, oldest = 0, 0.0
-    for params, progress, finished in conn.execute(stmt):
-        if not (params or {}).get("awaiting_approval") or finished is None:
-            continue
-        progress = progress or {}
-        if not progress.get("plan_complete") or progress.get("approved_by_job"):
-            continue
-        age = (now - finished).total_seconds()
-        if age >= ttl.total_seconds():
-            continue  # expired: it can no longer be approved
-        count += 1
-        oldest = max(oldest, age)
+    with Session(bind=conn) as session:
+        for job in session.scalars(stmt):
+            progress = job.progress or {}
+            if not (job.params or {}).get("awaiting_approval"):
+                continue
+            if not progress.get("plan_complete") or progress.get("approved_by_job"):
+                continue
+            end, start = expires_at(session, job, settings), planned_at(session, job)
+            if end is None or start is None or end <= now:
+                continue  # expired: it can no longer be approved
+            count += 1
+            oldest = max(oldest, (now - start).total_seconds())
     return count, oldest
 
 

@@ -8,13 +8,13 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from db.models import DeletionAudit, LocationLock
+from db.models import LocationLock
 from tests.factories import World
 from tests.integration.conftest import Workers, wait_for
-from tests.integration.test_integration_worker import Send, deleted_count, status
+from tests.integration.test_integration_worker import Send, deleted_count, pending_count, status
 from tests.tasks.kit import Store, audit_rows, job_row, local_dest, record
 from worker.jobs import CANCELLED, REQUESTED, cancel_job, dispatch, request_job
 
@@ -24,14 +24,6 @@ pytestmark = pytest.mark.slow
 def _cancel(engine: Engine, job_id: uuid.UUID, actor: str) -> str:
     with Session(engine) as s:
         return cancel_job(s, job_id, actor)[1]
-
-
-def _pending(engine: Engine) -> int:
-    with Session(engine) as s:
-        stmt = (
-            select(func.count()).select_from(DeletionAudit).where(DeletionAudit.state == "pending")
-        )
-        return int(s.scalar(stmt) or 0)
 
 
 def test_a_running_cleanup_cancelled_stops_before_its_next_batch(
@@ -72,7 +64,7 @@ def test_a_running_cleanup_cancelled_stops_before_its_next_batch(
     assert len(store.keys()) == 1 + len(orphans) - done
     deleted = {f"backups/{r.path}" for r in audit_rows(engine)}
     assert store.keys() == ({"backups/linked.tar"} | set(orphans)) - deleted
-    assert _pending(engine) == 0  # the batch in flight was settled, none left half way
+    assert pending_count(engine) == 0  # the batch in flight was settled, none left half way
     assert {r.state for r in audit_rows(engine)} == {"deleted"}
     assert row.result is not None
     assert row.result["cancelled"] is True and row.result["deleted_files"] == done

@@ -8,25 +8,16 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from db.models import DeletionAudit
 from tests.factories import World
 from tests.integration.conftest import Workers, wait_for
-from tests.integration.test_integration_worker import Send, deleted_count, status
+from tests.integration.test_integration_worker import Send, deleted_count, pending_count, status
 from tests.tasks.kit import Store, audit_rows, job_row, local_dest, record
 from worker.jobs import dispatch, request_job
 
 pytestmark = pytest.mark.slow
-
-
-def _pending(engine: Engine) -> int:
-    with Session(engine) as s:
-        stmt = (
-            select(func.count()).select_from(DeletionAudit).where(DeletionAudit.state == "pending")
-        )
-        return int(s.scalar(stmt) or 0)
 
 
 def test_sigterm_stops_between_batches_and_requeues_the_job(
@@ -49,7 +40,7 @@ def test_sigterm_stops_between_batches_and_requeues_the_job(
     assert status(engine, job) == "queued", workers.log_tail()
     done = deleted_count(engine)
     assert done % 1000 == 0 and 1000 <= done < 4000  # whole batches only
-    assert _pending(engine) == 0  # no batch left half way
+    assert pending_count(engine) == 0  # no batch left half way
     assert stopped_after < 12, stopped_after  # it did not run the job to its end
 
     workers.start("w2")

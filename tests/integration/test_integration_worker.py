@@ -27,6 +27,15 @@ def status(engine: Engine, job: Job) -> str:
     return job_row(engine, job.id).status
 
 
+def pending_count(engine: Engine) -> int:
+    """Audit rows still pending: a batch sent and not settled."""
+    with Session(engine) as s:
+        stmt = (
+            select(func.count()).select_from(DeletionAudit).where(DeletionAudit.state == "pending")
+        )
+        return int(s.scalar(stmt) or 0)
+
+
 def deleted_count(engine: Engine) -> int:
     with Session(engine) as s:
         return (
