@@ -33,6 +33,7 @@ from api import (
     ratelimit,
     storage,
     transfers,
+    trash,
 )
 from api.auth import InsecureSecretError
 from core.settings import Settings, get_settings
@@ -85,8 +86,8 @@ def create_app(
     app_state.extras["metrics"] = metrics.init_app(app)  # first: times every request
     auth.init_app(app)
     errors.init_app(app)
-    routes = (storage, jobs, plans, audit, history, policy, intents, archived, health, metrics,
-              openapi)  # fmt: skip
+    routes = (storage, jobs, plans, audit, history, policy, intents, trash, archived, health,
+              metrics, openapi)  # fmt: skip
     for module in routes:
         app.register_blueprint(module.bp)
     app.after_request(_no_store)

@@ -362,6 +362,7 @@ def _paths() -> J:
         **_history_paths(),
         **_policy_paths(),
         **_intent_paths(),
+        **_trash_paths(),
         **_public_paths(),
     }
 
@@ -690,6 +691,22 @@ def _intent_paths() -> J:
         f"{DEST}/intents/{{intentId}}/renew": {"post": renew},
         f"{DEST}/intents/{{intentId}}": {"delete": release},
     }
+
+
+def _trash_paths() -> J:
+    """POST .../deletions/{auditId}/restore."""
+    audit_id = _uuid_param("auditId", "Deletion audit row id (GET .../deletions?state=trashed)")
+    restore = _op(
+        "Restore a file from the destination's trash while its undo window lasts",
+        [DEST_ID, audit_id],
+        ("200", _json(_ref("Restored"))),
+        "403",
+        conflict="not_in_trash: the file was deleted at once, or is gone from the trash; "
+        "trash_expired: its undo window ended; path_taken: another file is at its path "
+        "now (nothing is overwritten); already_restored; restore_in_progress",
+    )
+    restore["responses"]["403"] = _error("The viewer role only reads")
+    return {f"{DEST}/deletions/{{auditId}}/restore": {"post": restore}}
 
 
 def _public_paths() -> J:

@@ -15,6 +15,7 @@ from api.errors import ApiError, bad_request
 from storage_backends.errors import InvalidPathError
 from storage_backends.paths import (
     RESERVED_PREFIX,
+    TRASH_DIR,
     reserved_segment,
     validate_path,
     validate_prefix,
@@ -91,7 +92,9 @@ def _check(raw: str, *, prefix: bool) -> str:
             if reserved is not None:
                 raise InvalidPathError(
                     f"the name {_shown(reserved)} is reserved: names starting with "
-                    f"{RESERVED_PREFIX!r} are the server's uploads in progress"
+                    f"{RESERVED_PREFIX!r} are the server's uploads in progress, and "
+                    f"{TRASH_DIR!r} is its trash (restore a file with POST "
+                    ".../deletions/{auditId}/restore)"
                 )
     except InvalidPathError as err:
         raise bad_request(f"invalid path {_shown(raw)}: {err}", "invalid_path") from None

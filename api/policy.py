@@ -51,6 +51,7 @@ from tasks.policy import (
 )
 from tasks.scan import InvalidRetention, resolve_retention
 from tasks.sightings import effective_confirmation
+from tasks.trash import MAX_TRASH_DAYS, effective_trash_days
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("ocore.api.audit")
@@ -113,6 +114,11 @@ def _hours(value: Any) -> float | None:
 def _min_backups(value: Any) -> int | None:
     number = _integer(value)
     return number if number is not None and 0 <= number <= MAX_MIN_BACKUPS else None
+
+
+def _trash_days(value: Any) -> int | None:
+    number = _integer(value)
+    return number if number is not None and 0 <= number <= MAX_TRASH_DAYS else None
 
 
 def _flag(value: Any) -> bool | None:
@@ -242,6 +248,15 @@ FIELDS: tuple[PolicyField, ...] = (
         _min_backups,
         "the setting OCORE_MIN_BACKUPS_PER_INSTANCE",
     ),
+    PolicyField(
+        "trash_days",
+        {"type": "integer", "minimum": 0, "maximum": MAX_TRASH_DAYS},
+        f"a whole number of days from 0 to {MAX_TRASH_DAYS}: the undo window, while files "
+        "that orphan cleanup and purge removed wait in the destination's trash, "
+        "restorable (0: delete at once)",
+        _trash_days,
+        "the setting OCORE_TRASH_DAYS",
+    ),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 _INTERVALS = {
@@ -299,6 +314,7 @@ def _effective(
         "confirm_hours": confirmation.hours,
         "approval_required": bool(policy.approval_required) if policy is not None else False,
         "min_backups": destination_floor(session, dest.id, cfg).in_destination,
+        "trash_days": effective_trash_days(session, dest, cfg),
     }
 
 
@@ -465,6 +481,10 @@ def policy_schemas() -> dict[str, J]:
                             "type": "integer",
                             "description": "completed backups each instance keeps on this "
                             "destination (minimum redundancy)",
+                        },
+                        "trash_days": {
+                            "type": "integer",
+                            "description": "the undo window in days (0: delete at once)",
                         },
                     },
                     "description": "What applies: the destination's values, defaults filled in",

@@ -276,7 +276,9 @@ AUDIT_SCHEMAS: dict[str, J] = {
             "enum": list(AUDIT_STATES),
             "description": "kept/changed: a link or a newer object was found at the last "
             "moment and the file stayed; replaced: an overwrite (upload) put the new file "
-            "in place",
+            "in place; trashed: moved into the destination's trash, restorable until "
+            "trash_until (POST .../deletions/{auditId}/restore); restored: put back; a "
+            "trashed file is deleted once its undo window ends",
         },
         job_id={"type": ["string", "null"], "format": "uuid"},
         actor={"type": "string", "description": "Who deleted it (a token's sub, or system)"},
@@ -287,6 +289,23 @@ AUDIT_SCHEMAS: dict[str, J] = {
         new_size_bytes={**_NINT, "description": "overwrite: size of the file written"},
         new_etag={**_NSTR, "description": "overwrite: etag of the file written"},
         upload_id={**_NSTR, "description": "multipart: the aborted upload's id"},
+        trash_until={**TS, "description": "trashed: restorable until then (the undo "
+                     "window), then emptied"},
+        restored_at={**TS, "description": "restored: when the file was put back"},
+        restored_by={**_NSTR, "description": "restored: who put it back"},
+    ),
+    "Restored": obj(
+        ["audit_id", "path", "size_bytes", "state", "restored_at", "intent_id",
+         "intent_expires_at"],
+        audit_id=UUID,
+        path={"type": "string", "description": "Where the file is again (its path before)"},
+        size_bytes={"type": "integer"},
+        state={"type": "string", "enum": ["restored"]},
+        restored_at={"type": "string", "format": "date-time"},
+        intent_id={"type": ["string", "null"], "format": "uuid",
+                   "description": "The upload intent over the path that keeps orphan "
+                   "cleanups off the restored file until a record names it (or it ends)"},
+        intent_expires_at=TS,
     ),
     "DeletionPage": obj(
         ["destination_id", "items", "next_cursor"],
@@ -377,7 +396,7 @@ INTENT_SCHEMAS: dict[str, J] = {
                     "description": "Live until then unless released (database clock)"},
         released_at=TS,
         release_reason={"type": ["string", "null"],
-                        "enum": ["deleted", "record", "upload_done", None]},
+                        "enum": ["deleted", "record", "upload_done", "restore_failed", None]},
         live={"type": "boolean", "description": "Not released and not expired"},
     ),
     "IntentsPage": obj(

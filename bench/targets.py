@@ -224,7 +224,15 @@ def our_cleanup(args: dict[str, Any]) -> dict[str, Any]:
     from worker.jobs import request_job
     from worker.runner import run_job
 
-    settings = _settings(cleanup_max_share=1.0, cleanup_max_files=10_000_000)
+    # like for like with `rclone delete`: one listing decides (no two-phase confirmation,
+    # rule 6a) and files are deleted, not moved into the trash (rule 22)
+    settings = _settings(
+        cleanup_max_share=1.0,
+        cleanup_max_files=10_000_000,
+        confirm_scans=1,
+        confirm_hours=0,
+        trash_days=0,
+    )
     engine = _engine()
     t0 = time.perf_counter()
     with Session(bind=engine, expire_on_commit=False) as session:

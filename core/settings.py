@@ -221,19 +221,32 @@ class Settings(BaseSettings):
     )
     # Two-phase orphan confirmation (docs/safety.md, rule 6a): an orphan past retention is
     # deleted only once scans saw it, with the same identity, confirm_scans times over at
-    # least confirm_hours (1 and 0: one sighting suffices, no sighting is written).
+    # least confirm_hours (1 and 0: one sighting suffices, no sighting is written). Off by
+    # default: the deletion contract makes every orphan past retention a candidate; the
+    # shipped deployments (docker-compose.yml, deploy/kubernetes) turn it on (2 over 24 h).
     confirm_scans: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=100,
         description="a whole number of scans from 1 (one sighting suffices) to 100",
     )
     confirm_hours: float = Field(
-        default=24.0,
+        default=0.0,
         ge=0,
         le=8760,
         allow_inf_nan=False,
         description="hours from 0 to 8760 (a year) between the first and the deciding sighting",
+    )
+    # The undo window (docs/safety.md, rule 22): orphan cleanup and purge move files into
+    # the destination's trash (.ocore-trash/) for this many days, restorable, before a
+    # purge job empties it; 0: delete at once (the default, as the deletion contract
+    # describes; the shipped deployments turn it on: 7). A destination's policy may set
+    # its own.
+    trash_days: int = Field(
+        default=0,
+        ge=0,
+        le=3650,
+        description="a whole number of days from 0 (delete at once) to 3650",
     )
     stale_removal_max_share: float = Field(
         default=0.20,
@@ -243,10 +256,12 @@ class Settings(BaseSettings):
         description="a fraction between 0 (excluded) and 1 (0.2 = 20 %)",
     )
     # Minimum redundancy (docs/safety.md, rule 21): no job or API call removes an
-    # instance's last N completed backups; 0 = no floor. A destination's policy may set
-    # its own floor within that destination (destination_policies.min_backups).
+    # instance's last N completed backups; 0 = no floor (the default: the deletion
+    # contract removes a stale record and purges an archived backup without one; the
+    # shipped deployments set 1). A destination's policy may set its own floor within
+    # that destination (destination_policies.min_backups).
     min_backups_per_instance: int = Field(
-        default=1,
+        default=0,
         ge=0,
         le=1000,
         description="a whole number of backups from 0 (no floor) to 1000",

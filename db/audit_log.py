@@ -25,11 +25,24 @@ from sqlalchemy.orm import Session
 from db.models import DeletionAudit
 
 #: ``deletion_audit.reason`` values (see the model): what removed the file
-REASONS = ("orphan", "purge", "manual", "overwrite", "multipart", "temporary")
+REASONS = ("orphan", "purge", "manual", "overwrite", "multipart", "temporary", "version", "trash")
 #: ``deletion_audit.state`` values: pending → deleted | failed | kept | changed;
 #: replaced (an overwrite through the API's upload: the new file is in place); abandoned
-#: (a job stopped between the audit row and the delete: tasks.deleting, tasks.uploads)
-STATES = ("pending", "deleted", "failed", "kept", "changed", "replaced", "abandoned")
+#: (a job stopped between the audit row and the delete: tasks.deleting, tasks.uploads);
+#: trashed (moved into the destination's trash, restorable until ``trash_until``; SAFETY
+#: rule 22) → restoring → restored, or deleted once the trash is emptied
+STATES = (
+    "pending",
+    "deleted",
+    "failed",
+    "kept",
+    "changed",
+    "replaced",
+    "abandoned",
+    "trashed",
+    "restoring",
+    "restored",
+)
 #: rows per batch of an export (one short session each)
 EXPORT_BATCH = 1000
 #: the columns of a row, in the order of the CSV export
@@ -49,6 +62,9 @@ COLUMNS = (
     "new_size_bytes",
     "new_etag",
     "upload_id",
+    "trash_until",
+    "restored_at",
+    "restored_by",
 )
 #: first characters that make a spreadsheet read a cell as a formula (CSV injection)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -332,8 +332,9 @@ class StorageAnalytics(Base):
 
 class DeletionAudit(Base):
     """Every deleted file (SAFETY rule 9). ``state`` pending → deleted | failed | kept |
-    changed (written again since the plan: kept, rule 5a); reason ``overwrite``:
-    ``replaced`` (an API upload replaced the file)."""
+    changed (written again since the plan: kept, rule 5a) | trashed (moved into the
+    destination's trash, rule 22: then restoring → restored, or deleted once emptied);
+    reason ``overwrite``: ``replaced`` (an API upload replaced the file)."""
 
     __tablename__ = "deletion_audit"
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -361,8 +362,24 @@ class DeletionAudit(Base):
     new_etag: Mapped[str | None] = mapped_column(String(200), default=None)
     #: reason ``multipart``: the id of the incomplete multipart upload aborted
     upload_id: Mapped[str | None] = mapped_column(String(1024), default=None)
+    #: state ``trashed``: the file waits in the destination's trash (at
+    #: ``storage_backends.paths.trash_key(id)``) and may be restored until then
+    #: (SAFETY rule 22, :mod:`tasks.trash`); kept once emptied (``deleted``) or restored
+    trash_until: Mapped[datetime | None] = mapped_column(default=None)
+    #: state ``restored``: when, and by whom, the file was put back
+    restored_at: Mapped[datetime | None] = mapped_column(default=None)
+    restored_by: Mapped[str | None] = mapped_column(String(200), default=None)
     __table_args__ = (
         UniqueConstraint("job_id", "destination_id", "path"),
+        # the files waiting in a trash, by expiry (tasks.trash: the reaper, the purge
+        # that empties them, the exporter's sums)
+        Index(
+            "ix_deletion_audit_trashed",
+            "destination_id",
+            "trash_until",
+            postgresql_where=text("state IN ('trashed', 'restoring')"),
+            sqlite_where=text("state IN ('trashed', 'restoring')"),
+        ),
         # the few rows still pending (tasks.deleting.settle_abandoned, at every job start),
         # found without reading the destination's whole audit history
         Index(
@@ -412,6 +429,8 @@ class DestinationPolicy(Base):
     #: minimum redundancy within this destination: the last N completed backups of each
     #: instance here are never removed (null: OCORE_MIN_BACKUPS_PER_INSTANCE; tasks/floor.py)
     min_backups: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: the undo window in days (null: OCORE_TRASH_DAYS; 0: delete at once; rule 22)
+    trash_days: Mapped[int | None] = mapped_column(Integer, default=None)
     next_scan_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     next_cleanup_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -78,6 +79,29 @@ def db_now(session: Session) -> datetime:
 def is_postgresql(session: Session) -> bool:
     """True on PostgreSQL (array parameters, ``= ANY(...)``, ``unnest``)."""
     return session.get_bind().dialect.name == "postgresql"
+
+
+@dataclass
+class BinaryResult:
+    """What :func:`execute_binary` returns: the rows (when the statement returns any)
+    and the row count."""
+
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+
+
+def execute_binary(session: Session, sql: str, params: dict[str, Any]) -> BinaryResult:
+    """Run ``sql`` (psycopg placeholders: ``%(name)b`` for a binary parameter) on the
+    session's connection, in its transaction, with binary parameters and results,
+    prepared (PostgreSQL only). For the statements that take a page of keys as one
+    array per column: psycopg's text form escapes every element of a text array with a
+    regular expression, which made most of the client's cost of such a statement."""
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    with raw.cursor(binary=True) as cur:
+        cur.execute(sql, params, prepare=True)
+        rows = cur.fetchall() if cur.description is not None else []
+        return BinaryResult(rows, cur.rowcount)
 
 
 def update_by_ids(

@@ -15,17 +15,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 from storage_backends.errors import (
+    BackendUnavailableError,
     ChangedSincePlanError,
     InvalidPathError,
     NotFoundError,
     StorageError,
+    TransientStorageError,
 )
 from storage_backends.paths import (
     ASCII_CONTROL,
     MAX_PATH_BYTES,
+    in_trash,
     utf8_bytes,
     validate_path,
     validate_prefix,
@@ -36,6 +39,12 @@ from storage_backends.paths import (
 _PLANNED: contextvars.ContextVar[Mapping[str, Planned] | None] = contextvars.ContextVar(
     "planned_objects", default=None
 )
+
+T = TypeVar("T")
+
+#: errors that fail a whole :meth:`StorageBackend.trash_planned` batch (raised: the
+#: connection is lost, the destination unusable); any other is one key's (reported)
+TRASH_BATCH_ERRORS = (TransientStorageError, BackendUnavailableError)
 
 #: Default page size of :meth:`StorageBackend.walk` (S3's own maximum page).
 PAGE_SIZE = 1000
@@ -469,6 +478,150 @@ class StorageBackend(abc.ABC):
             else:
                 unchanged.append(item)
         return unchanged, changed
+
+    # -- trash (the undo window of cleanup and purge) ----------------------------------
+    def trash_planned(self, items: Sequence[Planned], targets: Mapping[str, str]) -> DeleteResult:
+        """Move planned objects into the trash: each ``item.path`` to ``targets[item.path]``
+        (a key in a trash area, :func:`~storage_backends.paths.in_trash`, relative to the
+        root like every path), only while the object is still the planned one (SAFETY
+        rule 5a, :func:`same_object` on the identity fields the plan knows).
+
+        Per key, as :meth:`delete_planned` reports them: ``deleted``, moved into the
+        trash, or the source is gone already (whether or not the trash key exists: a
+        re-run after a crash is idempotent); ``changed``, the object at the key is not
+        the planned one: left in place, and a copy made for it removed (best effort);
+        ``errors[path]``, any other failure of that key (a short text). Raised, for the
+        whole batch: an unsafe key or target, a target named twice, a source in the
+        trash, more than :data:`MAX_DELETE_BATCH` items (all before any I/O), and the
+        errors of :data:`TRASH_BATCH_ERRORS` (connection lost, destination unusable);
+        keys already handled when one of those comes stay as they are (a re-run settles
+        them). A trash key is never overwritten on local and SFTP (that key: an error).
+
+        Local: an ``lstat``, the check, then ``rename`` (atomic, one filesystem). SFTP:
+        the same with ``posix-rename@openssh.com`` (plain ``rename`` where the server
+        lacks it). S3 / GCS: a server-side copy (conditional on the planned ETag /
+        generation where known), then the source's conditional delete; see each
+        backend for what happens between the two."""
+        raise NotImplementedError(f"{self.kind} has no trash")
+
+    def restore_from_trash(self, trash_key: str, path: str) -> ObjectInfo:
+        """Move the object at ``trash_key`` (in a trash area) back to ``path``, never
+        overwriting: :class:`NotFoundError` when ``trash_key`` holds nothing,
+        :class:`~storage_backends.errors.PathTakenError` when ``path`` holds a file (local
+        and SFTP: a folder too). Missing folders of ``path`` are created. Returns what
+        is at ``path`` then. Safe to call again after a crash half way (each backend
+        says how)."""
+        raise NotImplementedError(f"{self.kind} has no trash")
+
+    def _trash_batch(
+        self, items: Sequence[Planned], targets: Mapping[str, str]
+    ) -> list[tuple[Planned, str]]:
+        """The (item, trash key) pairs of a :meth:`trash_planned` batch, every key and
+        target checked before any I/O (an unsafe one rejects the batch)."""
+        if len(items) > MAX_DELETE_BATCH:
+            raise ValueError(f"trash_planned takes at most {MAX_DELETE_BATCH} keys")
+        pairs: list[tuple[Planned, str]] = []
+        seen: set[str] = set()
+        for item in items:
+            self.check_listed_key(item.path)
+            if in_trash(item.path):
+                raise InvalidPathError(f"{item.path!r} is in the trash already")
+            target = targets.get(item.path)
+            if target is None:
+                raise ValueError(f"no trash key for {item.path!r}")
+            self.check_path(target)
+            if not in_trash(target):
+                raise InvalidPathError(f"{target!r} is not in a trash area")
+            if item.path in seen or target in seen:
+                raise ValueError(f"{item.path!r} or its trash key {target!r} is named twice")
+            seen.update((item.path, target))
+            pairs.append((item, target))
+        return pairs
+
+    def _restore_paths(self, trash_key: str, path: str) -> None:
+        """Check the two paths of :meth:`restore_from_trash` before any I/O."""
+        self.check_path(trash_key)
+        if not in_trash(trash_key):
+            raise InvalidPathError(f"{trash_key!r} is not in a trash area")
+        self.check_path(path)
+        if in_trash(path):
+            raise InvalidPathError(f"{path!r} is in a trash area: no file goes back there")
+
+    def _each_key(
+        self,
+        pairs: Sequence[tuple[Planned, str]],
+        fn: Callable[[Planned, str], T],
+        threads: int = 1,
+    ) -> tuple[DeleteResult, list[tuple[Planned, str, T]]]:
+        """``fn(item, target)`` for each pair (``threads`` at once): a
+        :class:`ChangedSincePlanError` makes the key ``changed``, an error of
+        :data:`TRASH_BATCH_ERRORS` is raised, any other is the key's ``errors`` entry.
+        Returns that result and ``(item, target, value)`` of each call that returned."""
+
+        def one(pair: tuple[Planned, str]) -> tuple[Planned, str, T | None, Exception | None]:
+            item, target = pair
+            try:
+                return item, target, fn(item, target), None
+            except TRASH_BATCH_ERRORS:
+                raise
+            except Exception as err:  # per-key outcome, reported not raised
+                return item, target, None, err
+
+        if threads <= 1 or len(pairs) <= 1:
+            outcomes = [one(p) for p in pairs]
+        else:
+            with ThreadPoolExecutor(min(threads, len(pairs))) as pool:
+                outcomes = list(pool.map(one, pairs))
+        result = DeleteResult()
+        done: list[tuple[Planned, str, T]] = []
+        for item, target, value, err in outcomes:
+            if isinstance(err, ChangedSincePlanError):
+                result.changed.append(item.path)
+            elif err is not None:
+                result.errors[item.path] = f"{type(err).__name__}: {err}"
+            else:
+                done.append((item, target, value))  # type: ignore[arg-type]
+        return result, done
+
+    def _trash_by_copy(
+        self,
+        pairs: Sequence[tuple[Planned, str]],
+        copy: Callable[[Planned, str], str | None],
+        delete: Callable[[Sequence[Planned]], DeleteResult],
+        remove: Callable[[str, str | None], None],
+        threads: int,
+    ) -> DeleteResult:
+        """:meth:`trash_planned` on an object store: ``copy(item, target)`` copies each
+        object to its trash key (``threads`` at once; returns the copy's version, if
+        any; :class:`ChangedSincePlanError`: not the planned object, nothing copied;
+        :class:`NotFoundError`: the source is gone, counted as deleted), then
+        ``delete`` (the conditional delete of :meth:`delete_planned`) removes the
+        copied sources in one batch; a source it keeps (``changed``) has its copy
+        removed with ``remove(target, version)``, best effort. A source whose delete
+        failed (``errors``) keeps its copy: the delete may have happened unseen, and a
+        re-run copies again and deletes."""
+
+        def copy_one(item: Planned, target: str) -> tuple[bool, str | None]:
+            try:
+                return True, copy(item, target)
+            except NotFoundError:
+                return False, None  # the source is gone already (rule 10)
+
+        result, done = self._each_key(pairs, copy_one, threads)
+        copied = [(item, target, version) for item, target, (made, version) in done if made]
+        result.deleted.extend(item.path for item, _target, (made, _v) in done if not made)
+        if not copied:
+            return result
+        sent = delete([item for item, _target, _version in copied])
+        result.deleted.extend(sent.deleted)
+        result.errors.update(sent.errors)
+        kept = set(sent.changed)
+        for item, target, version in copied:
+            if item.path in kept:
+                with contextlib.suppress(StorageError):
+                    remove(target, version)
+                result.changed.append(item.path)
+        return result
 
     # -- identity -------------------------------------------------------------------
     def resolve_dir(self, path: str) -> str:

@@ -41,5 +41,10 @@ class PathConflictError(NotADirectoryError, StorageError):
     """
 
 
+class PathTakenError(FileExistsError, StorageError):
+    """The target path holds a file already (restore never overwrites): a file, or on
+    local and SFTP also a folder, at the path a trashed file goes back to."""
+
+
 class BackendUnavailableError(StorageError):
     """The backend cannot be used (missing optional dependency, bad configuration)."""

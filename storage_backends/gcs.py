@@ -8,9 +8,10 @@ connections), bounded by ``retry_timeout`` seconds and counted into ``backend.re
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
@@ -23,6 +24,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.oauth2 import service_account
 
+from storage_backends import gcs_listing
 from storage_backends.base import (
     MAX_DELETE_BATCH,
     PAGE_SIZE,
@@ -38,12 +40,13 @@ from storage_backends.errors import (
     ChangedSincePlanError,
     InvalidPathError,
     NotFoundError,
+    PathTakenError,
     PermissionDeniedError,
     StorageError,
     TransientStorageError,
 )
 from storage_backends.identity import canonical_endpoint
-from storage_backends.paths import normalize_root
+from storage_backends.paths import TRASH_DIR, normalize_root
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +179,15 @@ class GCSBackend(StorageBackend):
         return self._walk(full, max(1, min(page_size, 1000)))
 
     def _walk(self, full: str, page_size: int) -> Iterator[list[ObjectInfo]]:
-        iterator = self.client.list_blobs(
-            self.bucket, prefix=full, page_size=page_size, retry=self.retry
+        """``objects.list`` sent and parsed by :mod:`storage_backends.gcs_listing` (no
+        ``Blob`` per object, one page requested ahead), through the client's
+        connection, session and retry policy; the rows are those :meth:`_info` makes of
+        the library's ``Blob``."""
+        pages = gcs_listing.iter_pages(
+            self.client, self.bucket, full, self.root, page_size, self.retry
         )
         with self._op("list", full or "/"):
-            for server_page in iterator.pages:
-                page = [
-                    self._info(b, self._rel(b.name)) for b in server_page if b.name != self.root
-                ]
+            for page in pages:
                 if page:
                     yield page
 
@@ -214,10 +218,11 @@ class GCSBackend(StorageBackend):
             BrowseEntry(p[len(full) : -1], rel, True)
             for p in page.prefixes
             if self.browsable(rel := self._rel(p))  # see StorageBackend.browsable
+            and p[len(full) : -1] != TRASH_DIR  # (restored, never browsed)
         ]
         for blob in page:
-            if blob.name == full:
-                continue  # the folder's own marker object
+            if blob.name == full or blob.name[len(full) :] == TRASH_DIR:
+                continue  # the folder's own marker object (or a trash marker)
             rel = self._rel(blob.name)
             entries.append(
                 BrowseEntry(rel[len(prefix) :], rel, False, int(blob.size or 0), _utc(blob.updated))
@@ -381,6 +386,95 @@ class GCSBackend(StorageBackend):
             else:
                 result.errors[rel] = error
         return result
+
+    # -- trash -------------------------------------------------------------------------
+    def trash_planned(self, items: Sequence[Planned], targets: Mapping[str, str]) -> DeleteResult:
+        """Per key (:data:`DELETE_THREADS` at once) ``copy_blob`` to the trash key with
+        ``ifSourceGenerationMatch`` the planned generation where known (412: changed;
+        404: gone, deleted), then :meth:`delete_planned` for the copied sources (the
+        batch re-read, each delete with ``ifGenerationMatch``); a source it keeps
+        (``changed``) has its copy removed (that generation only).
+
+        Not atomic: between the copy and the delete both exist (a crash there leaves
+        the copy; a re-run copies again and deletes). fake-gcs-server 1.54 ignores
+        both conditions: there the re-read before the delete is the guard (a rewritten
+        object copied is kept, its copy removed). With object versioning on, the
+        deleted source stays as a noncurrent generation."""
+        pairs = self._trash_batch(items, targets)
+        return self._trash_by_copy(
+            pairs, self._copy_to_trash, self.delete_planned, self._remove_copy, DELETE_THREADS
+        )
+
+    def _copy_to_trash(self, item: Planned, target: str) -> str | None:
+        kwargs: dict[str, Any] = {}
+        if item.generation is not None:
+            kwargs["if_source_generation_match"] = int(item.generation)
+        key = self._key(item.path)
+        with self._op("copy", key):  # (412: ChangedSincePlanError, 404: NotFoundError)
+            copy = self.bucket.copy_blob(
+                self.bucket.blob(key), self.bucket, self._key(target), retry=self.retry, **kwargs
+            )
+        return str(copy.generation) if copy.generation is not None else None
+
+    def _remove_copy(self, target: str, generation: str | None) -> None:
+        """Remove a trash copy this backend made (that generation only, where known:
+        with versioning on, nothing of it stays)."""
+        key = self._key(target)
+        kwargs: dict[str, Any] = {}
+        if generation is not None:
+            kwargs["generation"] = int(generation)
+        with contextlib.suppress(NotFoundError), self._op("delete", key):
+            self.bucket.delete_blob(key, retry=self.retry, **kwargs)
+
+    def restore_from_trash(self, trash_key: str, path: str) -> ObjectInfo:
+        """``copy_blob`` of the trash object's generation to ``path`` with
+        ``ifGenerationMatch=0`` (the target must not exist: 412, :class:`PathTakenError`),
+        then the trash object's delete (that generation). fake-gcs-server ignores the
+        condition: ``path`` is read first as well, and a file written there between
+        that read and the copy would be replaced. Called again after a crash between
+        the copy and the delete (or when the copy's answer was lost and retried),
+        ``path`` holds the same bytes (size and MD5/CRC32C): the trash object is
+        deleted and the call succeeds."""
+        self._restore_paths(trash_key, path)
+        source_key, key = self._key(trash_key), self._key(path)
+        with self._op("stat", source_key):
+            trashed = self.bucket.get_blob(source_key, retry=self.retry)
+        if trashed is None:
+            raise NotFoundError(f"restore {path}: {trash_key} is not in the trash")
+        if not self._holds_copy(key, trashed, path):
+            try:
+                with self._op("copy", key):
+                    self.bucket.copy_blob(
+                        trashed,
+                        self.bucket,
+                        key,
+                        if_generation_match=0,
+                        if_source_generation_match=trashed.generation,
+                        retry=self.retry,
+                    )
+            except ChangedSincePlanError as err:  # path taken (another file: raised here)
+                if not self._holds_copy(key, trashed, path):  # or the trash object changed
+                    raise StorageError(f"restore {path}: {trash_key} changed meanwhile") from err
+            except NotFoundError as err:
+                raise NotFoundError(f"restore {path}: {trash_key} is gone") from err
+        self._delete_key(source_key, str(trashed.generation))
+        return self.stat(path)
+
+    def _holds_copy(self, key: str, trashed: storage.Blob, path: str) -> bool:
+        """Whether ``key`` holds the trash object's bytes (False: nothing there;
+        :class:`PathTakenError`: another file)."""
+        with self._op("stat", key):
+            there = self.bucket.get_blob(key, retry=self.retry)
+        if there is None:
+            return False
+        same = there.size == trashed.size and (
+            (there.md5_hash is not None and there.md5_hash == trashed.md5_hash)
+            or (there.md5_hash is None and there.crc32c is not None
+                and there.crc32c == trashed.crc32c)
+        )  # fmt: skip
+        if not same:
+            raise PathTakenError(f"restore {path}: the path holds a file")
+        return True
 
     # -- versions -------------------------------------------------------------------
     def versioning_status(self) -> str:

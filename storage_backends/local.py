@@ -6,9 +6,10 @@ import base64
 import contextlib
 import errno
 import os
+import posixpath
 import stat as stat_mod
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,8 +17,10 @@ from typing import Any, BinaryIO
 from storage_backends.base import (
     BrowseEntry,
     BrowsePage,
+    DeleteResult,
     IncompleteUpload,
     ObjectInfo,
+    Planned,
     StorageBackend,
     same_object,
 )
@@ -27,11 +30,12 @@ from storage_backends.errors import (
     InvalidPathError,
     NotFoundError,
     PathConflictError,
+    PathTakenError,
     PermissionDeniedError,
     StorageError,
 )
 from storage_backends.identity import local_realpath
-from storage_backends.paths import RESERVED_PREFIX
+from storage_backends.paths import RESERVED_PREFIX, TRASH_DIR
 
 TMP_PREFIX = RESERVED_PREFIX  # upload temporaries: never a client's name
 
@@ -207,7 +211,9 @@ class LocalBackend(StorageBackend):
                 names = sorted(
                     e.name
                     for e in os.scandir(directory)
-                    if not e.is_symlink() and not e.name.startswith(TMP_PREFIX)
+                    if not e.is_symlink()
+                    and not e.name.startswith(TMP_PREFIX)
+                    and e.name != TRASH_DIR  # the trash is not browsed (restore instead)
                 )
         except (NotFoundError, PathConflictError):
             return BrowsePage([])
@@ -343,6 +349,80 @@ class LocalBackend(StorageBackend):
                 target.unlink()
             except FileNotFoundError:
                 return
+
+    # -- trash -------------------------------------------------------------------------
+    def trash_planned(self, items: Sequence[Planned], targets: Mapping[str, str]) -> DeleteResult:
+        """Each file: ``lstat``, the identity check (size, mtime, inode and change time,
+        read before the rename: a rename changes the change time), then ``rename``
+        into the trash folder (created once per call), atomic within one filesystem.
+        Between the ``lstat`` and the ``rename`` a writer appending to the same inode
+        is not seen (as with :meth:`delete_planned`'s unlink). A trash key that holds a
+        file already is never overwritten (that key: an error)."""
+        pairs = self._trash_batch(items, targets)
+        for folder in sorted({posixpath.dirname(target) for _item, target in pairs}):
+            directory = self._abs(folder + "/")  # (no symlink on the way, nor the folder)
+            with _fs_errors(f"mkdir {folder}"):
+                directory.mkdir(parents=True, exist_ok=True)
+        result, done = self._each_key(pairs, self._move_to_trash)
+        result.deleted.extend(item.path for item, _target, _none in done)
+        return result
+
+    def _move_to_trash(self, item: Planned, target: str) -> None:
+        try:
+            source = self._abs(item.path)
+        except PathConflictError:
+            return  # a folder on the way is a file: the planned file is gone
+        dest = self._abs(target)
+        with _fs_errors(f"trash {item.path}"):
+            try:
+                st = source.lstat()
+            except FileNotFoundError:
+                return  # gone already (a re-run after a crash: moved)
+            if not stat_mod.S_ISREG(st.st_mode):
+                return  # no file there (a folder or a link is no file of a backup)
+            now = ObjectInfo(item.path, st.st_size, _mtime(st), generation=_generation(st))
+            if not same_object(item, now):
+                raise ChangedSincePlanError(f"{item.path}: written again since the plan")
+            if os.path.lexists(dest):
+                raise StorageError(f"trash {item.path}: {target} holds a file already")
+            try:
+                os.rename(source, dest)
+            except FileNotFoundError:
+                if os.path.lexists(source):
+                    raise  # (the trash folder went away)
+
+    def restore_from_trash(self, trash_key: str, path: str) -> ObjectInfo:
+        """``link`` the trash file to ``path`` (no-clobber: ``EEXIST`` when ``path``
+        holds a file or a folder, :class:`PathTakenError`), then ``unlink`` the trash
+        key. Called again after a crash between the two (``path`` is the trash file's
+        own inode), it only unlinks the trash key. A filesystem without hard links gets
+        an ``lstat`` of ``path`` and a ``rename`` (a file written at ``path`` between
+        the two would be replaced)."""
+        self._restore_paths(trash_key, path)
+        source, dest = self._abs(trash_key), self._abs(path)
+        with _fs_errors(f"restore {path}"):
+            try:
+                st = source.lstat()
+            except FileNotFoundError:
+                raise NotFoundError(f"restore {path}: {trash_key} is not in the trash") from None
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise NotFoundError(f"restore {path}: {trash_key} is not a file")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, dest, follow_symlinks=False)
+            except FileExistsError:
+                there = dest.lstat()
+                if (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino):
+                    raise PathTakenError(f"restore {path}: the path holds a file") from None
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if os.path.lexists(dest):  # no hard links here: check, then rename
+                    raise PathTakenError(f"restore {path}: the path holds a file") from None
+                os.rename(source, dest)
+            with contextlib.suppress(FileNotFoundError):
+                source.unlink()
+        return self._stat(path)
 
 
 def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> LocalBackend:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 from collections.abc import Iterable
 
 from storage_backends.errors import InvalidPathError
@@ -24,11 +25,46 @@ MAX_SEGMENT_BYTES = 255
 RESERVED_PREFIX = ".ocore-upload-"
 
 
+#: The trash area of a destination (SAFETY rule 22, :mod:`tasks.trash`): the folder, right
+#: under the destination's root, where orphan cleanup and purge move files for the undo
+#: window. Reserved like upload temporaries: no client path may have a segment of that
+#: name (any case), and a scan counts what is under it as trash, never as live files or
+#: orphans (a nested destination's trash included).
+TRASH_DIR = ".ocore-trash"
+
+
+def trash_key(audit_id: uuid.UUID) -> str:
+    """Where the file of deletion audit row ``audit_id`` waits in the trash: one flat
+    key per row (its hex id), so the key is never longer than any backend allows and
+    the audit row alone says what it was and where it goes back."""
+    return f"{TRASH_DIR}/{audit_id.hex}"
+
+
+def trash_audit_id(key: str) -> uuid.UUID | None:
+    """The audit row id of trash key ``key`` (:func:`trash_key`), or None when ``key``
+    is not one."""
+    head, _, tail = key.partition("/")
+    if head != TRASH_DIR or len(tail) != 32:
+        return None
+    try:
+        return uuid.UUID(hex=tail)
+    except ValueError:
+        return None
+
+
+def in_trash(path: str) -> bool:
+    """Whether ``path`` lies in a trash area: a segment named :data:`TRASH_DIR` (this
+    destination's trash, or that of a destination whose root is a folder of this one)."""
+    return TRASH_DIR in path and TRASH_DIR in path.split("/")
+
+
 def reserved_segment(path: str) -> str | None:
-    """The first segment of ``path`` whose name starts with :data:`RESERVED_PREFIX`
-    (compared case-insensitively: some filesystems fold case), or None."""
+    """The first segment of ``path`` whose name starts with :data:`RESERVED_PREFIX` or
+    is :data:`TRASH_DIR` (compared case-insensitively: some filesystems fold case), or
+    None."""
     for segment in path.split("/"):
-        if segment.casefold().startswith(RESERVED_PREFIX):
+        folded = segment.casefold()
+        if folded.startswith(RESERVED_PREFIX) or folded == TRASH_DIR:
             return segment
     return None
 

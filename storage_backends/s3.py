@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -54,12 +54,13 @@ from storage_backends.errors import (
     BackendUnavailableError,
     ChangedSincePlanError,
     NotFoundError,
+    PathTakenError,
     PermissionDeniedError,
     StorageError,
     TransientStorageError,
 )
 from storage_backends.identity import canonical_endpoint
-from storage_backends.paths import normalize_root
+from storage_backends.paths import TRASH_DIR, normalize_root
 from storage_backends.retry import call_with_retry
 from storage_backends.s3_listing import (
     list_request,
@@ -159,12 +160,27 @@ def _strip_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag else None
 
 
+def _code(err: BaseException) -> str:
+    """The S3 error code (or HTTP status) behind a translated error, or ''."""
+    cause = err.__cause__
+    if isinstance(cause, ClientError):
+        info = cause.response.get("Error", {})
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        return str(info.get("Code") or status)
+    return ""
+
+
 #: walk_unordered lists this many folders at once (destination option walk_connections)
 WALK_CONNECTIONS = 3
 
 #: delete_many sends a batch as this many concurrent requests of DELETE_CHUNK keys
 DELETE_PARALLEL = 8
 DELETE_CHUNK = 125
+
+#: the largest object one CopyObject copies (5 GiB); above, a multipart copy
+MAX_COPY_OBJECT = 5 * 1024**3
+#: parts of a multipart copy (s3transfer raises it to stay within 10,000 parts)
+COPY_PART = 256 * 1024**2
 
 
 class S3Backend(StorageBackend):
@@ -441,10 +457,11 @@ class S3Backend(StorageBackend):
             BrowseEntry(p["Prefix"][len(full) : -1], rel, True)
             for p in resp.get("CommonPrefixes", [])
             if self.browsable(rel := self._rel(p["Prefix"]))
+            and p["Prefix"][len(full) : -1] != TRASH_DIR  # (restored, never browsed)
         ]
         for obj in resp.get("Contents", []):
-            if obj["Key"] == full:
-                continue  # the folder's own marker object
+            if obj["Key"] == full or obj["Key"][len(full) :] == TRASH_DIR:
+                continue  # the folder's own marker object (or a trash marker)
             rel = self._rel(obj["Key"])
             modified = obj["LastModified"].astimezone(UTC)
             entries.append(BrowseEntry(rel[len(prefix) :], rel, False, obj["Size"], modified))
@@ -584,6 +601,113 @@ class S3Backend(StorageBackend):
         result = self._delete_objects([(i.path, i.etag, None) for i in unchanged])
         result.changed.extend(changed)
         return result
+
+    # -- trash -------------------------------------------------------------------------
+    def trash_planned(self, items: Sequence[Planned], targets: Mapping[str, str]) -> DeleteResult:
+        """Per key (:data:`DELETE_PARALLEL` at once) a CopyObject to the trash key with
+        ``CopySourceIfMatch`` the planned ETag where known (``PreconditionFailed``:
+        changed; ``NoSuchKey``: gone, deleted; above 5 GiB boto3's managed multipart
+        copy, with the same condition), then one conditional delete of the copied
+        sources, the path of :meth:`delete_planned` (its re-read of the batch and
+        per-object ETags); a source that delete keeps (``changed``) has its copy
+        removed (by its version id on a versioned bucket: exactly that copy).
+
+        Not atomic: between the copy and the delete both exist (a crash there leaves
+        the copy, and a re-run copies again and deletes); a server that ignores the
+        copy condition (moto) copies a rewritten object, which the delete's re-read
+        then keeps (changed, copy removed). Versioned buckets: the source is deleted
+        by key, after the re-read and without per-object ETags (a delete marker): its
+        version stays as a noncurrent version (cleaned up with the other noncurrent
+        versions) and no older version becomes current again at the path; an object
+        written between the re-read and the delete is hidden by the marker, kept as a
+        noncurrent version."""
+        pairs = self._trash_batch(items, targets)
+        return self._trash_by_copy(
+            pairs, self._copy_to_trash, self._delete_moved, self._remove_copy, DELETE_PARALLEL
+        )
+
+    def _copy_to_trash(self, item: Planned, target: str) -> str | None:
+        source = {"Bucket": self.bucket, "Key": self._key(item.path)}
+        extra = {"CopySourceIfMatch": f'"{item.etag}"'} if item.etag else {}
+        try:
+            return self._copy_object(source, self._key(target), item.size, extra)
+        except StorageError as err:
+            code = _code(err)
+            if code in ("PreconditionFailed", "412"):
+                raise ChangedSincePlanError(f"{item.path}: written again since the plan") from err
+            if code == "NoSuchBucket":
+                raise BackendUnavailableError(f"trash {item.path}: {err}") from err
+            raise
+
+    def _copy_object(
+        self, source: dict[str, str], key: str, size: int | None, extra: dict[str, str]
+    ) -> str | None:
+        """CopyObject ``source`` to ``key`` (metadata copied), or boto3's managed copy
+        (multipart above :data:`MAX_COPY_OBJECT`) when ``size`` is above it or unknown;
+        the copy's version id where the bucket keeps versions and CopyObject said it."""
+        what = f"{source['Key']} -> {key}"
+        if size is None or size > MAX_COPY_OBJECT:
+            config = TransferConfig(
+                multipart_threshold=MAX_COPY_OBJECT,
+                multipart_chunksize=COPY_PART,
+                max_concurrency=UPLOAD_CONCURRENCY,
+            )
+            with self._op("copy", what):
+                self.client.copy(source, self.bucket, key, ExtraArgs=extra, Config=config)
+            return None
+        with self._op("copy", what):
+            resp = self.client.copy_object(
+                Bucket=self.bucket, Key=key, CopySource=source, MetadataDirective="COPY", **extra
+            )
+        version: str | None = resp.get("VersionId")
+        return version
+
+    def _delete_moved(self, items: Sequence[Planned]) -> DeleteResult:
+        """Delete sources copied to the trash: :meth:`delete_planned`, or on a versioned
+        bucket by key after the re-read (see :meth:`trash_planned`)."""
+        if not self.versioning():
+            return self.delete_planned(items)
+        unchanged, changed = self.recheck(items)
+        result = self._delete_objects([(i.path, None, None) for i in unchanged])
+        result.changed.extend(changed)
+        return result
+
+    def _remove_copy(self, target: str, version: str | None) -> None:
+        """Remove a trash copy this backend made (its version only, where known)."""
+        key = self._key(target)
+        kwargs = {"VersionId": version} if version else {}
+        with self._op("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=key, **kwargs)
+
+    def restore_from_trash(self, trash_key: str, path: str) -> ObjectInfo:
+        """HEAD the trash key (:class:`NotFoundError`) and ``path`` (taken:
+        :class:`PathTakenError`), CopyObject the trash object's version to ``path``,
+        then delete the trash key (by key: on a versioned bucket a delete marker, its
+        version noncurrent). moto ignores ``If-None-Match`` on CopyObject, so none is
+        sent: an object written at ``path`` between its HEAD and the copy would be
+        replaced (on a versioned bucket it stays as a noncurrent version). Called again
+        after a crash between the copy and the delete (``path`` holds the same bytes
+        as the trash object: size and ETag), it deletes the trash key and returns."""
+        self._restore_paths(trash_key, path)
+        source_key, key = self._key(trash_key), self._key(path)
+        trashed = self._head(trash_key, source_key)
+        try:
+            there = self._head(path, key)
+        except NotFoundError:
+            source = {"Bucket": self.bucket, "Key": source_key}
+            if trashed.generation:
+                source["VersionId"] = trashed.generation
+            try:
+                self._copy_object(source, key, trashed.size, {})
+            except StorageError as err:
+                if _code(err) == "NoSuchKey":  # (the trash object went away meanwhile)
+                    raise NotFoundError(f"restore {path}: {trash_key} is gone") from err
+                raise
+        else:
+            if (there.size, there.etag) != (trashed.size, trashed.etag) or not there.etag:
+                raise PathTakenError(f"restore {path}: the path holds a file") from None
+        self._remove_copy(trash_key, None)
+        return self.stat(path)
 
     def versioning(self) -> str:
         """The bucket's versioning status: ``"Enabled"``, ``"Suspended"``, or ``""``

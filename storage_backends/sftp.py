@@ -3,6 +3,11 @@
 ``dest.bucket`` is the base directory on the server; the root prefix lives under it.
 Host keys are always verified against ``credentials["known_hosts"]`` unless
 ``allow_unknown_host_key`` is set. Symlinks are never followed nor listed.
+
+Walks (scans, the upload temporaries) list the tree with one remote GNU ``find`` where
+the server lets us run it (destination option ``remote_listing``, default ``auto``; see
+:mod:`storage_backends.sftp_find`), else folder by folder over SFTP (:class:`_Walk`).
+Both yield the same files with the same fields.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import stat as stat_mod
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
 
@@ -28,6 +33,7 @@ import paramiko
 from paramiko import sftp as sftp_mod
 
 from core.pump import POLL, Outlet, Pump
+from storage_backends import sftp_find
 from storage_backends.base import (
     MAX_DELETE_BATCH,
     PAGE_SIZE,
@@ -36,6 +42,7 @@ from storage_backends.base import (
     DeleteResult,
     IncompleteUpload,
     ObjectInfo,
+    Planned,
     StorageBackend,
     same_object,
 )
@@ -45,12 +52,13 @@ from storage_backends.errors import (
     InvalidPathError,
     NotFoundError,
     PathConflictError,
+    PathTakenError,
     PermissionDeniedError,
     StorageError,
     TransientStorageError,
 )
 from storage_backends.local import TMP_PREFIX, upload_temporary_name
-from storage_backends.paths import normalize_root
+from storage_backends.paths import TRASH_DIR, normalize_root
 from storage_backends.retry import call_with_retry
 
 T = TypeVar("T")
@@ -69,6 +77,10 @@ IO_TIMEOUT = 60.0
 #: another lstat: a batch of deletes in one folder costs one check, not one per file.
 DIR_CHECK_TTL = 5.0
 DIR_CHECK_CACHE = 4096
+#: values of the destination option ``remote_listing``: ``auto`` lists with a remote
+#: ``find`` where the server runs one, ``find`` too (a server that does not: a warning),
+#: ``off`` always over SFTP
+REMOTE_LISTING = ("auto", "find", "off")
 _DROPPED = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
 
@@ -296,8 +308,14 @@ class SFTPBackend(StorageBackend):
         walk_connections: int = WALK_CONNECTIONS,
         timeout: float = 15.0,
         io_timeout: float = IO_TIMEOUT,
+        remote_listing: str = "auto",
     ) -> None:
         super().__init__(root)
+        if remote_listing not in REMOTE_LISTING:
+            raise BackendUnavailableError(
+                f"SFTP option remote_listing is {remote_listing!r}: one of "
+                + ", ".join(REMOTE_LISTING)
+            )
         self.host, self.port = host, port
         self.base = base_dir.rstrip("/") or "/"
         self.top = posixpath.join(self.base, root) if root else self.base
@@ -312,6 +330,14 @@ class SFTPBackend(StorageBackend):
         self._used = threading.local()  # the session this thread's last call ran on
         #: absolute folder -> monotonic time until which it is trusted (see _check_dirs)
         self._real_dirs: dict[str, float] = {}
+        #: whether the server has ``posix-rename@openssh.com`` (None: not tried yet)
+        self._posix_rename: bool | None = None
+        self.remote_listing = remote_listing
+        #: why walks do not use the remote listing (None: they do)
+        self._find_off: str | None = "option off" if remote_listing == "off" else None
+        self._find_logged = False  # why not: logged once per backend
+        #: how the latest walk lists: ``find`` (remote listing) or ``sftp``
+        self.last_listing = ""
 
     # -- connection ------------------------------------------------------------------
     def _connect(self) -> paramiko.SSHClient:
@@ -493,7 +519,8 @@ class SFTPBackend(StorageBackend):
             return path
 
     def walk(self, prefix: str = "", page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
-        """Every regular file under ``prefix``; directories listed by parallel channels.
+        """Every regular file under ``prefix``: one remote ``find``, or directories
+        listed by parallel channels (see :meth:`_walk`).
 
         Symlinks are skipped (lstat semantics of ``listdir_attr``), so no loops. Order is
         unspecified. A missing start directory is an empty listing.
@@ -505,7 +532,124 @@ class SFTPBackend(StorageBackend):
         self, prefix: str, page_size: int, temporaries: bool = False
     ) -> Iterator[list[ObjectInfo]]:
         """Files under ``prefix``, upload temporaries left out; with ``temporaries``
-        only those (:meth:`list_incomplete_uploads`). ``walk_threads`` threads list
+        only those (:meth:`list_incomplete_uploads`).
+
+        Listed by one remote ``find`` (:mod:`~storage_backends.sftp_find`) unless the
+        option ``remote_listing`` is ``off`` or the server does not run it (the first
+        listing tells, see :meth:`_find_usable`); a remote listing that fails before
+        its first page is out gives way to the SFTP walk (:meth:`_walk_sftp`; logged
+        once), one that fails after raises a :class:`StorageError`: two listings are
+        never mixed.
+        """
+        if not self._find_usable():
+            self.last_listing = "sftp"
+            yield from self._walk_sftp(prefix, page_size, temporaries)
+            return
+        attrs = self._walk_start(prefix)
+        if attrs is None:
+            self.last_listing = "find"  # (no command needed)
+            return  # missing, or under a file: an empty listing, as the SFTP walk's
+        listing: sftp_find.RemoteListing | None = None
+        try:
+            with self._op("find", prefix or "/"):
+                listing = sftp_find.RemoteListing(
+                    self._client().get_transport(),  # type: ignore[arg-type]
+                    self._abs(prefix),
+                    attrs,
+                    prefix,
+                    page_size,
+                    temporaries=temporaries,
+                    timeout=self.timeout,
+                    io_timeout=self.io_timeout,
+                )
+                first = next(listing, None)
+        except StorageError as err:
+            if listing is not None:
+                listing.close()
+            self._find_failed(err)
+            self.last_listing = "sftp"
+            yield from self._walk_sftp(prefix, page_size, temporaries)
+            return
+        self.last_listing = "find"
+        try:
+            if first is None:
+                return
+            yield first
+            try:
+                yield from listing
+            except Exception as err:
+                raise translate(err, f"remote listing {prefix or '/'}") from err
+        finally:
+            listing.close()
+
+    def _walk_start(self, prefix: str) -> paramiko.SFTPAttributes | None:
+        """The start folder's ``stat`` (followed, as the walk's ``opendir`` follows it),
+        after the walk's own checks of the folders on the way; None when it is missing
+        or not a folder. On an SFTP channel of its own, as the SFTP walk's threads
+        (the backend's session is the caller's: a scan resolves folders meanwhile)."""
+        used: list[paramiko.SSHClient] = []
+
+        def attempt() -> paramiko.SFTPAttributes | None:
+            with self._op("list", prefix or "/"):
+                used[:] = [self._client()]
+                sftp = self._open_sftp(used[0])
+                try:
+                    self._check_dirs(sftp, prefix)
+                    attrs = sftp.stat(self._abs(prefix))
+                except (FileNotFoundError, PathConflictError):
+                    return None
+                finally:
+                    with contextlib.suppress(Exception):
+                        sftp.close()
+                return attrs if stat_mod.S_ISDIR(_mode(attrs)) else None
+
+        def reconnect(_err: BaseException) -> None:
+            # (the connection died or went silent: the next attempt makes a new one)
+            transport = used[0].get_transport() if used else None
+            if transport is not None:
+                transport.close()
+
+        return call_with_retry(
+            self,
+            attempt,
+            attempts=WALK_ATTEMPTS,
+            transient=lambda err: isinstance(err, TransientStorageError),
+            on_retry=reconnect,
+        )
+
+    def _find_usable(self) -> bool:
+        """Whether this walk tries the remote listing: the option allows it and no
+        listing of this backend has failed before its first page. There is no separate
+        probe: the first listing is one (its echo of the start folder proves that the
+        server runs commands, that its ``find`` is GNU ``find`` with ``-printf``, and
+        that it sees the folder the SFTP session sees) and costs no extra command (a
+        command costs a login shell's start on the server)."""
+        return self._find_off is None
+
+    def _find_failed(self, err: StorageError) -> None:
+        """A remote listing failed before its first page: this walk goes over SFTP, and
+        so do the backend's next ones (unless the connection dropped, or the start
+        folder changed while the command started)."""
+        reason = f"{type(err).__name__}: {err}"
+        if not isinstance(err, TransientStorageError) and getattr(err, "lasting", True):
+            self._find_off = reason
+        self._find_unused(reason)
+
+    def _find_unused(self, reason: str) -> None:
+        level = logging.WARNING if self.remote_listing == "find" else logging.INFO
+        if not self._find_logged:
+            self._find_logged = True
+            log.log(
+                level,
+                "SFTP %s: no remote listing (%s): folders are listed over SFTP",
+                self.endpoint_name,
+                reason[:500],
+            )
+
+    def _walk_sftp(
+        self, prefix: str, page_size: int, temporaries: bool = False
+    ) -> Iterator[list[ObjectInfo]]:
+        """The SFTP walk (see :meth:`_walk`). ``walk_threads`` threads list
         folders (a :class:`_Walk`) and hand each folder's files over through a
         :class:`~core.pump.Pump`; they are put in pages of ``page_size`` here."""
         walk = _Walk(self, prefix, temporaries)
@@ -695,6 +839,104 @@ class SFTPBackend(StorageBackend):
             raise ValueError(f"delete_many takes at most {MAX_DELETE_BATCH} keys")
         return super().delete_many(keys)
 
+    # -- trash -------------------------------------------------------------------------
+    def trash_planned(self, items: Sequence[Planned], targets: Mapping[str, str]) -> DeleteResult:
+        """Each file: ``lstat``, the identity check (size and mtime, whole seconds in
+        SFTP v3), then ``posix-rename@openssh.com`` into the trash folder (created once
+        per call), atomic on the server's filesystem; a server without the extension
+        gets a plain ``rename``. A write to the file between the ``lstat`` and the
+        rename is not seen (as with :meth:`delete_planned`'s remove). A trash key that
+        holds a file already is never overwritten (that key: an error). A request
+        whose connection drops is retried on a new one; a connection that stays lost
+        fails the batch."""
+        pairs = self._trash_batch(items, targets)
+        folders = sorted({posixpath.dirname(target) for _item, target in pairs})
+
+        def makedirs(sftp: paramiko.SFTPClient) -> None:
+            for folder in folders:
+                self._check_dirs(sftp, folder + "/")  # no symlink, the folder's own included
+                self._makedirs(sftp, self._abs(folder))
+
+        if folders:
+            self._call("mkdir", TRASH_DIR, makedirs)
+        result, done = self._each_key(pairs, self._move_to_trash)
+        result.deleted.extend(item.path for item, _target, _none in done)
+        return result
+
+    def _move_to_trash(self, item: Planned, target: str) -> None:
+        source, dest = self._abs(item.path), self._abs(target)
+
+        def move(sftp: paramiko.SFTPClient) -> None:
+            try:
+                self._check_dirs(sftp, item.path)
+                attrs = sftp.lstat(source)
+            except (FileNotFoundError, PathConflictError):
+                return  # gone already (a re-run after a crash, or a retry: moved)
+            if not stat_mod.S_ISREG(_mode(attrs)):
+                return  # no file there (a folder or a link is no file of a backup)
+            now = ObjectInfo(item.path, int(attrs.st_size or 0), _mtime(attrs))
+            if not same_object(item, now):
+                raise ChangedSincePlanError(f"{item.path}: written again since the plan")
+            self._check_dirs(sftp, target)
+            if _exists(sftp, dest):
+                raise StorageError(f"trash {item.path}: {target} holds a file already")
+            try:
+                self._rename_over(sftp, source, dest)
+            except FileNotFoundError:
+                if _exists(sftp, source):
+                    raise  # (the trash folder went away)
+
+        self._call("trash", item.path, move)
+
+    def _rename_over(self, sftp: paramiko.SFTPClient, source: str, dest: str) -> None:
+        """``posix-rename@openssh.com`` (atomic; replaces ``dest``), or plain ``rename``
+        where the server answers that it lacks the extension."""
+        if self._posix_rename is not False:
+            try:
+                sftp.posix_rename(source, dest)
+            except OSError as err:
+                if err.errno is not None or "unsupported" not in str(err).lower():
+                    raise
+                self._posix_rename = False
+                log.info("SFTP %s has no posix-rename: plain rename", self.endpoint_name)
+            else:
+                self._posix_rename = True
+                return
+        sftp.rename(source, dest)
+
+    def restore_from_trash(self, trash_key: str, path: str) -> ObjectInfo:
+        """Plain SFTP ``rename`` of the trash file to ``path`` (missing folders created
+        first), which OpenSSH refuses when ``path`` exists (a file or a folder:
+        :class:`PathTakenError`, also found by an ``lstat`` before). The rename is one
+        step: called again after it went through, the trash key is gone
+        (:class:`NotFoundError`) and the file is at ``path``. Servers whose plain
+        ``rename`` replaces an existing target leave a window between the ``lstat`` and
+        the rename in which a file written at ``path`` would be replaced."""
+        self._restore_paths(trash_key, path)
+        source, dest = self._abs(trash_key), self._abs(path)
+
+        def restore(sftp: paramiko.SFTPClient) -> None:
+            try:
+                self._check_dirs(sftp, trash_key)
+                attrs = sftp.lstat(source)
+            except (FileNotFoundError, PathConflictError) as err:
+                raise NotFoundError(f"restore {path}: {trash_key} is not in the trash") from err
+            if not stat_mod.S_ISREG(_mode(attrs)):
+                raise NotFoundError(f"restore {path}: {trash_key} is not a file")
+            self._check_dirs(sftp, path)  # a folder on the way a file: PathConflictError
+            if _exists(sftp, dest):
+                raise PathTakenError(f"restore {path}: the path holds a file")
+            self._makedirs(sftp, posixpath.dirname(dest))
+            try:
+                sftp.rename(source, dest)
+            except OSError as err:
+                if _exists(sftp, dest):
+                    raise PathTakenError(f"restore {path}: the path holds a file") from err
+                raise
+
+        self._call("restore", path, restore)
+        return self.stat(path)
+
     def close(self) -> None:
         """Close the SSH connection."""
         self._drop()
@@ -733,10 +975,19 @@ def _listdir_raw(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttr
     return out
 
 
+def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
+    """Whether anything (a file, a folder, a link) is at ``path`` (lstat)."""
+    try:
+        sftp.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _usable(attrs: paramiko.SFTPAttributes) -> bool:
     mode = _mode(attrs)
-    if attrs.filename.startswith(TMP_PREFIX):
-        return False
+    if attrs.filename.startswith(TMP_PREFIX) or attrs.filename == TRASH_DIR:
+        return False  # upload temporaries, and the trash (restored, never browsed)
     return stat_mod.S_ISDIR(mode) or stat_mod.S_ISREG(mode)
 
 
@@ -764,7 +1015,9 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
     ``credentials``: ``username`` and ``password`` or ``private_key`` (PEM text) or
     ``private_key_path``; ``known_hosts`` (OpenSSH lines); ``allow_unknown_host_key``.
     ``dest.bucket`` is the base directory; ``dest.options``: ``walk_threads``,
-    ``walk_connections``, ``timeout``, ``io_timeout``.
+    ``walk_connections``, ``timeout``, ``io_timeout``, ``remote_listing`` (``auto``,
+    the default, or ``find``: walks list with one remote GNU ``find`` where the server
+    runs it, else over SFTP, ``find`` warning when it cannot; ``off``: over SFTP).
     """
     host, port = parse_endpoint(dest.endpoint)
     options = dict(dest.options or {})
@@ -778,4 +1031,5 @@ def from_destination(dest: Any, credentials: dict[str, Any], settings: Any) -> S
         walk_connections=int(options.get("walk_connections", WALK_CONNECTIONS)),
         timeout=float(options.get("timeout", 15.0)),
         io_timeout=float(options.get("io_timeout", IO_TIMEOUT)),
+        remote_listing=str(options.get("remote_listing", "auto")),
     )

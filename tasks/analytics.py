@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from storage_backends.base import IncompleteUpload, ObjectInfo, ObjectVersion
+from storage_backends.paths import TRASH_DIR, in_trash
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
     ("<1d", 1),
@@ -113,6 +114,8 @@ class ScanStats:
     ambiguous_sample: list[str] = field(default_factory=list)
     #: files whose name is not valid UTF-8 (local, SFTP): kept, never planned, reported
     undecodable: _Tally = field(default_factory=_Tally)
+    #: files waiting in a trash area (:meth:`set_aside_trash`): not live, not orphans
+    trash: _Tally = field(default_factory=_Tally)
     undecodable_sample: list[str] = field(default_factory=list)
     by_prefix: dict[str, _Tally] = field(default_factory=dict)
     by_type: dict[str, _Tally] = field(default_factory=dict)
@@ -150,6 +153,21 @@ class ScanStats:
                 len(infos) - len(keep),
                 self.undecodable_sample[-1] if self.undecodable_sample else "?",
             )
+        return keep
+
+    def set_aside_trash(self, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]:
+        """Count the files in a trash area (:func:`storage_backends.paths.in_trash`:
+        this destination's ``.ocore-trash/``, or a nested destination's) apart and
+        return the others. A file in the trash is no live file (not in ``total``), never
+        an orphan and never linked: it waits for its undo window to end (SAFETY rule 22)."""
+        if not any(TRASH_DIR in o.path for o in infos):
+            return list(infos)  # (the common page: one substring test a name)
+        keep: list[ObjectInfo] = []
+        for o in infos:
+            if in_trash(o.path):
+                self.trash.add(o.size)
+            else:
+                keep.append(o)
         return keep
 
     def add_page(
@@ -361,6 +379,8 @@ class ScanStats:
                 "sample": self.undecodable_sample,
             },
             "missing_records": missing,
+            # files waiting in a trash area (rule 22): not live, not orphans
+            "trash": self.trash.as_dict(),
             "by_prefix": top(self.by_prefix, top_n),
             "by_age": {k: v.as_dict() for k, v in self.by_age.items()},
             "by_type": top(self.by_type, 20),

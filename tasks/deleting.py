@@ -33,21 +33,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, insert, or_, select, text, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import shutdown
 from db.locks import Lease, check_and_renew
 from db.models import ACTIVE_JOB_STATUSES, BackupDestination, DeletionAudit, Job
-from db.session import db_now, is_postgresql, update_by_ids
+from db.session import db_now, execute_binary, is_postgresql, update_by_ids
 from db.types import as_utc, utcnow
 from storage_backends.base import (
     MAX_DELETE_BATCH,
     DeleteResult,
     StorageBackend,
+    same_object,
 )
 from storage_backends.errors import InvalidPathError, NotFoundError, StorageError
 from storage_backends.identity import location_key
+from storage_backends.paths import trash_key
 from tasks.intents import intents_over
 from tasks.linking import find_links
 
@@ -81,8 +83,20 @@ class BatchOutcome:
     #: sent: only an expired upload intent covered it (reported, not trusted)
     expired_intent: list[str] = field(default_factory=list)
 
+    #: the batch went into the trash (SAFETY rule 22): ``deleted`` are the files moved
+    #: there, restorable until then; nothing is freed yet
+    trash_until: datetime | None = None
+
     @property
     def bytes_freed(self) -> int:
+        if self.trash_until is not None:
+            return 0
+        return sum(d.size or 0 for d in self.deleted)
+
+    @property
+    def bytes_trashed(self) -> int:
+        if self.trash_until is None:
+            return 0
         return sum(d.size or 0 for d in self.deleted)
 
 
@@ -140,6 +154,19 @@ class DeleteContext:
     #: version id, sent with ``StorageBackend.delete_noncurrent`` and kept in the audit
     #: row's ``upload_id`` too (SAFETY rule 5d)
     versions: bool = False
+    #: the undo window (SAFETY rule 22, :mod:`tasks.trash`): above 0, each file is moved
+    #: into the destination's trash (``StorageBackend.trash_planned``), restorable for
+    #: this many days, instead of being deleted
+    trash_days: int = 0
+    #: emptying the trash: the original path of each trash key, whose links and upload
+    #: intents are re-checked in its place (a record or an intent there keeps it)
+    originals: dict[str, str] | None = None
+    #: set by :func:`repair_pending` while it re-sends an earlier attempt's batches
+    repairing: bool = False
+
+    @property
+    def trashing(self) -> bool:
+        return self.trash_days > 0 and not self.versions
 
 
 def delete_batch(ctx: DeleteContext, items: Sequence[Doomed], finalize: Finalize) -> BatchOutcome:
@@ -244,16 +271,22 @@ def _prepare(ctx: DeleteContext, items: Sequence[Doomed]) -> _Prepared:
     outcome = BatchOutcome()
     by_path = {d.path: d for d in items}
     check_and_renew(session, ctx.lease, ctx.lease_seconds)
-    links = find_links(session, ctx.dest, list(by_path), destinations=ctx.destinations)
-    outcome.kept = [p for p, refs in links.items() if refs]
-    doomed = [by_path[p] for p in by_path if not links[p]]
+    # (emptying the trash: what is re-checked is each trash file's original path)
+    subject = ctx.originals.get if ctx.originals is not None else None
+
+    def of(path: str) -> str:
+        return subject(path, path) if subject is not None else path
+
+    links = find_links(session, ctx.dest, [of(p) for p in by_path], destinations=ctx.destinations)
+    outcome.kept = [p for p in by_path if links[of(p)]]
+    doomed = [by_path[p] for p in by_path if not links[of(p)]]
     # a live upload intent keeps its files (rule 12a), read in this same transaction
     intents = intents_over(
-        session, ctx.dest, [d.path for d in doomed], destinations=ctx.destinations
+        session, ctx.dest, [of(d.path) for d in doomed], destinations=ctx.destinations
     )
-    outcome.kept_intent = [d.path for d in doomed if d.path in intents.live]
-    outcome.expired_intent = [d.path for d in doomed if d.path in intents.expired_only]
-    doomed = [d for d in doomed if d.path not in intents.live]
+    outcome.kept_intent = [d.path for d in doomed if of(d.path) in intents.live]
+    outcome.expired_intent = [d.path for d in doomed if of(d.path) in intents.expired_only]
+    doomed = [d for d in doomed if of(d.path) not in intents.live]
     # A key the backend cannot send back exactly ('a//b', '/a', a 'dir/' marker) stays
     # and is reported per key: it must not fail the whole batch, nor every later run.
     unsendable = _unsendable(ctx.backend, doomed)
@@ -283,6 +316,16 @@ def _send(ctx: DeleteContext, prepared: _Prepared) -> DeleteResult | None:
         return None
     if ctx.versions:
         return ctx.backend.delete_noncurrent(prepared.doomed)
+    if ctx.trashing:  # the undo window: moved into the trash, restorable (rule 22)
+        targets = {d.path: trash_key(prepared.audit_ids[d.path]) for d in prepared.doomed}
+        moved: list[str] = []
+        doomed: Sequence[Doomed] = prepared.doomed
+        if ctx.repairing:  # an earlier attempt may have moved some already
+            moved = _moved_already(ctx.backend, doomed, targets)
+            doomed = [d for d in doomed if d.path not in moved]
+        result = ctx.backend.trash_planned(doomed, targets) if doomed else DeleteResult()
+        result.deleted.extend(moved)
+        return result
     return ctx.backend.delete_planned(prepared.doomed)
 
 
@@ -300,7 +343,18 @@ def _close(
         outcome.deleted = [d for d in prepared.doomed if d.path not in gone]
     now = db_now(session)
     # every key sent has its row id (_write_pending returns one per doomed key)
-    _set_audit_ids(session, [prepared.audit_ids[d.path] for d in outcome.deleted], now)
+    sent_ids = [prepared.audit_ids[d.path] for d in outcome.deleted]
+    if ctx.trashing and result is not None:  # in the trash until then (rule 22)
+        outcome.trash_until = now + timedelta(days=ctx.trash_days)
+        update_by_ids(
+            session,
+            DeletionAudit.id,
+            sent_ids,
+            {"state": "trashed", "deleted_at": now, "error": None,
+             "trash_until": outcome.trash_until},
+        )  # fmt: skip
+    else:
+        _set_audit_ids(session, sent_ids, now)
     for path, err in outcome.failed.items():
         session.execute(
             update(DeletionAudit)
@@ -390,7 +444,8 @@ def _write_pending(
         # One statement with one array per column (no 12,000-placeholder VALUES list);
         # the unique (job_id, destination_id, path) constraint skips existing rows.
         ids = [uuid.uuid4() for _ in doomed]
-        res = session.execute(
+        res = execute_binary(
+            session,
             _INSERT_PENDING,
             {
                 "ids": ids,
@@ -407,7 +462,7 @@ def _write_pending(
                 "now": now,
             },
         )
-        if res.rowcount == len(doomed):  # type: ignore[attr-defined]
+        if res.rowcount == len(doomed):
             return {d.path: i for d, i in zip(doomed, ids, strict=True)}
         # some rows existed (an earlier attempt): read every row's id back
         return _audit_ids(session, ctx, [d.path for d in doomed])
@@ -438,18 +493,18 @@ def _write_pending(
     return out
 
 
-_INSERT_PENDING = text(
-    """
+#: psycopg placeholders, binary parameters (:func:`db.session.execute_binary`)
+_INSERT_PENDING = """
     INSERT INTO deletion_audit (id, destination_id, location_key, path, size_bytes,
         last_modified, etag, generation, reason, job_id, actor, state, created_at)
-    SELECT t.id, :dest, :loc, t.path, t.size, t.lm, t.etag, t.gen, :reason, :job, :actor,
-        'pending', :now
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
-        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[]), CAST(:gens AS varchar[]))
+    SELECT t.id, %(dest)b, %(loc)b, t.path, t.size, t.lm, t.etag, t.gen, %(reason)b,
+        %(job)b, %(actor)b, 'pending', %(now)b
+    FROM unnest(CAST(%(ids)b AS uuid[]), CAST(%(paths)b AS varchar[]),
+        CAST(%(sizes)b AS bigint[]), CAST(%(lms)b AS timestamptz[]),
+        CAST(%(etags)b AS varchar[]), CAST(%(gens)b AS varchar[]))
         AS t(id, path, size, lm, etag, gen)
     ON CONFLICT (job_id, destination_id, path) DO NOTHING
     """
-)
 
 
 def _audit_ids(session: Session, ctx: DeleteContext, paths: list[str]) -> dict[str, uuid.UUID]:
@@ -476,11 +531,22 @@ def _unsendable(backend: StorageBackend, items: Sequence[Doomed]) -> dict[str, s
     return out
 
 
-def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
+def repair_pending(ctx: DeleteContext, finalize: Finalize, *, settle: bool = True) -> int:
     """Finish the batches an earlier attempt of this job left half done (rule 20):
-    every ``pending`` audit row is re-checked and its key deleted again (a key
-    already gone counts as deleted). Returns how many rows were repaired."""
-    settle_abandoned(ctx)
+    every ``pending`` audit row of ``ctx.reason`` is re-checked and its key deleted (or
+    moved into the trash) again (a key already gone counts as done). Returns how many
+    rows were repaired. ``settle``: first close what other, finished jobs left
+    (:func:`settle_abandoned`)."""
+    if settle:
+        settle_abandoned(ctx)
+    ctx.repairing = True
+    try:
+        return _repair(ctx, finalize)
+    finally:
+        ctx.repairing = False
+
+
+def _repair(ctx: DeleteContext, finalize: Finalize) -> int:
     repaired = 0
     while True:
         rows = ctx.session.execute(
@@ -496,6 +562,8 @@ def repair_pending(ctx: DeleteContext, finalize: Finalize) -> int:
                 DeletionAudit.destination_id == ctx.dest.id,
                 DeletionAudit.state == "pending",
                 DeletionAudit.upload_id.is_(None),  # uploads: tasks.uploads repairs them
+                # (a purge also empties the trash: each part repairs its own rows)
+                DeletionAudit.reason == ctx.reason,
             )
             .limit(MAX_DELETE_BATCH)
         ).all()
@@ -546,6 +614,12 @@ def settle_abandoned(ctx: DeleteContext) -> int:
             values: dict[str, object] = {"state": "abandoned"}
         except NotFoundError:
             values = {"state": "deleted", "deleted_at": now}
+            if reason in TRASHED_REASONS and _in_trash_now(ctx.backend, audit_id):
+                # moved into the trash before its job ended: restorable (rule 22), for
+                # this destination's window (at least a day: the job's is not known)
+                days = max(ctx.trash_days, 1)
+                values = {"state": "trashed", "deleted_at": now,
+                          "trash_until": now + timedelta(days=days)}  # fmt: skip
         except StorageError as err:
             values = {"state": "abandoned", "error": f"{type(err).__name__}: {err}"[:2000]}
         if reason == "overwrite":  # whether the upload replaced it is not known
@@ -556,6 +630,43 @@ def settle_abandoned(ctx: DeleteContext) -> int:
         session.execute(update(DeletionAudit).where(DeletionAudit.id == audit_id).values(**values))
     session.commit()
     return len(rows)
+
+
+#: the audit reasons whose files may have gone into the trash (rule 22)
+TRASHED_REASONS = ("orphan", "purge")
+
+
+def _moved_already(
+    backend: StorageBackend, items: Sequence[Doomed], targets: dict[str, str]
+) -> list[str]:
+    """The keys of an earlier attempt's batch that reached the trash already while
+    another file was written at their path since: those are not sent again (a copy
+    over their trash key would replace the file moved there on servers that ignore a
+    copy's source condition). The batch is re-read the way a delete re-checks it
+    (:meth:`StorageBackend.current`: a listing per folder on object stores); only a key
+    whose object changed costs one more read, of its trash key. A key that is gone or
+    still the planned object is sent as planned (gone counts as moved; the planned
+    object is copied again, the same bytes, then deleted)."""
+    now = backend.current([d.path for d in items])
+    out: list[str] = []
+    for d in items:
+        info = now.get(d.path)
+        if info is None or same_object(d, info):
+            continue
+        try:
+            backend.stat(targets[d.path])
+        except StorageError:
+            continue  # not in the trash: trash_planned keeps it as changed
+        out.append(d.path)  # moved; what is at the path now is another file
+    return out
+
+
+def _in_trash_now(backend: StorageBackend, audit_id: uuid.UUID) -> bool:
+    try:
+        backend.stat(trash_key(audit_id))
+    except StorageError:
+        return False
+    return True
 
 
 def _set_audit_ids(session: Session, ids: list[uuid.UUID], at: datetime) -> None:

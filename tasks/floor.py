@@ -10,8 +10,8 @@ record of a backup whose file is missing still reports it missing).
 
 Two floors, both always enforced:
 
-- per instance, across every destination: ``OCORE_MIN_BACKUPS_PER_INSTANCE`` (default
-  1; 0 = none);
+- per instance, across every destination: ``OCORE_MIN_BACKUPS_PER_INSTANCE`` (0 = none,
+  the default; 1 in the shipped deployments);
 - per instance within one destination: the destination policy's ``min_backups``
   (``destination_policies.min_backups``), null meaning the same setting. A destination
   may so ask for more within it (2: two backups on this storage), or set 0 (no floor

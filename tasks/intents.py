@@ -40,7 +40,7 @@ from storage_backends.paths import normalize_root
 from tasks.linking import ancestors, loose, overlapping_destinations
 
 #: why an intent was released
-RELEASE_REASONS = ("deleted", "record", "upload_done")
+RELEASE_REASONS = ("deleted", "record", "upload_done", "restore_failed")
 #: expired (never released) intents are read for the report this long after expiry
 EXPIRED_REPORT_DAYS = 30
 #: intents the reaper releases per transaction, and transactions per reaper pass
@@ -155,9 +155,11 @@ def create_intent(
     path: str,
     ttl_seconds: int,
     owner: str,
+    *,
+    commit: bool = True,
 ) -> UploadIntent:
     """A new live intent over ``path`` (a prefix when it ends in '/') for ``ttl_seconds``
-    from the database's now; committed."""
+    from the database's now; committed (``commit=False``: in the caller's transaction)."""
     now = db_now(session)
     intent = UploadIntent(
         destination_id=dest.id,
@@ -168,7 +170,10 @@ def create_intent(
         expires_at=now + timedelta(seconds=ttl_seconds),
     )
     session.add(intent)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return intent
 
 
@@ -193,8 +198,11 @@ def renew_intent(session: Session, intent_id: uuid.UUID, ttl_seconds: int) -> da
     return until
 
 
-def release_intent(session: Session, intent_id: uuid.UUID, reason: str) -> bool:
-    """Release an intent (committed); False when it was released already."""
+def release_intent(
+    session: Session, intent_id: uuid.UUID, reason: str, *, commit: bool = True
+) -> bool:
+    """Release an intent (committed unless ``commit=False``); False when it was released
+    already."""
     if reason not in RELEASE_REASONS:
         raise ValueError(f"release reason {reason!r}: one of {RELEASE_REASONS}")
     res = session.execute(
@@ -202,7 +210,8 @@ def release_intent(session: Session, intent_id: uuid.UUID, reason: str) -> bool:
         .where(UploadIntent.id == intent_id, UploadIntent.released_at.is_(None))
         .values(released_at=db_now(session), release_reason=reason)
     )
-    session.commit()
+    if commit:
+        session.commit()
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 

@@ -17,13 +17,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.locks import Lease, check_and_renew
 from db.models import BackupDestination, CleanupCandidate, Job
-from db.session import db_now, is_postgresql, update_by_ids
+from db.session import db_now, execute_binary, is_postgresql, update_by_ids
 from db.types import as_utc
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from tasks.deleting import (
@@ -46,6 +46,7 @@ from tasks.scan import (
     run_scan,
 )
 from tasks.sightings import unconfirmed_figures
+from tasks.trash import effective_trash_days
 from tasks.uploads import UploadPlan, abort_uploads, result_figures
 from tasks.versions import VERSIONED, remove_noncurrent, versioning_figures
 
@@ -83,7 +84,8 @@ def _plan(
 
     def write(infos: list[ObjectInfo]) -> None:
         if is_postgresql(session):  # one array per column, not a VALUES list per row
-            session.execute(
+            execute_binary(
+                session,
                 _INSERT_CANDIDATES,
                 {
                     "job": job.id,
@@ -292,16 +294,15 @@ def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
     return None
 
 
-_INSERT_CANDIDATES = text(
-    """
+#: psycopg placeholders, binary parameters (:func:`db.session.execute_binary`)
+_INSERT_CANDIDATES = """
     INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag,
         generation, state)
-    SELECT :job, t.path, t.size, t.lm, t.etag, t.gen, 'planned'
-    FROM unnest(CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
-        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[]), CAST(:gens AS varchar[]))
-        AS t(path, size, lm, etag, gen)
+    SELECT %(job)b, t.path, t.size, t.lm, t.etag, t.gen, 'planned'
+    FROM unnest(CAST(%(paths)b AS varchar[]), CAST(%(sizes)b AS bigint[]),
+        CAST(%(lms)b AS timestamptz[]), CAST(%(etags)b AS varchar[]),
+        CAST(%(gens)b AS varchar[])) AS t(path, size, lm, etag, gen)
     """
-)
 
 
 def _planned(session: Session, job: Job, ids: dict[str, int]) -> Iterator[list[Doomed]]:
@@ -456,8 +457,12 @@ def run_orphan_cleanup(
         destinations=overlapping_destinations(session, dest, backend.resolve_dir),
         # SFTP shares one session; the local disk gains nothing from threads
         in_flight=settings.cleanup_deletes_in_flight if dest.kind in ("s3", "gcs") else 1,
+        # the undo window (rule 22): files go into the trash, restorable, for this long
+        trash_days=effective_trash_days(session, dest, settings),
     )
+    result["trash_days"] = ctx.trash_days
     totals = {"deleted_files": 0, "bytes_freed": 0, "failed_files": 0, "kept_linked": 0}
+    totals["trashed_files"] = totals["trashed_bytes"] = 0  # of deleted_files: restorable
     totals["changed_since_plan"] = 0
     totals["kept_intent"] = totals["expired_intents"] = 0  # upload intents (rule 12a)
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
@@ -483,6 +488,9 @@ def run_orphan_cleanup(
         totals["changed_since_plan"] += len(out.changed)
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
+        if out.trash_until is not None:
+            totals["trashed_files"] += len(out.deleted)
+            totals["trashed_bytes"] += out.bytes_trashed
         totals["failed_files"] += len(out.failed)
         totals["kept_linked"] += len(out.kept)
         job.progress = {**(job.progress or {}), "phase": "deleting", "totals": dict(totals)}

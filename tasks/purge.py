@@ -36,7 +36,7 @@ from db.models import BackupDestination, Job, PendingDeletion
 from db.types import as_utc
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from storage_backends.errors import InvalidPathError, NotFoundError
-from storage_backends.paths import validate_path
+from storage_backends.paths import in_trash, validate_path
 from tasks.deleting import (
     BatchOutcome,
     DeleteContext,
@@ -49,6 +49,7 @@ from tasks.deleting import (
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
 from tasks.scan import Progress
+from tasks.trash import effective_trash_days, empty_expired
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def _files_of(
 
     if path.endswith("/"):
         for page in backend.walk(path):
-            page = [o for o in page if keep(o)]
+            # (a trash area under the folder is no file of the record: rule 22)
+            page = [o for o in page if not in_trash(o.path) and keep(o)]
             for i in range(0, len(page), MAX_DELETE_BATCH):
                 yield [
                     Doomed(o.path, o.size, o.last_modified, o.etag, o.generation)
@@ -146,13 +148,18 @@ def run_purge(
         job_id=job.id,
         actor=job.requested_by,
         destinations=overlapping_destinations(session, dest, backend.resolve_dir),
+        # the undo window (rule 22): the files go into the trash, restorable, this long
+        trash_days=effective_trash_days(session, dest, settings),
     )
     totals = {"records": 0, "deleted_files": 0, "bytes_freed": 0, "failed_files": 0}
+    totals["trashed_files"] = totals["trashed_bytes"] = 0  # of deleted_files: restorable
     totals["kept_linked"] = 0
     totals["changed_since_plan"] = 0  # written again since the listing: kept (rule 5a)
     totals["kept_newer"] = 0  # written after the purge was requested: not the record's
     totals["kept_intent"] = 0  # under a live upload intent: kept, its debt dropped (12a)
     totals["expired_intents"] = 0  # only an expired upload intent covered it: deleted
+    # the trash whose undo window ended, emptied by this job (rule 22)
+    totals["trash_emptied_files"] = totals["trash_emptied_bytes"] = totals["trash_kept"] = 0
     # Counts of earlier attempts, saved with the batches they count (rule 20).
     totals.update({k: int(v) for k, v in (job.progress or {}).get("totals", {}).items()})
     totals["invalid_paths"] = 0  # recounted by every run: their rows stay
@@ -168,6 +175,9 @@ def run_purge(
         failures.add(out)
         totals["deleted_files"] += len(out.deleted)
         totals["bytes_freed"] += out.bytes_freed
+        if out.trash_until is not None:
+            totals["trashed_files"] += len(out.deleted)
+            totals["trashed_bytes"] += out.bytes_trashed
         totals["failed_files"] += len(out.failed)
         totals["kept_linked"] += len(out.kept)
         totals["changed_since_plan"] += len(out.changed)
@@ -194,6 +204,26 @@ def run_purge(
             _purge_one(ctx, backend, pending_id, path, totals, count, record_done, requested)
             if progress:
                 progress("deleting", totals["deleted_files"])
+
+    # then the trash files whose undo window ended (rule 22; the reaper requests a purge
+    # for every destination that has some)
+    def count_trash(s: Session, out: BatchOutcome) -> None:
+        # saved with the batch that counts it, as the purge's own counts (rule 20)
+        failures.add(out)
+        emptied = sum(d.size or 0 for d in out.deleted)
+        totals["trash_emptied_files"] += len(out.deleted)
+        totals["trash_emptied_bytes"] += emptied
+        totals["bytes_freed"] += emptied
+        totals["trash_kept"] += len(out.kept) + len(out.kept_intent)
+        totals["failed_files"] += len(out.failed)  # (audit reason 'trash', state failed)
+        save(s)
+
+    empty_expired(
+        session, backend, dest, job.id, job.requested_by, lease, settings.lock_lease_seconds,
+        destinations=ctx.destinations,
+        progress=(lambda n: progress("emptying trash", n)) if progress else None,
+        on_batch=count_trash,
+    )  # fmt: skip
     if totals["invalid_paths"]:
         error = (
             f"{totals['invalid_paths']} pending deletion(s) have unsafe paths: never sent "

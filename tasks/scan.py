@@ -369,6 +369,7 @@ def run_scan(
             listed += len(page)
             if not _all_text(page):
                 page = stats.set_aside_undecodable(page)  # kept, never planned: rule 5
+            page = stats.set_aside_trash(page)  # the undo window's files (rule 22)
             classified = index.classify([o.path for o in page], loose_all=loose_all)
             candidates = stats.add_page(page, classified.owner, classified.ambiguous)
             if candidates:

@@ -1,8 +1,9 @@
 """Two-phase orphan confirmation: the sightings of orphans past retention (SAFETY rule 6a).
 
 A file becomes an orphan-cleanup candidate only once scans saw it as an orphan past its
-retention window at least ``confirm_scans`` times (``OCORE_CONFIRM_SCANS``, 2) over at
-least ``confirm_hours`` (``OCORE_CONFIRM_HOURS``, 24) by the database clock, with the same
+retention window at least ``confirm_scans`` times (``OCORE_CONFIRM_SCANS``; 2 in the
+shipped deployments, 1 by default) over at least ``confirm_hours`` (``OCORE_CONFIRM_HOURS``;
+24, 0 by default) by the database clock, with the same
 identity each time (size, etag, generation, last-modified). A destination's policy may
 override both (``destination_policies.confirm_scans`` / ``confirm_hours``).
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, delete, func, select, text
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.models import BackupDestination, DestinationPolicy, OrphanSighting
-from db.session import db_now, is_postgresql
+from db.session import db_now, execute_binary, is_postgresql
 from db.types import as_utc
 from storage_backends.base import ObjectInfo
 
@@ -83,14 +84,15 @@ def _same_identity(row: Any, new: Any) -> Any:
     )
 
 
-_UPSERT_PG = text(
-    """
+#: psycopg placeholders, binary parameters (:func:`_upsert_pg`)
+_UPSERT_PG = """
     INSERT INTO orphan_sightings AS s (destination_id, path, size_bytes, etag, generation,
         last_modified, first_seen_at, last_seen_at, times_seen, last_scan_id)
-    SELECT :dest, t.path, t.size, t.etag, t.gen, t.lm, statement_timestamp(),
-        statement_timestamp(), 1, :scan
-    FROM unnest(CAST(:paths AS varchar[]), CAST(:sizes AS bigint[]),
-        CAST(:lms AS timestamptz[]), CAST(:etags AS varchar[]), CAST(:gens AS varchar[]))
+    SELECT %(dest)b, t.path, t.size, t.etag, t.gen,
+        TIMESTAMPTZ 'epoch' + t.lm * INTERVAL '1 microsecond', statement_timestamp(),
+        statement_timestamp(), 1, %(scan)b
+    FROM unnest(CAST(%(paths)b AS varchar[]), CAST(%(sizes)b AS bigint[]),
+        CAST(%(lms)b AS bigint[]), CAST(%(etags)b AS varchar[]), CAST(%(gens)b AS varchar[]))
         AS t(path, size, lm, etag, gen)
     ON CONFLICT (destination_id, path) DO UPDATE SET
         times_seen = CASE WHEN s.size_bytes = EXCLUDED.size_bytes
@@ -110,9 +112,23 @@ _UPSERT_PG = text(
         last_modified = EXCLUDED.last_modified,
         last_seen_at = EXCLUDED.last_seen_at,
         last_scan_id = EXCLUDED.last_scan_id
-    RETURNING s.path, s.times_seen, s.first_seen_at, s.last_seen_at
+    RETURNING s.path, s.times_seen >= %(need)b
+        AND s.last_seen_at - s.first_seen_at >= make_interval(secs => %(span)b)
     """
-)
+
+
+def _micros(when: datetime | None) -> int | None:
+    """Microseconds since the epoch (exact: an integer travels faster than a datetime)."""
+    utc = as_utc(when)
+    return None if utc is None else (utc - EPOCH) // timedelta(microseconds=1)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso(when: datetime | None) -> str | None:
+    utc = as_utc(when)
+    return None if utc is None else utc.isoformat()
 
 
 @dataclass
@@ -150,48 +166,73 @@ class Sightings:
         if not infos:
             return []
         unique = list({o.path: o for o in infos}.values())  # one row per path a statement
-        rows = self._upsert(unique)
+        ok = self._upsert(unique)
         self.session.commit()
-        need = self.confirmation.scans
-        span = timedelta(hours=self.confirmation.hours)
-        state = {path: (seen, first, last) for path, seen, first, last in rows}
         out: list[ObjectInfo] = []
+        unconfirmed: list[ObjectInfo] = []
         for o in infos:
-            seen, first, last = state[o.path]
-            if seen >= need and last - first >= span:
+            if ok[o.path]:
                 out.append(o)
                 self.confirmed.files += 1
                 self.confirmed.bytes += o.size
-                continue
-            self.unconfirmed.files += 1
-            self.unconfirmed.bytes += o.size
-            if len(self.sample) < SAMPLE:
-                self.sample.append(
-                    {
-                        "path": o.path,
-                        "size_bytes": o.size,
-                        "times_seen": int(seen),
-                        "first_seen_at": first.isoformat(),
-                    }
-                )
+            else:
+                unconfirmed.append(o)
+                self.unconfirmed.files += 1
+                self.unconfirmed.bytes += o.size
+        if unconfirmed and len(self.sample) < SAMPLE:
+            self._add_sample(unconfirmed[: SAMPLE - len(self.sample)])
         return out
 
-    def _upsert(self, infos: list[ObjectInfo]) -> list[tuple[str, int, datetime, datetime]]:
+    def _add_sample(self, infos: list[ObjectInfo]) -> None:
+        """A few unconfirmed orphans with how often and since when they were seen (read
+        back only while the sample is not full: the upsert returns no times)."""
+        s = OrphanSighting
+        rows = dict(
+            (path, (seen, first))
+            for path, seen, first in self.session.execute(
+                select(s.path, s.times_seen, s.first_seen_at).where(
+                    s.destination_id == self.dest_id, s.path.in_([o.path for o in infos])
+                )
+            )
+        )
+        self.session.commit()
+        for o in infos:
+            seen, first = rows.get(o.path, (1, None))
+            self.sample.append(
+                {
+                    "path": o.path,
+                    "size_bytes": o.size,
+                    "times_seen": int(seen),
+                    "first_seen_at": _iso(first),
+                }
+            )
+
+    def _upsert(self, infos: list[ObjectInfo]) -> dict[str, bool]:
+        """Write one page's sightings; whether each path is confirmed now (seen often
+        enough over long enough). PostgreSQL answers that in the statement itself: no
+        times travel back, the page's commit does not wait for the disk (a sighting
+        lost in a crash only delays a deletion: it fails closed)."""
         session = self.session
+        need = self.confirmation.scans
+        span = timedelta(hours=self.confirmation.hours)
         if is_postgresql(session):  # one array per column, the database's clock
-            result = session.execute(
+            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            result = execute_binary(
+                session,
                 _UPSERT_PG,
                 {
                     "dest": self.dest_id,
                     "scan": self.scan_id,
+                    "need": need,
+                    "span": span.total_seconds(),
                     "paths": [o.path for o in infos],
                     "sizes": [o.size for o in infos],
-                    "lms": [as_utc(o.last_modified) for o in infos],
+                    "lms": [_micros(o.last_modified) for o in infos],
                     "etags": [o.etag for o in infos],
                     "gens": [o.generation for o in infos],
                 },
             )
-            return [(p, int(n), as_utc(f), as_utc(ls)) for p, n, f, ls in result]  # type: ignore[misc]
+            return {p: bool(ok) for p, ok in result.rows}
         now = db_now(session)
         s = OrphanSighting
         stmt = sqlite_insert(s).values(
@@ -227,7 +268,7 @@ class Sightings:
                 "last_scan_id": new.last_scan_id,
             },
         ).returning(s.path, s.times_seen, s.first_seen_at, s.last_seen_at)
-        return [(p, int(n), f, ls) for p, n, f, ls in session.execute(upsert)]
+        return {p: int(n) >= need and ls - f >= span for p, n, f, ls in session.execute(upsert)}
 
     def forget_unseen(self) -> int:
         """After a complete listing: delete the destination's sightings this scan did not

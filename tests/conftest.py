@@ -27,12 +27,15 @@ from db.session import make_engine
 # for the tests' processes (and the workers they start, which inherit it), not for the
 # service, where the provider's default chain (an instance role) must work.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-# Two-phase orphan confirmation (docs/safety.md, rule 6a) off for the tests' processes and
-# the workers and CLIs they start: most tests scan once and clean up at once, and assert
-# what one sighting decides. The confirmation's own tests set it on explicitly
-# (tests/tasks/test_tasks_confirmation.py).
+# Two-phase orphan confirmation (docs/safety.md, rule 6a) and the undo window (rule 22)
+# off for the tests' processes and the workers and CLIs they start, as the code defaults
+# are, unless the caller's environment sets them (the shipped deployments turn both on): most
+# tests scan once and clean up at once and assert what one sighting decides and that a
+# deleted file is gone. Their own tests set them on explicitly
+# (tests/tasks/test_tasks_confirmation.py, tests/tasks/test_tasks_trash.py).
 os.environ.setdefault("OCORE_CONFIRM_SCANS", "1")
 os.environ.setdefault("OCORE_CONFIRM_HOURS", "0")
+os.environ.setdefault("OCORE_TRASH_DAYS", "0")
 
 PG_ADMIN = os.environ.get("OCORE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("OCORE_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -103,4 +106,5 @@ def settings(pg_url: str, tmp_path: Path) -> Settings:
         jwt_secret="test-secret-0123456789abcdef0123456789",
         confirm_scans=1,  # one sighting suffices (rule 6a off), as above
         confirm_hours=0,
+        trash_days=0,  # deleted at once (rule 22 off), as above
     )

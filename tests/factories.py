@@ -12,12 +12,15 @@ from sqlalchemy.orm import Session
 from db.models import (
     Backup,
     BackupDestination,
+    DeletionAudit,
     Environment,
     Instance,
     Organization,
     Project,
     Snapshot,
 )
+from db.types import utcnow
+from storage_backends.identity import location_key
 
 
 @dataclass
@@ -90,3 +93,32 @@ def make_backup(
     session.add(rec)
     session.flush()
     return rec
+
+
+def trashed_audit_row(
+    session: Session,
+    dest: BackupDestination,
+    path: str = "backups/trashed.dump",
+    *,
+    days: int = 7,
+    size: int = 10,
+) -> DeletionAudit:
+    """A deletion audit row in state ``trashed`` (restorable for ``days`` more days),
+    committed. Its trash file is not written: callers that need it put it at
+    ``storage_backends.paths.trash_key(row.id)``."""
+    now = utcnow()
+    row = DeletionAudit(
+        destination_id=dest.id,
+        location_key=location_key(dest),
+        path=path,
+        size_bytes=size,
+        reason="orphan",
+        actor="seed",
+        state="trashed",
+        created_at=now,
+        deleted_at=now,
+        trash_until=now + timedelta(days=days),
+    )
+    session.add(row)
+    session.commit()
+    return row

@@ -942,7 +942,7 @@ def main(args: list[str] | None = None) -> None:
 
 
 # commands of the control plane, on the groups above (each module imports this one)
-from worker import cli_audit, cli_jobs, cli_plans  # noqa: E402, F401
+from worker import cli_audit, cli_jobs, cli_plans, cli_trash  # noqa: E402, F401
 
 if __name__ == "__main__":
     # `python -m worker.cli`: this file runs as __main__, while the modules above added

@@ -33,11 +33,14 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.models import TERMINAL_JOB_STATUSES, BackupDestination, DeletionAudit, Job
 from db.session import make_engine
+from storage_backends.paths import TRASH_DIR
 from worker.jobs import dispatch, request_job
 from worker.seed import load_seed
 
 NOW = datetime.now(UTC)
 ORG, PROJECT, ENV, INSTANCE, DEST = (uuid.uuid4() for _ in range(5))
+#: the demo's undo window: the shipped deployments' (OCORE_TRASH_DAYS; off by default)
+DEMO_TRASH_DAYS = 7
 
 #: (path under the root, age in days, size)
 FILES: list[tuple[str, float, int]] = [
@@ -177,11 +180,14 @@ def _run_demo(base: Path, console: Console) -> dict[str, Any]:
     # one scan, then a cleanup at once: one sighting must suffice (two-phase confirmation
     # off for the demo; the service's default waits for 2 scans over 24 h: rule 6a)
     env.update(OCORE_CONFIRM_SCANS="1", OCORE_CONFIRM_HOURS="0")
+    # the undo window as the shipped deployments set it: removed files wait 7 days
+    env.update(OCORE_TRASH_DAYS=str(DEMO_TRASH_DAYS))
     log_path = base / "worker.log"
     console.print(
         f"[bold]3.[/] starting a Celery worker on the filesystem broker (log: {log_path}); "
         "OCORE_CONFIRM_SCANS=1 OCORE_CONFIRM_HOURS=0: one scan confirms an orphan (the "
-        "default waits for 2 scans over 24 h)"
+        f"deployments wait for 2 scans over 24 h); OCORE_TRASH_DAYS={DEMO_TRASH_DAYS}: removed "
+        "files wait in the trash, restorable"
     )
     with open(log_path, "wb") as log_file:
         worker = subprocess.Popen(
@@ -235,14 +241,25 @@ def _run_jobs(
     console.print(f"[bold]5.[/] orphan cleanup job {clean_id}: [green]{cleanup.status}[/]")
     with Session(engine) as s:
         audit = s.scalars(select(DeletionAudit).order_by(DeletionAudit.path)).all()
-    deleted = [a.path for a in audit if a.state == "deleted"]
+    # (moved into the trash: gone from their paths, restorable for the window)
+    deleted = [a.path for a in audit if a.state in ("deleted", "trashed")]
     kept = _kept(settings.data_dir.parent / "storage" / "backups")
     _print_outcome(console, audit, kept)
+    trashed = [a for a in audit if a.state == "trashed"]
+    if trashed:
+        console.print(
+            f"[bold]6.[/] {len(trashed)} file(s) wait in the trash "
+            f"(storage/backups/{TRASH_DIR}/) until {trashed[0].trash_until:%Y-%m-%d %H:%M} "
+            "UTC; put one back with\n   "
+            f"OCORE_DATA_DIR={settings.data_dir} .venv/bin/ocore-storage trash restore "
+            f"--destination {DEST} --audit-id {trashed[0].id}"
+        )
     return {
         "scan_status": scan.status,
         "cleanup_status": cleanup.status,
         "cleanup_result": cleanup.result,
         "deleted": deleted,
+        "trashed": {a.path: str(a.id) for a in trashed},
         "kept": kept,
         "analytics": {
             "total_files": row.total_files,

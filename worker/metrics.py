@@ -279,6 +279,23 @@ def _orphan_sightings(conn: Any) -> tuple[int, int]:
     return int(files), int(size)
 
 
+def _trash_totals(conn: Any) -> tuple[int, int]:
+    """``(files, bytes)`` waiting in every destination's trash (the undo window, SAFETY
+    rule 22): audit rows ``trashed`` or ``restoring`` (``ix_deletion_audit_trashed``).
+    One aggregate, no labels."""
+    from sqlalchemy import func, select
+
+    from db.models import DeletionAudit
+
+    a = DeletionAudit.__table__.c
+    files, size = conn.execute(
+        select(func.count(), func.coalesce(func.sum(a.size_bytes), 0)).where(
+            a.state.in_(("trashed", "restoring"))
+        )
+    ).one()
+    return int(files), int(size)
+
+
 def _plans_awaiting(conn: Any) -> tuple[int, float]:
     """``(plans, age in seconds of the oldest)``: dry-run orphan cleanups that a policy
     requiring approval queued (params ``awaiting_approval``), with a plan nobody approved
@@ -502,7 +519,9 @@ class DatabaseCollector(Collector):
             plans = _plans_awaiting(conn)
             sightings = _orphan_sightings(conn)
             intents = _intent_totals(conn)
+            trash = _trash_totals(conn)
         return {
+            "trash": trash,
             "intents": intents,
             "plans": plans,
             "sightings": sightings,
@@ -744,10 +763,23 @@ class DatabaseCollector(Collector):
             "ocore_intents_expired",
             "Upload intents expired without being released (they protect nothing)",
         )
+        trash_files = GaugeMetricFamily(
+            "ocore_trash_files",
+            "Files waiting in a trash, every destination: restorable until their undo "
+            "window ends (rule 22), then a purge deletes them",
+        )
+        trash_bytes = GaugeMetricFamily(
+            "ocore_trash_bytes", "Bytes of those files (not live, not freed yet)"
+        )
+        in_trash, in_trash_bytes = data.get("trash", (0, 0))
+        trash_files.add_metric([], in_trash)
+        trash_bytes.add_metric([], in_trash_bytes)
         live_intents, expired_intents = data.get("intents", (0, 0))
         intents_live.add_metric([], live_intents)
         intents_expired.add_metric([], expired_intents)
         return [
+            trash_files,
+            trash_bytes,
             intents_live,
             intents_expired,
             awaiting,

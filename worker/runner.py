@@ -928,12 +928,18 @@ def _prune_intents(session: Session) -> int:
 def reap(session: Session, settings: Settings, send: Sender) -> Reaped:
     """The reaper (beat): stuck and lost jobs (:func:`reap_stuck_jobs`), and a purge job
     for every destination whose pending deletions no active purge is working on (SAFETY
-    rule 17), unless all of them are quarantined (unsafe paths, left for an operator)."""
+    rule 17), unless all of them are quarantined (unsafe paths, left for an operator),
+    and for every destination whose trash holds files past their undo window (rule 22:
+    the purge empties them)."""
     out = reap_stuck_jobs(session, settings, send)
+    from tasks.trash import destinations_with_expired_trash
+
     dest_ids = session.scalars(select(PendingDeletion.destination_id).distinct()).all()
-    for dest_id in dest_ids:
+    # and the destinations whose trash holds files past their undo window (rule 22)
+    expired = destinations_with_expired_trash(session)
+    for dest_id in list(dict.fromkeys([*dest_ids, *expired])):
         dest = session.get(BackupDestination, dest_id)
-        if dest is None or not has_purgeable_pending(session, dest_id):
+        if dest is None or not (dest_id in expired or has_purgeable_pending(session, dest_id)):
             continue
         job, new = request_job(session, "purge", dest, {}, requested_by="reaper")
         if new and dispatch_or_fail(session, job, send):

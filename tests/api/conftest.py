@@ -19,7 +19,7 @@ from api.tokens import mint_token
 from core.settings import Settings
 from db.models import BackupDestination
 from tasks.intents import create_intent
-from tests.factories import World, make_backup, make_destination, make_world
+from tests.factories import World, make_backup, make_destination, make_world, trashed_audit_row
 from worker.jobs import request_job
 
 Sent = list[tuple[str, list[str], str]]
@@ -105,4 +105,5 @@ def ids(db: Session, env: Env) -> dict[str, uuid.UUID]:
         "job": job.id,
         "entity": archived.id,
         "intent": intent.id,
+        "audit": trashed_audit_row(db, env.dest).id,
     }

@@ -23,6 +23,7 @@ ROUTES: list[tuple[str, str, bool]] = [
     ("POST", DEST + "/scan-cleanup", False),
     ("POST", DEST + "/cleanup-orphans", False),
     ("GET", DEST + "/deletions", False),
+    ("POST", DEST + "/deletions/{audit}/restore", False),
     ("GET", DEST + "/analytics/history", False),
     ("GET", "/api/projects/{project}/storage/history", False),
     ("GET", DEST + "/policy", False),

@@ -16,6 +16,7 @@ from api.docs import COMMAND, EXAMPLE_FILE, EXAMPLE_QUERY, generate, render, ser
 from api.tokens import mint_token
 from db.models import StorageAnalytics
 from db.types import utcnow
+from storage_backends.paths import trash_key
 from tests.factories import make_backup
 from worker.jobs import request_job
 
@@ -107,7 +108,11 @@ def test_the_curl_examples_work(client, settings, env, ids, db) -> None:
         "ENTITY_ID": str(ids["entity"]),
         "INTENT_ID": str(ids["intent"]),  # renewed, then released
         "PLAN_JOB_ID": str(_dry_run(db, env.other_dest)),  # read, then approved
+        "AUDIT_ID": str(ids["audit"]),  # a file in the trash, restored
     }
+    in_trash = env.root / trash_key(ids["audit"])
+    in_trash.parent.mkdir(parents=True, exist_ok=True)
+    in_trash.write_bytes(b"y" * 10)
     examples = re.findall(r"^```sh\n(curl .*)\n```$", DOC.read_text(), flags=re.M)
     assert len(examples) >= 18
     for line in examples:

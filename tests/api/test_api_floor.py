@@ -8,10 +8,18 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from db.models import Backup, DestinationPolicy, PendingDeletion
 from tests.api.helpers import assert_error
 from tests.factories import make_backup
 from tests.tasks.kit import job_row, request, run
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The floor of one completed backup per instance the shipped deployments set (the
+    code default is 0: no floor)."""
+    return settings.model_copy(update={"min_backups_per_instance": 1})
 
 
 def _policy(env) -> str:
@@ -34,6 +42,7 @@ def test_min_backups_is_read_and_set_through_the_policy(client, auth, env, engin
     body = client.get(_policy(env), headers=admin).get_json()
     assert body["policy"]["min_backups"] is None
     assert body["effective"]["min_backups"] == settings.min_backups_per_instance == 1
+    assert Settings.model_fields["min_backups_per_instance"].default == 0  # (set on above)
 
     r = client.patch(_policy(env), json={"min_backups": 3}, headers=admin)
     assert r.status_code == 200, r.get_json()

@@ -100,6 +100,7 @@ def _doc_routes() -> set[tuple[str, str]]:
 def test_openapi_matches_the_routes(app):
     names = {"dest_id": "destId", "project_id": "id", "job_id": "id", "entity_id": "id"}
     names["intent_id"] = "intentId"
+    names["audit_id"] = "auditId"
     flask = {
         (m, re.sub(r"\{(\w+)\}", lambda g: "{" + names.get(g[1], g[1]) + "}", p))
         for m, p in _flask_routes(app)

@@ -26,6 +26,7 @@ FIELDS = (
     "confirm_hours",
     "approval_required",
     "min_backups",
+    "trash_days",
 )
 
 
@@ -68,6 +69,7 @@ def test_a_new_destination_has_the_settings_as_its_policy(client, auth, env, set
         "confirm_hours": settings.confirm_hours,
         "approval_required": False,
         "min_backups": settings.min_backups_per_instance,
+        "trash_days": settings.trash_days,
     }
     assert (body["next_scan_at"], body["next_cleanup_at"]) == (None, None)
     assert (body["updated_at"], body["updated_by"]) == (None, None)
@@ -87,6 +89,7 @@ def test_the_platform_administrator_sets_every_field_and_each_change_is_audited(
         "confirm_hours": 12.5,
         "approval_required": True,
         "min_backups": 2,
+        "trash_days": 14,
     }
     before = datetime.now(UTC)
     with caplog.at_level(logging.INFO, logger="ocore.api.audit"):
@@ -105,7 +108,7 @@ def test_the_platform_administrator_sets_every_field_and_each_change_is_audited(
     assert next_scan <= datetime.now(UTC) + timedelta(seconds=3600 * 1.1)
     assert body["next_cleanup_at"] is None
     # stored: the retention window on the destination, the rest on its policy row
-    assert _row(engine, env.dest.id)[:2] == (45, (3600, 0, 10, 4096, 0.25, 3, 12.5, True, 2))
+    assert _row(engine, env.dest.id)[:2] == (45, (3600, 0, 10, 4096, 0.25, 3, 12.5, True, 2, 14))
     lines = [r for r in caplog.records if r.name == "ocore.api.audit"]
     assert sorted(r.policy_change["field"] for r in lines) == sorted(FIELDS)
     assert all(r.policy_change["actor"] == "ops" for r in lines)

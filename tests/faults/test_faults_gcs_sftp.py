@@ -190,7 +190,8 @@ def test_sftp_server_refusing_a_second_connection_the_walk_goes_on_over_one(
             (folder / f"b{i}.tar.gz").write_bytes(b"abc")
     dest = make_destination(db, world, "sftp", bucket=str(base),
                             endpoint=f"127.0.0.1:{cutter.port}", credentials_ref="cutssh",
-                            options={"walk_threads": 6, "walk_connections": 3})  # fmt: skip
+                            options={"walk_threads": 6, "walk_connections": 3,
+                                     "remote_listing": "off"})  # fmt: skip
     db.commit()
     job, _ = request_job(db, "scan", dest, {})
     with caplog.at_level("WARNING", logger="storage_backends.sftp"):

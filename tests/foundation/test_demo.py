@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from storage_backends.paths import TRASH_DIR
 from worker.demo import FILES, run_demo
 
 pytestmark = pytest.mark.slow
@@ -37,9 +39,17 @@ def test_demo_deletes_exactly_the_old_orphans(tmp_path, monkeypatch, caplog):
         "acme/shop-db/tmp/upload-7f3a.part",
     ]
     root = tmp_path / "demo" / "storage" / "backups"
-    on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    on_disk = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and TRASH_DIR not in p.relative_to(root).parts
+    )
     expected_kept = sorted(p for p, _, _ in FILES if p not in result["deleted"])
     assert on_disk == expected_kept
+    # the undo window (the service's default): each removed file waits in the trash
+    assert sorted(result["trashed"]) == sorted(result["deleted"])
+    in_trash = sorted(p.name for p in (root / TRASH_DIR).iterdir())
+    assert in_trash == sorted(uuid.UUID(i).hex for i in result["trashed"].values())
     assert "acme/shop-db/2026/07/01/Backup-0701.tar.gz" in on_disk  # ambiguous: kept
     assert "acme/shop-db/2026/11/20/backup-1120.tar.gz" in on_disk  # too new: kept
     assert result["analytics"] == {

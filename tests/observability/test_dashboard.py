@@ -157,6 +157,8 @@ def test_safety_layers_row_shows_the_safety_gauges() -> None:
         "ocore_orphan_sightings_bytes",
         "ocore_intents_live",
         "ocore_intents_expired",
+        "ocore_trash_files",
+        "ocore_trash_bytes",
         "ocore_plans_awaiting_approval",
         "ocore_plans_awaiting_approval_oldest_age_seconds",
     ):

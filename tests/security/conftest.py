@@ -25,7 +25,7 @@ from api.tokens import mint_token
 from core.settings import Settings
 from db.models import BackupDestination, Job
 from tasks.intents import create_intent
-from tests.factories import World, make_backup, make_destination, make_world
+from tests.factories import World, make_backup, make_destination, make_world, trashed_audit_row
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.fixtures import fault_proxy, fault_proxy_server, s3_server  # noqa: F401
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
@@ -165,7 +165,7 @@ def attack(
         db.commit()
         intent = create_intent(db, d, "backups/incoming/", 3600, "seed")  # (commits)
         return {"dest": d.id, "project": w.project.id, "job": job.id, "entity": archived.id,
-                "intent": intent.id}  # fmt: skip
+                "intent": intent.id, "audit": trashed_audit_row(db, d).id}  # fmt: skip
 
     live = make_live(settings)
     a = Attack(

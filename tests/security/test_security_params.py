@@ -46,7 +46,7 @@ def test_malformed_uuids_are_a_400_on_every_route(attack: Attack, engine) -> Non
         if "{" not in template:
             continue
         for bad in BAD_UUIDS:
-            url = template.format(dest=bad, project=bad, job=bad, entity=bad, intent=bad)
+            url = template.format(dest=bad, project=bad, job=bad, entity=bad, intent=bad, audit=bad)
             files = {"file": ("n", b"p")} if upload else None
             r = a.request(method, url, headers=a.headers(role="platform_admin"), files=files)
             ok = r.status_code == 400 or (r.status_code == 404 and "/" in bad.replace("%2e", "/"))

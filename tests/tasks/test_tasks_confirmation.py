@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
@@ -82,10 +83,22 @@ def job(db: Session, engine: Engine, settings: Settings, dest: Any, kind: str, *
     return outcome
 
 
-def test_settings_default_to_two_scans_over_a_day_and_refuse_out_of_range() -> None:
+def test_settings_default_to_the_contract_and_the_deployments_turn_confirmation_on() -> None:
+    """The code default is one sighting (the deletion contract: every orphan past
+    retention is a candidate); the shipped deployments ask for 2 scans over 24 h."""
     fields = Settings.model_fields
-    assert fields["confirm_scans"].default == 2
-    assert fields["confirm_hours"].default == 24.0
+    assert fields["confirm_scans"].default == 1
+    assert fields["confirm_hours"].default == 0.0
+    assert fields["trash_days"].default == 0
+    assert fields["min_backups_per_instance"].default == 0
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    env = compose["x-ocore"]["environment"]
+    assert (env["OCORE_CONFIRM_SCANS"], env["OCORE_CONFIRM_HOURS"]) == ("2", "24")
+    assert env["OCORE_TRASH_DAYS"] == "7" and env["OCORE_MIN_BACKUPS_PER_INSTANCE"] == "1"
+    k8s = (root / "deploy/kubernetes/base/settings.env").read_text().splitlines()
+    assert {"OCORE_CONFIRM_SCANS=2", "OCORE_CONFIRM_HOURS=24", "OCORE_TRASH_DAYS=7",
+            "OCORE_MIN_BACKUPS_PER_INSTANCE=1"} <= set(k8s)  # fmt: skip
     for bad in ({"confirm_scans": 0}, {"confirm_scans": 101}, {"confirm_hours": -1},
                 {"confirm_hours": 8761}, {"confirm_hours": float("nan")}):  # fmt: skip
         with pytest.raises(ValidationError):

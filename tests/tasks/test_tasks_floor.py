@@ -27,8 +27,9 @@ CREDS_REF = "moto-floor"
 
 @pytest.fixture
 def fcfg(cfg: Settings) -> Settings:
-    """No mass-removal guard in the way of small stores (rule 16 has its own tests)."""
-    return cfg.model_copy(update={"stale_removal_max_share": 1.0})
+    """No mass-removal guard in the way of small stores (rule 16 has its own tests); the
+    floor of one backup per instance the shipped deployments set (off by default)."""
+    return cfg.model_copy(update={"stale_removal_max_share": 1.0, "min_backups_per_instance": 1})
 
 
 def instance(db: Session, world: World, name: str) -> Instance:
