@@ -92,16 +92,14 @@ class BinaryResult:
 
 def execute_binary(session: Session, sql: str, params: dict[str, Any]) -> BinaryResult:
     """Run ``sql`` (psycopg placeholders: ``%(name)b`` for a binary parameter) on the
-    session's connection, in its transaction, with binary parameters and results,
-    prepared (PostgreSQL only). For the statements that take a page of keys as one
-    array per column: psycopg's text form escapes every element of a text array with a
-    regular expression, which made most of the client's cost of such a statement."""
-    raw = session.connection().connection.driver_connection
-    assert raw is not None
-    with raw.cursor(binary=True) as cur:
-        cur.execute(sql, params, prepare=True)
-        rows = cur.fetchall() if cur.description is not None else []
-        return BinaryResult(rows, cur.rowcount)
+    session's connection, in its transaction (PostgreSQL only), through SQLAlchemy's
+    driver-level execute, so that its errors and lost connections are handled as every
+    other statement's. For the statements that take a page of keys as one array per
+    column: psycopg's text form escapes every element of a text array with a regular
+    expression, which made most of the client's cost of such a statement."""
+    result = session.connection().exec_driver_sql(sql, params)
+    rows = [tuple(r) for r in result] if result.returns_rows else []
+    return BinaryResult(rows, result.rowcount)
 
 
 def update_by_ids(

@@ -196,11 +196,10 @@ def test_a_rewritten_object_is_changed_and_stays_with_nothing_in_the_trash(
     assert listed(backend) == sorted(["a.bak", keys["b.bak"]])
 
 
+@pytest.mark.parametrize("store", [k for k in KINDS if k != "sftp"], indirect=True)
 def test_a_rewrite_of_the_same_size_is_seen_where_the_identity_shows_it(store: Store) -> None:
-    """Local: inode and change time; S3: the ETag; GCS: the generation. (SFTP knows
-    only size and mtime in whole seconds: a rewrite within the second is not seen.)"""
-    if store.kind == "sftp":
-        pytest.skip("SFTP v3 has no identity finer than size and mtime (seconds)")
+    """Local: inode and change time; S3: the ETag; GCS: the generation. (Not SFTP: it
+    knows only size and mtime in whole seconds, a rewrite within the second is not seen.)"""
     backend = store.backend
     backend.upload("a.bak", io.BytesIO(b"one"))
     plan = plan_of(backend.stat("a.bak"))
@@ -301,10 +300,10 @@ def test_restore_onto_a_taken_path_is_refused_and_changes_nothing(store: Store) 
     assert read(backend, keys["a.bak"]) == b"old bytes"
 
 
+@pytest.mark.parametrize("store", ["local", "sftp"], indirect=True)
 def test_restore_onto_a_folder_is_refused(store: Store) -> None:
-    """On object stores a "folder" is a prefix, and a key may sit beside it."""
-    if store.kind not in ("local", "sftp"):
-        pytest.skip("object stores have no folders")
+    """Local and SFTP only: on object stores a "folder" is a prefix, and a key may sit
+    beside it."""
     backend = store.backend
     keys = trashed(store, ("a.bak", b"alpha"))
     backend.upload("a.bak/inner.bak", io.BytesIO(b"inner"))
