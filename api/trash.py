@@ -42,16 +42,4 @@ def restore_deletion(dest_id: str, audit_id: str) -> Response:
         "restored %r of destination %s from its trash (audit %s) by %s",
         done.path, dest.id, done.audit_id, actor,
     )  # fmt: skip
-    return jsonify(
-        {
-            "audit_id": str(done.audit_id),
-            "path": done.path,
-            "size_bytes": done.size,
-            "state": "restored",
-            "restored_at": done.restored_at.isoformat(),
-            "intent_id": str(done.intent_id) if done.intent_id else None,
-            "intent_expires_at": (
-                done.intent_expires_at.isoformat() if done.intent_expires_at else None
-            ),
-        }
-    )
+    return jsonify(done.as_dict())

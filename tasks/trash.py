@@ -50,7 +50,7 @@ from storage_backends.base import MAX_DELETE_BATCH, StorageBackend
 from storage_backends.errors import NotFoundError, PathTakenError
 from storage_backends.paths import trash_audit_id, trash_key
 from tasks.deleting import BatchOutcome, DeleteContext, Doomed, delete_batch, repair_pending
-from tasks.intents import create_intent
+from tasks.intents import create_intent, release_intent
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,20 @@ class Restored:
     intent_id: uuid.UUID | None
     intent_expires_at: datetime | None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The answer of the restore route and of ``ocore-storage trash restore``."""
+        return {
+            "audit_id": str(self.audit_id),
+            "path": self.path,
+            "size_bytes": self.size,
+            "state": "restored",
+            "restored_at": self.restored_at.isoformat(),
+            "intent_id": str(self.intent_id) if self.intent_id else None,
+            "intent_expires_at": (
+                self.intent_expires_at.isoformat() if self.intent_expires_at else None
+            ),
+        }
+
 
 def restore(
     session: Session,
@@ -326,7 +340,14 @@ def restore(
         raise _refusal(row.state, row.trash_until, now)
     # the restored file is an orphan until a record names it: an upload intent keeps
     # the next orphan cleanups off it meanwhile (rule 12a), and its sightings restart
-    intent = create_intent_uncommitted(session, dest, path, settings, actor)
+    intent = create_intent(
+        session,
+        dest,
+        path,
+        settings.intent_max_ttl_seconds,
+        f"restore:{actor}"[:200],
+        commit=False,
+    )
     session.execute(
         delete(OrphanSighting).where(
             OrphanSighting.destination_id == dest.id, OrphanSighting.path == path
@@ -376,25 +397,8 @@ def restore(
     )
 
 
-def create_intent_uncommitted(
-    session: Session, dest: BackupDestination, path: str, settings: Settings, actor: str
-) -> Any:
-    """The upload intent that protects a restored file (:func:`restore`), for
-    ``OCORE_INTENT_MAX_TTL_SECONDS``; written with the claim, in its transaction."""
-    return create_intent(
-        session,
-        dest,
-        path,
-        settings.intent_max_ttl_seconds,
-        f"restore:{actor}"[:200],
-        commit=False,
-    )
-
-
 def _release(session: Session, intent: Any) -> None:
     if intent is not None:
-        from tasks.intents import release_intent
-
         release_intent(session, intent.id, "restore_failed", commit=False)
 
 

@@ -109,15 +109,4 @@ def restore_cmd(destination: uuid.UUID, audit_id: uuid.UUID, actor: str) -> None
     except Exception as err:
         why = _database_error(err, settings.effective_database_url) or _describe(err)
         raise CliError(f"cannot restore {audit_id}: {why} (nothing was changed)") from None
-    click.echo(
-        json.dumps(
-            {
-                "audit_id": str(done.audit_id),
-                "path": done.path,
-                "size_bytes": done.size,
-                "state": "restored",
-                "restored_at": done.restored_at.isoformat(),
-                "intent_id": str(done.intent_id) if done.intent_id else None,
-            }
-        )
-    )
+    click.echo(json.dumps(done.as_dict()))
