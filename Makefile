@@ -60,10 +60,13 @@ sysdeps: ## Debian packages the tests need (sshd, promtool), installed when miss
 	bash scripts/install-system-deps.sh
 
 # Branch coverage floor of make test (README, "Tests"): raise it as coverage grows.
+# Test processes (pytest-xdist; one file per process at a time: a file's fixtures and
+# servers stay in one process). 2: the cores of the CI machine.
+TEST_PROCESSES ?= 2
 COV_FLOOR ?= 84
 
 test: install lint sysdeps tools ## the README's test command: lint, then every test, with branch coverage
-	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-report= --cov-fail-under=$(COV_FLOOR)
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --cov --cov-report= --cov-fail-under=$(COV_FLOOR)
 
 test-fast: install tools ## tests without the slow (real worker, fault) ones
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"

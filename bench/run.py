@@ -338,6 +338,77 @@ class Bench:
         elif 1_000_000 in sizes or 100_000 in sizes:
             self.rows.append(Row("peak RSS 1M / 100k", "not run (needs both sizes)"))
 
+    def section_shards(self, n: int) -> None:
+        """A scan of ``n`` objects in 4 shards run by 1, 2 and 4 processes (tasks/shards.py:
+        the coordinator and its helpers), beside one pass and the 4-process fan-out."""
+        assert self.weed is not None
+        bucket = f"bench-{n}"
+        if not self.is_populated(bucket, n) and self.args.skip_unpopulated:
+            self.rows.append(Row(f"sharded scan {n:,}", "not run (bucket not populated)"))
+            return
+        self.populate(bucket, [(o.key, o.size) for o in layout.objects(n)])
+        did = self.s3_destination(n)
+        env = self.child_env()
+        ep = self.weed.endpoint
+        repeats = max(1, min(self.repeats, 3))
+        self.log(f"sharded scan {n:,}: {repeats} alternating runs each")
+        runners: dict[str, Callable[[], Sample]] = {
+            "one pass (run_scan)": lambda: py_target("our_scan", {"dest": str(did)}, env),
+            **{
+                f"4 shards, {p} process{'es' if p > 1 else ''}": (
+                    lambda p=p: py_target(  # type: ignore[misc]
+                        "sharded_scan", {"dest": str(did), "shards": 4, "processes": p}, env
+                    )
+                )
+                for p in (1, 2, 4)
+            },
+            "parallel prefix fan-out (4 processes)": lambda: py_target(
+                "fanout_walk", {"endpoint": ep, "bucket": bucket, "processes": 4}, env
+            ),
+        }
+        stats = alternate(runners, repeats)
+        one = stats["one pass (run_scan)"]
+        fan = stats["parallel prefix fan-out (4 processes)"]
+        for name, st in stats.items():
+            if not name.startswith("4 shards"):
+                continue
+            out = st.samples[-1].output
+            helper_mb = max(out.get("helper_vm_hwm_kb") or [0]) / 1024
+            self.rows.append(
+                Row(
+                    f"sharded scan {n:,} (wall), {name}",
+                    f"{st.wall:.2f} s",
+                    "one pass (run_scan)",
+                    f"{one.wall:.2f} s",
+                    f"{one.wall / st.wall:.2f}x speed-up",
+                )
+            )
+            self.rows.append(
+                Row(
+                    f"sharded scan {n:,}, {name}: peak RSS coordinator / helper",
+                    f"{st.rss:.0f} MB / {helper_mb:.0f} MB",
+                    "one pass (run_scan)",
+                    f"{one.rss:.0f} MB",
+                    "files per shard " + "/".join(f"{f:,}" for f in out.get("shard_files", [])),
+                )
+            )
+        four = stats["4 shards, 4 processes"]
+        ratio = four.wall / fan.wall
+        ok = ratio <= 1.1
+        self.targets.append((f"sharded scan {n:,} <= 1.1x the 4-process fan-out", ok,
+                             f"{ratio:.2f}x"))  # fmt: skip
+        self.rows.append(
+            Row(
+                f"sharded scan {n:,} (wall), 4 shards, 4 processes",
+                f"{four.wall:.2f} s",
+                "parallel prefix fan-out (4 processes)",
+                f"{fan.wall:.2f} s",
+                f"{ratio:.2f}x",
+                "<= 1.1x",
+                "yes" if ok else "NO",
+            )
+        )
+
     def section_cleanup(self, n: int) -> None:
         assert self.weed is not None
         ep = self.weed.endpoint
@@ -907,8 +978,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--only",
-        default="scan,cleanup,backends,jobs,api,lists",
-        help="comma list of sections: scan,cleanup,backends,jobs,api,lists,upload",
+        default="scan,shards,cleanup,backends,jobs,api,lists",
+        help="comma list of sections: scan,shards,cleanup,backends,jobs,api,lists,upload",
     )
     p.add_argument(
         "--upload-rss",
@@ -991,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
         if "scan" in sections:
             b.section_scan(sizes)
             b.section_memory(sizes)
+        if "shards" in sections:
+            b.section_shards(max(sizes))
         if "cleanup" in sections:
             for n in (int(s) for s in args.cleanup_sizes.split(",") if s):
                 if args.quick and n > 10_000:

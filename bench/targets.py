@@ -290,6 +290,84 @@ def plain_scans(args: dict[str, Any]) -> dict[str, Any]:
     return {"run_scan_seconds": plain, "run_job_seconds": direct, "count": len(ids)}
 
 
+def sharded_scan(args: dict[str, Any]) -> dict[str, Any]:
+    """A sharded scan of one destination (tasks/shards.py) in ``shards`` key ranges, run
+    by this process and ``processes - 1`` helper processes (``shard_helper``), started
+    the way the scan job sends its Celery helpers: one per send."""
+    import os
+    import subprocess
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination, Job, JobStatus
+    from storage_backends.registry import open_backend
+    from tasks.shards import run_sharded_scan
+    from worker.jobs import request_job
+
+    settings = _settings()
+    engine = _engine()
+    helpers: list[subprocess.Popen[bytes]] = []
+    wanted = int(args["processes"]) - 1
+
+    def send(job_id: uuid.UUID) -> None:
+        if len(helpers) < wanted:
+            argv = [sys.executable, "-m", "bench.targets", "shard_helper",
+                    json.dumps({"job": str(job_id), "dest": args["dest"]})]  # fmt: skip
+            helpers.append(subprocess.Popen(argv, stdout=subprocess.PIPE, env=os.environ.copy()))
+
+    t0 = time.perf_counter()
+    with Session(bind=engine, expire_on_commit=False) as session:
+        dest = session.get(BackupDestination, uuid.UUID(args["dest"]))
+        assert dest is not None
+        job, _ = request_job(session, "scan", dest, {}, "bench")
+        with open_backend(dest, settings) as backend:
+            result = run_sharded_scan(
+                session, backend, dest, settings, job_id=job.id, shards=int(args["shards"]),
+                send=send,
+            )  # fmt: skip
+        shards = result.analytics.details.get("shards", [])
+        session.execute(  # done: the next run requests a new job
+            update(Job).where(Job.id == job.id).values(status=JobStatus.SUCCEEDED)
+        )
+        session.commit()
+    helper_rss = []
+    for h in helpers:
+        out, _ = h.communicate(timeout=600)
+        helper_rss.append(json.loads(out.decode().strip().splitlines()[-1]).get("vm_hwm_kb", 0))
+    engine.dispose()
+    return {
+        **result.summary,
+        "inner_seconds": time.perf_counter() - t0,
+        "shards": len(shards),
+        "shard_files": [s["files"] for s in shards],
+        "shard_seconds": [s["seconds"] for s in shards],
+        "shard_workers": [s["worker"] for s in shards],
+        "helper_vm_hwm_kb": helper_rss,
+    }
+
+
+def shard_helper(args: dict[str, Any]) -> dict[str, Any]:
+    """What the ``ocore.scan_shard`` Celery task runs: claim and run shards of a job."""
+    from sqlalchemy.orm import Session
+
+    from db.models import BackupDestination
+    from storage_backends.registry import open_backend
+    from tasks.shards import run_claimed_shards
+
+    settings = _settings()
+    engine = _engine()
+    with Session(bind=engine, expire_on_commit=False) as session:
+        dest = session.get(BackupDestination, uuid.UUID(args["dest"]))
+        assert dest is not None
+        with open_backend(dest, settings) as backend:
+            ran = run_claimed_shards(
+                engine, session, backend, dest, settings, uuid.UUID(args["job"])
+            )
+    engine.dispose()
+    return {"ran": ran}
+
+
 def main() -> None:
     name, raw = sys.argv[1], sys.argv[2]
     fn = globals()[name]

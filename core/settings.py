@@ -334,6 +334,19 @@ class Settings(BaseSettings):
         le=86_400,
         description="whole seconds from 1 to 86400, more than the heartbeat interval",
     )
+    # sharded scans (tasks/shards.py, docs/scaling.md): a destination whose last scan
+    # listed more than scan_shard_files files is scanned in ceil(files / scan_shard_files)
+    # key ranges (at most scan_shards_max), run by any worker of the scan queue and
+    # merged into one analytics row; 0: never sharded
+    scan_shard_files: int = Field(
+        default=5_000_000,
+        ge=0,
+        le=10**12,
+        description="a whole number of files, 0 (never shard) or more",
+    )
+    scan_shards_max: int = Field(
+        default=8, ge=1, le=256, description="a whole number of shards from 1 to 256"
+    )
     worker_reaper: bool = Field(
         default=True, description="true or false (also 1/0, yes/no, on/off)"
     )

@@ -539,3 +539,51 @@ class CleanupCandidate(Base):
         UniqueConstraint("job_id", "path"),
         Index("ix_cleanup_candidates_job_state", "job_id", "state", "id"),
     )
+
+
+class ScanShard(Base):
+    """One key range of a sharded scan (:mod:`tasks.shards`): every key ``k`` with
+    ``lo <= k < hi`` (``hi`` null: no end). Claimed by one worker at a time (``attempt``
+    is the fence: a claim bumps it, and only the claim's own attempt may finish the
+    shard), heartbeat while it runs, reclaimed when the heartbeat is older than
+    ``OCORE_HEARTBEAT_TIMEOUT``. ``result``: its partial figures once ``done``."""
+
+    __tablename__ = "scan_shards"
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    lo: Mapped[str] = mapped_column(Text, default="")
+    hi: Mapped[str | None] = mapped_column(Text, default=None)
+    #: pending → running → done | failed (a running one whose heartbeat stopped is
+    #: pending again to the next claim)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: the one scan all shards write: its analytics row's id and start
+    scan_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    scan_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    listed: Mapped[int] = mapped_column(BigInteger, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    #: the error was transient (the scan goes back to the queue)
+    retryable: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ScanShardMark(Base):
+    """What one shard of a sharded scan knows about a record of the destination, for the
+    missing-records union (:mod:`tasks.shards`): ``seen`` false, written by the shard
+    whose range holds the record's path, when no file of its range links it; ``seen``
+    true, written by any other shard whose files link it. A record is missing when some
+    shard wrote it unseen and none wrote it seen."""
+
+    __tablename__ = "scan_shard_marks"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    record_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    seen: Mapped[bool] = mapped_column(Boolean)
+    __table_args__ = (Index("ix_scan_shard_marks_job", "job_id", "idx"),)

@@ -28,6 +28,7 @@ from storage_backends.errors import (
 from storage_backends.paths import (
     ASCII_CONTROL,
     MAX_PATH_BYTES,
+    in_range,
     in_trash,
     utf8_bytes,
     validate_path,
@@ -290,6 +291,19 @@ class StorageBackend(abc.ABC):
         parts of the tree at once (S3 fans out over folders). Each file exactly once;
         memory stays bounded by a few pages. Scans use it."""
         return self.walk(prefix, page_size)
+
+    def walk_range(
+        self, lo: str, hi: str | None, page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """Every file whose key ``k`` (relative to the root) lies in ``[lo, hi)``
+        (:func:`~storage_backends.paths.in_range`; ``hi`` None: no end), each exactly
+        once, in no order: one shard of a sharded scan (:mod:`tasks.shards`). This
+        default walks everything and keeps the range; S3 and GCS ask the server for the
+        range only, the local walk skips the folders that lie outside it."""
+        for page in self.walk_unordered("", page_size):
+            kept = [o for o in page if in_range(o.path, lo, hi)]
+            if kept:
+                yield kept
 
     @abc.abstractmethod
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:

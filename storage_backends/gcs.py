@@ -46,7 +46,7 @@ from storage_backends.errors import (
     TransientStorageError,
 )
 from storage_backends.identity import canonical_endpoint
-from storage_backends.paths import TRASH_DIR, normalize_root
+from storage_backends.paths import TRASH_DIR, in_range, normalize_root
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,27 @@ class GCSBackend(StorageBackend):
             for page in pages:
                 if page:
                     yield page
+
+    def walk_range(
+        self, lo: str, hi: str | None, page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """The names of ``[lo, hi)`` only, asked of the server (``startOffset`` /
+        ``endOffset``) and checked again here."""
+        key_range = (self.root + lo, None if hi is None else self.root + hi)
+        pages = gcs_listing.iter_pages(
+            self.client,
+            self.bucket,
+            self.root,
+            self.root,
+            max(1, min(page_size, 1000)),
+            self.retry,
+            key_range,
+        )
+        with self._op("list", self.root or "/"):
+            for page in pages:
+                kept = [o for o in page if in_range(o.path, lo, hi)]
+                if kept:
+                    yield kept
 
     def browse(self, prefix: str = "", limit: int = 100, cursor: str | None = None) -> BrowsePage:
         """One level under ``prefix`` (delimiter ``/``), at most ``limit`` entries.

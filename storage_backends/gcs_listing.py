@@ -56,9 +56,14 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def list_query(
-    prefix: str, max_results: int, token: str | None, user_project: str | None = None
+    prefix: str,
+    max_results: int,
+    token: str | None,
+    user_project: str | None = None,
+    key_range: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
-    """The query of one ``objects.list`` page (no delimiter: a flat listing)."""
+    """The query of one ``objects.list`` page (no delimiter: a flat listing);
+    ``key_range`` (full names, end excluded) as ``startOffset`` / ``endOffset``."""
     params: dict[str, Any] = {
         "projection": "noAcl",
         "maxResults": max_results,
@@ -66,6 +71,12 @@ def list_query(
     }
     if prefix:
         params["prefix"] = prefix
+    if key_range is not None:
+        start, end = key_range
+        if start:
+            params["startOffset"] = start
+        if end is not None:
+            params["endOffset"] = end
     if token:
         params["pageToken"] = token
     if user_project is not None:
@@ -74,7 +85,13 @@ def list_query(
 
 
 def list_page(
-    client: Any, bucket: Any, prefix: str, max_results: int, token: str | None, retry: Any
+    client: Any,
+    bucket: Any,
+    prefix: str,
+    max_results: int,
+    token: str | None,
+    retry: Any,
+    key_range: tuple[str, str | None] | None = None,
 ) -> bytes:
     """The raw JSON body of one ``objects.list`` page, through the client's connection
     (its session, headers and endpoint) with ``retry`` around the request; a refused
@@ -82,7 +99,7 @@ def list_page(
     body: bytes = client._connection.api_request(
         method="GET",
         path=f"{bucket.path}/o",
-        query_params=list_query(prefix, max_results, token, bucket.user_project),
+        query_params=list_query(prefix, max_results, token, bucket.user_project, key_range),
         expect_json=False,
         timeout=LIST_TIMEOUT,
         retry=retry,
@@ -148,7 +165,13 @@ def parse_list_page(data: bytes, root: str) -> tuple[list[ObjectInfo], str | Non
 
 
 def iter_pages(
-    client: Any, bucket: Any, prefix: str, root: str, max_results: int, retry: Any
+    client: Any,
+    bucket: Any,
+    prefix: str,
+    root: str,
+    max_results: int,
+    retry: Any,
+    key_range: tuple[str, str | None] | None = None,
 ) -> Iterator[list[ObjectInfo]]:
     """Every page of the flat listing under ``prefix`` (possibly empty pages), in order.
 
@@ -158,7 +181,7 @@ def iter_pages(
     A caller that stops early waits for the request in flight (at most one)."""
 
     def fetch(token: str | None) -> bytes:
-        return list_page(client, bucket, prefix, max_results, token, retry)
+        return list_page(client, bucket, prefix, max_results, token, retry, key_range)
 
     with ThreadPoolExecutor(1, thread_name_prefix="gcs-list") as pool:
         pending = pool.submit(contextvars.copy_context().run, fetch, None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from storage_backends.base import (
+    PAGE_SIZE,
     BrowseEntry,
     BrowsePage,
     DeleteResult,
@@ -35,7 +36,7 @@ from storage_backends.errors import (
     StorageError,
 )
 from storage_backends.identity import local_realpath
-from storage_backends.paths import RESERVED_PREFIX, TRASH_DIR
+from storage_backends.paths import RESERVED_PREFIX, TRASH_DIR, in_range, subtree_meets
 
 TMP_PREFIX = RESERVED_PREFIX  # upload temporaries: never a client's name
 
@@ -159,11 +160,24 @@ class LocalBackend(StorageBackend):
             return iter(())  # under a file: nothing there
         return self._walk(start, prefix, max(1, page_size))
 
+    def walk_range(
+        self, lo: str, hi: str | None, page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """The files of ``[lo, hi)``: folders whose keys all lie outside are never
+        opened, the files of a folder across a bound are kept by key."""
+        return self._walk(self._abs(""), "", max(1, page_size), key_range=(lo, hi))
+
     def _walk(
-        self, start: Path, prefix: str, page_size: int, temporaries: bool = False
+        self,
+        start: Path,
+        prefix: str,
+        page_size: int,
+        temporaries: bool = False,
+        key_range: tuple[str, str | None] | None = None,
     ) -> Iterator[list[ObjectInfo]]:
         """Files under ``start``, upload temporaries left out; with ``temporaries``
-        only those (:meth:`list_incomplete_uploads`)."""
+        only those (:meth:`list_incomplete_uploads`); with ``key_range`` those of the
+        range only (:meth:`walk_range`)."""
         page: list[ObjectInfo] = []
         stack: list[tuple[Path, str]] = [(start, prefix)]
         while stack:
@@ -183,10 +197,14 @@ class LocalBackend(StorageBackend):
                     if entry.is_symlink():
                         continue  # never follow links out of the root
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append((Path(entry.path), f"{rel}{name}/"))
+                        sub = f"{rel}{name}/"
+                        if key_range is None or subtree_meets(sub, *key_range):
+                            stack.append((Path(entry.path), sub))
                         continue
                     if name.startswith(TMP_PREFIX) != temporaries:
                         continue  # an upload temporary is no file of a backup
+                    if key_range is not None and not in_range(rel + name, *key_range):
+                        continue
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:

@@ -214,3 +214,26 @@ def is_under(path: str, directory: str) -> bool:
 def roots_overlap(a: str, b: str) -> bool:
     """Two normalised roots overlap when one equals or is a segment prefix of the other."""
     return a.startswith(b) or b.startswith(a)
+
+
+# -- key ranges: the shards of a sharded scan (tasks/shards.py) -------------------------
+# A shard is every key ``k`` with ``lo <= k < hi`` (``hi`` None: no end), compared as
+# Python strings (code points: the byte order of UTF-8, which S3 and GCS list in; a name
+# that is not UTF-8 compares by its surrogate escapes, the same in every shard).
+
+
+def in_range(key: str, lo: str, hi: str | None) -> bool:
+    """Whether ``key`` lies in the key range ``[lo, hi)``."""
+    return lo <= key and (hi is None or key < hi)
+
+
+def subtree_meets(key: str, lo: str, hi: str | None) -> bool:
+    """Whether a record at ``key`` can name a key of the range ``[lo, hi)``: every key a
+    record links (exactly, as a folder, or as a file over a folder: rule 4) is ``s`` or
+    starts with ``s + "/"``, where ``s`` is ``key`` without its trailing '/'; those lie
+    in ``{s}`` or ``[s + "/", s + "0")`` ('0' follows '/'). An empty ``s`` (a record of the
+    whole bucket) meets every range."""
+    s = key.rstrip("/")
+    if not s or in_range(s, lo, hi):
+        return True
+    return (hi is None or s + "/" < hi) and s + "0" > lo

@@ -60,7 +60,7 @@ from storage_backends.errors import (
     TransientStorageError,
 )
 from storage_backends.identity import canonical_endpoint
-from storage_backends.paths import TRASH_DIR, normalize_root
+from storage_backends.paths import TRASH_DIR, in_range, normalize_root
 from storage_backends.retry import call_with_retry
 from storage_backends.s3_listing import (
     list_request,
@@ -290,7 +290,29 @@ class S3Backend(StorageBackend):
         full = self.root + self.check_prefix(prefix)
         return self._walk(full, max(1, min(page_size, 1000)))
 
-    def _walk(self, full_prefix: str, max_keys: int) -> Generator[list[ObjectInfo], None, None]:
+    def walk_range(
+        self, lo: str, hi: str | None, page_size: int = PAGE_SIZE
+    ) -> Iterator[list[ObjectInfo]]:
+        """The keys of ``[lo, hi)`` only: the listing starts after ``lo`` without its
+        last character (``StartAfter``, exclusive: ``lo`` itself comes) and stops at
+        the first key at or past ``hi``. One connection: a sharded scan's shards are
+        its parallelism."""
+        max_keys = max(1, min(page_size, 1000))
+        start = self.root + lo[:-1] if lo else ""
+        pages = self._walk(self.root, max_keys, start_after=start)
+        try:
+            for page in pages:
+                kept = [o for o in page if in_range(o.path, lo, hi)]
+                if kept:
+                    yield kept
+                if hi is not None and page[-1].path >= hi:
+                    return  # (byte order: every later key is past the range too)
+        finally:
+            pages.close()
+
+    def _walk(
+        self, full_prefix: str, max_keys: int, start_after: str = ""
+    ) -> Generator[list[ObjectInfo], None, None]:
         """Pages in order; the next page is requested (one background thread) as soon
         as this one's continuation token is known, before its objects are parsed, so
         the server's time overlaps parsing and the caller's work."""
@@ -298,7 +320,9 @@ class S3Backend(StorageBackend):
         def fetch(token: str | None) -> tuple[bytes, bool, str | None]:
             return call_with_retry(
                 self,
-                functools.partial(self._list_page, full_prefix, max_keys, token),
+                functools.partial(
+                    self._list_page, full_prefix, max_keys, token, start_after=start_after
+                ),
                 attempts=self.max_attempts,
             )
 

@@ -101,6 +101,24 @@ def _grouped_add(table: dict[str, _Tally], keys: list[str], sizes: np.ndarray) -
         tally.bytes += nbytes
 
 
+def _smallest(sample: list[str], more: Iterable[str]) -> list[str]:
+    """The ``SAMPLE`` smallest of both, sorted: a sample that does not depend on the
+    listing's order (a sharded scan merges its shards' samples exactly)."""
+    return heapq.nsmallest(SAMPLE, {*sample, *more})
+
+
+def _earlier(
+    have: tuple[datetime, str] | None, new: tuple[datetime, str], *, newest: bool
+) -> tuple[datetime, str]:
+    """The oldest (or newest) of two (time, path) points; of equal times, the smaller
+    path."""
+    if have is None:
+        return new
+    if new[0] != have[0]:
+        return new if (new[0] > have[0]) == newest else have
+    return new if new[1] < have[1] else have
+
+
 @dataclass
 class ScanStats:
     now: datetime
@@ -143,8 +161,7 @@ class ScanStats:
             except UnicodeEncodeError:
                 self.undecodable.add(o.size)
                 self.total.add(o.size)
-                if len(self.undecodable_sample) < SAMPLE:
-                    self.undecodable_sample.append(escaped_name(o.path))
+                self.undecodable_sample = _smallest(self.undecodable_sample, [escaped_name(o.path)])
                 continue
             keep.append(o)
         if len(keep) < len(infos):
@@ -201,10 +218,10 @@ class ScanStats:
                 tally = self.by_owner.setdefault(o, _Tally())
                 tally.files += int(counts[o])
                 tally.bytes += int(per_owner[o])
-        for i in np.flatnonzero(amb).tolist():
-            if len(self.ambiguous_sample) >= SAMPLE:
-                break
-            self.ambiguous_sample.append(paths[i])
+        if amb.any():
+            self.ambiguous_sample = _smallest(
+                self.ambiguous_sample, [paths[i] for i in np.flatnonzero(amb).tolist()]
+            )
 
         _grouped_add(self.by_prefix, [p[: p.find("/") + 1] or "(root)" for p in paths], sizes)
         _grouped_add(self.by_type, [file_type(p) for p in paths], sizes)
@@ -227,20 +244,21 @@ class ScanStats:
         return candidates
 
     def _add_largest(self, paths: list[str], sizes: np.ndarray) -> None:
-        """The ten largest files, as a heap of (size, path) fed in listing order. Once
-        the heap is full only files larger than its smallest can enter, and that bound
-        only grows: the others are skipped without a visit."""
+        """The ten largest files by (size, path): a total order, so the ten do not
+        depend on the listing's order (a sharded scan merges them exactly), kept as a
+        heap. Once the heap is full only files at least as large as its smallest can
+        enter, and that bound only grows: the others are skipped without a visit."""
         largest = self.largest
         if len(largest) >= 10:
-            visit: Sequence[int] = np.flatnonzero(sizes > largest[0][0]).tolist()
+            visit: Sequence[int] = np.flatnonzero(sizes >= largest[0][0]).tolist()
         else:
             visit = range(len(paths))
         for i in visit:
-            size = int(sizes[i])
+            item = (int(sizes[i]), paths[i])
             if len(largest) < 10:
-                heapq.heappush(largest, (size, paths[i]))
-            elif size > largest[0][0]:
-                heapq.heapreplace(largest, (size, paths[i]))
+                heapq.heappush(largest, item)
+            elif item > largest[0]:
+                heapq.heapreplace(largest, item)
 
     def _add_times(
         self, paths: list[str], sizes: np.ndarray, mtimes: list[datetime | None], orphan: np.ndarray
@@ -271,10 +289,14 @@ class ScanStats:
         if not known:
             return
         lo, hi = min(known), max(known)
-        if self.oldest is None or lo < self.oldest[0]:
-            self.oldest = (lo, paths[mtimes.index(lo)])  # the first file of that time
-        if self.newest is None or hi > self.newest[0]:
-            self.newest = (hi, paths[mtimes.index(hi)])
+        # of the files of that time, the smallest path: the order of the listing
+        # never decides (a sharded scan merges them exactly)
+        if self.oldest is None or lo <= self.oldest[0]:
+            first = min(p for p, m in zip(paths, mtimes, strict=True) if m == lo)
+            self.oldest = _earlier(self.oldest, (lo, first), newest=False)
+        if self.newest is None or hi >= self.newest[0]:
+            last = min(p for p, m in zip(paths, mtimes, strict=True) if m == hi)
+            self.newest = _earlier(self.newest, (hi, last), newest=True)
 
     @property
     def _age_bounds(self) -> list[tuple[str, datetime]]:
@@ -392,6 +414,82 @@ class ScanStats:
             "incomplete_uploads": self.incomplete,
             "attribution": attribution,
         }
+
+    # -- shards: a partial ScanStats as JSON, and its merge ------------------------------
+    _TALLIES = ("total", "linked", "orphans", "orphans_past_retention", "ambiguous",
+                "undecodable", "trash")  # fmt: skip
+    _TABLES = ("by_prefix", "by_type", "by_class")
+
+    def to_state(self, owners: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
+        """This shard's figures as JSON (:mod:`tasks.shards` stores them): ``owners[i]``
+        is the (destination, instance) pair of owner index ``i`` of the shard's own link
+        index, so that shards with different indexes merge by pair."""
+
+        def point(p: tuple[datetime, str] | None) -> list[str] | None:
+            return [p[0].isoformat(), p[1]] if p else None
+
+        return {
+            **{name: getattr(self, name).as_dict() for name in self._TALLIES},
+            **{
+                name: [[k, t.files, t.bytes] for k, t in getattr(self, name).items()]
+                for name in self._TABLES
+            },
+            "by_age": {k: t.as_dict() for k, t in self.by_age.items()},
+            "no_timestamp": self.no_timestamp,
+            "ambiguous_sample": self.ambiguous_sample,
+            "undecodable_sample": self.undecodable_sample,
+            "owners": [
+                [str(owners[o][0]), str(owners[o][1]), t.files, t.bytes]
+                for o, t in sorted(self.by_owner.items())
+            ],
+            "largest": [[size, path] for size, path in self.largest],
+            "oldest": point(self.oldest),
+            "newest": point(self.newest),
+            "multipart": self.multipart,
+            "incomplete": self.incomplete,
+        }
+
+    def absorb(self, state: dict[str, Any], owner: Callable[[uuid.UUID, uuid.UUID], int]) -> None:
+        """Add a shard's figures (:meth:`to_state`). Absorbing the shards in key order
+        gives the figures of one unsharded pass exactly: sums add, samples and the ten
+        largest keep their total order, the bounded tables take the shard's keys in its
+        order of first appearance (exact while no table reaches ``MAX_TRACKED_KEYS``
+        distinct keys; beyond that, which keys fall into ``(other)`` may differ, its
+        sums never). ``owner(destination, instance)`` is the merged owner index."""
+        for name in self._TALLIES:
+            tally = getattr(self, name)
+            tally.files += state[name]["files"]
+            tally.bytes += state[name]["bytes"]
+        for name in self._TABLES:
+            table = getattr(self, name)
+            for key, files, nbytes in state[name]:
+                tally = table.get(key)
+                if tally is None:
+                    if len(table) >= MAX_TRACKED_KEYS:
+                        key = "(other)"
+                    tally = table.setdefault(key, _Tally())
+                tally.files += files
+                tally.bytes += nbytes
+        for name, t in state["by_age"].items():
+            self.by_age[name].files += t["files"]
+            self.by_age[name].bytes += t["bytes"]
+        self.no_timestamp += state["no_timestamp"]
+        self.ambiguous_sample = _smallest(self.ambiguous_sample, state["ambiguous_sample"])
+        self.undecodable_sample = _smallest(self.undecodable_sample, state["undecodable_sample"])
+        for dest_id, inst_id, files, nbytes in state["owners"]:
+            index = owner(uuid.UUID(dest_id), uuid.UUID(inst_id))
+            tally = self.by_owner.setdefault(index, _Tally())
+            tally.files += files
+            tally.bytes += nbytes
+        self.largest = heapq.nlargest(10, [*self.largest, *((s, p) for s, p in state["largest"])])
+        heapq.heapify(self.largest)
+        for name in ("oldest", "newest"):
+            if state[name] is not None:
+                at, path = state[name]
+                point = (datetime.fromisoformat(at), path)
+                setattr(self, name, _earlier(getattr(self, name), point, newest=name == "newest"))
+        if state["multipart"]:
+            self.multipart, self.incomplete = state["multipart"], state["incomplete"]
 
     def owner_bytes(self, instances: list[uuid.UUID]) -> dict[uuid.UUID, _Tally]:
         """Linked files and bytes per ``instances[owner]`` (several owners may share

@@ -17,7 +17,7 @@ import re
 import unicodedata
 import uuid
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -307,8 +307,14 @@ class LinkIndex:
     """Hashes of every record key that can link files under one destination."""
 
     def __init__(
-        self, session: Session, dest: BackupDestination, resolve_dir: DirResolver | None = None
+        self,
+        session: Session,
+        dest: BackupDestination,
+        resolve_dir: DirResolver | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> None:
+        """``keep`` (a sharded scan's slice, :mod:`tasks.shards`): only the records
+        whose key (bucket-relative, ``/`` kept) it accepts are indexed."""
         self.dest = dest
         self.root = normalize_root(dest.root_prefix or "")
         self.destinations = overlapping_destinations(session, dest, resolve_dir)
@@ -324,6 +330,11 @@ class LinkIndex:
             # Columnar, a batch of rows at a time: the owner column, the hashes and the
             # loose check go through C-level passes; only keys not already in loose
             # form (rare) are visited one by one.
+            if keep is not None:
+                kept = [i for i, p in enumerate(paths) if keep(d_root + p)]
+                if len(kept) < len(paths):
+                    paths = [paths[i] for i in kept]
+                    instance_ids = [instance_ids[i] for i in kept]
             owners = []
             for inst in instance_ids:
                 owner = inst_index.get((d_idx, inst))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import uuid
@@ -89,7 +90,8 @@ class RecordIds:
 @dataclass
 class ScanResult:
     analytics: StorageAnalytics
-    index: LinkIndex
+    #: the scan's link index (None: a sharded scan, whose shards each had a slice)
+    index: LinkIndex | None
     started_at: datetime
     listing_complete: bool
     error: str | None = None
@@ -204,9 +206,10 @@ def _all_text(page: list[ObjectInfo]) -> bool:
     return True
 
 
-def _attribution(session: Session, stats: ScanStats, index: LinkIndex) -> dict[str, Any]:
-    """Bytes of linked files by instance, environment, project, organization."""
-    per_instance = stats.owner_bytes(index.instances)
+def _attribution(session: Session, stats: ScanStats, instances: list[uuid.UUID]) -> dict[str, Any]:
+    """Bytes of linked files by instance, environment, project, organization
+    (``instances[i]``: the instance of owner index ``i``)."""
+    per_instance = stats.owner_bytes(instances)
     if not per_instance:
         return {"instances": [], "environments": [], "projects": [], "organizations": []}
     rows = session.execute(
@@ -236,7 +239,7 @@ def _attribution(session: Session, stats: ScanStats, index: LinkIndex) -> dict[s
     return {
         level: sorted(
             ({"id": k, "files": v[0], "bytes": v[1]} for k, v in table.items()),
-            key=lambda d: -int(d["bytes"]),  # type: ignore[call-overload]
+            key=lambda d: (-int(d["bytes"]), d["id"]),  # type: ignore[call-overload]
         )[:100]
         for level, table in levels.items()
     }
@@ -401,34 +404,91 @@ def run_scan(
     stale, live = _missing_records(session, dest, index, started - grace)
     if not complete:
         stale.clear()  # an interrupted listing proves nothing missing
-    duration = time.perf_counter() - t0
+    row = write_analytics(
+        session,
+        dest,
+        settings,
+        ScanFigures(
+            scan_id=scan_id,
+            job_id=job_id,
+            started=started,
+            duration=time.perf_counter() - t0,
+            stats=stats,
+            listed=listed,
+            error=error,
+            stale=stale,
+            versions=versions,
+            confirmation=sightings.figures(),
+            instances=index.instances,
+            owner_destinations=index.owner_destinations,
+            destination_ids=[d.id for d in index.destinations],
+        ),
+    )
+    return ScanResult(row, index, started, complete, error, stale, live, listing_error)
+
+
+@dataclass
+class ScanFigures:
+    """Everything one analytics row is made of, from one pass (:func:`run_scan`) or the
+    merge of a sharded scan's shards (:mod:`tasks.shards`)."""
+
+    scan_id: uuid.UUID
+    job_id: uuid.UUID | None
+    started: datetime
+    duration: float
+    stats: ScanStats
+    listed: int
+    #: the listing error (None: the listing completed)
+    error: str | None
+    stale: RecordIds
+    versions: dict[str, Any] | None
+    confirmation: dict[str, Any]
+    #: per owner index of ``stats``: its instance, and the destination whose record it is
+    instances: list[uuid.UUID]
+    owner_destinations: list[uuid.UUID]
+    #: the destinations whose records can link the files (overlapping ones included)
+    destination_ids: list[uuid.UUID]
+    #: more ``details`` (a sharded scan's shards)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_analytics(
+    session: Session, dest: BackupDestination, settings: Settings, f: ScanFigures
+) -> StorageAnalytics:
+    """Write (and commit) the analytics row of one scan."""
+    complete = f.error is None
+    stats = f.stats
     missing = {
-        "count": len(stale) if complete else None,
-        "sample_ids": [str(r) for r in stale.head(MISSING_SAMPLE)],
+        "count": len(f.stale) if complete else None,
+        # the smallest ids: a sample that does not depend on the order records came in
+        "sample_ids": heapq.nsmallest(
+            MISSING_SAMPLE, (str(r) for chunk in f.stale.chunks(10_000) for r in chunk)
+        ),
         "grace_hours": settings.scan_grace_hours,
     }
-    attribution = _attribution(session, stats, index)
+    attribution = _attribution(session, stats, f.instances)
     details = stats.details(settings.analytics_top_prefixes, attribution, missing)
-    details["objects_per_second"] = round(listed / duration, 1) if duration > 0 else None
+    details["objects_per_second"] = round(f.listed / f.duration, 1) if f.duration > 0 else None
     details["listing_complete"] = complete
-    details["confirmation"] = sightings.figures()  # rule 6a
-    details["error"] = error
-    if versions is not None:  # versioned buckets only (S3, GCS)
-        details["versions"] = versions
+    details["confirmation"] = f.confirmation  # rule 6a
+    details["error"] = f.error
+    if f.versions is not None:  # versioned buckets only (S3, GCS)
+        details["versions"] = f.versions
     # upload intents (rule 12a) that cover its files: live ones protect, expired ones not
-    details["upload_intents"] = intent_counts(session, [d.id for d in index.destinations])
+    details["upload_intents"] = intent_counts(session, f.destination_ids)
     # whose records link the files (other destinations on the same storage too)
-    by_dest = stats.owner_bytes(index.owner_destinations)
+    by_dest = stats.owner_bytes(f.owner_destinations)
     details["linked_by_destination"] = [
         {"destination_id": str(d), "files": t.files, "bytes": t.bytes}
         for d, t in sorted(by_dest.items(), key=lambda kv: (-kv[1].bytes, str(kv[0])))
     ]
+    details.update(f.extra)
     row = StorageAnalytics(
-        id=scan_id,
+        id=f.scan_id,
         destination_id=dest.id,
-        job_id=job_id,
+        job_id=f.job_id,
         status="succeeded" if complete else "partial",
-        started_at=started,
+        started_at=f.started,
         finished_at=db_now(session),
         total_files=stats.total.files,
         total_bytes=stats.total.bytes,
@@ -436,11 +496,11 @@ def run_scan(
         linked_bytes=stats.linked.bytes,
         orphan_files=stats.orphans.files,
         orphan_bytes=stats.orphans.bytes,
-        missing_records=len(stale),
+        missing_records=len(f.stale),
         ambiguous_files=stats.ambiguous.files,
-        duration_seconds=duration,
+        duration_seconds=f.duration,
         details=details,
     )
     session.add(row)
     session.commit()
-    return ScanResult(row, index, started, complete, error, stale, live, listing_error)
+    return row

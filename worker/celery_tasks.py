@@ -48,14 +48,15 @@ from sqlalchemy.orm import Session
 import worker.signals  # noqa: F401  (Celery signal handlers: logging, /metrics)
 from core.logging import job_context
 from core.settings import Settings, get_settings
-from db.models import BackupDestination, DestinationPolicy, JobStatus
+from db.models import BackupDestination, DestinationPolicy, Job, JobStatus
 from db.session import get_engine, session_scope
 from db.types import utcnow
+from storage_backends.registry import open_backend
 from tasks.policy import first_due, interval, new_rng, next_due
 from worker import metrics
 from worker.celery_app import app, send
 from worker.jobs import Sender, default_retention, dispatch_or_fail, request_job
-from worker.jobtypes import JOB_TYPES, JobType
+from worker.jobtypes import JOB_TYPES, SCAN_SHARD_TASK, JobType
 from worker.runner import (  # re-exported (tests, callers)
     RETRY_BASE_SECONDS as RETRY_BASE_SECONDS,
 )
@@ -437,6 +438,35 @@ def schedule_scans() -> int:
 def schedule_cleanups() -> int:
     """Superseded by ``ocore.schedule_tick``: runs one tick; the cleanups it sent."""
     return _run_tick().orphan_cleanup
+
+
+@app.task(name=SCAN_SHARD_TASK, queue="scan", acks_late=True, reject_on_worker_lost=True)
+def scan_shard_task(job_id: str) -> int:
+    """Help a sharded scan (:mod:`tasks.shards`): claim and run its shards while some
+    are left; how many ran here. A job no longer running, or a malformed id: nothing.
+    A worker killed meanwhile leaves its shard's heartbeat silent: the next claim (the
+    scan's own worker, or this message delivered again) runs it again."""
+    from tasks.shards import run_claimed_shards
+
+    settings = get_settings()
+    engine = get_engine(settings.effective_database_url)
+    try:
+        jid = uuid.UUID(str(job_id))
+    except ValueError:
+        log.error("ignoring a scan shard task with a malformed job id %r", job_id)
+        return 0
+    with session_scope(engine) as s:
+        job = s.get(Job, jid)
+        if job is None or job.status != JobStatus.RUNNING:
+            return 0
+        dest = s.get(BackupDestination, job.destination_id)
+        if dest is None:
+            return 0
+        with (
+            job_context(job_id=job.id, job_type=job.type, destination_id=dest.id),
+            open_backend(dest, settings) as backend,
+        ):
+            return run_claimed_shards(engine, s, backend, dest, settings, jid)
 
 
 @app.task(name="ocore.reap", queue="maintenance")

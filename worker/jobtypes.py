@@ -16,9 +16,13 @@ import their task modules when they run.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tasks.outcome import JobContext, JobOutcome
@@ -95,13 +99,47 @@ def _scan(ctx: JobContext) -> JobOutcome:
     from db.models import JobStatus
     from tasks.outcome import JobOutcome
     from tasks.scan import run_scan
+    from tasks.shards import run_sharded_scan, wanted_shards
 
-    scan = run_scan(
-        ctx.session, ctx.backend, ctx.dest, ctx.settings, job_id=ctx.job.id, progress=ctx.progress
-    )
+    shards = wanted_shards(ctx.session, ctx.dest, ctx.settings)
+    if shards > 1:  # a big destination: key ranges over the workers (docs/scaling.md)
+        scan = run_sharded_scan(
+            ctx.session, ctx.backend, ctx.dest, ctx.settings, job_id=ctx.job.id,
+            shards=shards, progress=ctx.progress, send=_shard_helper_sender(),
+        )  # fmt: skip
+    else:
+        scan = run_scan(
+            ctx.session, ctx.backend, ctx.dest, ctx.settings, job_id=ctx.job.id,
+            progress=ctx.progress,
+        )  # fmt: skip
     scan.raise_if_retryable()  # a transient listing error: back to the queue
     status = JobStatus.SUCCEEDED if scan.listing_complete else JobStatus.FAILED
     return JobOutcome(status, scan.summary, scan.error)
+
+
+#: the Celery task a sharded scan sends for each helper (worker.celery_tasks)
+SCAN_SHARD_TASK = "ocore.scan_shard"
+
+
+def _shard_helper_sender() -> Callable[[uuid.UUID], None] | None:
+    """In a Celery worker: send one ``ocore.scan_shard`` message per helper wanted (a
+    send that fails only means fewer helpers: the scan runs those shards itself).
+    Elsewhere (a job run from the command line or a test): None, no helpers."""
+    from celery import current_task
+
+    if not current_task or not current_task.request.id:  # (a proxy: false outside a task)
+        return None
+
+    def send(job_id: uuid.UUID) -> None:
+        from worker.celery_app import send as send_task
+
+        try:
+            send_task(SCAN_SHARD_TASK, [str(job_id)], SCAN.queue)
+        except Exception as err:
+            log.warning("could not ask a helper for the sharded scan %s (%s): it runs its "
+                        "shards itself", job_id, type(err).__name__)  # fmt: skip
+
+    return send
 
 
 def _scan_cleanup(ctx: JobContext) -> JobOutcome:

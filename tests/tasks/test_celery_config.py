@@ -98,6 +98,13 @@ def test_beat_schedule_comes_from_the_settings() -> None:
     }
 
 
+def ours_shard_task_is_redelivered() -> bool:
+    from worker.celery_tasks import app
+
+    task = app.tasks["ocore.scan_shard"]
+    return task.acks_late is True and task.reject_on_worker_lost is True
+
+
 def test_every_task_has_its_fixed_name_and_queue() -> None:
     from worker.celery_tasks import app
 
@@ -111,7 +118,10 @@ def test_every_task_has_its_fixed_name_and_queue() -> None:
         "ocore.schedule_scans": "maintenance",
         "ocore.schedule_cleanups": "maintenance",
         "ocore.reap": "maintenance",
+        # a sharded scan's helpers (tasks/shards.py): the scan queue, redelivered if lost
+        "ocore.scan_shard": "scan",
     }
+    assert ours_shard_task_is_redelivered()
     assert {name: queue for name, queue in TASKS.values()} == {
         k: v for k, v in expected.items() if k in {n for n, _q in TASKS.values()}
     }

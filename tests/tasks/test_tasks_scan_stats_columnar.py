@@ -41,10 +41,7 @@ def _reference(infos: list[ObjectInfo], orphan: list[bool], retention: int, cap:
         bounded(by_type, file_type(info.path), info.size)
         if info.storage_class:
             bounded(by_class, info.storage_class, info.size)
-        if len(largest) < 10:
-            heapq.heappush(largest, (info.size, info.path))
-        elif info.size > largest[0][0]:
-            heapq.heapreplace(largest, (info.size, info.path))
+        largest.append((info.size, info.path))
         m = info.last_modified
         if m is None:
             no_ts += is_orphan
@@ -54,9 +51,10 @@ def _reference(infos: list[ObjectInfo], orphan: list[bool], retention: int, cap:
                 by_age[name][0] += 1
                 by_age[name][1] += info.size
                 break
-        if oldest is None or m < oldest[0]:
+        # of equal times, the smallest path (the listing's order never decides)
+        if oldest is None or (m, info.path) < oldest:
             oldest = (m, info.path)
-        if newest is None or m > newest[0]:
+        if newest is None or m > newest[0] or (m == newest[0] and info.path < newest[1]):
             newest = (m, info.path)
         if is_orphan and m < cutoff:
             candidates.append(info)
@@ -65,7 +63,7 @@ def _reference(infos: list[ObjectInfo], orphan: list[bool], retention: int, cap:
         "by_type": by_type,
         "by_class": by_class,
         "by_age": by_age,
-        "largest": sorted(largest),
+        "largest": sorted(heapq.nlargest(10, largest)),  # by (size, path): a total order
         "oldest": oldest,
         "newest": newest,
         "candidates": candidates,

@@ -1,0 +1,119 @@
+"""A sharded scan (tasks/shards.py) across two real ``celery worker`` processes (prefork,
+one child each) on a Redis of its own, moto's S3 behind the fault proxy: the process
+running a shard is killed (kill -9) while the shard's listing is in flight, and the job
+still converges to one analytics row equal to one pass over the same bucket.
+
+The scan has two shards; the second one's listing (the only request with a
+``start-after``) is held in the proxy, so the kill lands mid-shard whichever worker
+claimed it: the helper's child (its ``ocore.scan_shard`` message is delivered again)
+or the coordinator's (the scan job's message is: the job resumes with its shards as
+they are, the first one done and kept). The shard's heartbeat stops; after
+``OCORE_HEARTBEAT_TIMEOUT`` the next claim runs it again, as attempt 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from db.models import ScanShard, StorageAnalytics
+from storage_backends.registry import credentials_env_name, open_backend
+from tasks.scan import run_scan
+from tests.factories import World, make_backup, make_destination
+from tests.faults.conftest import age_objects
+from tests.faults.realworker import CREDS, Worker, log_of, sender, wait_job
+from tests.servers.fault_proxy import FaultProxy
+from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
+from tests.tasks.test_tasks_shards import _compare
+from worker.jobs import dispatch, request_job
+
+pytestmark = pytest.mark.slow
+ROOT = "backups/"
+FOLDERS = [f"org{i:02d}/" for i in range(8)]
+KEYS = [
+    f"{ROOT}{folder}i{j}/{k:03d}.tar" for folder in FOLDERS for j in range(2) for k in range(60)
+]
+
+
+def _shard_row(engine: Engine, job_id: Any, idx: int) -> ScanShard | None:
+    with Session(engine) as s:
+        row = s.execute(
+            select(ScanShard).where(ScanShard.job_id == job_id, ScanShard.idx == idx)
+        ).scalar_one_or_none()
+        if row is not None:
+            s.expunge(row)
+        return row
+
+
+def test_kill_9_of_a_shards_process_mid_listing_and_the_scan_converges_to_one_pass(
+    db: Session,
+    engine: Engine,
+    cfg: Any,
+    world: World,
+    own_redis: Any,
+    start_worker: Any,
+    s3_server: S3Server,
+    fault_proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = s3_server.create_bucket()
+    seed_objects(s3_server, name, KEYS, body=b"0123456789")
+    age_objects(name, KEYS, 40)
+    dest = make_destination(db, world, "s3", bucket=name, endpoint=fault_proxy.endpoint,
+                            region=s3_server.region, root_prefix=ROOT, credentials_ref="fault",
+                            options=make_s3_destination_options())  # fmt: skip
+    for key in KEYS[::3]:
+        make_backup(db, world, dest, key.removeprefix(ROOT))
+    make_backup(db, world, dest, "org03/")  # a folder record
+    make_backup(db, world, dest, "org09/gone.tar")  # missing
+    # the last scan saw more files than one shard takes: this one is sharded
+    db.add(StorageAnalytics(destination_id=dest.id, total_files=len(KEYS)))
+    db.commit()
+    fault_proxy.reset()
+    hold = fault_proxy.hold_next(1, method="GET", path=r"[?&]start-after=")
+    env = {"OCORE_SCAN_SHARD_FILES": "500", "OCORE_SCAN_SHARDS_MAX": "2",
+           "OCORE_HEARTBEAT_INTERVAL": "0.5", "OCORE_HEARTBEAT_TIMEOUT": "3"}  # fmt: skip
+    workers: list[Worker] = [start_worker(own_redis.url, **env) for _ in range(2)]
+    job, created = request_job(db, "scan", dest, {}, requested_by="tester")
+    assert created
+    app, send = sender(own_redis.url)
+    dispatch(job, send)
+    app.close()
+
+    assert hold.wait(1, 90), [log_of(w) for w in workers]
+    row = _shard_row(engine, job.id, 1)
+    assert row is not None and row.state == "running" and row.attempt == 1
+    assert row.worker is not None
+    pid = int(row.worker.rsplit(":", 1)[1])
+    assert pid in {w.child() for w in workers}  # a pool child of one of the workers
+    os.kill(pid, signal.SIGKILL)
+    hold.disarm()
+    hold.release()
+
+    done = wait_job(engine, job.id, 180)
+    assert done.status == "succeeded", (done.status, done.error, [log_of(w) for w in workers])
+    again = _shard_row(engine, job.id, 1)
+    assert again is not None and again.state == "done" and again.attempt == 2
+    assert again.worker != row.worker
+    first = _shard_row(engine, job.id, 0)
+    assert first is not None and first.state == "done" and first.attempt == 1  # kept
+    assert done.result is not None
+    with Session(engine) as s:
+        sharded = s.get(StorageAnalytics, uuid.UUID(done.result["analytics_id"]))
+        assert sharded is not None
+        s.expunge(sharded)
+    assert [s["attempts"] for s in sharded.details["shards"]] == [1, 2]
+
+    # one pass over the same bucket, in this process
+    monkeypatch.setenv(credentials_env_name("fault"), CREDS)
+    fault_proxy.reset()
+    with open_backend(dest, cfg) as backend:
+        one = run_scan(db, backend, dest, cfg)
+    _compare(one.analytics, sharded)
+    assert sharded.total_files == len(KEYS) and sharded.missing_records == 1

@@ -1,0 +1,365 @@
+"""Sharded scans (tasks/shards.py): on a directory, moto S3, fake-gcs-server and a real
+sshd, the merged analytics row of a scan split by key range equals the row of one pass
+over the same storage: counts, bytes, breakdowns, samples, the ten largest, the oldest
+and newest, attribution, missing records. The estate holds what crosses shard bounds:
+a folder record over several shards, a file whose loose form (rule 4) lies in another
+shard than its key, a record whose loose form does, '%'-escapes, NFD names, files at the
+root, a trash, another destination's records over the same storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from core.settings import Settings
+from db.models import (
+    BackupDestination,
+    Job,
+    JobStatus,
+    ScanShard,
+    ScanShardMark,
+    StorageAnalytics,
+)
+from storage_backends.registry import credentials_env_name, open_backend
+from tasks import shards as shards_mod
+from tasks.scan import ScanResult, run_scan
+from tasks.shards import (
+    Shard,
+    claim,
+    escape_filter,
+    escapes,
+    run_sharded_scan,
+    shard_ranges,
+    slice_filter,
+    split_points,
+    wanted_shards,
+)
+from tests.factories import World, make_destination, make_world
+from tests.servers.gcs import GcsServer
+from tests.servers.s3 import S3Server
+from tests.servers.sshd import SshServer
+from tests.tasks.kit import job_row, record, request, run
+
+DAY = 86_400.0
+ROOT = "r/"
+#: file key (under ROOT) -> age in days
+FILES: dict[str, float] = {
+    **{
+        f"org{i:02d}/inst{j}/b{k}.tar.gz": 40 + i + j + k / 10
+        for i in range(12)
+        for j in range(3)
+        for k in range(3)
+    },
+    "ORG07/inst0/x.tar": 50,  # loose form org07/inst0/x.tar: another shard's range
+    "org09/inst1/y.tar": 50,  # a record spells it Org09/Inst1/Y.TAR
+    "org10/inst2/cafe\u0301.tar": 50,  # NFD; a record spells it NFC
+    "org02/inst0/a%20b.tar": 50,  # a record spells it "a b.tar"
+    "readme.txt": 60,  # at the root: an orphan
+    "zz-last.bin": 3,  # after every folder, newer than the retention window
+    ".ocore-trash/0123456789abcdef0123456789abcdef": 2,  # a trash file: counted apart
+}
+#: records of the scanned destination (paths under ROOT)
+RECORDS = [
+    *(f"org{i:02d}/inst{j}/b{k}.tar.gz" for i in range(12) for j in range(3) for k in range(2)),
+    "org03/",  # a folder record over shard bounds
+    "org07/inst0/x.tar",  # links ORG07/inst0/x.tar loosely only
+    "Org09/Inst1/Y.TAR",
+    "org10/inst2/caf\u00e9.tar",
+    "org02/inst0/a b.tar",
+    "org11/inst9/gone.tar",  # missing
+    "org04/nothing/",  # missing (a folder record with no file under it)
+    "ORG08/inst0/b0.tar.gz",  # links org08/inst0/b0.tar.gz loosely (and exactly: no)
+]
+#: the other destination (root "" on the same storage) names these bucket keys
+OTHER = ["r/org05/inst1/b2.tar.gz", "r/org06/"]
+
+
+def _compare(a: StorageAnalytics, b: StorageAnalytics) -> None:
+    cols = ("status", "total_files", "total_bytes", "linked_files", "linked_bytes",
+            "orphan_files", "orphan_bytes", "missing_records", "ambiguous_files")  # fmt: skip
+    assert {c: getattr(a, c) for c in cols} == {c: getattr(b, c) for c in cols}
+    volatile = {"objects_per_second", "shards"}
+    da = {k: v for k, v in a.details.items() if k not in volatile}
+    db_ = {k: v for k, v in b.details.items() if k not in volatile}
+    for d in (da, db_):  # (when each scan started)
+        d["incomplete_uploads"] = {**d["incomplete_uploads"], "older_than": None}
+    for key in sorted(set(da) | set(db_)):
+        assert da.get(key) == db_.get(key), key
+
+
+def _estate(db: Session, world: World, dest: BackupDestination, other: BackupDestination) -> None:
+    for path in RECORDS:
+        record(db, world, dest, path)
+    them = make_world(db, f"them-{os.urandom(3).hex()}")
+    db.commit()
+    for path in OTHER:
+        record(db, them, other, path)
+
+
+def _scan_both(
+    db: Session, settings: Settings, dest: BackupDestination, shards: int
+) -> tuple[ScanResult, ScanResult]:
+    with open_backend(dest, settings) as backend:
+        one = run_scan(db, backend, dest, settings)
+    job = request(db, dest, "scan")
+    with open_backend(dest, settings) as backend:
+        many = run_sharded_scan(db, backend, dest, settings, job_id=job.id, shards=shards)
+    return one, many
+
+
+def _check(db: Session, one: ScanResult, many: ScanResult, shards: int) -> None:
+    assert one.listing_complete and many.listing_complete, many.error
+    got = many.analytics.details["shards"]
+    assert len(got) == shards, got
+    assert all(s["files"] > 0 for s in got), got  # folders balance them
+    assert sum(s["escapees"] for s in got) >= 1  # ORG07/... crossed a bound
+    _compare(one.analytics, many.analytics)
+    assert sorted(str(i) for c in one.stale_candidates.chunks(100) for i in c) == sorted(
+        str(i) for c in many.stale_candidates.chunks(100) for i in c
+    )
+    # gone.tar, nothing/, and ORG08/...: its file is linked exactly by another record,
+    # so no loose match is looked for (as in one pass)
+    assert one.analytics.missing_records == 3
+    assert one.analytics.ambiguous_files >= 3  # the loose links, in both
+    # the marks are dropped once merged
+    assert db.execute(select(ScanShardMark)).first() is None
+
+
+# -- local ----------------------------------------------------------------------------
+
+
+def _put_local(base: Path) -> None:
+    now = time.time()
+    for key, age in FILES.items():
+        path = base / ROOT / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (len(key) * 7 % 23 + 1))
+        os.utime(path, (now - age * DAY, now - age * DAY))
+
+
+@pytest.mark.parametrize("shards", [2, 4, 7])
+def test_local_sharded_scan_equals_one_pass(
+    db: Session, world: World, cfg: Settings, tmp_path: Path, shards: int
+) -> None:
+    base = tmp_path / "store"
+    _put_local(base)
+    # a name that is not UTF-8: kept, counted apart, in its shard
+    (base / ROOT / "org06" / "inst0" / os.fsdecode(b"\xff.tar")).write_bytes(b"z")
+    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=ROOT)
+    other = make_destination(db, world, "local", bucket=str(base), name="other")
+    db.commit()
+    _estate(db, world, dest, other)
+    one, many = _scan_both(db, cfg, dest, shards)
+    _check(db, one, many, shards)
+    assert one.analytics.details["undecodable_names"]["files"] == 1
+
+
+def test_local_a_bucket_without_folders_scans_in_one_pass(
+    db: Session, world: World, cfg: Settings, tmp_path: Path
+) -> None:
+    base = tmp_path / "flat"
+    base.mkdir()
+    for i in range(5):
+        (base / f"f{i}").write_bytes(b"x")
+    dest = make_destination(db, world, "local", bucket=str(base))
+    db.commit()
+    job = request(db, dest, "scan")
+    with open_backend(dest, cfg) as backend:
+        assert split_points(backend, 4) == []
+        res = run_sharded_scan(db, backend, dest, cfg, job_id=job.id, shards=4)
+    assert res.listing_complete and res.analytics.total_files == 5
+    assert "shards" not in res.analytics.details
+
+
+# -- S3, GCS, SFTP ----------------------------------------------------------------------
+
+S3_REF, SSH_REF = "shards-s3", "shards-ssh"
+
+
+def test_s3_sharded_scan_equals_one_pass(
+    db: Session,
+    world: World,
+    cfg: Settings,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    from tests.servers.s3 import seed_objects
+
+    monkeypatch.setenv(credentials_env_name(S3_REF), json.dumps(s3_server.credentials()))
+    bucket = s3_server.create_bucket()
+    seed_objects(s3_server, bucket, [ROOT + k for k in FILES], body=b"0123456789")
+    now = datetime.now(UTC)
+    store = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[bucket]
+    for key, age in FILES.items():  # moto keeps its objects in this process: age them
+        store.keys[ROOT + key].last_modified = now - timedelta(days=age)
+    kw: dict[str, Any] = {"endpoint": s3_server.endpoint, "region": s3_server.region,
+                          "credentials_ref": S3_REF}  # fmt: skip
+    dest = make_destination(db, world, "s3", bucket=bucket, root_prefix=ROOT, **kw)
+    other = make_destination(db, world, "s3", bucket=bucket, name="other", **kw)
+    db.commit()
+    _estate(db, world, dest, other)
+    one, many = _scan_both(db, cfg, dest, 4)
+    _check(db, one, many, 4)
+
+
+def test_gcs_sharded_scan_equals_one_pass(
+    db: Session, world: World, cfg: Settings, gcs_server: GcsServer
+) -> None:
+    bucket = gcs_server.create_bucket()
+    handle = gcs_server.client().bucket(bucket)
+    for key in FILES:
+        handle.blob(ROOT + key).upload_from_string(b"x" * (len(key) % 13 + 1))
+    kw: dict[str, Any] = {"endpoint": gcs_server.endpoint,
+                          "options": {"project": gcs_server.project}}  # fmt: skip
+    dest = make_destination(db, world, "gcs", bucket=bucket, root_prefix=ROOT, **kw)
+    other = make_destination(db, world, "gcs", bucket=bucket, name="other", **kw)
+    db.commit()
+    _estate(db, world, dest, other)
+    one, many = _scan_both(db, cfg, dest, 3)
+    _check(db, one, many, 3)
+
+
+@pytest.fixture
+def ssh_env(sftp_server: SshServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[SshServer]:
+    monkeypatch.setenv(credentials_env_name(SSH_REF), json.dumps(sftp_server.credentials()))
+    yield sftp_server
+
+
+@pytest.mark.parametrize("listing", ["find", "off"])
+def test_sftp_sharded_scan_equals_one_pass(
+    db: Session, world: World, cfg: Settings, ssh_env: SshServer, listing: str
+) -> None:
+    base = ssh_env.make_dir()
+    _put_local(base)
+    kw: dict[str, Any] = {"endpoint": ssh_env.endpoint, "credentials_ref": SSH_REF,
+                          "options": {"remote_listing": listing}}  # fmt: skip
+    dest = make_destination(db, world, "sftp", bucket=str(base), root_prefix=ROOT, **kw)
+    other = make_destination(db, world, "sftp", bucket=str(base), name="other", **kw)
+    db.commit()
+    _estate(db, world, dest, other)
+    one, many = _scan_both(db, cfg, dest, 4)
+    _check(db, one, many, 4)
+
+
+# -- the parts --------------------------------------------------------------------------
+
+
+def test_ranges_partition_the_key_space() -> None:
+    ranges = shard_ranges(["b/", "m/x/"])
+    assert ranges == [("", "b/"), ("b/", "m/x/"), ("m/x/", None)]
+    keys = ["", "a", "b", "b/", "b/z", "m/", "m/x", "m/x/", "m/x/1", "\U0010ffff", "zz"]
+    for k in keys:
+        assert sum(shards_mod.in_range(k, lo, hi) for lo, hi in ranges) == 1, k
+
+
+def test_the_slice_holds_every_record_that_can_link_a_key_of_the_range() -> None:
+    keep = slice_filter("m/", "n/")
+    assert keep("m/a.tar") and keep("m/") and keep("") and keep("/")
+    assert keep("m") and keep("m/x/")  # a file record over the folder, a folder record
+    assert keep("M/a.tar")  # its loose form lies in the range
+    assert keep("%6D/a.tar")  # decoded: m/a.tar
+    assert not keep("a/b.tar") and not keep("n/x") and not keep("A/b")
+    # a file of the range whose loose form leaves it is an escapee
+    assert escapes("M/a.tar", "M/", "N/") and not escapes("m/a.tar", "m/", "n/")
+    near = escape_filter(["M/a.tar", "X%2Fy"])
+    assert near("m/a.tar") and near("m/") and near("m") and near("M/") and near("x/y")
+    assert not near("m/b.tar") and not near("z/")
+
+
+def test_a_shard_is_claimed_once_and_again_only_when_its_heartbeat_stopped(
+    db: Session, world: World, engine: Engine, tmp_path: Path
+) -> None:
+    dest = make_destination(db, world, "local", bucket=str(tmp_path))
+    db.commit()
+    job = request(db, dest, "scan")
+    shards_mod.plan(db, job.id, [("", "m/"), ("m/", None)])
+    first = claim(engine, job.id, stale_after=60)
+    second = claim(engine, job.id, stale_after=60)
+    assert first is not None and second is not None
+    assert (first.idx, second.idx) == (0, 1) and first.attempt == second.attempt == 1
+    assert claim(engine, job.id, stale_after=60) is None  # both run, both beat
+    db.execute(  # its worker died: the heartbeat stopped long ago
+        update(ScanShard)
+        .where(ScanShard.job_id == job.id, ScanShard.idx == 0)
+        .values(heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC))
+    )
+    db.commit()
+    again = claim(engine, job.id, stale_after=60)
+    assert again is not None and (again.idx, again.attempt) == (0, 2)
+    # the first claim's outcome is dropped: its attempt is no longer the shard's
+    out = shards_mod.ShardOutcome({}, 0)
+    assert shards_mod.finish(engine, job.id, Shard(0, "", "m/", 1), out) is False
+    assert shards_mod.finish(engine, job.id, again, out) is True
+
+
+def test_wanted_shards_follows_the_last_scan(
+    db: Session, world: World, cfg: Settings, tmp_path: Path
+) -> None:
+    dest = make_destination(db, world, "local", bucket=str(tmp_path))
+    db.commit()
+    assert wanted_shards(db, dest, cfg) == 1  # never scanned
+    db.add(StorageAnalytics(destination_id=dest.id, total_files=2_500_001))
+    db.commit()
+    assert wanted_shards(db, dest, cfg.model_copy(update={"scan_shard_files": 1_000_000})) == 3
+    assert wanted_shards(db, dest, cfg.model_copy(update={"scan_shard_files": 0})) == 1
+    small = cfg.model_copy(update={"scan_shard_files": 10, "scan_shards_max": 8})
+    assert wanted_shards(db, dest, small) == 8
+
+
+def test_a_scan_job_of_a_big_destination_is_sharded_and_its_result_is_the_scans(
+    db: Session, world: World, engine: Engine, cfg: Settings, tmp_path: Path
+) -> None:
+    """Through the job runner (no broker: no helpers, the job runs every shard): the
+    last scan's size decides, the summary is the merged row's."""
+    base = tmp_path / "store"
+    _put_local(base)
+    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=ROOT)
+    db.add(StorageAnalytics(destination_id=dest.id, total_files=len(FILES)))
+    db.commit()
+    for path in RECORDS:
+        record(db, world, dest, path)
+    job = request(db, dest, "scan")
+    small = cfg.model_copy(update={"scan_shard_files": 40, "scan_shards_max": 3})
+    run(engine, small, job)
+    row = job_row(engine, job.id)
+    assert row.status == "succeeded", row.error
+    assert row.result is not None
+    with Session(engine) as s:
+        merged = s.get(StorageAnalytics, uuid.UUID(row.result["analytics_id"]))
+        assert merged is not None
+        assert len(merged.details["shards"]) == 3
+        assert {sh["attempts"] for sh in merged.details["shards"]} == {1}
+        assert row.result["total_files"] == merged.total_files == len(FILES) - 1  # (trash)
+        shard_rows = s.execute(select(ScanShard).where(ScanShard.job_id == job.id)).scalars()
+        assert {r.state for r in shard_rows} == {"done"}
+
+
+def test_helpers_claim_nothing_once_the_job_ended(
+    db: Session, world: World, engine: Engine, cfg: Settings, tmp_path: Path
+) -> None:
+    dest = make_destination(db, world, "local", bucket=str(tmp_path))
+    db.commit()
+    job = request(db, dest, "scan")
+    shards_mod.plan(db, job.id, [("", "m/"), ("m/", None)])
+    db.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED))
+    db.commit()
+    with open_backend(dest, cfg) as backend:
+        ran = shards_mod.run_claimed_shards(engine, db, backend, dest, cfg, job.id)
+    assert ran == 0
+    states = db.execute(select(ScanShard.state).where(ScanShard.job_id == job.id)).scalars()
+    assert set(states) == {"pending"}
