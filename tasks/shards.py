@@ -211,24 +211,41 @@ def _loose_forms(key: str) -> tuple[str, ...]:
     return (loose(key), loose(key, decode=False)) if "%" in key else (loose(key),)
 
 
-def slice_filter(lo: str, hi: str | None) -> Callable[[str], bool]:
-    """The records a shard of ``[lo, hi)`` (bucket keys) indexes: those whose key, or a
-    loose form of it, can name a key of the range (:func:`subtree_meets`). Every record
-    that links a file of the range exactly or through a folder is among them, and every
-    one that links it loosely where the file's loose forms lie in the range too."""
+#: bucket-key ranges, ``hi`` None: no end
+Ranges = Sequence[tuple[str, str | None]]
+
+
+def shard_key_ranges(root: str, lo: str, hi: str | None) -> list[tuple[str, str | None]]:
+    """A shard's range as bucket keys, and (for a root not in loose form, ``Backups/``)
+    the same range under the root's loose form too: a file ``Backups/x`` whose loose
+    form ``backups/x`` lies there is no escapee, and the slice holds what links it."""
+    out: list[tuple[str, str | None]] = [(root + lo, None if hi is None else root + hi)]
+    if root and not _already_loose(root):
+        lroot = loose(root).rstrip("/") + "/"
+        out.append((lroot + lo, None if hi is None else lroot + hi))
+    return out
+
+
+def slice_filter(ranges: Ranges) -> Callable[[str], bool]:
+    """The records a shard indexes: those whose key, or a loose form of it, can name a
+    key of one of ``ranges`` (:func:`subtree_meets`). Every record that links a file of
+    the shard exactly or through a folder is among them, and every one that links it
+    loosely where the file's loose forms lie in the ranges too (extra ranges only make
+    the slice larger: the rule holds whatever they are)."""
+
+    def meets(key: str) -> bool:
+        return any(subtree_meets(key, lo, hi) for lo, hi in ranges)
 
     def keep(key: str) -> bool:
-        if subtree_meets(key, lo, hi):
-            return True
-        return any(subtree_meets(form, lo, hi) for form in _loose_forms(key))
+        return meets(key) or any(meets(form) for form in _loose_forms(key))
 
     return keep
 
 
-def escapes(key: str, lo: str, hi: str | None) -> bool:
-    """Whether a file of ``[lo, hi)`` has a loose form outside the range (an escapee:
-    a record outside the shard's slice may link it loosely)."""
-    return any(not in_range(form, lo, hi) for form in _loose_forms(key))
+def escapes(key: str, ranges: Ranges) -> bool:
+    """Whether a file of the shard has a loose form outside every one of ``ranges`` (an
+    escapee: a record outside the shard's slice may link it loosely)."""
+    return any(not any(in_range(form, lo, hi) for lo, hi in ranges) for form in _loose_forms(key))
 
 
 def escape_filter(file_keys: Sequence[str]) -> Callable[[str], bool]:
@@ -281,10 +298,10 @@ def scan_shard(
     A listing error ends the shard (``error``); :class:`TooLoose` is raised."""
     t0 = time.perf_counter()
     root = normalize_root(dest.root_prefix or "")
-    lo_abs, hi_abs = root + shard.lo, None if shard.hi is None else root + shard.hi
+    ranges = shard_key_ranges(root, shard.lo, shard.hi)
     pages = backend.walk_range(shard.lo, shard.hi)
     try:
-        index = LinkIndex(session, dest, backend.resolve_dir, keep=slice_filter(lo_abs, hi_abs))
+        index = LinkIndex(session, dest, backend.resolve_dir, keep=slice_filter(ranges))
     except BaseException:
         pages.close()  # type: ignore[attr-defined]
         raise
@@ -310,7 +327,7 @@ def scan_shard(
             # when the slice links it loosely already: every record that does must be
             # marked seen, as one pass would)
             out = np.flatnonzero(classified.owner < 0).tolist()
-            away = [i for i in out if escapes(keys[i], lo_abs, hi_abs)]
+            away = [i for i in out if escapes(keys[i], ranges)]
             if away:
                 if len(escapees) + len(away) > ESCAPE_CAP:
                     raise TooLoose(f"more than {ESCAPE_CAP} files of shard {shard.idx} may be "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -80,8 +82,8 @@ RECORDS = [
     "org04/nothing/",  # missing (a folder record with no file under it)
     "ORG08/inst0/b0.tar.gz",  # links org08/inst0/b0.tar.gz loosely (and exactly: no)
 ]
-#: the other destination (root "" on the same storage) names these bucket keys
-OTHER = ["r/org05/inst1/b2.tar.gz", "r/org06/"]
+#: the other destination (root "" on the same storage) names these, under the root
+OTHER = ["org05/inst1/b2.tar.gz", "org06/"]  # under the root
 
 
 def _compare(a: StorageAnalytics, b: StorageAnalytics) -> None:
@@ -103,7 +105,7 @@ def _estate(db: Session, world: World, dest: BackupDestination, other: BackupDes
     them = make_world(db, f"them-{os.urandom(3).hex()}")
     db.commit()
     for path in OTHER:
-        record(db, them, other, path)
+        record(db, them, other, (dest.root_prefix or "") + path)
 
 
 def _scan_both(
@@ -122,7 +124,8 @@ def _check(db: Session, one: ScanResult, many: ScanResult, shards: int) -> None:
     got = many.analytics.details["shards"]
     assert len(got) == shards, got
     assert all(s["files"] > 0 for s in got), got  # folders balance them
-    assert sum(s["escapees"] for s in got) >= 1  # ORG07/... crossed a bound
+    # ORG07/... crossed a bound, and only it (a root not in loose form adds none)
+    assert sum(s["escapees"] for s in got) == 1
     _compare(one.analytics, many.analytics)
     assert sorted(str(i) for c in one.stale_candidates.chunks(100) for i in c) == sorted(
         str(i) for c in many.stale_candidates.chunks(100) for i in c
@@ -138,24 +141,24 @@ def _check(db: Session, one: ScanResult, many: ScanResult, shards: int) -> None:
 # -- local ----------------------------------------------------------------------------
 
 
-def _put_local(base: Path) -> None:
+def _put_local(base: Path, root: str = ROOT) -> None:
     now = time.time()
     for key, age in FILES.items():
-        path = base / ROOT / key
+        path = base / root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * (len(key) * 7 % 23 + 1))
         os.utime(path, (now - age * DAY, now - age * DAY))
 
 
-@pytest.mark.parametrize("shards", [2, 4, 7])
+@pytest.mark.parametrize(("shards", "root"), [(2, ROOT), (4, ROOT), (7, ROOT), (4, "R/Backups/")])
 def test_local_sharded_scan_equals_one_pass(
-    db: Session, world: World, cfg: Settings, tmp_path: Path, shards: int
+    db: Session, world: World, cfg: Settings, tmp_path: Path, shards: int, root: str
 ) -> None:
     base = tmp_path / "store"
-    _put_local(base)
+    _put_local(base, root)
     # a name that is not UTF-8: kept, counted apart, in its shard
-    (base / ROOT / "org06" / "inst0" / os.fsdecode(b"\xff.tar")).write_bytes(b"z")
-    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=ROOT)
+    (base / root / "org06" / "inst0" / os.fsdecode(b"\xff.tar")).write_bytes(b"z")
+    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=root)
     other = make_destination(db, world, "local", bucket=str(base), name="other")
     db.commit()
     _estate(db, world, dest, other)
@@ -268,14 +271,20 @@ def test_ranges_partition_the_key_space() -> None:
 
 
 def test_the_slice_holds_every_record_that_can_link_a_key_of_the_range() -> None:
-    keep = slice_filter("m/", "n/")
+    keep = slice_filter([("m/", "n/")])
     assert keep("m/a.tar") and keep("m/") and keep("") and keep("/")
     assert keep("m") and keep("m/x/")  # a file record over the folder, a folder record
     assert keep("M/a.tar")  # its loose form lies in the range
     assert keep("%6D/a.tar")  # decoded: m/a.tar
     assert not keep("a/b.tar") and not keep("n/x") and not keep("A/b")
     # a file of the range whose loose form leaves it is an escapee
-    assert escapes("M/a.tar", "M/", "N/") and not escapes("m/a.tar", "m/", "n/")
+    assert escapes("M/a.tar", [("M/", "N/")]) and not escapes("m/a.tar", [("m/", "n/")])
+    # a root not in loose form: its range under the loose root too
+    ranges = shards_mod.shard_key_ranges("Bk/", "m/", "n/")
+    assert ranges == [("Bk/m/", "Bk/n/"), ("bk/m/", "bk/n/")]
+    assert not escapes("Bk/m/a.tar", ranges) and not escapes("Bk/m/A%2Etar", ranges)
+    assert escapes("Bk/m/../../z", ranges)  # its loose form is z
+    assert slice_filter(ranges)("bk/m/a.tar") and slice_filter(ranges)("BK/M/")
     near = escape_filter(["M/a.tar", "X%2Fy"])
     assert near("m/a.tar") and near("m/") and near("m") and near("M/") and near("x/y")
     assert not near("m/b.tar") and not near("z/")
@@ -363,3 +372,62 @@ def test_helpers_claim_nothing_once_the_job_ended(
     assert ran == 0
     states = db.execute(select(ScanShard.state).where(ScanShard.job_id == job.id)).scalars()
     assert set(states) == {"pending"}
+
+
+#: folder and file name pieces that cross shard bounds once spelled loosely (rule 4)
+_DIRS = ["a", "A", "b", "m", "M", "n", "z", "%61", "e\u0301", "\u00e9", "x y", "x+y"]
+_LEAVES = ["f1", "F1", "f%31", "g.tar", "G.TAR", "h\u0301", "\u1e25", "k k", "k+k"]
+
+
+def _spellings(rnd: random.Random, key: str) -> str:
+    """The key, or one loose spelling of it (another case, NFD/NFC, one '%'-escape)."""
+    choice = rnd.randrange(5)
+    if choice == 0:
+        return key.upper()
+    if choice == 1:
+        return unicodedata.normalize("NFD" if rnd.random() < 0.5 else "NFC", key)
+    if choice == 2 and key:
+        i = rnd.randrange(len(key))
+        return key[:i] + "%" + key[i].encode()[0:1].hex().upper() + key[i + 1 :]
+    return key
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_estates_sharded_equal_one_pass(
+    db: Session, world: World, cfg: Settings, tmp_path: Path, seed: int
+) -> None:
+    """Random estates of names that differ only loosely, records naming them exactly,
+    loosely, as folders or not at all, any number of shards: the same row."""
+    rnd = random.Random(seed)
+    base = tmp_path / "store"
+    files: set[str] = set()
+    for _ in range(rnd.randint(20, 60)):
+        depth = rnd.randint(0, 2)
+        files.add("/".join([*(rnd.choice(_DIRS) for _ in range(depth)), rnd.choice(_LEAVES)]))
+    root = rnd.choice(["", "bk/", "Bk/"])  # a root in loose form or not
+    now = time.time()
+    for key in files:
+        path = base / root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * rnd.randint(0, 50))
+        age = rnd.choice([1, 40, 400]) * DAY
+        os.utime(path, (now - age, now - age))
+    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=root)
+    db.commit()
+    for key in sorted(files):
+        roll = rnd.random()
+        if roll < 0.4:
+            record(db, world, dest, _spellings(rnd, key))
+        elif roll < 0.55 and "/" in key:
+            record(db, world, dest, _spellings(rnd, key.rsplit("/", 1)[0] + "/"))
+    for _ in range(rnd.randint(0, 5)):  # records of nothing (missing), spelled anyhow
+        record(db, world, dest, _spellings(rnd, f"{rnd.choice(_DIRS)}/{rnd.choice(_LEAVES)}"))
+    one, many = _scan_both(db, cfg, dest, rnd.randint(2, 6))
+    # every seed here has folders at its root: it is sharded (and its shards meet
+    # escapees, ambiguous files and missing records: seen when this was written)
+    assert len(many.analytics.details["shards"]) >= 2
+    assert one.listing_complete and many.listing_complete
+    _compare(one.analytics, many.analytics)
+    assert sorted(str(i) for c in one.stale_candidates.chunks(100) for i in c) == sorted(
+        str(i) for c in many.stale_candidates.chunks(100) for i in c
+    )
