@@ -312,10 +312,14 @@ class LinkIndex:
         dest: BackupDestination,
         resolve_dir: DirResolver | None = None,
         keep: Callable[[str], bool] | None = None,
+        sql_filter: Callable[[Any, str], Any] | None = None,
     ) -> None:
         """``keep`` (a sharded scan's slice, :mod:`tasks.shards`): only the records
-        whose key (bucket-relative, ``/`` kept) it accepts are indexed."""
+        whose key (bucket-relative, ``/`` kept) it accepts are indexed. ``sql_filter``
+        (model, destination root) -> a condition that every such record meets (a
+        superset the database applies first, so that fewer rows travel)."""
         self.dest = dest
+        self._sql_filter = sql_filter
         self.root = normalize_root(dest.root_prefix or "")
         self.destinations = overlapping_destinations(session, dest, resolve_dir)
         self.instances: list[uuid.UUID] = []
@@ -388,6 +392,8 @@ class LinkIndex:
                 stmt = select(model.path, cast(model.instance_id, String)).where(
                     model.destination_id == d.id
                 )
+                if self._sql_filter is not None:
+                    stmt = stmt.where(self._sql_filter(model, d_root))
                 for rows in stream_columns(session, stmt, 2):
                     yield d_idx, d_root, rows[0], rows[1]
 

@@ -52,14 +52,17 @@ from sqlalchemy import (
     Integer,
     String,
     and_,
+    any_,
     cast,
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
@@ -71,7 +74,7 @@ from db.models import (
     ScanShardMark,
     StorageAnalytics,
 )
-from db.session import db_now, session_scope
+from db.session import db_now, is_postgresql, session_scope
 from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
@@ -242,6 +245,36 @@ def slice_filter(ranges: Ranges) -> Callable[[str], bool]:
     return keep
 
 
+#: a key that may not be in loose form (:func:`tasks.linking._already_loose` false): not
+#: printable ASCII, an upper-case letter, '%', '+', '//', a '.' segment, a trailing '.'
+#: or a leading '/' (PostgreSQL regular expression)
+NOT_LOOSE_RE = r"[^ -~]|[A-Z%+]|//|\./|\.$|^/"
+
+
+def slice_sql(ranges: Ranges) -> Callable[[Any, str], Any] | None:
+    """:func:`slice_filter` as a PostgreSQL condition on a record model and its
+    destination's root: a superset (the Python filter decides), so that a shard reads
+    about its share of the records, not all of them. With ``s`` the record's bucket key
+    without trailing '/': ``s`` in a range, ``s`` a prefix of a range's start (a folder
+    above it), or a key that may not be in loose form (its loose forms may meet the
+    range). Compared by code point (``COLLATE "C"``: UTF-8 byte order), as Python
+    compares. None on other databases (every record is read)."""
+    starts = sorted({lo[:i].rstrip("/") for lo, _hi in ranges for i in range(len(lo) + 1)})
+
+    def clause(model: Any, root: str) -> Any:
+        key = (literal(root, String) + model.path).self_group()
+        s = func.rtrim(key, "/").collate("C")
+        parts = [
+            key.op("~")(literal(NOT_LOOSE_RE, String)),
+            s == any_(literal(starts, postgresql.ARRAY(String))),
+        ]
+        for lo, hi in ranges:
+            parts.append(and_(s >= lo, s < hi) if hi is not None else s >= lo)
+        return or_(*parts)
+
+    return clause
+
+
 def escapes(key: str, ranges: Ranges) -> bool:
     """Whether a file of the shard has a loose form outside every one of ``ranges`` (an
     escapee: a record outside the shard's slice may link it loosely)."""
@@ -300,8 +333,11 @@ def scan_shard(
     root = normalize_root(dest.root_prefix or "")
     ranges = shard_key_ranges(root, shard.lo, shard.hi)
     pages = backend.walk_range(shard.lo, shard.hi)
+    sql = slice_sql(ranges) if is_postgresql(session) else None
     try:
-        index = LinkIndex(session, dest, backend.resolve_dir, keep=slice_filter(ranges))
+        index = LinkIndex(
+            session, dest, backend.resolve_dir, keep=slice_filter(ranges), sql_filter=sql
+        )
     except BaseException:
         pages.close()  # type: ignore[attr-defined]
         raise
@@ -371,7 +407,11 @@ def scan_shard(
             candidates = stats.add_page(part, none, (found.owner >= 0) | found.ambiguous)
             if candidates:
                 sightings.see(candidates)
-    marks = _marks(session, dest, settings, shard, started, [index, escape_index])
+    # (the records an escapee links may lie outside the slice: then every record is read)
+    marks = _marks(
+        session, dest, settings, shard, started, [index, escape_index],
+        None if escape_index is not None else sql,
+    )  # fmt: skip
     owners = list(zip(index.owner_destinations, index.instances, strict=True))
     state = stats.to_state(owners)
     state["confirmation"] = sightings.figures()
@@ -388,6 +428,7 @@ def _marks(
     shard: Shard,
     started: datetime,
     indexes: Sequence[LinkIndex | None],
+    sql: Callable[[Any, str], Any] | None = None,
 ) -> list[tuple[uuid.UUID, bool]]:
     """(record id, seen) for the missing-records union: the destination's records that
     could be stale (completed, created before the grace cutoff) whose path lies in this
@@ -403,6 +444,8 @@ def _marks(
         )
         if not session.info.get(INCLUDE_DELETED):
             stmt = stmt.where(model.deleted_at.is_(None))
+        if sql is not None:  # the records of the range and of the slice only
+            stmt = stmt.where(sql(model, normalize_root(dest.root_prefix or "")))
         for ids, paths in stream_columns(session, stmt, 2):
             present = np.zeros(len(paths), dtype=bool)
             for index in indexes:

@@ -431,3 +431,20 @@ def test_random_estates_sharded_equal_one_pass(
     assert sorted(str(i) for c in one.stale_candidates.chunks(100) for i in c) == sorted(
         str(i) for c in many.stale_candidates.chunks(100) for i in c
     )
+
+
+def test_the_sql_superset_names_every_key_not_in_loose_form(db: Session) -> None:
+    """NOT_LOOSE_RE (PostgreSQL) matches every key whose loose form differs from it."""
+    from sqlalchemy import literal
+
+    from tasks.linking import _already_loose
+
+    keys = ["a/b.tar", "A/b", "a%20b", "a+b", "a//b", "a/./b", "a/../b", "a.", "/a", "é",
+            "e\u0301", "a b", "a\tb", "~x-y_z.0", "x.tar.gz", "a/.hidden", "ß", "İ"]  # fmt: skip
+    for key in keys:
+        hit = db.execute(select(literal(key).op("~")(shards_mod.NOT_LOOSE_RE))).scalar_one()
+        if not _already_loose(key):
+            assert hit, key
+    assert not db.execute(
+        select(literal("org-01/x.tar.gz").op("~")(shards_mod.NOT_LOOSE_RE))
+    ).scalar_one()
