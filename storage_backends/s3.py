@@ -60,7 +60,7 @@ from storage_backends.errors import (
     TransientStorageError,
 )
 from storage_backends.identity import canonical_endpoint
-from storage_backends.paths import TRASH_DIR, in_range, normalize_root
+from storage_backends.paths import TRASH_DIR, in_range, normalize_root, subtree_meets
 from storage_backends.retry import call_with_retry
 from storage_backends.s3_listing import (
     list_request,
@@ -293,11 +293,16 @@ class S3Backend(StorageBackend):
     def walk_range(
         self, lo: str, hi: str | None, page_size: int = PAGE_SIZE
     ) -> Iterator[list[ObjectInfo]]:
-        """The keys of ``[lo, hi)`` only: the listing starts after ``lo`` without its
-        last character (``StartAfter``, exclusive: ``lo`` itself comes) and stops at
-        the first key at or past ``hi``. One connection: a sharded scan's shards are
-        its parallelism."""
+        """The keys of ``[lo, hi)`` only. With ``walk_connections`` above 1, the folders
+        whose keys can lie in the range are listed at once as :meth:`walk_unordered`
+        does (a folder across a bound is listed whole and its keys kept by range);
+        otherwise one listing that starts after ``lo`` without its last character
+        (``StartAfter``, exclusive: ``lo`` itself comes) and stops at the first key at
+        or past ``hi``."""
         max_keys = max(1, min(page_size, 1000))
+        if self.walk_connections > 1:  # the folders of the range at once, as a scan does
+            yield from self._fan_out(self.root, max_keys, self.walk_connections, (lo, hi))
+            return
         start = self.root + lo[:-1] if lo else ""
         pages = self._walk(self.root, max_keys, start_after=start)
         try:
@@ -388,21 +393,39 @@ class S3Backend(StorageBackend):
                 return
 
     def _fan_out(
-        self, full_prefix: str, max_keys: int, connections: int
+        self,
+        full_prefix: str,
+        max_keys: int,
+        connections: int,
+        key_range: tuple[str, str | None] | None = None,
     ) -> Iterator[list[ObjectInfo]]:
+        """The fan-out of :meth:`walk_unordered`; with ``key_range`` (relative keys),
+        only the folders whose keys can lie in it are listed, and only its keys kept
+        (:meth:`walk_range`)."""
+
+        def wanted(folders: list[str]) -> list[str]:
+            if key_range is None:
+                return folders
+            return [f for f in folders if subtree_meets(self._rel(f), *key_range)]
+
+        def kept(page: list[ObjectInfo]) -> list[ObjectInfo]:
+            if key_range is None:
+                return page
+            return [o for o in page if in_range(o.path, *key_range)]
+
         folders: list[str] = []
         for items, subs in self._level(full_prefix):
-            if items:
+            if items := kept(items):
                 yield items
-            folders.extend(subs)
+            folders.extend(wanted(subs))
         # too few folders to keep every connection busy: go one level deeper, once
         if 0 < len(folders) < connections:
             deeper: list[str] = []
             for folder in folders:
                 for items, subs in self._level(folder):
-                    if items:
+                    if items := kept(items):
                         yield items
-                    deeper.extend(subs)
+                    deeper.extend(wanted(subs))
             folders = deeper
         if not folders:
             return
@@ -419,7 +442,8 @@ class S3Backend(StorageBackend):
                 pages = self._walk(folder, max_keys)
                 try:
                     for page in pages:
-                        out.put(page)
+                        if page := kept(page):
+                            out.put(page)
                 finally:
                     pages.close()
 
