@@ -873,6 +873,9 @@ every upload in its own memory, hence the smaller size), all on loopback.
             # only the upload section ran: it replaces its own section in the full table
             self.splice_upload(path, command)
             return
+        if self.args.only == "shards" and path.exists():
+            self.splice_shards(path, command)  # likewise
+            return
         targets = "\n".join(
             f"- {name}: **{'met' if ok else 'MISSED' if ok is False else 'not run'}** ({value})"
             for name, ok, value in self.targets
@@ -943,6 +946,39 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
         path.write_text(text)
         self.log(f"wrote {path}")
 
+    def splice_shards(self, path: Path, command: str) -> None:
+        """Put this run's sharded-scan figures into an existing ``docs/benchmarks.md``
+        as their own section (replacing its previous one); every other figure stays."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        targets = "\n".join(
+            f"- {name}: **{'met' if ok else 'MISSED'}** ({value})"
+            for name, ok, value in self.targets
+        )
+        notes = " ".join(self.notes)
+        section = f"""{SHARDS_HEADING}
+
+Generated {stamp} by `{command}` on {self.machine()} (the rest of this page by the
+command above). {notes} A scan of the 1,000,000-object estate in 4 shards
+(`tasks/shards.py`), run by 1, 2 and 4 processes (the scan and its helpers, started as
+the scan job sends its Celery helpers), beside one pass and the 4-process fan-out
+listing; the model for 100M and 1B objects is in [scaling.md](scaling.md).
+
+{self.table()}
+
+{targets}
+
+"""
+        text = path.read_text()
+        start = text.find(SHARDS_HEADING)
+        if start >= 0:
+            end = text.find("\n## ", start + len(SHARDS_HEADING))
+            text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        else:
+            at = text.find("## Notes")
+            text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
+        path.write_text(text)
+        self.log(f"wrote the sharded-scan section of {path}")
+
     def splice_upload(self, path: Path, command: str) -> None:
         """Put this run's upload section into an existing ``docs/benchmarks.md`` (replacing
         its previous one) and leave every other figure as it was."""
@@ -969,6 +1005,7 @@ Ratios are ours / peer: below 1 is faster for times, above 1 is faster for rates
 #: the largest GCS bucket fake-gcs-server lists in reasonable time (see section_backends)
 GCS_MAX = 10_000
 UPLOAD_HEADING = "## Upload memory (issue 20)"
+SHARDS_HEADING = "## Sharded scans (issue 16)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
