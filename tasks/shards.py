@@ -251,25 +251,58 @@ def slice_filter(ranges: Ranges) -> Callable[[str], bool]:
 NOT_LOOSE_RE = r"[^ -~]|[A-Z%+]|//|\./|\.$|^/"
 
 
-def slice_sql(ranges: Ranges) -> Callable[[Any, str], Any] | None:
+def _not_loose_sql(col: Any) -> Any:
+    """A PostgreSQL condition true for every path that may not be in loose form (see
+    :data:`NOT_LOOSE_RE`), with plain string functions (no regular expression per row)."""
+    return or_(
+        col != func.lower(col),
+        func.octet_length(col) != func.char_length(col),  # not ASCII
+        func.strpos(col, "%") > 0,
+        func.strpos(col, "+") > 0,
+        func.strpos(col, "//") > 0,
+        func.strpos(col, "./") > 0,
+        func.right(col, 1) == ".",
+        func.left(col, 1) == "/",
+    )
+
+
+def slice_sql(
+    ranges: Ranges, root: str, lo: str, hi: str | None
+) -> Callable[[Any, str], Any] | None:
     """:func:`slice_filter` as a PostgreSQL condition on a record model and its
     destination's root: a superset (the Python filter decides), so that a shard reads
     about its share of the records, not all of them. With ``s`` the record's bucket key
     without trailing '/': ``s`` in a range, ``s`` a prefix of a range's start (a folder
     above it), or a key that may not be in loose form (its loose forms may meet the
     range). Compared by code point (``COLLATE "C"``: UTF-8 byte order), as Python
-    compares. None on other databases (every record is read)."""
-    starts = sorted({lo[:i].rstrip("/") for lo, _hi in ranges for i in range(len(lo) + 1)})
+    compares.
 
-    def clause(model: Any, root: str) -> Any:
-        key = (literal(root, String) + model.path).self_group()
+    The records of a destination with the scanned destination's ``root`` (the scanned
+    one's own: most of them) are tested on their path alone, against the shard's range
+    ``[lo, hi)`` relative to that root: its key is ``root + path``, so a path that
+    strips to a key of the range or to a prefix of ``lo``, and a path not in loose form,
+    are exactly those (a root not in loose form adds the loose root's range, which a path in
+    loose form meets exactly when it does so itself)."""
+    starts = sorted({a[:i].rstrip("/") for a, _b in ranges for i in range(len(a) + 1)})
+    rel_starts = sorted({lo[:i].rstrip("/") for i in range(len(lo) + 1)})
+
+    def clause(model: Any, d_root: str) -> Any:
+        if d_root == root:  # (root + x compares with root + lo as x with lo)
+            stripped = func.rtrim(model.path, "/").collate("C")
+            in_shard = stripped >= lo if hi is None else and_(stripped >= lo, stripped < hi)
+            return or_(
+                in_shard,
+                stripped == any_(literal(rel_starts, postgresql.ARRAY(String))),
+                _not_loose_sql(model.path),
+            )
+        key = (literal(d_root, String) + model.path).self_group()
         s = func.rtrim(key, "/").collate("C")
         parts = [
             key.op("~")(literal(NOT_LOOSE_RE, String)),
             s == any_(literal(starts, postgresql.ARRAY(String))),
         ]
-        for lo, hi in ranges:
-            parts.append(and_(s >= lo, s < hi) if hi is not None else s >= lo)
+        for a, b in ranges:
+            parts.append(and_(s >= a, s < b) if b is not None else s >= a)
         return or_(*parts)
 
     return clause
@@ -333,7 +366,7 @@ def scan_shard(
     root = normalize_root(dest.root_prefix or "")
     ranges = shard_key_ranges(root, shard.lo, shard.hi)
     pages = backend.walk_range(shard.lo, shard.hi)
-    sql = slice_sql(ranges) if is_postgresql(session) else None
+    sql = slice_sql(ranges, root, shard.lo, shard.hi) if is_postgresql(session) else None
     try:
         index = LinkIndex(
             session, dest, backend.resolve_dir, keep=slice_filter(ranges), sql_filter=sql
