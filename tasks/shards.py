@@ -95,6 +95,7 @@ from tasks.scan import (
     ScanResult,
     _all_text,
     _versions,
+    read_ahead,
     resolve_retention,
     run_scan,
     write_analytics,
@@ -365,14 +366,16 @@ def scan_shard(
     t0 = time.perf_counter()
     root = normalize_root(dest.root_prefix or "")
     ranges = shard_key_ranges(root, shard.lo, shard.hi)
-    pages = backend.walk_range(shard.lo, shard.hi)
+    # the listing starts while the slice of the index builds, and runs ahead of the
+    # classification, as in one pass
+    pages = read_ahead(backend.walk_range(shard.lo, shard.hi))
     sql = slice_sql(ranges, root, shard.lo, shard.hi) if is_postgresql(session) else None
     try:
         index = LinkIndex(
             session, dest, backend.resolve_dir, keep=slice_filter(ranges), sql_filter=sql
         )
     except BaseException:
-        pages.close()  # type: ignore[attr-defined]
+        pages.close()
         raise
     session.commit()
     stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings))
@@ -423,7 +426,7 @@ def scan_shard(
         retryable = isinstance(err, TransientStorageError)
         log.warning("shard %d of the scan of %s: %s", shard.idx, dest.id, error)
     finally:
-        pages.close()  # type: ignore[attr-defined]
+        pages.close()
     escape_index: LinkIndex | None = None
     if escapees and error is None:
         # the records that could link them, wherever their keys lie; the same code
