@@ -209,6 +209,20 @@ ODD_RECORD_PATH_SQL = (
 )
 
 
+#: A record path that may not be in loose form (SAFETY rule 4; ``tasks.linking.loose``
+#: would change it): not printable ASCII, an upper-case letter, '%', '+', '//', a '.'
+#: segment, a trailing '.' or a leading '/'. Partial indexes serve a sharded scan's read
+#: of them (tasks/shards.py): every shard reads these, whatever its key range.
+NOT_LOOSE_PATH_RE = r"[^ -~]|[A-Z%+]|//|\./|\.$|^/"
+NOT_LOOSE_PATH_SQL = f"path ~ '{NOT_LOOSE_PATH_RE}'"
+#: the same records on SQLite (no regular expressions there): for the schema's parity
+NOT_LOOSE_PATH_SQLITE = (
+    "path <> lower(path) OR path GLOB '*[^ -~]*' OR instr(path, '%') > 0 "
+    "OR instr(path, '+') > 0 OR instr(path, '//') > 0 OR instr(path, './') > 0 "
+    "OR path LIKE '%.' OR path LIKE '/%'"
+)
+
+
 class _RecordMixin(SoftDeleteMixin, TimestampMixin):
     id: Mapped[uuid.UUID] = _uuid_pk()
     #: One file, or a directory of files when it ends in '/'.
@@ -238,6 +252,12 @@ class Backup(_RecordMixin, Base):
             postgresql_where=text(ODD_RECORD_PATH_SQL),
             sqlite_where=text(ODD_RECORD_PATH_SQL),
         ),
+        Index(
+            "ix_backups_destination_not_loose",
+            "destination_id",
+            postgresql_where=text(NOT_LOOSE_PATH_SQL),
+            sqlite_where=text(NOT_LOOSE_PATH_SQLITE),
+        ),
     )
 
 
@@ -258,6 +278,12 @@ class Snapshot(_RecordMixin, Base):
             "destination_id",
             postgresql_where=text(ODD_RECORD_PATH_SQL),
             sqlite_where=text(ODD_RECORD_PATH_SQL),
+        ),
+        Index(
+            "ix_snapshots_destination_not_loose",
+            "destination_id",
+            postgresql_where=text(NOT_LOOSE_PATH_SQL),
+            sqlite_where=text(NOT_LOOSE_PATH_SQLITE),
         ),
     )
 

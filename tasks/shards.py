@@ -60,6 +60,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -68,6 +69,8 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.models import (
     ACTIVE_JOB_STATUSES,
+    NOT_LOOSE_PATH_RE,
+    NOT_LOOSE_PATH_SQL,
     BackupDestination,
     Job,
     ScanShard,
@@ -246,55 +249,70 @@ def slice_filter(ranges: Ranges) -> Callable[[str], bool]:
     return keep
 
 
-#: a key that may not be in loose form (:func:`tasks.linking._already_loose` false): not
-#: printable ASCII, an upper-case letter, '%', '+', '//', a '.' segment, a trailing '.'
-#: or a leading '/' (PostgreSQL regular expression)
-NOT_LOOSE_RE = r"[^ -~]|[A-Z%+]|//|\./|\.$|^/"
+#: a key that may not be in loose form (:func:`tasks.linking._already_loose` false), as a
+#: PostgreSQL regular expression (:data:`db.models.NOT_LOOSE_PATH_RE`, whose partial
+#: indexes serve the records' paths)
+NOT_LOOSE_RE = NOT_LOOSE_PATH_RE
 
 
-def _not_loose_sql(col: Any) -> Any:
-    """A PostgreSQL condition true for every path that may not be in loose form (see
-    :data:`NOT_LOOSE_RE`), with plain string functions (no regular expression per row)."""
-    return or_(
-        col != func.lower(col),
-        func.octet_length(col) != func.char_length(col),  # not ASCII
-        func.strpos(col, "%") > 0,
-        func.strpos(col, "+") > 0,
-        func.strpos(col, "//") > 0,
-        func.strpos(col, "./") > 0,
-        func.right(col, 1) == ".",
-        func.left(col, 1) == "/",
-    )
+def _not_loose_sql(model: Any) -> Any:
+    """The records of ``model`` whose path may not be in loose form: the predicate of
+    their partial index (``ix_<table>_destination_not_loose``), so that it serves."""
+    return text(f"({NOT_LOOSE_PATH_SQL.replace('path', f'{model.__tablename__}.path', 1)})")
+
+
+def _prefer_indexes(session: Session) -> None:
+    """For this transaction: read a shard's records through the indexes (a BitmapOr of
+    its range, the prefixes and the partial index of paths not in loose form). The
+    planner's estimate prefers a scan of every row of the table as soon as a range
+    holds a few percent of them; measured on 1M records, a quarter of them: 0.24 s
+    through the indexes, 0.83 s by the scan, which evaluates the regular expression on
+    every row outside the range."""
+    session.execute(text("SET LOCAL enable_seqscan = off"))
+
+
+def code_point_order(session: Session) -> bool:
+    """Whether the database's collation orders text by code point (C, POSIX, C.UTF-8),
+    as Python does: then a shard's range is read through the ``(destination_id, path)``
+    index; otherwise compared ``COLLATE "C"`` (a scan of the destination's rows)."""
+    name = session.execute(
+        text("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+    ).scalar()
+    return str(name).lower().replace("-", "") in {"c", "posix", "c.utf8", "ucs_basic"}
 
 
 def slice_sql(
-    ranges: Ranges, root: str, lo: str, hi: str | None
+    ranges: Ranges, root: str, lo: str, hi: str | None, code_points: bool = False
 ) -> Callable[[Any, str], Any] | None:
     """:func:`slice_filter` as a PostgreSQL condition on a record model and its
     destination's root: a superset (the Python filter decides), so that a shard reads
     about its share of the records, not all of them. With ``s`` the record's bucket key
     without trailing '/': ``s`` in a range, ``s`` a prefix of a range's start (a folder
     above it), or a key that may not be in loose form (its loose forms may meet the
-    range). Compared by code point (``COLLATE "C"``: UTF-8 byte order), as Python
-    compares.
+    range). Compared by code point, as Python compares.
 
     The records of a destination with the scanned destination's ``root`` (the scanned
-    one's own: most of them) are tested on their path alone, against the shard's range
-    ``[lo, hi)`` relative to that root: its key is ``root + path``, so a path that
-    strips to a key of the range or to a prefix of ``lo``, and a path not in loose form,
-    are exactly those (a root not in loose form adds the loose root's range, which a path in
-    loose form meets exactly when it does so itself)."""
+    one's own: most of them) are read on their path alone, through indexes: its key is
+    ``root + path``, and ``root + x`` compares with ``root + lo`` as ``x`` with ``lo``.
+    A path of ``[lo, hi)``, a path equal to a prefix of ``lo`` or of ``hi`` (without or
+    with one trailing '/': a folder above the range, or a folder record of a file
+    at the range's end), or a path not in loose form (which holds those with more
+    trailing '/'; a root not in loose form adds the loose root's range, which a path
+    in loose form meets exactly when it meets the range itself). ``code_points``: the
+    database's collation is code-point order (:func:`code_point_order`), so the range
+    is read through ``(destination_id, path)``."""
     starts = sorted({a[:i].rstrip("/") for a, _b in ranges for i in range(len(a) + 1)})
-    rel_starts = sorted({lo[:i].rstrip("/") for i in range(len(lo) + 1)})
+    edges = {x[:i].rstrip("/") for x in (lo, hi or "") for i in range(len(x) + 1)}
+    exact = sorted({v for x in edges for v in (x, x + "/")})
 
     def clause(model: Any, d_root: str) -> Any:
-        if d_root == root:  # (root + x compares with root + lo as x with lo)
-            stripped = func.rtrim(model.path, "/").collate("C")
-            in_shard = stripped >= lo if hi is None else and_(stripped >= lo, stripped < hi)
+        if d_root == root:
+            path = model.path if code_points else model.path.collate("C")
+            in_shard = path >= lo if hi is None else and_(path >= lo, path < hi)
             return or_(
                 in_shard,
-                stripped == any_(literal(rel_starts, postgresql.ARRAY(String))),
-                _not_loose_sql(model.path),
+                model.path == any_(literal(exact, postgresql.ARRAY(String))),
+                _not_loose_sql(model),
             )
         key = (literal(d_root, String) + model.path).self_group()
         s = func.rtrim(key, "/").collate("C")
@@ -369,7 +387,10 @@ def scan_shard(
     # the listing starts while the slice of the index builds, and runs ahead of the
     # classification, as in one pass
     pages = read_ahead(backend.walk_range(shard.lo, shard.hi))
-    sql = slice_sql(ranges, root, shard.lo, shard.hi) if is_postgresql(session) else None
+    sql = None
+    if is_postgresql(session):
+        sql = slice_sql(ranges, root, shard.lo, shard.hi, code_point_order(session))
+        _prefer_indexes(session)
     try:
         index = LinkIndex(
             session, dest, backend.resolve_dir, keep=slice_filter(ranges), sql_filter=sql
@@ -482,6 +503,7 @@ def _marks(
             stmt = stmt.where(model.deleted_at.is_(None))
         if sql is not None:  # the records of the range and of the slice only
             stmt = stmt.where(sql(model, normalize_root(dest.root_prefix or "")))
+            _prefer_indexes(session)
         for ids, paths in stream_columns(session, stmt, 2):
             present = np.zeros(len(paths), dtype=bool)
             for index in indexes:

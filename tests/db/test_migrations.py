@@ -42,7 +42,7 @@ def test_upgrade_from_empty_matches_models_and_downgrades(which, request):
     url = request.getfixturevalue("empty_pg_url" if which == "postgresql" else "empty_sqlite_url")
     assert current(url) is None
     upgrade(url)
-    assert current(url) == "0013"
+    assert current(url) == "0014"
     engine = make_engine(url)
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
