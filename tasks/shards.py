@@ -42,7 +42,7 @@ import time
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -364,7 +364,10 @@ class ShardOutcome:
     listed: int
     error: str | None = None
     retryable: bool = False
-    marks: list[tuple[uuid.UUID, bool]] | None = None
+    #: records of its range no file of it links, and records of other ranges one links
+    #: (16 bytes an id: a shard whose every record is missing holds them compactly)
+    unseen: RecordIds = field(default_factory=RecordIds)
+    seen: RecordIds = field(default_factory=RecordIds)
 
 
 def scan_shard(
@@ -465,7 +468,7 @@ def scan_shard(
             if candidates:
                 sightings.see(candidates)
     # (the records an escapee links may lie outside the slice: then every record is read)
-    marks = _marks(
+    unseen, seen = _marks(
         session, dest, settings, shard, started, [index, escape_index],
         None if escape_index is not None else sql,
     )  # fmt: skip
@@ -475,7 +478,7 @@ def scan_shard(
     state["escapees"] = len(escapees)
     state["seconds"] = round(time.perf_counter() - t0, 3)
     state["index_records"] = index.record_count
-    return ShardOutcome(state, listed, error, retryable, marks)
+    return ShardOutcome(state, listed, error, retryable, unseen, seen)
 
 
 def _marks(
@@ -486,13 +489,13 @@ def _marks(
     started: datetime,
     indexes: Sequence[LinkIndex | None],
     sql: Callable[[Any, str], Any] | None = None,
-) -> list[tuple[uuid.UUID, bool]]:
+) -> tuple[RecordIds, RecordIds]:
     """(record id, seen) for the missing-records union: the destination's records that
     could be stale (completed, created before the grace cutoff) whose path lies in this
     shard's range and that no file of it links (False), and those of other ranges that
     a file of it links (True)."""
     cutoff = started - timedelta(hours=settings.scan_grace_hours)
-    out: list[tuple[uuid.UUID, bool]] = []
+    unseen, seen_elsewhere = RecordIds(), RecordIds()
     for model in RECORD_MODELS:
         stmt = select(cast(model.id, String), model.path).where(
             model.destination_id == dest.id,
@@ -511,10 +514,12 @@ def _marks(
                     present |= index.records_present(paths)
             for rid, path, seen in zip(ids, paths, present.tolist(), strict=True):
                 own = in_range(path, shard.lo, shard.hi)
-                if own != seen:  # owned and unseen, or another range's and seen
-                    out.append((uuid.UUID(rid), seen))
+                if own and not seen:
+                    unseen.add(rid)
+                elif seen and not own:
+                    seen_elsewhere.add(rid)
     session.commit()
-    return out
+    return unseen, seen_elsewhere
 
 
 # -- claims -----------------------------------------------------------------------------
@@ -638,15 +643,15 @@ def finish(engine: Engine, job_id: uuid.UUID, shard: Shard, outcome: ShardOutcom
                 ScanShardMark.job_id == job_id, ScanShardMark.idx == shard.idx
             )
         )
-        marks = outcome.marks or []
-        for start in range(0, len(marks), MARK_BATCH):
-            s.execute(
-                insert(ScanShardMark),
-                [
-                    {"job_id": job_id, "idx": shard.idx, "record_id": rid, "seen": seen}
-                    for rid, seen in marks[start : start + MARK_BATCH]
-                ],
-            )
+        for ids, seen in ((outcome.unseen, False), (outcome.seen, True)):
+            for chunk in ids.chunks(MARK_BATCH):
+                s.execute(
+                    insert(ScanShardMark),
+                    [
+                        {"job_id": job_id, "idx": shard.idx, "record_id": rid, "seen": seen}
+                        for rid in chunk
+                    ],
+                )
         s.commit()
     return True
 
