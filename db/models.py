@@ -597,6 +597,11 @@ class ScanShard(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     #: the error was transient (the scan goes back to the queue)
     retryable: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the job's retention window (null: the destination's, or the setting)
+    retention_days: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: an orphan cleanup's scan: each shard adds its confirmed candidates to the job's
+    #: stored plan, fenced by the job's location lock
+    plans: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ScanShardMark(Base):

@@ -23,8 +23,7 @@ from sqlalchemy.orm import Session
 from core.settings import Settings
 from db.locks import Lease, check_and_renew
 from db.models import BackupDestination, CleanupCandidate, Job
-from db.session import db_now, execute_binary, is_postgresql, update_by_ids
-from db.types import as_utc
+from db.session import db_now, update_by_ids
 from storage_backends.base import MAX_DELETE_BATCH, ObjectInfo, StorageBackend
 from tasks.deleting import (
     BatchOutcome,
@@ -36,15 +35,17 @@ from tasks.deleting import (
 )
 from tasks.linking import overlapping_destinations
 from tasks.outcome import JobOutcome
-from tasks.plans import approved_plan_problem, expires_at
+from tasks.plans import approved_plan_problem, expires_at, write_candidates
 from tasks.scan import (
     LISTED_KEY,
     InvalidRetention,
     Progress,
+    ScanResult,
     listing_figures,
     resolve_retention,
     run_scan,
 )
+from tasks.shards import HelperSender, run_sharded_scan, wanted_shards
 from tasks.sightings import unconfirmed_figures
 from tasks.trash import effective_trash_days
 from tasks.uploads import UploadPlan, abort_uploads, result_figures
@@ -68,9 +69,10 @@ def _plan(
     retention_days: int,
     progress: Progress | None,
     lease: Lease,
+    send: HelperSender | None = None,
 ) -> dict[str, Any] | JobOutcome:
-    session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
-    session.commit()
+    # (the plan starts empty: one pass drops every candidate first; a sharded plan each
+    # range's, when that range runs, and keeps those of ranges done before a redelivery)
 
     def sink(infos: list[ObjectInfo]) -> None:
         if infos:
@@ -79,52 +81,38 @@ def _plan(
             # stalled copy never holds an open transaction that the copy which took over
             # would wait on.
             check_and_renew(session, lease, settings.lock_lease_seconds)
-            write(infos)
+            write_candidates(session, job.id, infos)
             session.commit()
 
-    def write(infos: list[ObjectInfo]) -> None:
-        if is_postgresql(session):  # one array per column, not a VALUES list per row
-            execute_binary(
-                session,
-                _INSERT_CANDIDATES,
-                {
-                    "job": job.id,
-                    "paths": [o.path for o in infos],
-                    "sizes": [o.size for o in infos],
-                    "lms": [as_utc(o.last_modified) for o in infos],
-                    "etags": [o.etag for o in infos],
-                    "gens": [o.generation for o in infos],
-                },
-            )
-            return
-        session.execute(
-            insert(CleanupCandidate),
-            [
-                {
-                    "job_id": job.id,
-                    "path": o.path,
-                    "size_bytes": o.size,
-                    "last_modified": o.last_modified,
-                    "etag": o.etag,
-                    "generation": o.generation,
-                    "state": "planned",
-                }
-                for o in infos
-            ],
+    uploads = UploadPlan(session, backend, dest)  # incomplete uploads past their age
+
+    def one_pass() -> ScanResult:
+        session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
+        session.commit()  # (also a sharded plan's pages, when it gave up)
+        return run_scan(
+            session,
+            backend,
+            dest,
+            settings,
+            job_id=job.id,
+            retention_days=retention_days,
+            progress=progress,
+            on_candidates=sink,
+            on_uploads=uploads.add,
         )
 
-    uploads = UploadPlan(session, backend, dest)  # incomplete uploads past their age
-    scan = run_scan(
-        session,
-        backend,
-        dest,
-        settings,
-        job_id=job.id,
-        retention_days=retention_days,
-        progress=progress,
-        on_candidates=sink,
-        on_uploads=uploads.add,
-    )
+    shards = wanted_shards(session, dest, settings)
+    if shards > 1:
+        # a big destination: the plan's scan in key ranges over the workers, each range
+        # adding its confirmed candidates to this plan under this job's lock
+        # (tasks/shards.py); the deletes below stay here, in batches, as always
+        scan = run_sharded_scan(
+            session, backend, dest, settings, job_id=job.id, shards=shards,
+            progress=progress, send=send, one_pass=one_pass,
+            retention_days=retention_days, lease=lease, on_uploads=uploads.add, plans=True,
+        )  # fmt: skip
+    else:
+        scan = one_pass()
     if not scan.listing_complete:
         session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job.id))
         session.commit()
@@ -295,14 +283,6 @@ def _over_budget(plan: dict[str, Any], settings: Settings) -> str | None:
 
 
 #: psycopg placeholders, binary parameters (:func:`db.session.execute_binary`)
-_INSERT_CANDIDATES = """
-    INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag,
-        generation, state)
-    SELECT %(job)b, t.path, t.size, t.lm, t.etag, t.gen, 'planned'
-    FROM unnest(CAST(%(paths)b AS varchar[]), CAST(%(sizes)b AS bigint[]),
-        CAST(%(lms)b AS timestamptz[]), CAST(%(etags)b AS varchar[]),
-        CAST(%(gens)b AS varchar[])) AS t(path, size, lm, etag, gen)
-    """
 
 
 def _planned(session: Session, job: Job, ids: dict[str, int]) -> Iterator[list[Doomed]]:
@@ -357,8 +337,10 @@ def run_orphan_cleanup(
     job: Job,
     lease: Lease,
     progress: Progress | None = None,
+    send: HelperSender | None = None,
 ) -> JobOutcome:
-    """Plan (or resume the stored plan), check the budget, then delete in batches."""
+    """Plan (or resume the stored plan), check the budget, then delete in batches.
+    ``send``: ask a worker to help with a sharded plan (:mod:`tasks.shards`)."""
     params = job.params or {}
     # The destination's own window applies when the request names none (rule 6): the
     # global default may be shorter than what the destination promises to keep.
@@ -385,7 +367,7 @@ def run_orphan_cleanup(
     elif source is not None:
         plan = _copy_approved(session, settings, job, source, lease)
     else:
-        plan = _plan(session, backend, dest, settings, job, retention, progress, lease)
+        plan = _plan(session, backend, dest, settings, job, retention, progress, lease, send)
         if isinstance(plan, JobOutcome):
             return plan
     listed = plan.pop(LISTED_KEY, None)  # only when this run listed (not a stored plan)

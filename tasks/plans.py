@@ -18,11 +18,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, literal_column, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.models import CleanupCandidate, Job, JobStatus, StorageAnalytics
-from db.session import is_postgresql
+from db.session import execute_binary, is_postgresql
+from db.types import as_utc
+from storage_backends.base import ObjectInfo
 
 ORPHAN_CLEANUP = "orphan_cleanup"
 #: age buckets of the planned files' last-modified time, relative to the planning time:
@@ -308,3 +311,53 @@ def describe(session: Session, job: Job, settings: Settings, now: datetime) -> d
         "unconfirmed_kept": progress.get("unconfirmed_kept"),
         **summary(session, job, settings),
     }
+
+
+#: one page of a plan, one array per column (a path planned already is left as it is)
+_INSERT_CANDIDATES = """
+    INSERT INTO cleanup_candidates (job_id, path, size_bytes, last_modified, etag,
+        generation, state)
+    SELECT %(job)b, t.path, t.size, t.lm, t.etag, t.gen, 'planned'
+    FROM unnest(CAST(%(paths)b AS varchar[]), CAST(%(sizes)b AS bigint[]),
+        CAST(%(lms)b AS timestamptz[]), CAST(%(etags)b AS varchar[]),
+        CAST(%(gens)b AS varchar[])) AS t(path, size, lm, etag, gen)
+    ON CONFLICT (job_id, path) DO NOTHING
+    """
+
+
+def write_candidates(session: Session, job_id: uuid.UUID, infos: list[ObjectInfo]) -> None:
+    """Add one page of orphan-cleanup candidates to ``job_id``'s stored plan (rule 11),
+    in the caller's transaction; a path planned already stays as it was (a shard of a
+    sharded plan run again writes its pages again)."""
+    if is_postgresql(session):  # one array per column, not a VALUES list per row
+        execute_binary(
+            session,
+            _INSERT_CANDIDATES,
+            {
+                "job": job_id,
+                "paths": [o.path for o in infos],
+                "sizes": [o.size for o in infos],
+                "lms": [as_utc(o.last_modified) for o in infos],
+                "etags": [o.etag for o in infos],
+                "gens": [o.generation for o in infos],
+            },
+        )
+        return
+    session.execute(
+        sqlite_insert(CleanupCandidate)
+        .values(
+            [
+                {
+                    "job_id": job_id,
+                    "path": o.path,
+                    "size_bytes": o.size,
+                    "last_modified": o.last_modified,
+                    "etag": o.etag,
+                    "generation": o.generation,
+                    "state": "planned",
+                }
+                for o in infos
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["job_id", "path"])
+    )

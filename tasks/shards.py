@@ -28,7 +28,11 @@ merged into one analytics row equal to the unsharded scan's (docs/scaling.md).
   path saw none of its files and no other shard did); incomplete uploads counted once
   (shard 0); sightings forgotten once, after every shard listed completely.
 
-A scan job only: scan-cleanup and orphan cleanup stay unsharded (they delete).
+An orphan cleanup's plan is sharded the same way (``plans``): each shard adds its
+confirmed candidates to the job's stored plan, every write fenced by the job's location
+lock (a helper uses the lock the job holds: :func:`job_lease`), a shard run again first
+dropping its range's candidates. The deletes stay in the job's own process, in batches,
+re-checked, once the plan is whole (rules 7-11). Scan-cleanup is not sharded.
 """
 
 from __future__ import annotations
@@ -67,12 +71,15 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
+from db.locks import Lease, LockLost, check_and_renew
 from db.models import (
     ACTIVE_JOB_STATUSES,
     NOT_LOOSE_PATH_RE,
     NOT_LOOSE_PATH_SQL,
     BackupDestination,
+    CleanupCandidate,
     Job,
+    LocationLock,
     ScanShard,
     ScanShardMark,
     StorageAnalytics,
@@ -82,7 +89,7 @@ from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
 from storage_backends.paths import in_range, normalize_root, subtree_meets
-from tasks.analytics import SAMPLE, ScanStats, escaped_name
+from tasks.analytics import SAMPLE, ScanStats, UploadSink, escaped_name
 from tasks.linking import (
     RECORD_MODELS,
     LinkIndex,
@@ -91,6 +98,7 @@ from tasks.linking import (
     overlapping_destinations,
     stream_columns,
 )
+from tasks.plans import write_candidates
 from tasks.scan import (
     Progress,
     RecordIds,
@@ -380,6 +388,8 @@ def scan_shard(
     scan_id: uuid.UUID,
     started: datetime,
     progress: Callable[[int], None] | None = None,
+    retention_days: int | None = None,
+    planner: Callable[[list[ObjectInfo]], None] | None = None,
 ) -> ShardOutcome:
     """List and classify the keys of one shard, as :func:`tasks.scan.run_scan` does a
     whole destination: its figures as JSON, and its marks for the missing-records union.
@@ -402,7 +412,7 @@ def scan_shard(
         pages.close()
         raise
     session.commit()
-    stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings))
+    stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings, retention_days))
     sightings = Sightings(
         session, dest.id, scan_id, effective_confirmation(session, dest, settings), started
     )
@@ -439,12 +449,12 @@ def scan_shard(
                 )
             candidates = stats.add_page(page, classified.owner, classified.ambiguous)
             if candidates:
-                sightings.see(candidates)
+                candidates = sightings.see(candidates)  # the confirmed ones (rule 6a)
+            if planner is not None and candidates:
+                planner(candidates)
             if progress and time.monotonic() - last > 2.0:
                 progress(listed)
                 last = time.monotonic()
-        if shard.idx == 0:  # the incomplete uploads are not by key: counted once
-            stats.add_multipart(backend.list_incomplete_uploads(), settings.incomplete_upload_days)
     except StorageError as err:
         error = escaped_name(f"listing failed after {listed} objects: {type(err).__name__}: {err}")
         retryable = isinstance(err, TransientStorageError)
@@ -466,7 +476,9 @@ def scan_shard(
             # (an exact or folder link would be in the slice: one here only keeps it)
             candidates = stats.add_page(part, none, (found.owner >= 0) | found.ambiguous)
             if candidates:
-                sightings.see(candidates)
+                candidates = sightings.see(candidates)
+            if planner is not None and candidates:
+                planner(candidates)
     # (the records an escapee links may lie outside the slice: then every record is read)
     unseen, seen = _marks(
         session, dest, settings, shard, started, [index, escape_index],
@@ -530,7 +542,12 @@ def worker_name() -> str:
 
 
 def plan(
-    session: Session, job_id: uuid.UUID, ranges: Sequence[tuple[str, str | None]]
+    session: Session,
+    job_id: uuid.UUID,
+    ranges: Sequence[tuple[str, str | None]],
+    *,
+    retention_days: int | None = None,
+    plans: bool = False,
 ) -> tuple[uuid.UUID, datetime]:
     """Write the shards of ``job_id`` (once: a job delivered again keeps its shards and
     what they found; failed ones are tried again); its scan's id and start."""
@@ -561,6 +578,8 @@ def plan(
                 scan_started_at=started,
                 listed=0,
                 retryable=False,
+                retention_days=retention_days,
+                plans=plans,
             )
         )
     session.commit()
@@ -689,6 +708,43 @@ class ShardHeartbeat:
         self._thread.join(timeout=max(5.0, self.interval))
 
 
+def job_lease(session: Session, job_id: uuid.UUID) -> Lease | None:
+    """The location lock ``job_id`` holds now (a helper fences its plan writes with it:
+    once the job lost its lock, they raise :class:`~db.locks.LockLost`)."""
+    row = session.execute(
+        select(LocationLock.location_key, LocationLock.token).where(LocationLock.job_id == job_id)
+    ).first()
+    session.commit()
+    return None if row is None else Lease(row.location_key, job_id, int(row.token))
+
+
+def _range_planner(
+    session: Session,
+    settings: Settings,
+    job_id: uuid.UUID,
+    shard: Shard,
+    lease: Lease,
+) -> Callable[[list[ObjectInfo]], None]:
+    """The plan writer of one shard of an orphan cleanup: first the candidates an
+    earlier attempt of this shard planned in its range are dropped, then each page of
+    confirmed candidates is added; every write under the job's lock (fenced: a job that
+    lost it writes nothing more) and committed at once, as one pass writes its plan."""
+    check_and_renew(session, lease, settings.lock_lease_seconds)
+    path = CleanupCandidate.path
+    if is_postgresql(session):
+        path = path.collate("C")  # type: ignore[assignment]
+    in_range_sql = path >= shard.lo if shard.hi is None else and_(path >= shard.lo, path < shard.hi)
+    session.execute(delete(CleanupCandidate).where(CleanupCandidate.job_id == job_id, in_range_sql))
+    session.commit()
+
+    def write(infos: list[ObjectInfo]) -> None:
+        check_and_renew(session, lease, settings.lock_lease_seconds)
+        write_candidates(session, job_id, infos)
+        session.commit()
+
+    return write
+
+
 def run_claimed_shards(
     engine: Engine,
     session: Session,
@@ -698,9 +754,15 @@ def run_claimed_shards(
     job_id: uuid.UUID,
     *,
     between: Callable[[], None] | None = None,
+    lease: Lease | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Claim and run shards of ``job_id`` until none is left to claim; how many ran.
-    ``between`` runs before each claim (a cancel or shutdown check)."""
+    ``between`` runs before each claim (a cancel or shutdown check), ``on_progress``
+    with a running shard's files listed (the coordinator's job progress: it renews the
+    job's lock). An orphan cleanup's shards add their candidates to its plan, fenced by
+    ``lease`` (the coordinator's), else by the lock the job holds
+    (:func:`job_lease`); a job that holds none any more gets no more writes."""
     ran = 0
     while True:
         if between is not None:
@@ -713,19 +775,31 @@ def run_claimed_shards(
         if shard is None:
             return ran
         row = session.execute(
-            select(ScanShard.scan_id, ScanShard.scan_started_at).where(
-                ScanShard.job_id == job_id, ScanShard.idx == shard.idx
-            )
+            select(
+                ScanShard.scan_id,
+                ScanShard.scan_started_at,
+                ScanShard.retention_days,
+                ScanShard.plans,
+            ).where(ScanShard.job_id == job_id, ScanShard.idx == shard.idx)
         ).one()
         session.commit()
         with ShardHeartbeat(engine, job_id, shard, settings.heartbeat_interval) as beat:
 
             def progress(listed: int, beat: ShardHeartbeat = beat) -> None:
                 beat.listed = listed
+                if on_progress is not None:
+                    on_progress(listed)
 
+            planner = None
+            if row.plans:
+                fence = lease or job_lease(session, job_id)
+                if fence is None:
+                    raise LockLost(f"job {job_id} holds no location lock: no plan is written")
+                planner = _range_planner(session, settings, job_id, shard, fence)
             outcome = scan_shard(
                 session, backend, dest, settings, shard, scan_id=row.scan_id,
                 started=row.scan_started_at, progress=progress,
+                retention_days=row.retention_days, planner=planner,
             )  # fmt: skip
         finish(engine, job_id, shard, outcome)
         ran += 1
@@ -745,6 +819,11 @@ def run_sharded_scan(
     progress: Progress | None = None,
     send: HelperSender | None = None,
     between: Callable[[], None] | None = None,
+    one_pass: Callable[[], ScanResult] | None = None,
+    retention_days: int | None = None,
+    lease: Lease | None = None,
+    on_uploads: UploadSink | None = None,
+    plans: bool = False,
 ) -> ScanResult:
     """The scan of ``dest`` in (at most) ``shards`` key ranges: plan them, ask
     ``shards - 1`` helpers (``send``), run shards here too until all are done, then
@@ -754,6 +833,15 @@ def run_sharded_scan(
     t0 = time.perf_counter()
     engine = session.get_bind()
     assert isinstance(engine, Engine)
+    if one_pass is None:
+
+        def one_pass() -> ScanResult:
+            return run_scan(session, backend, dest, settings, job_id=job_id, progress=progress)
+
+    def forward(listed: int) -> None:  # (a shard run here: the job's progress, its lock)
+        if progress is not None:
+            progress("listing", listed)
+
     existing = session.execute(
         select(func.count()).select_from(ScanShard).where(ScanShard.job_id == job_id)
     ).scalar_one()
@@ -763,9 +851,9 @@ def run_sharded_scan(
         bounds = split_points(backend, shards)
         if not bounds:
             log.info("scan of %s: no folders to split by; one pass", dest.id)
-            return run_scan(session, backend, dest, settings, job_id=job_id, progress=progress)
+            return one_pass()
         ranges = shard_ranges(bounds)
-    scan_id, started = plan(session, job_id, ranges)
+    scan_id, started = plan(session, job_id, ranges, retention_days=retention_days, plans=plans)
     done_row = session.get(StorageAnalytics, scan_id)
     if done_row is not None:  # merged already by an earlier delivery of this job
         return ScanResult(done_row, None, started, done_row.status == "succeeded")
@@ -779,7 +867,10 @@ def run_sharded_scan(
         progress("listing", 0)
     try:
         while True:
-            run_claimed_shards(engine, session, backend, dest, settings, job_id, between=between)
+            run_claimed_shards(
+                engine, session, backend, dest, settings, job_id, between=between,
+                lease=lease, on_progress=forward,
+            )  # fmt: skip
             states = session.execute(
                 select(ScanShard.state, func.count(), func.coalesce(func.sum(ScanShard.listed), 0))
                 .where(ScanShard.job_id == job_id)
@@ -798,10 +889,10 @@ def run_sharded_scan(
         log.warning("scan of %s: %s; one pass instead", dest.id, err)
         session.rollback()
         _drop(session, job_id)
-        return run_scan(session, backend, dest, settings, job_id=job_id, progress=progress)
+        return one_pass()
     if progress:
         progress("reconciling", 0)
-    return _merge(session, backend, dest, settings, job_id, scan_id, started, t0)
+    return _merge(session, backend, dest, settings, job_id, scan_id, started, t0, on_uploads)
 
 
 def _drop(session: Session, job_id: uuid.UUID) -> None:
@@ -819,13 +910,15 @@ def _merge(
     scan_id: uuid.UUID,
     started: datetime,
     t0: float,
+    on_uploads: UploadSink | None = None,
 ) -> ScanResult:
     rows = (
         session.execute(select(ScanShard).where(ScanShard.job_id == job_id).order_by(ScanShard.idx))
         .scalars()
         .all()
     )
-    stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings))
+    retention = rows[0].retention_days if rows else None
+    stats = ScanStats(now=started, retention_days=resolve_retention(dest, settings, retention))
     owner_index: dict[tuple[uuid.UUID, uuid.UUID], int] = {}
 
     def owner(dest_id: uuid.UUID, inst_id: uuid.UUID) -> int:
@@ -865,6 +958,18 @@ def _merge(
             tally["files"] += part["files"]
             tally["bytes"] += part["bytes"]
         sample.extend(c["unconfirmed_sample"])
+    if error is None:
+        # the incomplete uploads are not by key: listed once, here (an orphan cleanup
+        # plans those past their age, as in one pass)
+        try:
+            stats.add_multipart(
+                backend.list_incomplete_uploads(), settings.incomplete_upload_days, on_uploads
+            )
+        except StorageError as err:
+            error = escaped_name(
+                f"listing the incomplete uploads failed: {type(err).__name__}: {err}"
+            )
+            retryable = isinstance(err, TransientStorageError)
     complete = error is None
     sightings = Sightings(
         session, dest.id, scan_id, effective_confirmation(session, dest, settings), started

@@ -154,8 +154,9 @@ def _orphan_cleanup(ctx: JobContext) -> JobOutcome:
     from tasks.orphans import run_orphan_cleanup
 
     return run_orphan_cleanup(
-        ctx.session, ctx.backend, ctx.dest, ctx.settings, ctx.job, ctx.fence, ctx.progress
-    )
+        ctx.session, ctx.backend, ctx.dest, ctx.settings, ctx.job, ctx.fence, ctx.progress,
+        send=_shard_helper_sender(),
+    )  # fmt: skip
 
 
 def _purge(ctx: JobContext) -> JobOutcome:

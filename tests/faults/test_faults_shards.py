@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from db.models import ScanShard, StorageAnalytics
+from db.models import DeletionAudit, ScanShard, StorageAnalytics
 from storage_backends.registry import credentials_env_name, open_backend
 from tasks.scan import run_scan
 from tests.factories import World, make_backup, make_destination
-from tests.faults.conftest import age_objects
+from tests.faults.conftest import age_objects, remote_keys
 from tests.faults.realworker import CREDS, Worker, log_of, sender, wait_job
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.s3 import S3Server, make_s3_destination_options, seed_objects
@@ -121,3 +122,66 @@ def test_kill_9_of_a_shards_process_mid_listing_and_the_scan_converges_to_one_pa
         one = run_scan(db, backend, dest, cfg)
     _compare(one.analytics, sharded)
     assert sharded.total_files == len(KEYS) and sharded.missing_records == 1
+
+
+def test_kill_9_of_a_shards_process_while_an_orphan_cleanup_plans_and_each_orphan_is_deleted_once(
+    db: Session,
+    engine: Engine,
+    world: World,
+    own_redis: Any,
+    start_worker: Any,
+    s3_server: S3Server,
+    fault_proxy: FaultProxy,
+) -> None:
+    """An orphan cleanup whose plan's scan is sharded: the second shard's listing held,
+    its process killed. The shard runs again (its range's candidates dropped and
+    planned again, under the job's lock), the deletes run once the plan is whole:
+    every orphan deleted, exactly one ``deleted`` audit row each, every linked file
+    kept."""
+    name = s3_server.create_bucket()
+    seed_objects(s3_server, name, KEYS, body=b"0123456789")
+    age_objects(name, KEYS, 40)
+    dest = make_destination(db, world, "s3", bucket=name, endpoint=fault_proxy.endpoint,
+                            region=s3_server.region, root_prefix=ROOT, credentials_ref="fault",
+                            options=make_s3_destination_options())  # fmt: skip
+    linked = set(KEYS[::3])
+    for key in linked:
+        make_backup(db, world, dest, key.removeprefix(ROOT))
+    db.add(StorageAnalytics(destination_id=dest.id, total_files=len(KEYS)))
+    db.commit()
+    orphans = set(KEYS) - linked
+    fault_proxy.reset()
+    flat_org06 = r"^(?!.*delimiter=)[^?]*\?.*prefix=backups(%2F|/)org06"
+    hold = fault_proxy.hold_next(1, method="GET", path=flat_org06)
+    env = {"OCORE_SCAN_SHARD_FILES": "500", "OCORE_SCAN_SHARDS_MAX": "2",
+           "OCORE_HEARTBEAT_INTERVAL": "0.5", "OCORE_HEARTBEAT_TIMEOUT": "3",
+           "OCORE_CLEANUP_MAX_SHARE": "1"}  # fmt: skip
+    workers: list[Worker] = [start_worker(own_redis.url, **env) for _ in range(2)]
+    job, created = request_job(db, "orphan_cleanup", dest, {"retention_days": 7}, "tester")
+    assert created
+    app, send = sender(own_redis.url)
+    dispatch(job, send)
+    app.close()
+
+    assert hold.wait(1, 90), [log_of(w) for w in workers]
+    row = _shard_row(engine, job.id, 1)
+    assert row is not None and row.state == "running" and row.plans
+    assert row.worker is not None
+    pid = int(row.worker.rsplit(":", 1)[1])
+    assert pid in {w.child() for w in workers}
+    with Session(engine) as s:  # nothing deleted while the plan is not whole
+        assert not s.execute(select(DeletionAudit).where(DeletionAudit.job_id == job.id)).first()
+    os.kill(pid, signal.SIGKILL)
+    hold.disarm()
+    hold.release()
+
+    done = wait_job(engine, job.id, 180)
+    assert done.status == "succeeded", (done.status, done.error, [log_of(w) for w in workers])
+    again = _shard_row(engine, job.id, 1)
+    assert again is not None and again.state == "done" and again.attempt == 2
+    with Session(engine) as s:
+        rows = list(s.scalars(select(DeletionAudit).where(DeletionAudit.job_id == job.id)))
+    assert Counter(ROOT + r.path for r in rows) == Counter(orphans)  # one row each
+    assert {r.state for r in rows} == {"deleted"}
+    assert remote_keys(s3_server, name) == linked
+    assert done.result is not None and done.result["deleted_files"] == len(orphans)

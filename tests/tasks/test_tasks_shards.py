@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.models import (
     BackupDestination,
+    CleanupCandidate,
+    DeletionAudit,
     Job,
     JobStatus,
     ScanShard,
@@ -449,3 +451,80 @@ def test_the_sql_superset_names_every_key_not_in_loose_form(db: Session) -> None
     assert not db.execute(
         select(literal("org-01/x.tar.gz").op("~")(shards_mod.NOT_LOOSE_RE))
     ).scalar_one()
+
+
+# -- orphan cleanup: a sharded plan -----------------------------------------------------
+
+
+def _cleanup_estate(
+    db: Session, world: World, tmp_path: Path, name: str
+) -> tuple[BackupDestination, Path]:
+    base = tmp_path / name
+    _put_local(base)
+    dest = make_destination(db, world, "local", bucket=str(base), root_prefix=ROOT, name=name)
+    db.add(StorageAnalytics(destination_id=dest.id, total_files=len(FILES)))
+    db.commit()
+    for path in RECORDS:
+        record(db, world, dest, path)
+    return dest, base
+
+
+def _left(base: Path) -> set[str]:
+    return {
+        str(p.relative_to(base / ROOT))
+        for p in (base / ROOT).rglob("*")
+        if p.is_file() and ".ocore-trash" not in p.parts
+    }
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_sharded_orphan_cleanup_plans_and_deletes_what_one_pass_does(
+    db: Session, world: World, engine: Engine, cfg: Settings, tmp_path: Path, dry_run: bool
+) -> None:
+    """Two identical estates: one cleaned up in one pass, one with its plan's scan in 3
+    shards (the job runs them all: no broker here). Same plan, same files deleted, one
+    audit row per deleted file."""
+    one_dest, one_base = _cleanup_estate(db, world, tmp_path, "one")
+    many_dest, many_base = _cleanup_estate(db, world, tmp_path, "many")
+    sharded = cfg.model_copy(update={"scan_shard_files": 40, "scan_shards_max": 3})
+    unsharded = cfg.model_copy(update={"scan_shard_files": 0})
+    rows = {}
+    for label, dest, settings in (("one", one_dest, unsharded), ("many", many_dest, sharded)):
+        job = request(db, dest, "orphan_cleanup", retention_days=30, dry_run=dry_run)
+        run(engine, settings, job)
+        rows[label] = job_row(engine, job.id)
+        assert rows[label].status == "succeeded", rows[label].error
+    with Session(engine) as s:
+        n_shards = s.execute(
+            select(func.count()).select_from(ScanShard).where(ScanShard.job_id == rows["many"].id)
+        ).scalar_one()
+        assert n_shards == 3
+        assert not s.execute(select(ScanShard).where(ScanShard.job_id == rows["one"].id)).first()
+        plans = {
+            label: sorted(
+                s.execute(
+                    select(CleanupCandidate.path).where(CleanupCandidate.job_id == row.id)
+                ).scalars()
+            )
+            for label, row in rows.items()
+        }
+        audits = {
+            label: sorted(
+                s.execute(
+                    select(DeletionAudit.path).where(DeletionAudit.job_id == row.id)
+                ).scalars()
+            )
+            for label, row in rows.items()
+        }
+    assert plans["one"] == plans["many"] and len(plans["one"]) >= 10
+    ignore = {"analytics_id", "duration_seconds", "planned_at", "objects_per_second"}
+    one = {k: v for k, v in (rows["one"].result or {}).items() if k not in ignore}
+    many = {k: v for k, v in (rows["many"].result or {}).items() if k not in ignore}
+    assert one == many
+    assert _left(one_base) == _left(many_base)
+    if dry_run:
+        assert audits["one"] == audits["many"] == []
+        assert _left(many_base) == {k for k in FILES if not k.startswith(".ocore-trash")}
+    else:
+        assert audits["one"] == audits["many"] == plans["one"]  # one row per deleted file
+        assert not set(plans["one"]) & _left(many_base)

@@ -43,6 +43,8 @@ def upgrade() -> None:
         sa.Column("result", sa.JSON(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("retryable", sa.Boolean(), nullable=False),
+        sa.Column("retention_days", sa.Integer(), nullable=True),
+        sa.Column("plans", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("job_id", "idx"),
     )
