@@ -60,8 +60,9 @@ sysdeps: ## Debian packages the tests need (sshd, promtool), installed when miss
 	bash scripts/install-system-deps.sh
 
 # Branch coverage floor of make test (README, "Tests"): raise it as coverage grows.
-# Test processes (pytest-xdist; one file per process at a time: a file's fixtures and
-# servers stay in one process). 2: the cores of the CI machine.
+# Test processes (pytest-xdist, --dist loadfile: a file's tests, fixtures and servers stay
+# in one process; files that use Redis each flush a database of their own). 2: the cores
+# of the CI machine.
 TEST_PROCESSES ?= 2
 COV_FLOOR ?= 84
 

@@ -28,7 +28,15 @@ store = _tasks_fixtures.store
 cfg = _tasks_fixtures.cfg
 
 HOOKS = Path(__file__).resolve().parent / "hooks"
-REDIS_DB = 14  # dedicated to these tests, flushed before and after
+#: a Redis database per test file, flushed before and after each test: ``make test`` runs
+#: files side by side (pytest-xdist), and one file's flush must not drop another's messages
+REDIS_DBS = {
+    "test_integration_cancel": 12,
+    "test_integration_control_plane": 13,
+    "test_integration_sigterm": 14,
+    "test_integration_task_states": 15,
+    "test_integration_worker": 8,
+}
 #: The production command line of these tests' workers (tests/harness/worker.py)
 WORKER_CONCURRENCY = 2
 #: Kept importable: the integration tests' workers are the shared harness's pool
@@ -36,8 +44,9 @@ Workers = WorkerPool
 
 
 @pytest.fixture
-def broker_url(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url.rstrip('/')}/{REDIS_DB}"
+def broker_url(redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    db = REDIS_DBS[request.module.__name__.rsplit(".", 1)[-1]]
+    url = f"{redis_url.rstrip('/')}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
