@@ -108,4 +108,3 @@ def settings(pg_url: str, tmp_path: Path) -> Settings:
         confirm_hours=0,
         trash_days=0,  # deleted at once (rule 22 off), as above
     )
-
