@@ -968,15 +968,7 @@ listing; the model for 100M and 1B objects is in [scaling.md](scaling.md).
 {targets}
 
 """
-        text = path.read_text()
-        start = text.find(SHARDS_HEADING)
-        if start >= 0:
-            end = text.find("\n## ", start + len(SHARDS_HEADING))
-            text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-        else:
-            at = text.find("## Notes")
-            text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
-        path.write_text(text)
+        path.write_text(splice_section(path.read_text(), SHARDS_HEADING, section))
         self.log(f"wrote the sharded-scan section of {path}")
 
     def splice_upload(self, path: Path, command: str) -> None:
@@ -991,15 +983,19 @@ listing; the model for 100M and 1B objects is in [scaling.md](scaling.md).
             f"above). {load}\n\nPeak RSS",
             1,
         )
-        start = text.find(UPLOAD_HEADING)
-        if start >= 0:
-            end = text.find("\n## ", start + len(UPLOAD_HEADING))
-            text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-        else:
-            at = text.find("## Notes")
-            text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
-        path.write_text(text)
+        path.write_text(splice_section(text, UPLOAD_HEADING, section))
         self.log(f"wrote the upload section of {path}")
+
+
+def splice_section(text: str, heading: str, section: str) -> str:
+    """``text`` (a ``docs/benchmarks.md``) with its section under ``heading`` replaced by
+    ``section`` (up to the next ``## `` heading), or ``section`` put before the notes."""
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        return text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    at = text.find("## Notes")
+    return text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
 
 
 #: the largest GCS bucket fake-gcs-server lists in reasonable time (see section_backends)

@@ -73,13 +73,16 @@ class _Tally:
         return {"files": self.files, "bytes": self.bytes}
 
 
-def _bounded_add(table: dict[str, _Tally], key: str, size: int) -> None:
+def _bounded_add(table: dict[str, _Tally], key: str, files: int, nbytes: int) -> None:
+    """Add to ``key``'s tally; a key new to a table of ``MAX_TRACKED_KEYS`` keys goes to
+    ``(other)`` (the table never shrinks)."""
     tally = table.get(key)
     if tally is None:
         if len(table) >= MAX_TRACKED_KEYS:
             key = "(other)"
         tally = table.setdefault(key, _Tally())
-    tally.add(size)
+    tally.files += files
+    tally.bytes += nbytes
 
 
 def _grouped_add(table: dict[str, _Tally], keys: list[str], sizes: np.ndarray) -> None:
@@ -92,13 +95,7 @@ def _grouped_add(table: dict[str, _Tally], keys: list[str], sizes: np.ndarray) -
     totals = np.zeros(len(codes), dtype=np.int64)
     np.add.at(totals, col, sizes)
     for key, files, nbytes in zip(codes, counts.tolist(), totals.tolist(), strict=True):
-        tally = table.get(key)
-        if tally is None:
-            if len(table) >= MAX_TRACKED_KEYS:
-                key = "(other)"
-            tally = table.setdefault(key, _Tally())
-        tally.files += files
-        tally.bytes += nbytes
+        _bounded_add(table, key, files, nbytes)
 
 
 def _smallest(sample: list[str], more: Iterable[str]) -> list[str]:
@@ -463,13 +460,7 @@ class ScanStats:
         for name in self._TABLES:
             table = getattr(self, name)
             for key, files, nbytes in state[name]:
-                tally = table.get(key)
-                if tally is None:
-                    if len(table) >= MAX_TRACKED_KEYS:
-                        key = "(other)"
-                    tally = table.setdefault(key, _Tally())
-                tally.files += files
-                tally.bytes += nbytes
+                _bounded_add(table, key, files, nbytes)
         for name, t in state["by_age"].items():
             self.by_age[name].files += t["files"]
             self.by_age[name].bytes += t["bytes"]

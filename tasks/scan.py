@@ -252,11 +252,7 @@ def _missing_records(
     seen (exactly or loosely), and the count of own live records. Streams; the stale
     ids are kept 16 bytes each (:class:`RecordIds`)."""
     stale = RecordIds()
-    live = 0
     for model in RECORD_MODELS:
-        live += session.execute(
-            select(func.count()).select_from(model).where(model.destination_id == dest.id)
-        ).scalar_one()
         # only completed records older than the cutoff can be stale (rule 14); live
         # ones only (the ORM filter hides archived records)
         # ids as text: only the stale ones become UUIDs
@@ -271,7 +267,18 @@ def _missing_records(
             present = index.records_present(paths)
             for i in np.flatnonzero(~present).tolist():
                 stale.add(ids[i])
-    return stale, live
+    return stale, own_live_records(session, dest)
+
+
+def own_live_records(session: Session, dest: BackupDestination) -> int:
+    """The destination's own live records (backups and snapshots; the ORM filter hides
+    archived ones)."""
+    return sum(
+        session.execute(
+            select(func.count()).select_from(model).where(model.destination_id == dest.id)
+        ).scalar_one()
+        for model in RECORD_MODELS
+    )
 
 
 #: pages the scan's listing reads ahead of the page being processed

@@ -89,11 +89,12 @@ from db.softdelete import INCLUDE_DELETED
 from storage_backends.base import ObjectInfo, StorageBackend
 from storage_backends.errors import StorageError, TransientStorageError
 from storage_backends.paths import in_range, normalize_root, subtree_meets
-from tasks.analytics import SAMPLE, ScanStats, UploadSink, escaped_name
+from tasks.analytics import ScanStats, UploadSink, escaped_name
 from tasks.linking import (
     RECORD_MODELS,
     LinkIndex,
     _already_loose,
+    _both,
     loose,
     overlapping_destinations,
     stream_columns,
@@ -106,6 +107,7 @@ from tasks.scan import (
     ScanResult,
     _all_text,
     _versions,
+    own_live_records,
     read_ahead,
     resolve_retention,
     run_scan,
@@ -221,9 +223,7 @@ def shard_ranges(bounds: Sequence[str]) -> list[tuple[str, str | None]]:
 def _loose_forms(key: str) -> tuple[str, ...]:
     """The loose forms of a key (rule 4) that differ from it: none for a key already in
     loose form (the common one)."""
-    if _already_loose(key):
-        return ()
-    return (loose(key), loose(key, decode=False)) if "%" in key else (loose(key),)
+    return () if _already_loose(key) else _both(key)
 
 
 #: bucket-key ranges, ``hi`` None: no end
@@ -257,12 +257,6 @@ def slice_filter(ranges: Ranges) -> Callable[[str], bool]:
     return keep
 
 
-#: a key that may not be in loose form (:func:`tasks.linking._already_loose` false), as a
-#: PostgreSQL regular expression (:data:`db.models.NOT_LOOSE_PATH_RE`, whose partial
-#: indexes serve the records' paths)
-NOT_LOOSE_RE = NOT_LOOSE_PATH_RE
-
-
 def _not_loose_sql(model: Any) -> Any:
     """The records of ``model`` whose path may not be in loose form: the predicate of
     their partial index (``ix_<table>_destination_not_loose``), so that it serves."""
@@ -291,7 +285,7 @@ def code_point_order(session: Session) -> bool:
 
 def slice_sql(
     ranges: Ranges, root: str, lo: str, hi: str | None, code_points: bool = False
-) -> Callable[[Any, str], Any] | None:
+) -> Callable[[Any, str], Any]:
     """:func:`slice_filter` as a PostgreSQL condition on a record model and its
     destination's root: a superset (the Python filter decides), so that a shard reads
     about its share of the records, not all of them. With ``s`` the record's bucket key
@@ -325,7 +319,7 @@ def slice_sql(
         key = (literal(d_root, String) + model.path).self_group()
         s = func.rtrim(key, "/").collate("C")
         parts = [
-            key.op("~")(literal(NOT_LOOSE_RE, String)),
+            key.op("~")(literal(NOT_LOOSE_PATH_RE, String)),
             s == any_(literal(starts, postgresql.ARRAY(String))),
         ]
         for a, b in ranges:
@@ -427,13 +421,12 @@ def scan_shard(
             if not _all_text(page):
                 page = stats.set_aside_undecodable(page)
             page = stats.set_aside_trash(page)
-            keys = [root + o.path for o in page]
             classified = index.classify([o.path for o in page])
             # not linked exactly: a loose form outside the range makes it an escapee (even
             # when the slice links it loosely already: every record that does must be
             # marked seen, as one pass would)
             out = np.flatnonzero(classified.owner < 0).tolist()
-            away = [i for i in out if escapes(keys[i], ranges)]
+            away = [i for i in out if escapes(root + page[i].path, ranges)]
             if away:
                 if len(escapees) + len(away) > ESCAPE_CAP:
                     raise TooLoose(f"more than {ESCAPE_CAP} files of shard {shard.idx} may be "
@@ -489,7 +482,6 @@ def scan_shard(
     state["confirmation"] = sightings.figures()
     state["escapees"] = len(escapees)
     state["seconds"] = round(time.perf_counter() - t0, 3)
-    state["index_records"] = index.record_count
     return ShardOutcome(state, listed, error, retryable, unseen, seen)
 
 
@@ -753,20 +745,17 @@ def run_claimed_shards(
     settings: Settings,
     job_id: uuid.UUID,
     *,
-    between: Callable[[], None] | None = None,
     lease: Lease | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Claim and run shards of ``job_id`` until none is left to claim; how many ran.
-    ``between`` runs before each claim (a cancel or shutdown check), ``on_progress``
-    with a running shard's files listed (the coordinator's job progress: it renews the
-    job's lock). An orphan cleanup's shards add their candidates to its plan, fenced by
-    ``lease`` (the coordinator's), else by the lock the job holds
-    (:func:`job_lease`); a job that holds none any more gets no more writes."""
+    ``on_progress`` with a running shard's files listed (the coordinator's job progress:
+    it renews the job's lock and checks for a cancel or a shutdown). An orphan
+    cleanup's shards add their candidates to its plan, fenced by ``lease`` (the
+    coordinator's), else by the lock the job holds (:func:`job_lease`); a job that
+    holds none any more gets no more writes."""
     ran = 0
     while True:
-        if between is not None:
-            between()
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
         session.commit()
         if status not in ACTIVE_JOB_STATUSES:  # ended (cancelled, failed...): no more
@@ -818,7 +807,6 @@ def run_sharded_scan(
     shards: int,
     progress: Progress | None = None,
     send: HelperSender | None = None,
-    between: Callable[[], None] | None = None,
     one_pass: Callable[[], ScanResult] | None = None,
     retention_days: int | None = None,
     lease: Lease | None = None,
@@ -857,19 +845,16 @@ def run_sharded_scan(
     done_row = session.get(StorageAnalytics, scan_id)
     if done_row is not None:  # merged already by an earlier delivery of this job
         return ScanResult(done_row, None, started, done_row.status == "succeeded")
-    count = session.execute(
-        select(func.count()).select_from(ScanShard).where(ScanShard.job_id == job_id)
-    ).scalar_one()
     if send is not None:
-        for _ in range(count - 1):
+        for _ in range((existing or len(ranges)) - 1):
             send(job_id)
     if progress:
         progress("listing", 0)
     try:
         while True:
             run_claimed_shards(
-                engine, session, backend, dest, settings, job_id, between=between,
-                lease=lease, on_progress=forward,
+                engine, session, backend, dest, settings, job_id, lease=lease,
+                on_progress=forward,
             )  # fmt: skip
             states = session.execute(
                 select(ScanShard.state, func.count(), func.coalesce(func.sum(ScanShard.listed), 0))
@@ -882,8 +867,6 @@ def run_sharded_scan(
                 progress("listing", sum(int(listed) for _, _, listed in states))
             if not by_state.get("pending") and not by_state.get("running"):
                 break
-            if between is not None:
-                between()
             time.sleep(WAIT_POLL)
     except TooLoose as err:
         log.warning("scan of %s: %s; one pass instead", dest.id, err)
@@ -927,10 +910,9 @@ def _merge(
     error: str | None = None
     retryable = False
     listed = 0
-    confirmed = {"files": 0, "bytes": 0}
-    unconfirmed = {"files": 0, "bytes": 0}
-    sample: list[dict[str, Any]] = []
-    confirmation: dict[str, Any] = {}
+    sightings = Sightings(
+        session, dest.id, scan_id, effective_confirmation(session, dest, settings), started
+    )
     shards_info = []
     for row in rows:
         listed += row.listed
@@ -952,12 +934,7 @@ def _merge(
                 retryable = row.retryable
             continue
         stats.absorb(row.result, owner)
-        c = row.result["confirmation"]
-        confirmation = c
-        for tally, part in ((confirmed, c["confirmed"]), (unconfirmed, c["unconfirmed"])):
-            tally["files"] += part["files"]
-            tally["bytes"] += part["bytes"]
-        sample.extend(c["unconfirmed_sample"])
+        sightings.absorb(row.result["confirmation"])
     if error is None:
         # the incomplete uploads are not by key: listed once, here (an orphan cleanup
         # plans those past their age, as in one pass)
@@ -971,19 +948,8 @@ def _merge(
             )
             retryable = isinstance(err, TransientStorageError)
     complete = error is None
-    sightings = Sightings(
-        session, dest.id, scan_id, effective_confirmation(session, dest, settings), started
-    )
     if complete:
         sightings.forget_unseen()  # once, after every shard listed completely
-    figures = {
-        **sightings.confirmation.as_dict(),
-        **{k: v for k, v in confirmation.items() if k in ("scans", "hours")},
-        "confirmed": confirmed,
-        "unconfirmed": unconfirmed,
-        "unconfirmed_sample": sorted(sample, key=lambda d: str(d["path"]))[:SAMPLE],
-        "forgotten": sightings.forgotten,
-    }
     stale = RecordIds()
     if complete:
         for (rid,) in session.execute(
@@ -993,12 +959,7 @@ def _merge(
             .having(func.max(cast(ScanShardMark.seen, Integer)) == 0)
         ):
             stale.add(rid)
-    live = sum(
-        session.execute(
-            select(func.count()).select_from(model).where(model.destination_id == dest.id)
-        ).scalar_one()
-        for model in RECORD_MODELS
-    )
+    live = own_live_records(session, dest)
     versions = _versions(backend, dest, started) if complete else None
     pairs = list(owner_index)
     destinations = overlapping_destinations(session, dest, backend.resolve_dir)
@@ -1016,7 +977,7 @@ def _merge(
             error=error,
             stale=stale,
             versions=versions,
-            confirmation=figures,
+            confirmation=sightings.figures(),
             instances=[i for _d, i in pairs],
             owner_destinations=[d for d, _i in pairs],
             destination_ids=[d.id for d in destinations],

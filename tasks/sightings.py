@@ -294,6 +294,18 @@ class Sightings:
         self.forgotten = total
         return total
 
+    def absorb(self, figures: dict[str, Any]) -> None:
+        """Add another pass's :meth:`figures` (a shard of a sharded scan,
+        :mod:`tasks.shards`); the sample keeps the smallest paths."""
+        for tally, part in (
+            (self.confirmed, figures["confirmed"]),
+            (self.unconfirmed, figures["unconfirmed"]),
+        ):
+            tally.files += part["files"]
+            tally.bytes += part["bytes"]
+        merged = [*self.sample, *figures["unconfirmed_sample"]]
+        self.sample = sorted(merged, key=lambda d: str(d["path"]))[:SAMPLE]
+
     def figures(self) -> dict[str, Any]:
         """What the scan's analytics and the cleanup's plan say about confirmation."""
         return {

@@ -53,6 +53,7 @@ from db.session import get_engine, session_scope
 from db.types import utcnow
 from storage_backends.registry import open_backend
 from tasks.policy import first_due, interval, new_rng, next_due
+from tasks.shards import run_claimed_shards
 from worker import metrics
 from worker.celery_app import app, send
 from worker.jobs import Sender, default_retention, dispatch_or_fail, request_job
@@ -119,15 +120,22 @@ class JobFailed(Exception):
         return (JobFailed, (self.job_id, self.error))
 
 
+def _job_id(raw: str, task: str) -> uuid.UUID | None:
+    """A task's job id argument; None (logged) when it is malformed."""
+    try:
+        return uuid.UUID(str(raw))
+    except ValueError:
+        log.error("ignoring a %s with a malformed job id %r", task, raw)
+        return None
+
+
 def _run_task(task: Task, job_id: str) -> str:
     """The body of every job task: run the job (:func:`worker.runner.run_job`), turn
     what it raises into a retry of the task, and a failed job into a failed task."""
     settings = get_settings()
     engine = get_engine(settings.effective_database_url)
-    try:
-        jid = uuid.UUID(str(job_id))
-    except ValueError:
-        log.error("ignoring a task with a malformed job id %r", job_id)
+    jid = _job_id(job_id, "task")
+    if jid is None:
         return "invalid"
     try:
         outcome = run_job(jid, settings, engine)
@@ -446,14 +454,10 @@ def scan_shard_task(job_id: str) -> int:
     are left; how many ran here. A job no longer running, or a malformed id: nothing.
     A worker killed meanwhile leaves its shard's heartbeat silent: the next claim (the
     scan's own worker, or this message delivered again) runs it again."""
-    from tasks.shards import run_claimed_shards
-
     settings = get_settings()
     engine = get_engine(settings.effective_database_url)
-    try:
-        jid = uuid.UUID(str(job_id))
-    except ValueError:
-        log.error("ignoring a scan shard task with a malformed job id %r", job_id)
+    jid = _job_id(job_id, "scan shard task")
+    if jid is None:
         return 0
     with session_scope(engine) as s:
         job = s.get(Job, jid)
